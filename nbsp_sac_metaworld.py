@@ -1,0 +1,735 @@
+# NBSP (Neuron-level Balance between Stability and Plasticity, arXiv 2504.08000) on Meta-World:
+# SAC in the form of CleanRL's sac_continuous_action.py, trained on a cycling task sequence
+# (A -> B -> A -> B), with goal-oriented RL skill neurons, the adaptive mask of Eq. 7 and the
+# replay buffer Dpre. Read top to bottom: Args, environments, networks, NBSP pieces, main loop.
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import version
+from typing import Literal
+
+import gymnasium as gym
+import metaworld
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import skill_neurons as sn
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "nbsp"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    runs_dir: str = "runs"
+    """folder in which the run folder `{run_name}` is created"""
+    resume: str | None = None
+    """run folder of a killed run to continue from its last finished stage (takes its config.json)"""
+
+    # Cycling protocol (paper Section 4 and Table 6)
+    tasks: list[str] = field(default_factory=lambda: ["window-open", "window-close"])
+    """Meta-World v3 tasks of one cycle, in order (`window-open` or `window-open-v3`)"""
+    cycles: int = 2
+    """number of passes through the task list; stages H = len(tasks) * cycles"""
+    steps_per_task: int = 1_000_000
+    """maximum environment steps of one stage"""
+    learning_starts: int = 10_000
+    """random actions, and no update, for the first steps of every stage"""
+    early_stop_success: float = 0.9
+    """stop a stage when the last 10 training episodes (policy actions) reach this mean success; 0 disables"""
+    keep_buffer: bool = False
+    """keep the replay buffer D across stages instead of starting each stage with a fresh one"""
+    eval_episodes: int = 20
+    """episodes per task of each evaluation (deterministic policy, success at any step)"""
+    eval_every: int = 20_000
+    """evaluate every task of the run every this many environment steps (0: only after stages)"""
+
+    # SAC (CleanRL's defaults, paper Table 6)
+    hidden: list[int] = field(default_factory=lambda: [768, 768, 768])
+    """hidden layer widths of the actor and of each critic"""
+    buffer_size: int = 1_000_000
+    """the replay memory buffer size"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """target smoothing coefficient"""
+    batch_size: int = 256
+    """the batch size of sample from the replay memory"""
+    policy_lr: float = 3e-4
+    """the learning rate of the policy network optimizer"""
+    q_lr: float = 1e-3
+    """the learning rate of the Q network network optimizer (and of the temperature)"""
+    policy_frequency: int = 2
+    """critic updates between policy updates; each time, this many policy updates (delayed, TD3 style)"""
+    target_network_frequency: int = 1
+    """the frequency of updates for the target networks"""
+    alpha: float = 0.2
+    """entropy regularization coefficient (initial value when autotuned)"""
+    autotune: bool = True
+    """automatic tuning of the entropy coefficient"""
+
+    # NBSP (paper Section 3, Algorithms 1-2)
+    no_mask: bool = False
+    """turn off skill-neuron masking (with --no-replay: vanilla SAC)"""
+    no_replay: bool = False
+    """turn off replay from Dpre"""
+    hard_mask: bool = False
+    """mask skill neurons with 0 instead of alpha * (1 - score)"""
+    identify: Literal["goal", "activation", "weight", "random"] = "goal"
+    """skill-neuron identification rule (paper Table 3)"""
+    apply_to: Literal["actor", "critic", "both"] = "both"
+    """networks whose skill neurons are identified and masked (paper Table 4)"""
+    skill_ratio: float = 0.2
+    """fraction of each network's hidden neurons selected as skill neurons, in (0, 1]"""
+    mask_alpha: float = 0.2
+    """alpha of Eq. 7, in [0, 1]: a skill neuron's mask is alpha * (1 - score)"""
+    mask_target: Literal["update", "grad"] = "update"
+    """scale the optimizer's parameter update (Alg. 2) or the gradient before Adam"""
+    mask_combine: Literal["min", "latest"] = "min"
+    """combine masks across stages by element-wise minimum, or keep only the latest"""
+    replay_interval: int = 10
+    """every this-many-th gradient step samples its batch from Dpre"""
+    dpre_per_task: int = 100_000
+    """last transitions of D that join Dpre after each stage"""
+    identify_episodes: int = 20
+    """episodes (stochastic policy, not training steps) of the identification window"""
+
+
+RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity"}
+TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
+EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, non-zero exit, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate(args: Args) -> None:
+    if not args.tasks:
+        fail(f"--tasks needs at least one task; valid: {' '.join(TASK_NAMES)}")
+    for task in args.tasks:
+        if task.removesuffix("-v3") not in TASK_NAMES:
+            fail(f"unknown task {task!r}; valid Meta-World v3 tasks: {' '.join(TASK_NAMES)}")
+    positive = ["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_episodes",
+                "identify_episodes", "replay_interval", "dpre_per_task", "policy_frequency",
+                "target_network_frequency"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_every"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.hidden or min(args.hidden) <= 0:
+        fail(f"--hidden needs one or more positive widths, got {args.hidden}")
+    if not 0.0 < args.skill_ratio <= 1.0:
+        fail(f"--skill-ratio must be in (0, 1], got {args.skill_ratio}")
+    if not 0.0 <= args.mask_alpha <= 1.0:
+        fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
+    if not 0.0 <= args.early_stop_success <= 1.0:
+        fail(f"--early-stop-success must be in [0, 1] (0 disables), got {args.early_stop_success}")
+    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
+        fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
+
+
+def load_resume(args: Args) -> tuple[Args, str, dict]:
+    """Config and latest checkpoint of a run folder; stops with one line if either is unusable."""
+    run_dir = args.resume.rstrip("/")
+    changed = [f.name for f in fields(Args) if f.name not in RESUME_OVERRIDABLE
+               and getattr(args, f.name) != getattr(Args(), f.name)]
+    if changed:
+        fail(f"--resume continues with the run's own config.json; drop {', '.join('--' + c.replace('_', '-') for c in changed)}")
+    config_path, checkpoint_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isdir(run_dir):
+        fail(f"resume folder {run_dir!r} does not exist; give a run folder such as runs/<run_name>")
+    if not os.path.isfile(checkpoint_path):
+        fail(f"resume folder {run_dir!r} has no checkpoint.pt; it needs config.json and checkpoint.pt from a finished stage")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        saved = Args(**{k: v for k, v in config["args"].items() if k not in RESUME_OVERRIDABLE})
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if checkpoint["run_name"] != config["run_name"]:
+            raise ValueError("checkpoint belongs to another run")
+    except Exception as e:  # any unreadable file is a corrupt folder
+        fail(f"resume folder {run_dir!r} is corrupt ({type(e).__name__}: {e}); it needs readable config.json and checkpoint.pt")
+    for name in RESUME_OVERRIDABLE - {"resume"}:
+        setattr(saved, name, getattr(args, name))
+    saved.resume = run_dir
+    return saved, config["run_name"], checkpoint
+
+
+# ------------------------------------------------------------------------------------------
+# Environments
+# ------------------------------------------------------------------------------------------
+def make_env(task: str, seed: int) -> gym.Env:
+    """One Meta-World v3 task (MT1): 500-step episodes, random goal positions, info['success']."""
+    return gym.make("Meta-World/MT1", env_name=f"{task.removesuffix('-v3')}-v3", seed=seed, disable_env_checker=True)
+
+
+def reset_to_configuration(env: gym.Env, index: int, seed: int) -> np.ndarray:
+    """Reset to the task's fixed goal configuration `index`, so evaluations are comparable."""
+    configurations = env.get_wrapper_attr("tasks")
+    env.get_wrapper_attr("toggle_sample_tasks_on_reset")(False)
+    env.unwrapped.set_task(configurations[index % len(configurations)])
+    return env.reset(seed=seed + index)[0]
+
+
+@torch.no_grad()
+def rollout(envs, num_episodes, policy, seed, device, record=False):
+    """Run `num_episodes` episodes, in waves over the vector of `envs`, with one batched policy
+    call per step. Returns per-episode success and return, and with `record` the visited
+    observations, executed actions and, per step, the success of its episode (the goal metric)."""
+    successes, returns, observations, actions, step_goal = [], [], [], [], []
+    for first in range(0, num_episodes, len(envs)):
+        wave = envs[: min(len(envs), num_episodes - first)]
+        obs = np.stack([reset_to_configuration(env, first + i, seed) for i, env in enumerate(wave)])
+        alive = np.ones(len(wave), bool)
+        success, ret = np.zeros(len(wave), bool), np.zeros(len(wave))
+        wave_obs, wave_act, wave_owner = [], [], []
+        while alive.any():
+            live = np.flatnonzero(alive)
+            act = policy(torch.as_tensor(obs[live], dtype=torch.float32, device=device)).cpu().numpy()
+            if record:
+                wave_obs.append(obs[live].astype(np.float32))
+                wave_act.append(act)
+                wave_owner.append(live)
+            for a, i in zip(act, live):
+                obs[i], r, terminated, truncated, info = wave[i].step(a)
+                success[i] |= bool(info["success"])
+                ret[i] += r
+                alive[i] = not (terminated or truncated)
+        successes.extend(success.tolist())
+        returns.extend(ret.tolist())
+        if record:
+            observations.append(np.concatenate(wave_obs))
+            actions.append(np.concatenate(wave_act))
+            step_goal.append(success[np.concatenate(wave_owner)].astype(np.float32))
+    result = {"success": np.array(successes, np.float32), "return": np.array(returns)}
+    if record:
+        result |= {"obs": np.concatenate(observations), "actions": np.concatenate(actions),
+                   "goal": np.concatenate(step_goal)}
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# Networks
+# ------------------------------------------------------------------------------------------
+LOG_STD_MAX = 2
+LOG_STD_MIN = -5
+
+
+def mlp_trunk(in_dim: int, hidden: list[int]) -> nn.Sequential:
+    layers = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim, act_dim, hidden, action_low, action_high):
+        super().__init__()
+        self.trunk = mlp_trunk(obs_dim, hidden)
+        self.fc_mean = nn.Linear(hidden[-1], act_dim)
+        self.fc_logstd = nn.Linear(hidden[-1], act_dim)
+        self.register_buffer("action_scale", torch.tensor((action_high - action_low) / 2.0, dtype=torch.float32))
+        self.register_buffer("action_bias", torch.tensor((action_high + action_low) / 2.0, dtype=torch.float32))
+
+    def forward(self, x):
+        x = self.trunk(x)
+        mean = self.fc_mean(x)
+        log_std = torch.tanh(self.fc_logstd(x))
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # From SpinUp / Denis Yarats
+        return mean, log_std
+
+    def get_action(self, x):
+        mean, log_std = self(x)
+        std = log_std.exp()
+        x_t = mean + std * torch.randn_like(mean)  # reparameterization trick (mean + std * N(0,1))
+        y_t = torch.tanh(x_t)
+        action = y_t * self.action_scale + self.action_bias
+        log_prob = (-0.5 * ((x_t - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(1)
+        # Enforcing Action Bound
+        log_prob = log_prob - torch.log(self.action_scale * (1 - y_t.pow(2)) + 1e-6).sum(1)
+        mean = torch.tanh(mean) * self.action_scale + self.action_bias
+        return action, log_prob, mean
+
+    def hidden_layers(self) -> list[sn.HiddenLayer]:
+        pairs = zip(self.trunk[0::2], self.trunk[1::2])
+        return [sn.HiddenLayer(act, lin.weight, lin.bias, neuron_dim=0) for lin, act in pairs]
+
+
+class EnsembleLinear(nn.Module):
+    """`num` independent linear layers applied in one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, num, in_features, out_features):
+        super().__init__()
+        bound = 1.0 / np.sqrt(in_features)  # nn.Linear's default initialisation, per member
+        self.weight = nn.Parameter(torch.empty(num, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQNetwork(nn.Module):
+    """CleanRL's two SoftQNetworks (qf1, qf2) fused into one module; forward gives [2, B]."""
+
+    def __init__(self, obs_dim, act_dim, hidden, num_critics=2):
+        super().__init__()
+        self.num_critics = num_critics
+        dims = [obs_dim + act_dim] + list(hidden)
+        layers = []
+        for in_dim, out_dim in zip(dims[:-1], dims[1:]):
+            layers += [EnsembleLinear(num_critics, in_dim, out_dim), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
+        self.head = EnsembleLinear(num_critics, dims[-1], 1)
+
+    def forward(self, obs, act):
+        x = torch.cat([obs, act], 1).expand(self.num_critics, -1, -1)
+        return self.head(self.trunk(x)).squeeze(-1)
+
+    def hidden_layers(self, member: int) -> list[sn.HiddenLayer]:
+        pairs = zip(self.trunk[0::2], self.trunk[1::2])
+        return [sn.HiddenLayer(act, lin.weight, lin.bias, neuron_dim=2, member=member) for lin, act in pairs]
+
+
+# ------------------------------------------------------------------------------------------
+# Replay buffers D and Dpre: one preallocated tensor on the training device, a row per transition
+# ------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    def __init__(self, capacity, obs_dim, act_dim, device):
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, dtype=torch.float32, device=device)
+        self.capacity, self.pos, self.size = capacity, 0, 0
+
+    def add(self, obs, action, reward, next_obs, terminated):
+        row = np.concatenate([obs, action, [reward], next_obs, [float(terminated)]]).astype(np.float32)
+        self.storage[self.pos].copy_(torch.from_numpy(row))
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def extend(self, rows):
+        for start in range(0, len(rows), self.capacity):
+            chunk = rows[start : start + self.capacity]
+            index = (self.pos + torch.arange(len(chunk), device=self.storage.device)) % self.capacity
+            self.storage[index] = chunk
+            self.pos = (self.pos + len(chunk)) % self.capacity
+            self.size = min(self.size + len(chunk), self.capacity)
+
+    def latest(self, n):
+        n = min(n, self.size)
+        index = (self.pos - n + torch.arange(n, device=self.storage.device)) % self.capacity
+        return self.storage[index]
+
+    def clear(self):
+        self.pos = self.size = 0
+
+    def sample(self, batch_size):
+        rows = self.storage[torch.randint(0, self.size, (batch_size,), device=self.storage.device)]
+        o, a = self.obs_dim, self.act_dim
+        return rows.split([o, a, 1, o, 1], dim=1)  # obs, actions, rewards, next_obs, dones
+
+    def state_dict(self):
+        return {"rows": self.latest(self.size).cpu()}
+
+    def load_state_dict(self, state):
+        self.clear()
+        self.extend(state["rows"].to(self.storage.device))
+
+
+# ------------------------------------------------------------------------------------------
+# NBSP pieces: masked optimizer steps, identification, metrics
+# ------------------------------------------------------------------------------------------
+class MaskedOptimizer:
+    """An optimizer whose step on masked parameters is scaled by the mask (Alg. 2, lines 13-14):
+    p <- p_old + mask * (p_adam - p_old); with target "grad", the gradient is masked instead."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, target: str):
+        self.optimizer, self.target = optimizer, target
+        self.params, self.masks, self.snapshot = [], [], []
+
+    def set_masks(self, masks: dict):
+        self.params, self.masks = list(masks), list(masks.values())
+        self.snapshot = [p.detach().clone() for p in self.params]
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def step(self):
+        if self.target == "grad":
+            sn.mask_gradients_(self.params, self.masks)
+            self.optimizer.step()
+            return
+        if self.params:
+            torch._foreach_copy_(self.snapshot, [p.detach() for p in self.params])
+        self.optimizer.step()
+        sn.mask_update_(self.params, self.snapshot, self.masks)
+
+
+class SACLearner:
+    """SAC (CleanRL's losses and delayed policy updates) with NBSP's masked optimizer steps."""
+
+    def __init__(self, obs_dim, act_dim, action_low, action_high, args: Args, device):
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, args.hidden, action_low, action_high).to(device)
+        self.qf = TwinQNetwork(obs_dim, act_dim, args.hidden).to(device)
+        self.qf_target = TwinQNetwork(obs_dim, act_dim, args.hidden).to(device)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr), args.mask_target)
+        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr), args.mask_target)
+        self.target_entropy = -float(act_dim)
+        self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr)
+
+    def update(self, data, update_policy: bool, update_target: bool) -> dict:
+        """One critic step; with `update_policy`, `policy_frequency` actor (and alpha) steps."""
+        args, actor, qf = self.args, self.actor, self.qf
+        obs, actions, rewards, next_obs, dones = data
+        with torch.no_grad():
+            alpha = self.log_alpha.exp()
+            next_actions, next_log_pi, _ = actor.get_action(next_obs)
+            min_qf_next_target = self.qf_target(next_obs, next_actions).min(0).values - alpha * next_log_pi
+            next_q_value = rewards.flatten() + (1 - dones.flatten()) * args.gamma * min_qf_next_target
+        qf_a_values = qf(obs, actions)
+        qf_losses = ((qf_a_values - next_q_value) ** 2).mean(1)
+        qf_loss = qf_losses.sum()
+        self.q_optimizer.zero_grad()
+        qf_loss.backward()
+        self.q_optimizer.step()
+        logs = {"qf1_values": qf_a_values[0].mean(), "qf2_values": qf_a_values[1].mean(),
+                "qf1_loss": qf_losses[0], "qf2_loss": qf_losses[1], "qf_loss": qf_loss / 2.0}
+        if update_policy:
+            for _ in range(args.policy_frequency):  # compensate for the delay by doing 'policy_frequency' updates
+                pi, log_pi, _ = actor.get_action(obs)
+                min_qf_pi = qf(obs, pi).min(0).values
+                actor_loss = (self.log_alpha.exp().detach() * log_pi - min_qf_pi).mean()
+                self.actor_optimizer.zero_grad()
+                actor_loss.backward()
+                self.actor_optimizer.step()
+                logs["actor_loss"] = actor_loss
+                if args.autotune:
+                    with torch.no_grad():
+                        _, log_pi, _ = actor.get_action(obs)
+                    alpha_loss = (-self.log_alpha.exp() * (log_pi + self.target_entropy)).mean()
+                    self.a_optimizer.zero_grad()
+                    alpha_loss.backward()
+                    self.a_optimizer.step()
+                    logs["alpha_loss"] = alpha_loss
+        if update_target:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.qf_target.parameters()), list(qf.parameters()), args.tau)
+        logs["alpha"] = self.log_alpha.detach().exp()[0]
+        return logs
+
+    def state_dict(self):
+        return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
+                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.optimizer.state_dict(),
+                "q_optimizer": self.q_optimizer.optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.actor.load_state_dict(state["actor"])
+        self.qf.load_state_dict(state["qf"])
+        self.qf_target.load_state_dict(state["qf_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_optimizer.optimizer.load_state_dict(state["actor_optimizer"])
+        self.q_optimizer.optimizer.load_state_dict(state["q_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
+
+
+def continual_metrics(sr):
+    """ASR, FM, FWT (paper Eq. 9-11) of the lower-triangular matrix sr[i][j] over its rows."""
+    H = len(sr)
+    asr = sum(sum(sr[i][: i + 1]) / (i + 1) for i in range(H)) / H
+    fwt = sum(sr[i][i] for i in range(H)) / H
+    fm = None
+    if H > 1:
+        fm = sum(
+            sum(max(sr[l][j] - sr[i][j] for l in range(j, i)) for j in range(i)) / i for i in range(1, H)
+        ) / (H - 1)
+    return {"ASR": asr, "FM": fm, "FWT": fwt}
+
+
+def atomic_write_json(path, data):
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def atomic_torch_save(path, data):
+    torch.save(data, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def seed_everything(seed, deterministic):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def main(args: Args) -> dict:
+    validate(args)
+    checkpoint = None
+    if args.resume:
+        args, run_name, checkpoint = load_resume(args)
+    else:
+        run_name = f"{'+'.join(args.tasks)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
+    if not args.resume and os.path.exists(run_dir):
+        fail(f"run folder {run_dir!r} already exists; pick another --exp-name or --runs-dir")
+
+    stage_tasks = [t.removesuffix("-v3") for t in args.tasks] * args.cycles
+    unique_tasks = list(dict.fromkeys(stage_tasks))
+    H = len(stage_tasks)
+    use_mask, use_replay = not args.no_mask, not args.no_replay and H > 1
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        atomic_write_json(os.path.join(run_dir, "config.json"), {
+            "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
+            "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
+
+    # one fixed pool of env copies per task, for evaluation and identification rollouts
+    pool_size = max(args.eval_episodes, args.identify_episodes)
+    rollout_envs = {task: [make_env(task, args.seed + 10_000 + i) for i in range(pool_size)] for task in unique_tasks}
+    probe_env = rollout_envs[unique_tasks[0]][0]
+    obs_dim = int(np.prod(probe_env.observation_space.shape))
+    act_dim = int(np.prod(probe_env.action_space.shape))
+
+    seed_everything(args.seed, args.torch_deterministic)
+    sac = SACLearner(obs_dim, act_dim, probe_env.action_space.low, probe_env.action_space.high, args, device)
+    actor, qf = sac.actor, sac.qf
+
+    networks = {"actor": actor.hidden_layers(), "qf1": qf.hidden_layers(0), "qf2": qf.hidden_layers(1)}
+    masked_networks = {"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to]
+    neuron_masks: dict[str, list[torch.Tensor]] = {}
+    last_selected: dict[str, torch.Tensor] = {}
+
+    rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
+    dpre = ReplayBuffer(args.dpre_per_task * max(H - 1, 1), obs_dim, act_dim, device)
+    sr, stage_records, task_success_rows = [], [], []
+    start_stage, global_step = 0, 0
+
+    def install_masks():
+        for optimizer, names in ((sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])):
+            names = [name for name in names if name in neuron_masks]
+            optimizer.set_masks(sn.parameter_masks(
+                [layer for name in names for layer in networks[name]],
+                [mask for name in names for mask in neuron_masks[name]]))
+
+    if checkpoint is not None:
+        sac.load_state_dict(checkpoint)
+        neuron_masks = {k: [m for m in v] for k, v in checkpoint["neuron_masks"].items()}
+        last_selected = dict(checkpoint["last_selected"])
+        dpre.load_state_dict(checkpoint["dpre"])
+        if args.keep_buffer:
+            rb.load_state_dict(checkpoint["rb"])
+        sr, stage_records, task_success_rows = checkpoint["sr"], checkpoint["stages"], checkpoint["task_success"]
+        start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
+        install_masks()
+        if start_stage >= H:
+            print(f"{run_dir}: all {H} stages are finished; nothing to resume")
+            return json.load(open(os.path.join(run_dir, "metrics.json")))
+
+    def deterministic_action(obs):
+        return actor.get_action(obs)[2]
+
+    def stochastic_action(obs):
+        return actor.get_action(obs)[0]
+
+    def evaluate_all(step, eval_seed):
+        rates = {}
+        for task in unique_tasks:
+            rates[task] = float(rollout(rollout_envs[task], args.eval_episodes, deterministic_action, eval_seed, device)["success"].mean())
+            writer.add_scalar(f"eval/{task}/success_rate", rates[task], step)
+        return rates
+
+    def write_metrics(complete):
+        metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": complete,
+                   "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
+                   **continual_metrics(sr), "task_success": task_success_rows, "stages": stage_records}
+        atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        return metrics
+
+    def identify_skill_neurons(task, stage, stage_seed):
+        """Alg. 1 after a stage: score each masked network's hidden neurons, select the top
+        skill_ratio, build Eq. 7 masks and combine them with the earlier stages' masks."""
+        record = {"goal_constant": False, "skill_neurons": {}, "overlap_with_previous": {}}
+        activations, goal = {}, None
+        if args.identify in ("goal", "activation"):
+            window = rollout(rollout_envs[task], args.identify_episodes, stochastic_action, stage_seed, device, record=True)
+            obs = torch.as_tensor(window["obs"], device=device)
+            actions = torch.as_tensor(window["actions"], device=device)
+            goal = torch.as_tensor(window["goal"])
+            layers = [layer for name in masked_networks for layer in networks[name]]
+            with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
+                for chunk in range(0, len(obs), 8192):
+                    actor(obs[chunk : chunk + 8192])
+                    qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])  # critics probed at executed actions
+            recorded = [a.cpu() for a in recorder.activations()]
+            for name in masked_networks:
+                activations[name], recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
+            if args.identify == "goal" and sn.goal_is_constant(goal):
+                record["goal_constant"] = True
+                print(f"warning: stage {stage + 1} ({task}): the goal metric is constant ({goal[0]:g}) over the "
+                      "identification window, so skill-neuron scores carry no goal information", file=sys.stderr)
+            writer.add_scalar("neurons/goal_constant", float(record["goal_constant"]), global_step)
+            writer.add_scalar("neurons/identify_success_rate", window["success"].mean(), global_step)
+        generator = torch.Generator().manual_seed(stage_seed)
+        for name in masked_networks:
+            scores = sn.score_network(networks[name], args.identify, activations.get(name), goal, generator)
+            selected = sn.select_top(scores, args.skill_ratio)
+            new_mask = sn.neuron_mask(scores, selected, args.mask_alpha, args.hard_mask)
+            previous = neuron_masks.get(name)
+            neuron_masks[name] = sn.combine_masks(previous, sn.split_by_layer(new_mask, networks[name]), args.mask_combine)
+            combined = torch.cat(neuron_masks[name])
+            record["skill_neurons"][name] = int(selected.sum())
+            if name in last_selected:
+                record["overlap_with_previous"][name] = int((selected & last_selected[name]).sum())
+            last_selected[name] = selected
+            writer.add_histogram(f"neurons/{name}/scores", scores, global_step)
+            writer.add_histogram(f"neurons/{name}/skill_scores", scores[selected], global_step)
+            writer.add_scalar(f"neurons/{name}/protected", float((combined < 1).sum()), global_step)
+            writer.add_scalar(f"neurons/{name}/mask_mean", float(combined.mean()), global_step)
+            record.setdefault("scores", {})[name] = scores
+        install_masks()
+        return record
+
+    progress = tqdm(total=H * args.steps_per_task, initial=sum(r["budget_steps"] for r in stage_records),
+                    dynamic_ncols=True, mininterval=1.0, disable=None)
+    for stage in range(start_stage, H):
+        task = stage_tasks[stage]
+        stage_seed = args.seed + 1000 * (stage + 1)
+        seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
+        env = make_env(task, stage_seed)
+        env.action_space.seed(stage_seed)
+        if not args.keep_buffer:
+            rb.clear()
+        progress.set_description(f"stage {stage + 1}/{H} {task}")
+        obs, _ = env.reset(seed=stage_seed)
+        episode_success, episode_start = False, 0
+        recent_success = deque(maxlen=EARLY_STOP_WINDOW)
+        early_stopped, logs = False, {}
+        stage_start_time = start_time = time.time()
+        steps_at_sps = 0
+        for step in range(args.steps_per_task):
+            global_step += 1
+            if step < args.learning_starts:
+                action = env.action_space.sample()
+            else:
+                with torch.no_grad():
+                    action = actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0].cpu().numpy()
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            episode_success |= bool(info["success"])
+            rb.add(obs, action, reward, next_obs, terminated)  # Meta-World never terminates: truncation still bootstraps
+            obs = next_obs
+            if terminated or truncated:
+                writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                writer.add_scalar("charts/success", float(episode_success), global_step)
+                if episode_start >= args.learning_starts:  # random-action episodes say nothing of the policy
+                    recent_success.append(episode_success)
+                obs, _ = env.reset()
+                episode_success, episode_start = False, step + 1
+
+            if step >= args.learning_starts:
+                update_index = step - args.learning_starts
+                from_dpre = use_replay and dpre.size > 0 and update_index % args.replay_interval == 0
+                data = (dpre if from_dpre else rb).sample(args.batch_size)
+                logs = sac.update(data, update_policy=update_index % args.policy_frequency == 0,
+                                  update_target=update_index % args.target_network_frequency == 0)
+                if update_index % 100 == 0:  # the only host synchronisation of the update path
+                    for name, value in logs.items():
+                        writer.add_scalar(f"losses/{name}", value.item(), global_step)
+                    sps = int((step + 1 - steps_at_sps) / (time.time() - start_time))
+                    writer.add_scalar("charts/SPS", sps, global_step)
+                    progress.set_postfix(SPS=sps, refresh=False)
+            if step % 100 == 99:
+                progress.update(100)
+
+            if args.eval_every and global_step % args.eval_every == 0:
+                rates = evaluate_all(global_step, args.seed)
+                print(f"step {global_step}: eval success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
+                start_time, steps_at_sps = time.time(), step + 1  # keep evaluation out of SPS
+
+            if (args.early_stop_success > 0 and len(recent_success) == EARLY_STOP_WINDOW
+                    and np.mean(recent_success) >= args.early_stop_success):
+                early_stopped = True
+                break
+        env.close()
+        stage_steps = step + 1
+        progress.update(args.steps_per_task - (stage_steps - stage_steps % 100))
+
+        # end of stage: evaluate every task (row of sr), identify skill neurons, fill Dpre
+        rates = evaluate_all(global_step, args.seed)
+        task_success_rows.append(rates)
+        sr.append([rates[stage_tasks[j]] for j in range(stage + 1)])
+        metrics_now = continual_metrics(sr)
+        writer.add_scalar("eval/ASR", metrics_now["ASR"], global_step)
+        record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
+                  "early_stopped": early_stopped, "wall_seconds": round(time.time() - stage_start_time, 2)}
+        if use_mask:
+            neuron_record = identify_skill_neurons(task, stage, stage_seed)
+            scores = neuron_record.pop("scores")
+            record |= neuron_record
+        else:
+            scores = {}
+        if use_replay and stage < H - 1:
+            dpre.extend(rb.latest(args.dpre_per_task))
+        record["wall_seconds"] = round(time.time() - stage_start_time, 2)
+        stage_records.append(record)
+        print(f"stage {stage + 1}/{H} {task}: {stage_steps} steps{' (early stop)' if early_stopped else ''}, "
+              f"{record['wall_seconds']:.0f}s, success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
+
+        model = {"run_name": run_name, "stage": stage + 1, "task": task, "actor": actor.state_dict(), "qf": sac.qf.state_dict(),
+                 "neuron_masks": neuron_masks, "scores": scores, "selected": {k: v for k, v in last_selected.items()}}
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
+        atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
+            **model, **sac.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
+            "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
+            "task_success": task_success_rows, "global_step": global_step})
+        metrics = write_metrics(complete=stage == H - 1)
+    progress.close()
+    writer.close()
+    if args.track:
+        wandb.finish()
+    print(f"ASR={metrics['ASR']:.3f} FM={metrics['FM'] if metrics['FM'] is None else round(metrics['FM'], 3)} "
+          f"FWT={metrics['FWT']:.3f} -> {os.path.join(run_dir, 'metrics.json')}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
