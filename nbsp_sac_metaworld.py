@@ -16,6 +16,7 @@ import gymnasium as gym
 import metaworld
 import numpy as np
 import torch
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -87,6 +88,10 @@ class Args:
     """entropy regularization coefficient (initial value when autotuned)"""
     autotune: bool = True
     """automatic tuning of the entropy coefficient"""
+    compile: bool = False
+    """torch.compile the SAC update (CPU and GPU; a warm-up of a minute or more)"""
+    cudagraphs: bool = False
+    """also replay the compiled update as CUDA graphs (GPU only)"""
 
     # NBSP (paper Section 3, Algorithms 1-2)
     no_mask: bool = False
@@ -115,7 +120,7 @@ class Args:
     """episodes (stochastic policy, not training steps) of the identification window"""
 
 
-RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity"}
+RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs"}
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
 EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
 
@@ -390,59 +395,80 @@ class MaskedOptimizer:
 
 
 class SACLearner:
-    """SAC (CleanRL's losses and delayed policy updates) with NBSP's masked optimizer steps."""
+    """SAC (CleanRL's losses and delayed policy updates) with NBSP's masked optimizer steps.
 
-    def __init__(self, obs_dim, act_dim, action_low, action_high, args: Args, device):
+    Fast where it is exact: both critics in one batched module, no critic weight gradients in
+    the actor loss, foreach target update, no host synchronisation (losses stay tensors).
+    `compile` wraps the critic and actor steps in torch.compile; `cudagraphs` also replays them
+    as CUDA graphs (mode "reduce-overhead")."""
+
+    def __init__(self, obs_dim, act_dim, action_low, action_high, args: Args, device, compile=False, cudagraphs=False):
         self.args = args
         self.actor = Actor(obs_dim, act_dim, args.hidden, action_low, action_high).to(device)
         self.qf = TwinQNetwork(obs_dim, act_dim, args.hidden).to(device)
         self.qf_target = TwinQNetwork(obs_dim, act_dim, args.hidden).to(device)
         self.qf_target.load_state_dict(self.qf.state_dict())
-        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr), args.mask_target)
-        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr), args.mask_target)
+        adam = dict(capturable=cudagraphs, foreach=True)
+        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **adam), args.mask_target)
+        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **adam), args.mask_target)
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
-        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **adam)
+        if compile or cudagraphs:
+            torch._inductor.config.fallback_random = True  # the eager random stream: compiled updates stay exact
+            mode = "reduce-overhead" if cudagraphs else None
+            self.critic_step = torch.compile(self.critic_step, mode=mode)
+            self.actor_step = torch.compile(self.actor_step, mode=mode)
 
-    def update(self, data, update_policy: bool, update_target: bool) -> dict:
-        """One critic step; with `update_policy`, `policy_frequency` actor (and alpha) steps."""
-        args, actor, qf = self.args, self.actor, self.qf
-        obs, actions, rewards, next_obs, dones = data
+    def critic_step(self, obs, actions, rewards, next_obs, dones, update_target: bool):
         with torch.no_grad():
             alpha = self.log_alpha.exp()
-            next_actions, next_log_pi, _ = actor.get_action(next_obs)
+            next_actions, next_log_pi, _ = self.actor.get_action(next_obs)
             min_qf_next_target = self.qf_target(next_obs, next_actions).min(0).values - alpha * next_log_pi
-            next_q_value = rewards.flatten() + (1 - dones.flatten()) * args.gamma * min_qf_next_target
-        qf_a_values = qf(obs, actions)
+            next_q_value = rewards.flatten() + (1 - dones.flatten()) * self.args.gamma * min_qf_next_target
+        qf_a_values = self.qf(obs, actions)
         qf_losses = ((qf_a_values - next_q_value) ** 2).mean(1)
         qf_loss = qf_losses.sum()
         self.q_optimizer.zero_grad()
         qf_loss.backward()
         self.q_optimizer.step()
-        logs = {"qf1_values": qf_a_values[0].mean(), "qf2_values": qf_a_values[1].mean(),
-                "qf1_loss": qf_losses[0], "qf2_loss": qf_losses[1], "qf_loss": qf_loss / 2.0}
-        if update_policy:
-            for _ in range(args.policy_frequency):  # compensate for the delay by doing 'policy_frequency' updates
-                pi, log_pi, _ = actor.get_action(obs)
-                min_qf_pi = qf(obs, pi).min(0).values
-                actor_loss = (self.log_alpha.exp().detach() * log_pi - min_qf_pi).mean()
-                self.actor_optimizer.zero_grad()
-                actor_loss.backward()
-                self.actor_optimizer.step()
-                logs["actor_loss"] = actor_loss
-                if args.autotune:
-                    with torch.no_grad():
-                        _, log_pi, _ = actor.get_action(obs)
-                    alpha_loss = (-self.log_alpha.exp() * (log_pi + self.target_entropy)).mean()
-                    self.a_optimizer.zero_grad()
-                    alpha_loss.backward()
-                    self.a_optimizer.step()
-                    logs["alpha_loss"] = alpha_loss
         if update_target:
             with torch.no_grad():
-                torch._foreach_lerp_(list(self.qf_target.parameters()), list(qf.parameters()), args.tau)
+                torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.args.tau)
+        return {"qf1_values": qf_a_values[0].mean().detach(), "qf2_values": qf_a_values[1].mean().detach(),
+                "qf1_loss": qf_losses[0].detach(), "qf2_loss": qf_losses[1].detach(), "qf_loss": qf_loss.detach() / 2.0}
+
+    def actor_step(self, obs):
+        pi, log_pi, _ = self.actor.get_action(obs)
+        # detached critic parameters: the actor loss needs no critic weight gradients
+        min_qf_pi = torch.func.functional_call(self.qf, self.frozen_qf_params(), (obs, pi)).min(0).values
+        actor_loss = (self.log_alpha.exp().detach() * log_pi - min_qf_pi).mean()
+        self.actor_optimizer.zero_grad()
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        logs = {"actor_loss": actor_loss.detach()}
+        if self.args.autotune:
+            with torch.no_grad():
+                _, log_pi, _ = self.actor.get_action(obs)
+            alpha_loss = (-self.log_alpha.exp() * (log_pi + self.target_entropy)).mean()
+            self.a_optimizer.zero_grad()
+            alpha_loss.backward()
+            self.a_optimizer.step()
+            logs["alpha_loss"] = alpha_loss.detach()
+        return logs
+
+    def update(self, data, update_policy: bool, update_target: bool) -> dict:
+        """One critic step; with `update_policy`, `policy_frequency` actor (and alpha) steps."""
+        obs, actions, rewards, next_obs, dones = data
+        logs = self.critic_step(obs, actions, rewards, next_obs, dones, update_target)
+        if update_policy:
+            for _ in range(self.args.policy_frequency):  # compensate for the delay by doing 'policy_frequency' updates
+                logs |= self.actor_step(obs)
         logs["alpha"] = self.log_alpha.detach().exp()[0]
         return logs
+
+    def frozen_qf_params(self):
+        return {name: p.detach() for name, p in self.qf.named_parameters()}
 
     def state_dict(self):
         return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
@@ -507,6 +533,8 @@ def main(args: Args) -> dict:
     H = len(stage_tasks)
     use_mask, use_replay = not args.no_mask, not args.no_replay and H > 1
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
 
     os.makedirs(run_dir, exist_ok=True)
     if args.track:
@@ -529,7 +557,8 @@ def main(args: Args) -> dict:
     act_dim = int(np.prod(probe_env.action_space.shape))
 
     seed_everything(args.seed, args.torch_deterministic)
-    sac = SACLearner(obs_dim, act_dim, probe_env.action_space.low, probe_env.action_space.high, args, device)
+    sac = SACLearner(obs_dim, act_dim, probe_env.action_space.low, probe_env.action_space.high, args, device,
+                     compile=args.compile, cudagraphs=args.cudagraphs)
     actor, qf = sac.actor, sac.qf
 
     networks = {"actor": actor.hidden_layers(), "qf1": qf.hidden_layers(0), "qf2": qf.hidden_layers(1)}
