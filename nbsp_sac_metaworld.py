@@ -671,8 +671,8 @@ def main(args: Args) -> dict:
         episode_success, episode_start = False, 0
         recent_success = deque(maxlen=EARLY_STOP_WINDOW)
         early_stopped, logs = False, {}
-        stage_start_time = start_time = time.time()
-        steps_at_sps = 0
+        stage_start_time = sps_time = time.time()
+        sps_step = 0
         for step in range(args.steps_per_task):
             global_step += 1
             if step < args.learning_starts:
@@ -702,7 +702,8 @@ def main(args: Args) -> dict:
                 if update_index % 100 == 0:  # the only host synchronisation of the update path
                     for name, value in logs.items():
                         writer.add_scalar(f"losses/{name}", value.item(), global_step)
-                    sps = int((step + 1 - steps_at_sps) / (time.time() - start_time))
+                    sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the last 100 steps
+                    sps_time, sps_step = time.time(), step + 1
                     writer.add_scalar("charts/SPS", sps, global_step)
                     progress.set_postfix(SPS=sps, refresh=False)
             if step % 100 == 99:
@@ -711,7 +712,7 @@ def main(args: Args) -> dict:
             if args.eval_every and global_step % args.eval_every == 0:
                 rates = evaluate_all(global_step, args.seed)
                 print(f"step {global_step}: eval success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
-                start_time, steps_at_sps = time.time(), step + 1  # keep evaluation out of SPS
+                sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
 
             if (args.early_stop_success > 0 and len(recent_success) == EARLY_STOP_WINDOW
                     and np.mean(recent_success) >= args.early_stop_success):
