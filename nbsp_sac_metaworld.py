@@ -127,7 +127,7 @@ EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
 
 def fail(message: str) -> None:
     """Bad input: one line on stderr, non-zero exit, nothing written."""
-    print(f"error: {message}", file=sys.stderr)
+    print("error: " + " ".join(message.split()), file=sys.stderr)
     sys.exit(2)
 
 
@@ -154,6 +154,10 @@ def validate(args: Args) -> None:
         fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
     if not 0.0 <= args.early_stop_success <= 1.0:
         fail(f"--early-stop-success must be in [0, 1] (0 disables), got {args.early_stop_success}")
+    for name in ["identify", "apply_to", "mask_target", "mask_combine"]:
+        valid = Args.__annotations__[name].__args__
+        if getattr(args, name) not in valid:
+            fail(f"--{name.replace('_', '-')} must be one of {', '.join(valid)}; got {getattr(args, name)!r}")
     if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
         fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
 
@@ -268,6 +272,11 @@ class Actor(nn.Module):
         log_std = torch.tanh(self.fc_logstd(x))
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # From SpinUp / Denis Yarats
         return mean, log_std
+
+    def deterministic_action(self, x):
+        """tanh of the mean, drawing no noise (evaluation leaves the training random stream alone)."""
+        mean = self.fc_mean(self.trunk(x))
+        return torch.tanh(mean) * self.action_scale + self.action_bias
 
     def get_action(self, x):
         mean, log_std = self(x)
@@ -499,6 +508,15 @@ def continual_metrics(sr):
     return {"ASR": asr, "FM": fm, "FWT": fwt}
 
 
+def write_metrics(run_dir, run_name, stage_tasks, sr, task_success, stages):
+    H = len(stage_tasks)
+    metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": len(sr) == H,
+               "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
+               **continual_metrics(sr), "task_success": task_success, "stages": stages}
+    atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    return metrics
+
+
 def atomic_write_json(path, data):
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=2)
@@ -535,6 +553,9 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
+    if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
+        print(f"{run_dir}: all {H} stages are finished; nothing to resume")
+        return write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], checkpoint["task_success"], checkpoint["stages"])
 
     os.makedirs(run_dir, exist_ok=True)
     if args.track:
@@ -542,7 +563,8 @@ def main(args: Args) -> dict:
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    # drop what a killed run logged after its last checkpoint (the stage-boundary step itself is kept)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         atomic_write_json(os.path.join(run_dir, "config.json"), {
@@ -588,12 +610,9 @@ def main(args: Args) -> dict:
         sr, stage_records, task_success_rows = checkpoint["sr"], checkpoint["stages"], checkpoint["task_success"]
         start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
         install_masks()
-        if start_stage >= H:
-            print(f"{run_dir}: all {H} stages are finished; nothing to resume")
-            return json.load(open(os.path.join(run_dir, "metrics.json")))
 
     def deterministic_action(obs):
-        return actor.get_action(obs)[2]
+        return actor.deterministic_action(obs)
 
     def stochastic_action(obs):
         return actor.get_action(obs)[0]
@@ -604,13 +623,6 @@ def main(args: Args) -> dict:
             rates[task] = float(rollout(rollout_envs[task], args.eval_episodes, deterministic_action, eval_seed, device)["success"].mean())
             writer.add_scalar(f"eval/{task}/success_rate", rates[task], step)
         return rates
-
-    def write_metrics(complete):
-        metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": complete,
-                   "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
-                   **continual_metrics(sr), "task_success": task_success_rows, "stages": stage_records}
-        atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-        return metrics
 
     def identify_skill_neurons(task, stage, stage_seed):
         """Alg. 1 after a stage: score each masked network's hidden neurons, select the top
@@ -625,8 +637,10 @@ def main(args: Args) -> dict:
             layers = [layer for name in masked_networks for layer in networks[name]]
             with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
                 for chunk in range(0, len(obs), 8192):
-                    actor(obs[chunk : chunk + 8192])
-                    qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])  # critics probed at executed actions
+                    if "actor" in masked_networks:
+                        actor(obs[chunk : chunk + 8192])
+                    if "qf1" in masked_networks:  # critics probed at the executed actions
+                        qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
             recorded = [a.cpu() for a in recorder.activations()]
             for name in masked_networks:
                 activations[name], recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
@@ -751,7 +765,7 @@ def main(args: Args) -> dict:
             **model, **sac.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
             "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
             "task_success": task_success_rows, "global_step": global_step})
-        metrics = write_metrics(complete=stage == H - 1)
+        metrics = write_metrics(run_dir, run_name, stage_tasks, sr, task_success_rows, stage_records)
     progress.close()
     writer.close()
     if args.track:

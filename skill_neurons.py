@@ -130,8 +130,8 @@ def to_goal_score_range(scores: Tensor) -> Tensor:
     """Min-max rescale scores to [0.5, 1], the range of goal scores, so that Eq. 7 gives the
     other identification rules masks of the same magnitude as the goal rule."""
     low, high = scores.min(), scores.max()
-    if high <= low:
-        return torch.ones_like(scores)
+    if high <= low:  # no ranking information: the middle of the range
+        return torch.full_like(scores, 0.75)
     return 0.5 + 0.5 * (scores - low) / (high - low)
 
 

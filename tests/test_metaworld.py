@@ -1,0 +1,808 @@
+"""Tests of nbsp_sac_metaworld.py: the continual-learning metrics, the replay buffer, the masked
+optimizer, and end-to-end runs with tiny budgets (NBSP, its ablation flags, resume, bad input).
+
+The end-to-end runs create real Meta-World environments (about a second each), so they share
+runs through module-scoped fixtures and keep every budget as small as the checks allow."""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+import nbsp_sac_metaworld as mw
+import skill_neurons as sn
+from nbsp_sac_metaworld import Args, MaskedOptimizer, ReplayBuffer, SACLearner, continual_metrics, main
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_metaworld.py")
+OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3
+ROW = 2 * OBS_DIM + ACT_DIM + 2  # obs, action, reward, next_obs, done
+
+
+def t(values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def only_run_dir(runs_dir):
+    runs = os.listdir(runs_dir)
+    assert len(runs) == 1, runs
+    return os.path.join(runs_dir, runs[0])
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def scalars(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 1, "tensors": 1})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def track_writers(mp):
+    """Records the run's SummaryWriters. A run stopped by an exception (or one that returns early)
+    leaves its writer open with events still queued; a real run killed minutes later would
+    have flushed them (every 120 s), so the tests flush them before reading the events."""
+    opened = []
+
+    class TrackedWriter(SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    mp.setattr(mw, "SummaryWriter", TrackedWriter)
+    return opened
+
+
+def folder_snapshot(path):
+    snapshot = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                snapshot[os.path.relpath(full, path)] = f.read()
+    return snapshot
+
+
+def rows_of(sr):
+    """The lower triangle of a metrics.json sr matrix (None above the diagonal dropped)."""
+    return [row[: i + 1] for i, row in enumerate(sr)]
+
+
+class Spy:
+    """Wraps a skill_neurons function and counts the calls that had parameters to mask."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.nonempty = fn, 0, 0
+
+    def __call__(self, params, *rest):
+        self.calls += 1
+        self.nonempty += bool(len(params))
+        return self.fn(params, *rest)
+
+
+def spied_main(args):
+    with pytest.MonkeyPatch.context() as mp:
+        spies = {"update": Spy(sn.mask_update_), "grad": Spy(sn.mask_gradients_)}
+        mp.setattr(sn, "mask_update_", spies["update"])
+        mp.setattr(sn, "mask_gradients_", spies["grad"])
+        metrics = main(args)
+    return metrics, spies
+
+
+# --------------------------------------------------------------------------------------------
+# continual_metrics (paper Eq. 9-11)
+# --------------------------------------------------------------------------------------------
+SR = [
+    [0.5],
+    [0.9, 0.2],
+    [0.3, 0.6, 0.4],
+    [0.1, 0.7, 0.8, 0.0],
+]
+
+
+def test_continual_metrics_hand_computed():
+    metrics = continual_metrics(SR)
+    # ASR = 1/4 * (0.5/1 + (0.9+0.2)/2 + (0.3+0.6+0.4)/3 + (0.1+0.7+0.8+0.0)/4)
+    #     = 1/4 * (0.5 + 0.55 + 0.433333 + 0.4) = 1.883333 / 4 = 0.4708333
+    assert metrics["ASR"] == pytest.approx(0.4708333333, abs=1e-9)
+    # FWT = (0.5 + 0.2 + 0.4 + 0.0) / 4 = 0.275
+    assert metrics["FWT"] == pytest.approx(0.275, abs=1e-12)
+    # FM, max over l in [j, i-1] of sr[l][j] - sr[i][j] (the paper's 1-based i, j, l):
+    #   i=2: j=1: l=1: 0.5-0.9 = -0.4 (negative: task 1 improved)                     -> -0.4 / 1 = -0.4
+    #   i=3: j=1: max(0.5-0.3, 0.9-0.3) = 0.6; j=2: 0.2-0.6 = -0.4                    -> 0.2 / 2 = 0.1
+    #   i=4: j=1: max(0.5-0.1, 0.9-0.1, 0.3-0.1) = 0.8 (a middle l, not first/last);
+    #        j=2: max(0.2-0.7, 0.6-0.7) = -0.1; j=3: 0.4-0.8 = -0.4                   -> 0.3 / 3 = 0.1
+    #   FM = (-0.4 + 0.1 + 0.1) / 3 = -0.0666667
+    assert metrics["FM"] == pytest.approx(-0.0666666667, abs=1e-9)
+
+
+def test_continual_metrics_single_stage():
+    assert continual_metrics([[0.7]]) == {"ASR": pytest.approx(0.7), "FM": None, "FWT": pytest.approx(0.7)}
+
+
+def test_continual_metrics_two_stages():
+    # ASR = (1.0 + (0.25 + 0.75) / 2) / 2 = 0.75; FWT = (1.0 + 0.75) / 2 = 0.875; FM = 1.0 - 0.25 = 0.75
+    metrics = continual_metrics([[1.0], [0.25, 0.75]])
+    assert metrics == {"ASR": pytest.approx(0.75), "FM": pytest.approx(0.75), "FWT": pytest.approx(0.875)}
+
+
+# --------------------------------------------------------------------------------------------
+# ReplayBuffer
+# --------------------------------------------------------------------------------------------
+def add_transition(rb, k):
+    # transition k: obs [k, 10+k], action [20+k], reward 30+k, next_obs [40+k, 50+k], done k even
+    rb.add(np.array([k, 10.0 + k]), np.array([20.0 + k]), 30.0 + k, np.array([40.0 + k, 50.0 + k]), k % 2 == 0)
+
+
+def firsts(rows):
+    return rows[:, 0].tolist()
+
+
+def test_replay_buffer_add_sample_columns():
+    rb = ReplayBuffer(5, obs_dim=2, act_dim=1, device="cpu")
+    add_transition(rb, 0)
+    obs, actions, rewards, next_obs, dones = rb.sample(4)
+    assert [tuple(x.shape) for x in (obs, actions, rewards, next_obs, dones)] == [(4, 2), (4, 1), (4, 1), (4, 2), (4, 1)]
+    assert obs.dtype == torch.float32
+    assert obs.tolist() == [[0.0, 10.0]] * 4
+    assert actions.tolist() == [[20.0]] * 4
+    assert rewards.tolist() == [[30.0]] * 4
+    assert next_obs.tolist() == [[40.0, 50.0]] * 4
+    assert dones.tolist() == [[1.0]] * 4
+    add_transition(rb, 1)
+    assert rb.size == 2
+    sampled = rb.sample(200)
+    assert set(sampled[0][:, 0].tolist()) == {0.0, 1.0}  # only stored rows are sampled
+    odd = sampled[0][:, 0] == 1.0
+    assert (sampled[4][odd] == 0.0).all() and (sampled[4][~odd] == 1.0).all()  # columns stay together
+
+
+def test_replay_buffer_wraps_and_latest_in_insertion_order():
+    rb = ReplayBuffer(5, obs_dim=2, act_dim=1, device="cpu")
+    for k in range(7):  # 7 into capacity 5: 0 and 1 are overwritten
+        add_transition(rb, k)
+    assert rb.size == 5
+    assert firsts(rb.latest(3)) == [4.0, 5.0, 6.0]
+    assert firsts(rb.latest(5)) == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert firsts(rb.latest(10)) == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert set(rb.sample(300)[0][:, 0].tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0}
+
+
+def test_replay_buffer_extend_clear_state_dict(tmp_path):
+    source = ReplayBuffer(5, obs_dim=2, act_dim=1, device="cpu")
+    for k in range(7):
+        add_transition(source, k)
+    rows = source.latest(5)  # transitions 2..6
+
+    small = ReplayBuffer(4, obs_dim=2, act_dim=1, device="cpu")
+    add_transition(small, 0)
+    add_transition(small, 1)
+    small.extend(rows)  # 2 + 5 rows into capacity 4: the last 4 stay, in order
+    assert small.size == 4
+    assert firsts(small.latest(4)) == [3.0, 4.0, 5.0, 6.0]
+
+    big = ReplayBuffer(10, obs_dim=2, act_dim=1, device="cpu")
+    add_transition(big, 0)
+    big.extend(rows[-3:])
+    assert big.size == 4 and firsts(big.latest(4)) == [0.0, 4.0, 5.0, 6.0]
+    torch.testing.assert_close(big.latest(1), rows[-1:])  # whole rows, every column
+
+    torch.save(source.state_dict(), tmp_path / "rb.pt")
+    restored = ReplayBuffer(5, obs_dim=2, act_dim=1, device="cpu")
+    restored.load_state_dict(load(tmp_path / "rb.pt"))
+    assert restored.size == 5
+    assert torch.equal(restored.latest(5), source.latest(5))
+    add_transition(restored, 7)  # continues like the original after a round trip
+    add_transition(source, 7)
+    assert torch.equal(restored.latest(5), source.latest(5))
+
+    source.clear()
+    assert source.size == 0 and source.state_dict()["rows"].shape == (0, 2 * 2 + 1 + 2)
+    add_transition(source, 9)
+    assert source.size == 1 and firsts(source.latest(5)) == [9.0]
+
+
+# --------------------------------------------------------------------------------------------
+# MaskedOptimizer and SACLearner
+# --------------------------------------------------------------------------------------------
+NEURON_MASK = [1.0, 0.05, 0.0, 0.5]
+
+
+def masked_pair(target, lr=0.1):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    ref = copy.deepcopy(net)
+    optimizer = MaskedOptimizer(torch.optim.Adam(net.parameters(), lr=lr), target)
+    layers = [sn.HiddenLayer(net[1], net[0].weight, net[0].bias, 0)]
+    optimizer.set_masks(sn.parameter_masks(layers, [t(NEURON_MASK)]))
+    return net, ref, optimizer, torch.optim.Adam(ref.parameters(), lr=lr)
+
+
+def set_grads(generator, *nets):
+    grads = [torch.randn(p.shape, generator=generator) for p in nets[0].parameters()]
+    for net in nets:
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g.clone()
+
+
+def test_masked_optimizer_update_first_step_hand_computed():
+    net, _, optimizer, _ = masked_pair("update")
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    delta = [p.detach() - b for p, b in zip(net.parameters(), before)]
+    # Adam's first step is -lr * g / (|g| + eps) = -0.1 for g = 1; the update mask scales it per row:
+    # rows [1, 0.05, 0, 0.5] -> [-0.1, -0.005, 0, -0.05]
+    expected_rows = t([-0.1, -0.005, 0.0, -0.05])
+    torch.testing.assert_close(delta[0], expected_rows[:, None].expand(4, 3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(delta[1], expected_rows, rtol=0, atol=1e-6)
+    # the head is not masked: plain -0.1
+    torch.testing.assert_close(delta[2], torch.full((2, 4), -0.1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(delta[3], torch.full((2,), -0.1), rtol=0, atol=1e-6)
+
+
+def test_masked_optimizer_grad_first_step_hand_computed():
+    net, _, optimizer, _ = masked_pair("grad")
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    # the gradient itself is masked ...
+    torch.testing.assert_close(net[0].bias.grad, t(NEURON_MASK))
+    delta = [p.detach() - b for p, b in zip(net.parameters(), before)]
+    # ... but Adam's first step -lr * (m g) / (|m g| + eps) is -0.1 for any m > 0 (0 for m = 0):
+    # rows [1, 0.05, 0, 0.5] -> [-0.1, -0.1, 0, -0.1]
+    expected_rows = t([-0.1, -0.1, 0.0, -0.1])
+    torch.testing.assert_close(delta[0], expected_rows[:, None].expand(4, 3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(delta[1], expected_rows, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["update", "grad"])
+def test_masked_optimizer_steps_versus_plain_adam(target):
+    net, ref, optimizer, ref_optimizer = masked_pair(target, lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    mask_rows = t(NEURON_MASK)
+    for _ in range(300):
+        before = [p.detach().clone() for p in net.parameters()]
+        ref_before = [p.detach().clone() for p in ref.parameters()]
+        set_grads(generator, net, ref)
+        optimizer.step()
+        ref_optimizer.step()
+        delta = [p.detach() - b for p, b in zip(net.parameters(), before)]
+        ref_delta = [p.detach() - b for p, b in zip(ref.parameters(), ref_before)]
+    # unmasked parameters (the head) take exactly the plain Adam step, every time
+    assert torch.equal(net[2].weight, ref[2].weight) and torch.equal(net[2].bias, ref[2].bias)
+    # rows with mask 1 are the plain Adam trajectory exactly; rows with mask 0 never move
+    assert torch.equal(net[0].weight[0], ref[0].weight[0]) and torch.equal(net[0].bias[0], ref[0].bias[0])
+    torch.testing.assert_close(delta[0][2], torch.zeros(3), rtol=0, atol=0)
+    if target == "update":  # the last step of every row is mask * plain step
+        torch.testing.assert_close(delta[0], mask_rows[:, None] * ref_delta[0], rtol=1e-4, atol=2e-7)
+        torch.testing.assert_close(delta[1], mask_rows * ref_delta[1], rtol=1e-4, atol=2e-7)
+    else:  # Adam undoes a constant gradient mask: rows 0.05 and 0.5 step like the plain rows
+        torch.testing.assert_close(delta[0][[1, 3]], ref_delta[0][[1, 3]], rtol=1e-3, atol=2e-7)
+        torch.testing.assert_close(delta[1][[1, 3]], ref_delta[1][[1, 3]], rtol=1e-3, atol=2e-7)
+
+
+def test_masked_optimizer_without_masks_is_plain_adam():
+    torch.manual_seed(0)
+    for target in ("update", "grad"):
+        net = nn.Linear(3, 2)
+        ref = copy.deepcopy(net)
+        optimizer = MaskedOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), target)
+        ref_optimizer = torch.optim.Adam(ref.parameters(), lr=0.01)
+        optimizer.set_masks({})
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(20):
+            set_grads(generator, net, ref)
+            optimizer.step()
+            ref_optimizer.step()
+        assert torch.equal(net.weight, ref.weight) and torch.equal(net.bias, ref.bias)
+
+
+def test_sac_learner_hard_masks_freeze_protected_rows_and_member_slices():
+    torch.manual_seed(0)
+    args = Args(hidden=[8, 8], batch_size=8)
+    sac = SACLearner(5, 2, -np.ones(2), np.ones(2), args, "cpu")
+    actor_masks = [t([0.0] + [1.0] * 7), torch.ones(8)]
+    critic_masks = [torch.ones(8), torch.ones(8),  # qf1 (member 0): nothing protected
+                    torch.ones(8), t([1.0] * 3 + [0.0] + [1.0] * 4)]  # qf2 (member 1), layer 2, neuron 3
+    sac.actor_optimizer.set_masks(sn.parameter_masks(sac.actor.hidden_layers(), actor_masks))
+    sac.q_optimizer.set_masks(sn.parameter_masks(sac.qf.hidden_layers(0) + sac.qf.hidden_layers(1), critic_masks))
+    actor_w0, actor_b0 = sac.actor.trunk[0].weight.detach().clone(), sac.actor.trunk[0].bias.detach().clone()
+    q_w1, q_b1 = sac.qf.trunk[2].weight.detach().clone(), sac.qf.trunk[2].bias.detach().clone()
+    generator = torch.Generator().manual_seed(3)
+    keys = set()
+    for i in range(6):
+        data = (torch.randn(8, 5, generator=generator), torch.rand(8, 2, generator=generator) * 2 - 1,
+                torch.randn(8, 1, generator=generator), torch.randn(8, 5, generator=generator), torch.zeros(8, 1))
+        logs = sac.update(data, update_policy=i % 2 == 0, update_target=True)
+        keys |= set(logs)
+        assert all(torch.isfinite(v).all() for v in logs.values())
+    assert {"qf1_loss", "qf2_loss", "actor_loss", "alpha"} <= keys
+    # actor neuron 0 of layer 1 is frozen (row of weight [out, in] and its bias); other rows moved
+    assert torch.equal(sac.actor.trunk[0].weight[0], actor_w0[0]) and sac.actor.trunk[0].bias[0] == actor_b0[0]
+    assert not torch.equal(sac.actor.trunk[0].weight[1:], actor_w0[1:])
+    # critic: member 1's neuron 3 of layer 2 is the column weight[1, :, 3] and bias[1, 0, 3]
+    assert torch.equal(sac.qf.trunk[2].weight[1, :, 3], q_w1[1, :, 3]) and sac.qf.trunk[2].bias[1, 0, 3] == q_b1[1, 0, 3]
+    assert not torch.equal(sac.qf.trunk[2].weight[1, :, [0, 1, 2, 4, 5, 6, 7]], q_w1[1, :, [0, 1, 2, 4, 5, 6, 7]])
+    assert not torch.equal(sac.qf.trunk[2].weight[0], q_w1[0])  # member 0 is not masked
+
+    restored = SACLearner(5, 2, -np.ones(2), np.ones(2), args, "cpu")
+    restored.load_state_dict(sac.state_dict())
+    for a, b in zip(list(sac.actor.parameters()) + list(sac.qf.parameters()) + list(sac.qf_target.parameters()),
+                    list(restored.actor.parameters()) + list(restored.qf.parameters()) + list(restored.qf_target.parameters())):
+        assert torch.equal(a, b)
+    assert torch.equal(sac.log_alpha, restored.log_alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: one NBSP run shared by several tests
+# --------------------------------------------------------------------------------------------
+MAIN_ARGS = dict(tasks=["reach", "drawer-close"], cycles=2, hidden=[16, 16], batch_size=16, steps_per_task=500,
+                 learning_starts=100, eval_episodes=2, identify_episodes=1, eval_every=700, dpre_per_task=50,
+                 replay_interval=2, seed=1)
+STAGE_TASKS = ["reach", "drawer-close", "reach", "drawer-close"]
+H = 4
+NETWORKS = ("actor", "qf1", "qf2")
+SKILL = round(0.2 * 32)  # two hidden layers of 16 per network: round(6.4) = 6
+
+
+@pytest.fixture(scope="module")
+def nbsp_run(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("nbsp_runs")
+    args = Args(**MAIN_ARGS, runs_dir=str(runs_dir))
+    metrics, spies = spied_main(args)
+    run_dir = only_run_dir(runs_dir)
+    return {"args": args, "metrics": metrics, "spies": spies, "run_dir": run_dir,
+            "checkpoint": load(os.path.join(run_dir, "checkpoint.pt")),
+            "stages": [load(os.path.join(run_dir, "checkpoints", f"stage_{k}.pt")) for k in range(1, H + 1)],
+            "scalars": scalars(run_dir)}
+
+
+def test_e2e_metrics_json(nbsp_run):
+    metrics = read_json(os.path.join(nbsp_run["run_dir"], "metrics.json"))
+    assert metrics == nbsp_run["metrics"]
+    assert metrics["stage_tasks"] == STAGE_TASKS
+    assert metrics["complete"] is True
+    sr = metrics["sr"]
+    assert len(sr) == H and all(len(row) == H for row in sr)
+    for i in range(H):
+        for j in range(H):
+            if j > i:
+                assert sr[i][j] is None
+            else:
+                assert isinstance(sr[i][j], float) and 0.0 <= sr[i][j] <= 1.0
+                assert sr[i][j] * 2 == int(sr[i][j] * 2)  # a mean over eval_episodes = 2 episodes
+                assert sr[i][j] == metrics["task_success"][i][STAGE_TASKS[j]]
+    expected = continual_metrics(rows_of(sr))
+    assert metrics["ASR"] == pytest.approx(expected["ASR"]) and metrics["FWT"] == pytest.approx(expected["FWT"])
+    assert metrics["FM"] == pytest.approx(expected["FM"])
+    assert len(metrics["stages"]) == H
+    for k, stage in enumerate(metrics["stages"]):
+        assert stage["stage"] == k + 1 and stage["task"] == STAGE_TASKS[k]
+        assert stage["env_steps"] == 500  # no early stop: fewer than 10 policy episodes
+        assert stage["early_stopped"] is False
+        assert isinstance(stage["wall_seconds"], float | int) and stage["wall_seconds"] > 0
+        assert isinstance(stage["goal_constant"], bool)
+        assert stage["skill_neurons"] == {name: SKILL for name in NETWORKS}
+
+
+def test_e2e_files_and_checkpoints(nbsp_run):
+    run_dir, args = nbsp_run["run_dir"], nbsp_run["args"]
+    config = read_json(os.path.join(run_dir, "config.json"))
+    assert config["args"] == json.loads(json.dumps(asdict(args)))
+    assert config["stage_tasks"] == STAGE_TASKS
+    assert config["run_name"] == os.path.basename(run_dir) == nbsp_run["metrics"]["run_name"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [f"stage_{k}.pt" for k in range(1, H + 1)]
+    assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
+    for k, stage in enumerate(nbsp_run["stages"]):
+        assert stage["stage"] == k + 1 and stage["task"] == STAGE_TASKS[k]
+    checkpoint = nbsp_run["checkpoint"]
+    assert checkpoint["stage"] == H and checkpoint["global_step"] == H * 500
+    assert checkpoint["sr"] == rows_of(nbsp_run["metrics"]["sr"])
+    for key in ("actor", "qf"):  # the last stage's checkpoint holds the final networks
+        for name, value in checkpoint[key].items():
+            assert torch.equal(value, nbsp_run["stages"][-1][key][name])
+
+
+def test_e2e_tensorboard(nbsp_run):
+    tags = nbsp_run["scalars"]
+    for tag in ("charts/episodic_return", "losses/qf1_loss", "losses/actor_loss", "charts/SPS",
+                "eval/reach/success_rate", "eval/drawer-close/success_rate", "eval/ASR"):
+        assert tag in tags and tags[tag], tag
+    # one 500-step episode per stage
+    assert [step for step, _ in tags["charts/episodic_return"]] == [500, 1000, 1500, 2000]
+    # end-of-stage evaluations (500, 1000, 1500, 2000) plus the periodic ones (eval_every 700: 700, 1400)
+    assert sorted({step for step, _ in tags["eval/reach/success_rate"]}) == [500, 700, 1000, 1400, 1500, 2000]
+    # eval/ASR after each stage is ASR of the rows so far
+    sr = rows_of(nbsp_run["metrics"]["sr"])
+    assert [step for step, _ in tags["eval/ASR"]] == [500, 1000, 1500, 2000]
+    for k, (_, value) in enumerate(tags["eval/ASR"]):
+        assert value == pytest.approx(continual_metrics(sr[: k + 1])["ASR"], abs=1e-6)
+    # losses are logged in every stage, after learning_starts
+    for k in range(H):
+        steps = [step for step, _ in tags["losses/qf1_loss"] if k * 500 + 100 < step <= (k + 1) * 500]
+        assert steps, f"no critic loss logged in stage {k + 1}"
+    assert all(np.isfinite(value) for _, value in tags["losses/qf1_loss"] + tags["losses/actor_loss"])
+    # the goal-constant flag of each stage is logged as it is recorded
+    goal_constant = [bool(value) for _, value in tags["neurons/goal_constant"]]
+    assert goal_constant == [stage["goal_constant"] for stage in nbsp_run["metrics"]["stages"]]
+
+
+def test_e2e_updates_happened(nbsp_run):
+    # the networks change within every stage after the first, and differ from a fresh initialisation
+    stages = nbsp_run["stages"]
+    for key in ("actor", "qf"):
+        for before, after in zip(stages, stages[1:]):
+            assert any(not torch.equal(before[key][n], after[key][n]) for n in before[key]), key
+    actor = stages[0]["actor"]
+    scale, bias = actor["action_scale"].numpy(), actor["action_bias"].numpy()
+    mw.seed_everything(MAIN_ARGS["seed"], True)
+    fresh = SACLearner(OBS_DIM, ACT_DIM, bias - scale, bias + scale, nbsp_run["args"], "cpu")
+    for name, value in fresh.actor.state_dict().items():
+        if not name.startswith("action_"):  # action_scale / action_bias are constants
+            assert not torch.equal(value, actor[name]), name
+    assert all(torch.isfinite(v).all() for v in nbsp_run["checkpoint"]["actor"].values())
+    # the masked update path was used once masks existed
+    assert nbsp_run["spies"]["update"].nonempty > 0
+    assert nbsp_run["spies"]["grad"].nonempty == 0
+
+
+def test_e2e_masks_follow_eq7_and_accumulate_by_minimum(nbsp_run):
+    stages, alpha = nbsp_run["stages"], 0.2
+    previous = {}
+    union = {}
+    for k, stage in enumerate(stages):
+        for name in NETWORKS:
+            scores, selected = stage["scores"][name], stage["selected"][name]
+            assert scores.shape == selected.shape == (32,)
+            assert ((scores >= 0.5) & (scores <= 1.0)).all()  # goal scores: max(R, 1 - R)
+            assert int(selected.sum()) == SKILL
+            assert torch.equal(selected, sn.select_top(scores, 0.2))
+            new = torch.where(selected, alpha * (1 - scores), torch.ones_like(scores))
+            combined = torch.cat(stage["neuron_masks"][name])
+            expected = new if name not in previous else torch.minimum(previous[name], new)
+            torch.testing.assert_close(combined, expected)
+            union[name] = selected | union.get(name, torch.zeros_like(selected))
+            assert torch.equal(combined < 1, union[name])  # every protected neuron, and only those
+            previous[name] = combined
+            if k:
+                overlap = int((selected & stages[k - 1]["selected"][name]).sum())
+                assert nbsp_run["metrics"]["stages"][k]["overlap_with_previous"][name] == overlap
+    final = nbsp_run["checkpoint"]["neuron_masks"]
+    for name in NETWORKS:
+        assert [m.shape for m in final[name]] == [(16,), (16,)]
+        assert (torch.cat(final[name]) < 1).sum() >= SKILL
+
+
+def test_e2e_dpre_holds_the_last_transitions_of_each_stage(nbsp_run):
+    rows = nbsp_run["checkpoint"]["dpre"]["rows"]
+    # dpre_per_task = 50 from each of the H - 1 = 3 stages before the last
+    assert rows.shape == (3 * 50, ROW)
+    assert rows.abs().sum() > 0
+    obs, next_obs = rows[:, :OBS_DIM], rows[:, OBS_DIM + ACT_DIM + 1 : 2 * OBS_DIM + ACT_DIM + 1]
+    for segment in range(3):  # transitions 450..499 of one episode, in order: next_obs[t] == obs[t + 1]
+        start = 50 * segment
+        assert torch.equal(next_obs[start : start + 49], obs[start + 1 : start + 50])
+    assert (rows[:, -1] == 0).all()  # Meta-World never terminates
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: ablation flags change behaviour
+# --------------------------------------------------------------------------------------------
+SMALL_ARGS = dict(tasks=["reach"], cycles=2, hidden=[16, 16], batch_size=16, steps_per_task=150, learning_starts=50,
+                  eval_episodes=1, identify_episodes=1, eval_every=0, dpre_per_task=20, replay_interval=2)
+
+
+def small_run(tmp_path, **overrides):
+    args = Args(**{**SMALL_ARGS, **overrides}, runs_dir=str(tmp_path / "runs"))
+    metrics, spies = spied_main(args)
+    run_dir = only_run_dir(tmp_path / "runs")
+    stages = [load(os.path.join(run_dir, "checkpoints", f"stage_{k + 1}.pt")) for k in range(len(metrics["stages"]))]
+    return metrics, spies, run_dir, load(os.path.join(run_dir, "checkpoint.pt")), stages
+
+
+def trunk_rows(state, key, layer):
+    """[N, fan_in + 1] incoming weights and bias of each neuron of hidden layer `layer`."""
+    if key == "actor":
+        weight, bias = state["actor"][f"trunk.{2 * layer}.weight"], state["actor"][f"trunk.{2 * layer}.bias"]
+        return torch.cat([weight, bias[:, None]], 1)
+    member = {"qf1": 0, "qf2": 1}[key]
+    weight, bias = state["qf"][f"trunk.{2 * layer}.weight"][member], state["qf"][f"trunk.{2 * layer}.bias"][member]
+    return torch.cat([weight, bias], 0).T
+
+
+def test_ablation_no_mask(tmp_path):
+    metrics, spies, run_dir, checkpoint, _ = small_run(tmp_path, no_mask=True)
+    assert all(not stage.get("skill_neurons") for stage in metrics["stages"])
+    assert all(torch.all(m == 1) for masks in checkpoint["neuron_masks"].values() for m in masks)
+    assert not checkpoint["scores"]
+    assert spies["update"].nonempty == 0 and spies["grad"].nonempty == 0
+    assert not [tag for tag in scalars(run_dir) if tag.startswith("neurons/")]
+    assert checkpoint["dpre"]["rows"].shape == (20, ROW)  # replay stays on
+
+
+def test_ablation_no_replay_hard_mask_actor_only_weight_rule(tmp_path):
+    metrics, spies, _, checkpoint, stages = small_run(tmp_path, no_replay=True, hard_mask=True, apply_to="actor",
+                                                      identify="weight")
+    assert checkpoint["dpre"]["rows"].shape[0] == 0
+    assert set(checkpoint["neuron_masks"]) == {"actor"}
+    assert [stage["skill_neurons"] for stage in metrics["stages"]] == [{"actor": SKILL}] * 2
+    first = stages[0]
+    mask = torch.cat(first["neuron_masks"]["actor"])
+    assert set(mask.tolist()) == {0.0, 1.0} and int((mask == 0).sum()) == SKILL
+    # weight rule: mean |incoming weight| of the stage-end actor, min-max scaled to [0.5, 1]
+    raw = torch.cat([first["actor"][f"trunk.{2 * layer}.weight"].abs().mean(1) for layer in range(2)])
+    torch.testing.assert_close(first["scores"]["actor"], sn.to_goal_score_range(raw))
+    # stage 2 trains with the stage-1 hard mask on the update: the protected rows do not move at all
+    protected = mask == 0
+    rows_1 = [trunk_rows(first, "actor", layer) for layer in range(2)]
+    rows_2 = [trunk_rows(stages[1], "actor", layer) for layer in range(2)]
+    for layer in range(2):
+        layer_protected = protected[16 * layer : 16 * (layer + 1)]
+        assert torch.equal(rows_2[layer][layer_protected], rows_1[layer][layer_protected])
+    moved = torch.cat([(rows_2[layer] != rows_1[layer]).any(1) for layer in range(2)])
+    assert moved[~protected].any()
+    for name in ("qf1", "qf2"):  # critics are not masked
+        assert not torch.equal(trunk_rows(stages[1], name, 0), trunk_rows(first, name, 0))
+    assert spies["update"].nonempty > 0
+
+
+def test_ablation_grad_target_random_rule_latest_combine(tmp_path):
+    metrics, spies, _, checkpoint, stages = small_run(tmp_path, mask_target="grad", identify="random", hard_mask=True,
+                                                      mask_combine="latest")
+    # the gradient path is taken, the update path never has anything to mask
+    assert spies["grad"].nonempty > 0 and spies["update"].nonempty == 0
+    for stage in stages:
+        for name in NETWORKS:
+            scores = stage["scores"][name]
+            assert scores.min().item() == 0.5 and scores.max().item() == 1.0
+            combined = torch.cat(stage["neuron_masks"][name])
+            # latest: only this stage's hard mask, whatever the previous one protected
+            assert torch.equal(combined == 0, stage["selected"][name]) and int((combined == 0).sum()) == SKILL
+    assert not torch.equal(stages[0]["scores"]["actor"], stages[1]["scores"]["actor"])
+    # masking the gradient does not freeze hard-masked neurons under Adam: its moments keep moving them
+    moved = False
+    for name in NETWORKS:
+        protected = torch.cat(stages[0]["neuron_masks"][name]) == 0
+        for layer in range(2):
+            rows_1, rows_2 = trunk_rows(stages[0], name, layer), trunk_rows(stages[1], name, layer)
+            moved |= bool((rows_1 != rows_2).any(1)[protected[16 * layer : 16 * (layer + 1)]].any())
+    assert moved
+    assert all(stage["skill_neurons"] == {name: SKILL for name in NETWORKS} for stage in metrics["stages"])
+
+
+def test_ablation_activation_rule_critic_only_ratio_alpha(tmp_path):
+    metrics, _, _, checkpoint, stages = small_run(tmp_path, cycles=1, identify="activation", apply_to="critic",
+                                                  skill_ratio=0.5, mask_alpha=0.5)
+    assert metrics["sr"][0][0] is not None and metrics["FM"] is None
+    assert set(checkpoint["neuron_masks"]) == {"qf1", "qf2"}
+    count = round(0.5 * 32)  # 16
+    assert metrics["stages"][0]["skill_neurons"] == {"qf1": count, "qf2": count}
+    assert checkpoint["dpre"]["rows"].shape[0] == 0  # H = 1: nothing to replay later
+    for name in ("qf1", "qf2"):
+        scores, selected = stages[0]["scores"][name], stages[0]["selected"][name]
+        assert scores.min().item() == 0.5 and scores.max().item() == 1.0
+        expected = torch.where(selected, 0.5 * (1 - scores), torch.ones_like(scores))  # Eq. 7, alpha 0.5
+        torch.testing.assert_close(torch.cat(checkpoint["neuron_masks"][name]), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+RESUME_ARGS = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[16, 16], batch_size=16, steps_per_task=150,
+                   learning_starts=50, eval_episodes=1, identify_episodes=1, eval_every=100, dpre_per_task=20,
+                   replay_interval=2, seed=3)
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    main(Args(**RESUME_ARGS, runs_dir=str(base / "a")))
+    run_a = only_run_dir(base / "a")
+    scalars_a = scalars(run_a)
+
+    real_make_env = mw.make_env
+
+    def make_env_killed_at_stage_2(task, seed):
+        if seed == RESUME_ARGS["seed"] + 2000:  # the training env of stage 2
+            for writer in writers:
+                writer.flush()
+            raise SimulatedKill
+        return real_make_env(task, seed)
+
+    with pytest.MonkeyPatch.context() as mp:
+        writers = track_writers(mp)
+        mp.setattr(mw, "make_env", make_env_killed_at_stage_2)
+        with pytest.raises(SimulatedKill):
+            main(Args(**RESUME_ARGS, runs_dir=str(base / "b")))
+    run_b = only_run_dir(base / "b")
+    interrupted = read_json(os.path.join(run_b, "metrics.json"))
+    resumed = main(Args(resume=run_b))
+    return {"base": base, "run_a": run_a, "scalars_a": scalars_a, "run_b": run_b, "interrupted": interrupted,
+            "resumed": resumed}
+
+
+def test_resume_continues_exactly(resume_runs):
+    interrupted = resume_runs["interrupted"]
+    assert interrupted["complete"] is False and interrupted["sr"][1] == [None, None]
+    metrics_a = read_json(os.path.join(resume_runs["run_a"], "metrics.json"))
+    metrics_b = read_json(os.path.join(resume_runs["run_b"], "metrics.json"))
+    assert metrics_b == resume_runs["resumed"]
+    assert metrics_b["complete"] is True
+    assert metrics_b["sr"] == metrics_a["sr"]
+    for key in ("ASR", "FM", "FWT", "task_success"):
+        assert metrics_b[key] == metrics_a[key]
+    drop_time = [{k: v for k, v in stage.items() if k != "wall_seconds"} for stage in metrics_a["stages"]]
+    assert [{k: v for k, v in stage.items() if k != "wall_seconds"} for stage in metrics_b["stages"]] == drop_time
+    final_a = load(os.path.join(resume_runs["run_a"], "checkpoint.pt"))
+    final_b = load(os.path.join(resume_runs["run_b"], "checkpoint.pt"))
+    for key in ("actor", "qf", "qf_target"):
+        for name in final_a[key]:
+            assert torch.equal(final_a[key][name], final_b[key][name]), f"{key}.{name}"
+    assert torch.equal(final_a["log_alpha"], final_b["log_alpha"])
+    assert torch.equal(final_a["dpre"]["rows"], final_b["dpre"]["rows"])
+    for name in final_a["neuron_masks"]:
+        for ma, mb in zip(final_a["neuron_masks"][name], final_b["neuron_masks"][name]):
+            assert torch.equal(ma, mb)
+
+
+def test_resume_keeps_the_stage_boundary_in_tensorboard(resume_runs):
+    # the interrupted run logged stage 1's evaluation at global step 150; after the resume the
+    # run's TensorBoard view must show the same evaluation points as the uninterrupted run
+    steps_a = [step for step, _ in resume_runs["scalars_a"]["eval/ASR"]]
+    assert steps_a == [150, 300]
+    steps_b = [step for step, _ in scalars(resume_runs["run_b"])["eval/ASR"]]
+    assert steps_b == steps_a
+
+
+def test_resume_of_finished_run_has_nothing_to_do(resume_runs, tmp_path, capsys):
+    finished = str(tmp_path / "finished")
+    shutil.copytree(resume_runs["run_a"], finished)
+    before = folder_snapshot(finished)
+    capsys.readouterr()
+    metrics = main(Args(resume=finished))
+    assert "nothing to resume" in capsys.readouterr().out
+    assert metrics == read_json(os.path.join(finished, "metrics.json"))
+    after = folder_snapshot(finished)
+    for name in ("metrics.json", "config.json", "checkpoint.pt"):
+        assert after[name] == before[name]
+
+
+def test_resume_of_finished_run_keeps_tensorboard(resume_runs, tmp_path, monkeypatch):
+    finished = str(tmp_path / "finished")
+    shutil.copytree(resume_runs["run_a"], finished)
+    writers = track_writers(monkeypatch)
+    main(Args(resume=finished))
+    for writer in writers:
+        writer.flush()
+    assert scalars(finished)["eval/ASR"] == resume_runs["scalars_a"]["eval/ASR"]
+
+
+def test_resume_killed_before_final_metrics_write(resume_runs, tmp_path):
+    # a kill between the last stage's checkpoint.pt and its metrics.json leaves the stage-(H-1)
+    # metrics.json beside a finished checkpoint; the resume must complete metrics.json
+    folder = str(tmp_path / "killed")
+    shutil.copytree(resume_runs["run_a"], folder)
+    final = read_json(os.path.join(folder, "metrics.json"))
+    stale = {**final, "complete": False, "sr": [final["sr"][0], [None, None]], **continual_metrics([final["sr"][0][:1]]),
+             "task_success": final["task_success"][:1], "stages": final["stages"][:1]}
+    mw.atomic_write_json(os.path.join(folder, "metrics.json"), stale)
+    metrics = main(Args(resume=folder))
+    assert metrics["complete"] is True and metrics["sr"] == final["sr"]
+    assert read_json(os.path.join(folder, "metrics.json"))["complete"] is True
+
+
+def test_resume_with_extra_flags_fails(resume_runs, capsys):
+    before = folder_snapshot(resume_runs["run_a"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(Args(resume=resume_runs["run_a"], seed=5))
+    assert exit_info.value.code not in (0, None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--seed" in lines[0]
+    assert folder_snapshot(resume_runs["run_a"]) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, non-zero exit, nothing written
+# --------------------------------------------------------------------------------------------
+def expect_one_line_error(capsys, call):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code not in (0, None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error:")
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"tasks": ["not-a-task"]}, "window-open"),
+    ({"tasks": ["reach", "reach-v9"]}, "drawer-close"),
+    ({"skill_ratio": 0.0}, "skill-ratio"),
+    ({"skill_ratio": 1.5}, "skill-ratio"),
+    ({"mask_alpha": -0.1}, "mask-alpha"),
+    ({"mask_alpha": 1.1}, "mask-alpha"),
+    ({"steps_per_task": 0}, "steps-per-task"),
+])
+def test_bad_input_stops_with_one_line(overrides, named, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = expect_one_line_error(capsys, lambda: main(Args(**{**SMALL_ARGS, **overrides}, runs_dir=str(tmp_path / "runs"))))
+    assert named in line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("overrides", [{"identify": "bogus"}, {"apply_to": "bogus"}, {"mask_target": "bogus"},
+                                       {"mask_combine": "bogus"}])
+def test_bad_choice_through_python_api_stops_with_one_line(overrides, tmp_path, capsys, monkeypatch):
+    # tyro rejects these on the command line; main(Args(...)) must reject them too, before any work
+    monkeypatch.chdir(tmp_path)
+    args = Args(**{**SMALL_ARGS, "cycles": 1, "steps_per_task": 20, "learning_starts": 10, "hidden": [4],
+                   "batch_size": 4, **overrides}, runs_dir=str(tmp_path / "runs"))
+    line = expect_one_line_error(capsys, lambda: main(args))
+    assert list(overrides)[0].replace("_", "-") in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_resume_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = expect_one_line_error(capsys, lambda: main(Args(resume=str(tmp_path / "no-such-run"))))
+    assert "no-such-run" in line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("config, checkpoint", [
+    (b"{not json", b"not a torch file"),
+    (json.dumps({"run_name": "x", "args": {}}).encode(), b"not a torch file"),
+    (b"{not json", None),  # a real torch file, config garbage
+    (json.dumps({"run_name": "x", "args": {}}).encode(), "other-run"),  # a checkpoint of another run
+])
+def test_corrupt_resume_folder(config, checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(config)
+    if isinstance(checkpoint, bytes):
+        (folder / "checkpoint.pt").write_bytes(checkpoint)
+    else:
+        torch.save({"run_name": checkpoint or "x", "stage": 1}, folder / "checkpoint.pt")
+    before = folder_snapshot(folder)
+    line = expect_one_line_error(capsys, lambda: main(Args(resume=str(folder))))
+    assert "corrupt" in line
+    assert folder_snapshot(folder) == before
+    assert os.listdir(tmp_path) == ["corrupt"]
+
+
+def test_cli_unknown_task_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--tasks", "not-a-task"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and "not-a-task" in lines[0]
+    for valid in ("reach", "window-open", "window-close", "drawer-close"):
+        assert valid in lines[0]
+    assert os.listdir(tmp_path) == []
