@@ -1,0 +1,1039 @@
+# NBSP (Neuron-level Balance between Stability and Plasticity, arXiv 2504.08000) on Atari:
+# discrete SAC in the form of CleanRL's sac_atari.py, trained on a cycling game sequence
+# (Pong -> Bowling -> Pong -> Bowling), with goal-oriented RL skill neurons (conv channels and
+# fully connected units), the adaptive mask of Eq. 7 and the replay buffer Dpre.
+# Read top to bottom: Args, environments, networks, replay, NBSP pieces, main loop.
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import version
+from typing import Literal
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+import torch
+import torch._inductor.config
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import skill_neurons as sn
+
+gym.register_envs(ale_py)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "nbsp"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    runs_dir: str = "runs"
+    """folder in which the run folder `{run_name}` is created"""
+    resume: str | None = None
+    """run folder of a killed run to continue from its last finished stage (takes its config.json)"""
+
+    # Cycling protocol (paper Section 4.3, Tables 5-7)
+    games: list[str] = field(default_factory=lambda: ["Pong", "Bowling"])
+    """ALE games of one cycle, in order (`Pong`, `BankHeist`, ...; all play the full 18-action space)"""
+    cycles: int = 2
+    """number of passes through the game list; stages H = len(games) * cycles"""
+    steps_per_task: int = 1_500_000
+    """environment steps (agent steps, 4 frames each) of one stage; no early stop on Atari (Table 6)"""
+    learning_starts: int = 20_000
+    """random actions, and no update, for the first steps of every stage"""
+    keep_buffer: bool = False
+    """keep the replay buffer D across stages instead of starting each stage with a fresh one"""
+    eval_steps: int = 100_000
+    """environment steps per game of each evaluation (stochastic policy, raw full-game returns)"""
+    eval_envs: int = 8
+    """environments stepped together (one batched policy call) in evaluation and identification"""
+    eval_every: int = 100_000
+    """evaluate every game of the run every this many environment steps (0: only after stages)"""
+    sticky_actions: bool = False
+    """repeat the previous action with probability 0.25 (ALE v5 default); off as in CleanRL"""
+    game_scores: list[str] = field(default_factory=list)
+    """random and human scores of games outside the paper's Table 7, as GAME=RANDOM,HUMAN"""
+
+    # SAC (CleanRL's sac_atari.py, paper Table 6 Atari column)
+    conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """channels of the three conv layers (8x8 stride 4, 4x4 stride 2, 3x3 stride 1) of each network"""
+    hidden: list[int] = field(default_factory=lambda: [768, 768])
+    """fully connected hidden layer widths after the conv layers, of the actor and of each critic"""
+    buffer_size: int = 200_000
+    """the replay memory buffer size (transitions)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 1.0
+    """target smoothing coefficient (1: hard copy)"""
+    batch_size: int = 64
+    """the batch size of sample from the replay memory"""
+    policy_lr: float = 1e-4
+    """the learning rate of the policy network optimizer"""
+    q_lr: float = 1e-4
+    """the learning rate of the Q network network optimizer (and of the temperature)"""
+    update_frequency: int = 4
+    """environment steps between gradient updates"""
+    target_network_frequency: int = 8000
+    """environment steps between target network updates"""
+    alpha: float = 0.2
+    """entropy regularization coefficient (initial value when autotuned)"""
+    autotune: bool = True
+    """automatic tuning of the entropy coefficient"""
+    target_entropy_scale: float = 0.89
+    """target entropy = scale * log(number of actions), in (0, 1]"""
+    compile: bool = False
+    """torch.compile the SAC update (CPU and GPU; a warm-up of a minute or more)"""
+    cudagraphs: bool = False
+    """also replay the compiled update as CUDA graphs (GPU only)"""
+
+    # NBSP (paper Section 3, Algorithms 1-2)
+    no_mask: bool = False
+    """turn off skill-neuron masking (with --no-replay: vanilla SAC)"""
+    no_replay: bool = False
+    """turn off replay from Dpre"""
+    hard_mask: bool = False
+    """mask skill neurons with 0 instead of alpha * (1 - score)"""
+    identify: Literal["goal", "activation", "weight", "random"] = "goal"
+    """skill-neuron identification rule (paper Table 3)"""
+    apply_to: Literal["actor", "critic", "both"] = "both"
+    """networks whose skill neurons are identified and masked (paper Table 4)"""
+    skill_ratio: float = 0.2
+    """fraction of each network's hidden neurons selected as skill neurons, in (0, 1]"""
+    mask_alpha: float = 0.2
+    """alpha of Eq. 7, in [0, 1]: a skill neuron's mask is alpha * (1 - score)"""
+    mask_target: Literal["update", "grad"] = "update"
+    """scale the optimizer's parameter update (Alg. 2) or the gradient before Adam"""
+    mask_combine: Literal["min", "latest"] = "min"
+    """combine masks across stages by element-wise minimum, or keep only the latest"""
+    replay_interval: int = 10
+    """every this-many-th gradient step samples its batch from Dpre"""
+    dpre_per_task: int = 100_000
+    """last transitions of D that join Dpre after each stage"""
+    identify_episodes: int = 10
+    """full games (stochastic policy, not training steps) of the identification window"""
+    identify_max_steps: int = 100_000
+    """cap on the identification window's steps; a game cut off by it counts with its return so far"""
+
+
+RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs"}
+GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
+                    if env_id.startswith("ALE/") and env_id.endswith("-v5"))
+# Paper Table 7 (random and human scores of Mnih et al. 2015, as printed in the paper: Alien's
+# random score reads 227.5 there). Other games need --game-scores.
+PAPER_SCORES = {"Alien": (227.5, 6875.0), "BankHeist": (14.2, 734.4), "Bowling": (23.1, 154.8), "Pong": (-20.7, 9.3)}
+FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, non-zero exit, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def canonical_game(name: str) -> str | None:
+    """`Pong`, `pong` or `ALE/Pong-v5` -> `Pong`; None for a name ale-py does not ship."""
+    key = name.removeprefix("ALE/").removesuffix("-v5").lower()
+    return {game.lower(): game for game in GAME_NAMES}.get(key)
+
+
+def parse_game_scores(entries: list[str]) -> dict[str, tuple[float, float]]:
+    """--game-scores GAME=RANDOM,HUMAN ... -> {game: (random, human)} on top of paper Table 7."""
+    scores = dict(PAPER_SCORES)
+    for entry in entries:
+        try:
+            name, values = entry.split("=")
+            random_score, human_score = (float(v) for v in values.split(","))
+        except ValueError:
+            fail(f"--game-scores takes GAME=RANDOM,HUMAN (e.g. Breakout=1.7,31.8), got {entry!r}")
+        game = canonical_game(name)
+        if game is None:
+            fail(f"--game-scores: unknown game {name!r}; valid ALE games: {' '.join(GAME_NAMES)}")
+        if not human_score > random_score:
+            fail(f"--game-scores {entry!r}: the human score must exceed the random score")
+        scores[game] = (random_score, human_score)
+    return scores
+
+
+def validate(args: Args) -> None:
+    if not args.games:
+        fail(f"--games needs at least one game; valid ALE games: {' '.join(GAME_NAMES)}")
+    for game in args.games:
+        if canonical_game(game) is None:
+            fail(f"unknown game {game!r}; valid ALE games (the ROMs ale-py {version('ale-py')} ships; "
+                 f"list them with python -c 'import ale_py.roms as r; print(r.get_all_rom_ids())'): {' '.join(GAME_NAMES)}")
+    scores = parse_game_scores(args.game_scores)
+    for game in map(canonical_game, args.games):
+        if game not in scores:
+            fail(f"no random/human scores to normalize {game!r}: the paper's Table 7 has {' '.join(PAPER_SCORES)}; "
+                 f"give them with --game-scores {game}=RANDOM,HUMAN (e.g. from Mnih et al. 2015, Extended Data Table 2)")
+    positive = ["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_steps", "eval_envs",
+                "identify_episodes", "identify_max_steps", "replay_interval", "dpre_per_task",
+                "update_frequency", "target_network_frequency"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_every"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if len(args.conv_channels) != 3 or min(args.conv_channels) <= 0:
+        fail(f"--conv-channels needs three positive channel counts, got {args.conv_channels}")
+    if not args.hidden or min(args.hidden) <= 0:
+        fail(f"--hidden needs one or more positive widths, got {args.hidden}")
+    if not 0.0 < args.skill_ratio <= 1.0:
+        fail(f"--skill-ratio must be in (0, 1], got {args.skill_ratio}")
+    if not 0.0 <= args.mask_alpha <= 1.0:
+        fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
+    if not 0.0 < args.target_entropy_scale <= 1.0:
+        fail(f"--target-entropy-scale must be in (0, 1], got {args.target_entropy_scale}")
+    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
+        fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
+
+
+def load_resume(args: Args) -> tuple[Args, str, dict]:
+    """Config and latest checkpoint of a run folder; stops with one line if either is unusable."""
+    run_dir = args.resume.rstrip("/")
+    changed = [f.name for f in fields(Args) if f.name not in RESUME_OVERRIDABLE
+               and getattr(args, f.name) != getattr(Args(), f.name)]
+    if changed:
+        fail(f"--resume continues with the run's own config.json; drop {', '.join('--' + c.replace('_', '-') for c in changed)}")
+    config_path, checkpoint_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isdir(run_dir):
+        fail(f"resume folder {run_dir!r} does not exist; give a run folder such as runs/<run_name>")
+    if not os.path.isfile(checkpoint_path):
+        fail(f"resume folder {run_dir!r} has no checkpoint.pt; it needs config.json and checkpoint.pt from a finished stage")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        saved = Args(**{k: v for k, v in config["args"].items() if k not in RESUME_OVERRIDABLE})
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if checkpoint["run_name"] != config["run_name"]:
+            raise ValueError("checkpoint belongs to another run")
+    except Exception as e:  # any unreadable file is a corrupt folder
+        fail(f"resume folder {run_dir!r} is corrupt ({type(e).__name__}: {e}); it needs readable config.json and checkpoint.pt")
+    for name in RESUME_OVERRIDABLE - {"resume"}:
+        setattr(saved, name, getattr(args, name))
+    saved.resume = run_dir
+    return saved, config["run_name"], checkpoint
+
+
+# ------------------------------------------------------------------------------------------
+# Environments: CleanRL's Atari wrappers (stable-baselines3 atari_wrappers), written out here
+# ------------------------------------------------------------------------------------------
+class NoopReset(gym.Wrapper):
+    """After a reset, 1 to `noop_max` no-op actions (random start states)."""
+
+    def __init__(self, env, noop_max=NOOP_MAX):
+        super().__init__(env)
+        self.noop_max = noop_max
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        for _ in range(self.unwrapped.np_random.integers(1, self.noop_max + 1)):
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return obs, info
+
+
+class MaxAndSkip(gym.Wrapper):
+    """Repeat each action `skip` frames, sum the rewards, observe the max of the last two frames."""
+
+    def __init__(self, env, skip=FRAME_SKIP):
+        super().__init__(env)
+        self.skip = skip
+        self.frames = np.zeros((2, *env.observation_space.shape), dtype=np.uint8)
+
+    def step(self, action):
+        total_reward = 0.0
+        for i in range(self.skip):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            if i >= self.skip - 2:
+                self.frames[i - (self.skip - 2)] = obs
+            total_reward += reward
+            if terminated or truncated:
+                break
+        return self.frames.max(0), total_reward, terminated, truncated, info
+
+
+class EpisodicLife(gym.Wrapper):
+    """Training only: a life loss ends the episode (terminated) but not the game; the next reset
+    continues the game with a no-op. A game over, or a reset with a seed, starts a new game."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.lives, self.game_over = 0, True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over = terminated or truncated
+        lives = self.unwrapped.ale.lives()
+        if 0 < lives < self.lives:
+            terminated = True
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs):
+        if self.game_over or kwargs.get("seed") is not None:
+            obs, info = self.env.reset(**kwargs)
+        else:
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:  # the no-op ended the game
+                obs, info = self.env.reset(**kwargs)
+        self.lives = self.unwrapped.ale.lives()
+        return obs, info
+
+
+class FireReset(gym.Wrapper):
+    """Press FIRE (action 1, then action 2) after a reset, for games that wait for it to start."""
+
+    def reset(self, **kwargs):
+        self.env.reset(**kwargs)
+        obs, _, terminated, truncated, info = self.env.step(1)
+        if terminated or truncated:
+            self.env.reset(**kwargs)
+        obs, _, terminated, truncated, info = self.env.step(2)
+        if terminated or truncated:
+            obs, info = self.env.reset(**kwargs)
+        return obs, info
+
+
+class ClipReward(gym.RewardWrapper):
+    """Training only: reward -> its sign."""
+
+    def reward(self, reward):
+        return float(np.sign(reward))
+
+
+def area_resize_matrix(src: int, dst: int) -> np.ndarray:
+    """[dst, src] weights of area interpolation: each output pixel averages the input interval it covers."""
+    scale, weights = src / dst, np.zeros((dst, src), np.float32)
+    for i in range(dst):
+        lo, hi = i * scale, (i + 1) * scale
+        for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), src)):
+            weights[i, j] = (min(hi, j + 1) - max(lo, j)) / scale
+    return weights
+
+
+class ResizeFrame(gym.ObservationWrapper):
+    """Grayscale 210x160 -> 84x84 by area interpolation (OpenCV's INTER_AREA, which CleanRL's
+    resize uses; the paper calls it bilinear), as two matrix products: no OpenCV dependency."""
+
+    def __init__(self, env, size=FRAME_SIZE):
+        super().__init__(env)
+        height, width = env.observation_space.shape
+        self.rows, self.cols = area_resize_matrix(height, size), area_resize_matrix(width, size).T.copy()
+        self.observation_space = gym.spaces.Box(0, 255, (size, size), np.uint8)
+
+    def observation(self, frame):
+        return np.rint(self.rows @ frame.astype(np.float32) @ self.cols).astype(np.uint8)
+
+
+def wrap_atari(env: gym.Env, train: bool) -> gym.Env:
+    """CleanRL's Atari preprocessing around a grayscale, frameskip-1 ALE env. RecordEpisodeStatistics
+    sits innermost, so `info["episode"]` is the raw return of the full game (all lives, unclipped)
+    and appears only when the game is over. `train` adds life-loss episodes and reward clipping."""
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env = NoopReset(env, NOOP_MAX)
+    env = MaxAndSkip(env, FRAME_SKIP)
+    if train:
+        env = EpisodicLife(env)
+    if ale_py.Action.FIRE in env.unwrapped.ale.getMinimalActionSet():
+        env = FireReset(env)
+    if train:
+        env = ClipReward(env)
+    env = ResizeFrame(env, FRAME_SIZE)
+    return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
+
+
+def make_env(game: str, seed: int, train: bool, sticky_actions: bool = False) -> gym.Env:
+    """One ALE v5 game with the full 18-action space, so one network plays every game."""
+    env = gym.make(f"ALE/{game}-v5", obs_type="grayscale", frameskip=1, full_action_space=True,
+                   repeat_action_probability=0.25 if sticky_actions else 0.0, disable_env_checker=True)
+    env = wrap_atari(env, train)
+    env.action_space.seed(seed)
+    return env
+
+
+@torch.no_grad()
+def rollout(envs, policy, seed, device, max_steps, max_games=None, probe=None):
+    """Play full games on the vector of `envs`, with one batched policy call per step, until
+    `max_games` games have finished (an env starts a new game while fewer have started) or
+    `max_steps` steps, summed over the envs, are spent. A life loss (training wrappers) resets the
+    env, which continues the same game. Returns per game started: its raw full-game return
+    (`return`; for a game cut off by the budget, its return so far) and whether it finished; and
+    per policy row, in call order, the game it belongs to (`game`). `probe(obs)` runs on every batch."""
+    obs, game = [None] * len(envs), [-1] * len(envs)
+    returns, finished, game_of_row, steps = [], [], [], 0
+
+    def start(i, reset_seed=None):
+        obs[i], game[i] = envs[i].reset(seed=reset_seed)[0], len(returns)
+        returns.append(0.0)
+        finished.append(False)
+
+    for i in range(len(envs)):
+        if max_games is None or len(returns) < max_games:
+            start(i, seed + i)
+    while steps < max_steps:
+        live = [i for i in range(len(envs)) if game[i] >= 0]
+        if not live:
+            break
+        batch = torch.as_tensor(np.stack([obs[i] for i in live]), device=device)
+        actions = policy(batch).cpu().numpy()
+        if probe is not None:
+            probe(batch)
+        game_of_row.append(np.array([game[i] for i in live]))
+        for a, i in zip(actions, live):
+            obs[i], _, terminated, truncated, info = envs[i].step(a)
+            steps += 1
+            if "episode" in info:  # the game is over (its raw return, whatever wrappers sit above)
+                returns[game[i]], finished[game[i]] = float(info["episode"]["r"]), True
+                game[i] = -1
+                if max_games is None or len(returns) < max_games:
+                    start(i)
+            elif terminated or truncated:  # a life lost: the game goes on
+                obs[i] = envs[i].reset()[0]
+    for i in range(len(envs)):
+        if game[i] >= 0:  # cut off by the step budget: its return so far
+            returns[game[i]] = float(envs[i].get_wrapper_attr("episode_returns"))
+    return {"return": np.array(returns), "finished": np.array(finished, bool), "steps": steps,
+            "game": np.concatenate(game_of_row) if game_of_row else np.zeros(0, int)}
+
+
+# ------------------------------------------------------------------------------------------
+# Networks: CleanRL's sac_atari.py (separate conv encoders for the actor and each critic;
+# critics give Q for every action), with fully connected 768 768 (paper C.3)
+# ------------------------------------------------------------------------------------------
+def layer_init(layer):
+    nn.init.kaiming_normal_(layer.weight)
+    nn.init.constant_(layer.bias, 0.0)
+    return layer
+
+
+def conv_trunk(channels: list[int], hidden: list[int]) -> nn.Sequential:
+    c1, c2, c3 = channels
+    layers = [layer_init(nn.Conv2d(FRAME_STACK, c1, 8, stride=4)), nn.ReLU(),
+              layer_init(nn.Conv2d(c1, c2, 4, stride=2)), nn.ReLU(),
+              layer_init(nn.Conv2d(c2, c3, 3, stride=1)), nn.ReLU(), nn.Flatten()]
+    in_dim = c3 * 7 * 7  # 84 -> 20 -> 9 -> 7
+    for width in hidden:
+        layers += [layer_init(nn.Linear(in_dim, width)), nn.ReLU()]
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+def trunk_hidden_layers(trunk: nn.Sequential) -> list[sn.HiddenLayer]:
+    """Every conv and linear layer of the trunk with the ReLU after it: a conv channel is one
+    neuron (its activation is the spatial mean; rows of weight [C_out, C_in, k, k] and bias)."""
+    modules = list(trunk)
+    return [sn.HiddenLayer(act, layer.weight, layer.bias, neuron_dim=0)
+            for layer, act in zip(modules, modules[1:]) if isinstance(layer, (nn.Conv2d, nn.Linear))]
+
+
+class Actor(nn.Module):
+    def __init__(self, num_actions, channels, hidden):
+        super().__init__()
+        self.trunk = conv_trunk(channels, hidden)
+        self.fc_logits = layer_init(nn.Linear(hidden[-1], num_actions))
+
+    def forward(self, x):
+        return self.fc_logits(self.trunk(x.float() / 255.0))
+
+    def policy(self, x):
+        """Log-probabilities and probabilities of every action: the discrete SAC losses take
+        expectations over actions with them, no sampling needed."""
+        log_prob = F.log_softmax(self(x), dim=1)
+        return log_prob, log_prob.exp()
+
+    def get_action(self, x, generator=None):
+        log_prob, action_probs = self.policy(x)
+        action = torch.multinomial(action_probs, 1, generator=generator).squeeze(1)
+        return action, log_prob, action_probs
+
+    def hidden_layers(self) -> list[sn.HiddenLayer]:
+        return trunk_hidden_layers(self.trunk)
+
+
+class SoftQNetwork(nn.Module):
+    def __init__(self, num_actions, channels, hidden):
+        super().__init__()
+        self.trunk = conv_trunk(channels, hidden)
+        self.fc_q = layer_init(nn.Linear(hidden[-1], num_actions))
+
+    def forward(self, x):
+        return self.fc_q(self.trunk(x.float() / 255.0))
+
+    def hidden_layers(self) -> list[sn.HiddenLayer]:
+        return trunk_hidden_layers(self.trunk)
+
+
+# ------------------------------------------------------------------------------------------
+# Replay buffers D and Dpre: every frame stored once, as uint8, preallocated on the training device
+# ------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Each observation is stored once, as its newest 84x84 frame (a *slot*); its stack is rebuilt
+    from the slot and the previous slots of its episode (`history`: how many earlier stack frames
+    are previous slots, 0-3; at an episode start the stack repeats its first frame, as
+    FrameStackObservation's reset padding does). A transition points at the slot of its
+    observation; its next observation is always the following slot, which for an episode's last
+    transition holds the true final observation, the next episode starting in a slot of its own.
+    `capacity` transitions get capacity + capacity/16 + 4 slots (one extra slot per episode); with
+    episodes shorter than 16 steps the oldest transitions leave early. No host synchronisation
+    when sampling: one index tensor, gathers on the device."""
+
+    def __init__(self, capacity, device, frame_shape=(FRAME_SIZE, FRAME_SIZE), stack=FRAME_STACK):
+        self.capacity, self.stack, self.device = capacity, stack, device
+        self.num_slots = capacity + capacity // 16 + stack
+        self.frames = torch.zeros((self.num_slots, *frame_shape), dtype=torch.uint8, device=device)
+        self.history = torch.zeros(self.num_slots, dtype=torch.uint8, device=device)
+        self.obs_slot = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.actions = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.dones = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.back = torch.arange(stack - 1, -1, -1, device=device)  # how far back each stack position lies
+        self.oldest = np.zeros(capacity, np.int64)  # host: first slot (absolute) a transition's stacks use
+        self.clear()
+
+    def clear(self):
+        self.slots_written = 0  # absolute slot index = write order; ring position = index % num_slots
+        self.first = self.end = 0  # absolute transition indices: the stored ones are [first, end)
+        self.last_next_obs, self.last_history = None, 0
+
+    @property
+    def size(self):
+        return self.end - self.first
+
+    def _evict(self):
+        """Drop the oldest transitions whose frames were overwritten."""
+        while self.first < self.end and self.oldest[self.first % self.capacity] < self.slots_written - self.num_slots:
+            self.first += 1
+
+    def _write_slot(self, frame, history):
+        position = self.slots_written % self.num_slots
+        self.frames[position].copy_(torch.from_numpy(np.ascontiguousarray(frame)))
+        self.history[position] = history
+        self.slots_written += 1
+        self.last_history = history
+        self._evict()
+
+    def add(self, obs, action, reward, next_obs, terminated):
+        """obs and next_obs: [stack, 84, 84] uint8 from FrameStackObservation (next_obs[:-1] == obs[1:])."""
+        if self.last_next_obs is None or not np.array_equal(obs, self.last_next_obs):
+            first = 0  # a new episode: store obs's frames, its leading repeated frame once
+            while first < self.stack - 1 and np.array_equal(obs[first + 1], obs[0]):
+                first += 1
+            for k in range(first, self.stack):
+                self._write_slot(obs[k], k - first)
+        obs_slot, history = self.slots_written - 1, self.last_history
+        self._write_slot(next_obs[-1], min(history + 1, self.stack - 1))
+        position = self.end % self.capacity
+        self.obs_slot[position] = obs_slot % self.num_slots
+        self.actions[position] = int(action)
+        self.rewards[position] = float(reward)
+        self.dones[position] = float(terminated)
+        self.oldest[position] = obs_slot - history
+        self.end += 1
+        self.first = max(self.first, self.end - self.capacity)
+        self.last_next_obs = np.array(next_obs, copy=True)
+
+    def _stacks(self, slots):
+        back = torch.minimum(self.back, self.history[slots].long().unsqueeze(-1))
+        return self.frames[(slots.unsqueeze(-1) - back) % self.num_slots]
+
+    def sample(self, batch_size):
+        index = (self.first + torch.randint(0, self.size, (batch_size,), device=self.device)) % self.capacity
+        slot = self.obs_slot[index]
+        stacks = self._stacks(torch.stack([slot, (slot + 1) % self.num_slots]))
+        return stacks[0], self.actions[index], self.rewards[index], stacks[1], self.dones[index]  # obs, actions, rewards, next_obs, dones
+
+    def latest(self, n):
+        """The last n transitions and the slots they use, as a chunk for `extend` (Dpre) or a checkpoint."""
+        n = min(n, self.size)
+        index = (self.end - n + torch.arange(n, device=self.device)) % self.capacity
+        start = int(self.oldest[(self.end - n) % self.capacity]) if n else self.slots_written
+        count = self.slots_written - start
+        position = (start + torch.arange(count, device=self.device)) % self.num_slots
+        within_chunk = torch.arange(count, device=self.device).clamp(max=self.stack - 1)
+        return {"frames": self.frames[position],
+                "history": torch.minimum(self.history[position].long(), within_chunk).to(torch.uint8),
+                "obs_slot": (self.obs_slot[index] - start) % self.num_slots,
+                "actions": self.actions[index], "rewards": self.rewards[index], "dones": self.dones[index]}
+
+    def extend(self, chunk):
+        obs_slot, history = chunk["obs_slot"].to(self.device), chunk["history"].to(self.device)
+        oldest = (obs_slot - history[obs_slot].long()).cpu().numpy()  # stage boundaries only: a host sync is fine
+        n, count = len(obs_slot), len(history)
+        # keep what fits: at most `capacity` transitions whose slots fit in the ring
+        keep = min(n, max(n - self.capacity, int(np.searchsorted(oldest, count - self.num_slots))))
+        if keep == n:
+            return
+        start = int(oldest[keep])
+        count -= start
+        base = self.slots_written
+        position = (base + torch.arange(count, device=self.device)) % self.num_slots
+        self.frames[position] = chunk["frames"][start:].to(self.device)
+        self.history[position] = torch.minimum(
+            history[start:].long(), torch.arange(count, device=self.device).clamp(max=self.stack - 1)).to(torch.uint8)
+        self.slots_written += count
+        n -= keep
+        index = (self.end + torch.arange(n, device=self.device)) % self.capacity
+        self.obs_slot[index] = (base + obs_slot[keep:] - start) % self.num_slots
+        for name in ("actions", "rewards", "dones"):
+            getattr(self, name)[index] = chunk[name][keep:].to(self.device)
+        self.oldest[(self.end + np.arange(n)) % self.capacity] = base + oldest[keep:] - start
+        self.end += n
+        self.first = max(self.first, self.end - self.capacity)
+        self._evict()
+        self.last_next_obs = None
+
+    def state_dict(self):
+        return {k: v.cpu() for k, v in self.latest(self.size).items()}
+
+    def load_state_dict(self, state):
+        self.clear()
+        self.extend(state)
+
+
+# ------------------------------------------------------------------------------------------
+# NBSP pieces: masked optimizer steps, identification, metrics
+# ------------------------------------------------------------------------------------------
+class MaskedOptimizer:
+    """An optimizer whose step on masked parameters is scaled by the mask (Alg. 2, lines 13-14):
+    p <- p_old + mask * (p_adam - p_old); with target "grad", the gradient is masked instead."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, target: str):
+        self.optimizer, self.target = optimizer, target
+        self.params, self.masks, self.snapshot = [], [], []
+
+    def set_masks(self, masks: dict):
+        self.params, self.masks = list(masks), list(masks.values())
+        self.snapshot = [p.detach().clone() for p in self.params]
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def step(self):
+        if self.target == "grad":
+            sn.mask_gradients_(self.params, self.masks)
+            self.optimizer.step()
+            return
+        if self.params:
+            torch._foreach_copy_(self.snapshot, [p.detach() for p in self.params])
+        self.optimizer.step()
+        sn.mask_update_(self.params, self.snapshot, self.masks)
+
+
+class SACLearner:
+    """Discrete SAC (CleanRL's sac_atari.py: critics give Q for every action, the losses take
+    expectations over actions; Adam eps 1e-4) with NBSP's masked optimizer steps.
+
+    Fast where it is exact: no sampling in the losses, no critic gradients in the actor loss,
+    foreach Adam and target copy, no host synchronisation (losses stay tensors). `compile` wraps
+    the critic and actor steps in torch.compile; `cudagraphs` also replays them as CUDA graphs
+    (mode "reduce-overhead")."""
+
+    def __init__(self, num_actions, args: Args, device, compile=False, cudagraphs=False):
+        self.args = args
+        self.actor = Actor(num_actions, args.conv_channels, args.hidden).to(device)
+        self.qf1, self.qf2, self.qf1_target, self.qf2_target = (
+            SoftQNetwork(num_actions, args.conv_channels, args.hidden).to(device) for _ in range(4))
+        self.qf1_target.load_state_dict(self.qf1.state_dict())
+        self.qf2_target.load_state_dict(self.qf2.state_dict())
+        self.q_params = list(self.qf1.parameters()) + list(self.qf2.parameters())
+        self.q_target_params = list(self.qf1_target.parameters()) + list(self.qf2_target.parameters())
+        adam = dict(eps=1e-4, capturable=cudagraphs, foreach=True)  # eps=1e-4 increases numerical stability (CleanRL)
+        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(self.q_params, lr=args.q_lr, **adam), args.mask_target)
+        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **adam), args.mask_target)
+        self.target_entropy = -args.target_entropy_scale * float(np.log(1.0 / num_actions))
+        self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **adam)
+        if compile or cudagraphs:
+            torch._inductor.config.fallback_random = True  # the eager random stream: compiled updates stay exact
+            mode = "reduce-overhead" if cudagraphs else None
+            self.critic_step = torch.compile(self.critic_step, mode=mode)
+            self.actor_step = torch.compile(self.actor_step, mode=mode)
+
+    def critic_step(self, obs, actions, rewards, next_obs, dones, update_target: bool):
+        with torch.no_grad():
+            alpha = self.log_alpha.exp()
+            next_log_pi, next_probs = self.actor.policy(next_obs)
+            min_qf_next_target = torch.min(self.qf1_target(next_obs), self.qf2_target(next_obs))
+            # the action probabilities give the expectation over next actions exactly
+            next_value = (next_probs * (min_qf_next_target - alpha * next_log_pi)).sum(1)
+            next_q_value = rewards + (1 - dones) * self.args.gamma * next_value
+        qf1_a_values = self.qf1(obs).gather(1, actions.unsqueeze(1)).squeeze(1)  # Q of the taken actions only
+        qf2_a_values = self.qf2(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+        qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, next_q_value), F.mse_loss(qf2_a_values, next_q_value)
+        qf_loss = qf1_loss + qf2_loss
+        self.q_optimizer.zero_grad()
+        qf_loss.backward()
+        self.q_optimizer.step()
+        if update_target:  # tau = 1: a hard copy
+            with torch.no_grad():
+                if self.args.tau == 1.0:
+                    torch._foreach_copy_(self.q_target_params, self.q_params)
+                else:
+                    torch._foreach_lerp_(self.q_target_params, self.q_params, self.args.tau)
+        return {"qf1_values": qf1_a_values.mean().detach(), "qf2_values": qf2_a_values.mean().detach(),
+                "qf1_loss": qf1_loss.detach(), "qf2_loss": qf2_loss.detach(), "qf_loss": qf_loss.detach() / 2.0}
+
+    def actor_step(self, obs):
+        log_pi, action_probs = self.actor.policy(obs)
+        with torch.no_grad():  # the critics after their step, as CleanRL; no critic gradients
+            min_qf_values = torch.min(self.qf1(obs), self.qf2(obs))
+        # no reparameterization: the expectation over actions is computed exactly
+        actor_loss = (action_probs * (self.log_alpha.exp().detach() * log_pi - min_qf_values)).mean()
+        self.actor_optimizer.zero_grad()
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        logs = {"actor_loss": actor_loss.detach(), "entropy": -(action_probs * log_pi).sum(1).mean().detach()}
+        if self.args.autotune:
+            # reuse the action probabilities for the temperature loss
+            alpha_loss = (action_probs.detach() * (-self.log_alpha.exp() * (log_pi + self.target_entropy).detach())).mean()
+            self.a_optimizer.zero_grad()
+            alpha_loss.backward()
+            self.a_optimizer.step()
+            logs["alpha_loss"] = alpha_loss.detach()
+        return logs
+
+    def update(self, data, update_policy: bool, update_target: bool) -> dict:
+        """One critic step (and the target update with `update_target`); with `update_policy`,
+        one actor (and alpha) step. CleanRL's sac_atari updates the actor at every update."""
+        obs, actions, rewards, next_obs, dones = data
+        logs = self.critic_step(obs, actions, rewards, next_obs, dones, update_target)
+        if update_policy:
+            logs |= self.actor_step(obs)
+        logs["alpha"] = self.log_alpha.detach().exp()[0]
+        return logs
+
+    def state_dict(self):
+        return {"actor": self.actor.state_dict(), "qf1": self.qf1.state_dict(), "qf2": self.qf2.state_dict(),
+                "qf1_target": self.qf1_target.state_dict(), "qf2_target": self.qf2_target.state_dict(),
+                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.optimizer.state_dict(),
+                "q_optimizer": self.q_optimizer.optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        for name in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):
+            getattr(self, name).load_state_dict(state[name])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_optimizer.optimizer.load_state_dict(state["actor_optimizer"])
+        self.q_optimizer.optimizer.load_state_dict(state["q_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
+
+
+def normalized_score(raw_return: float, scores: tuple[float, float]) -> float:
+    """Paper Eq. 12: R = (r - r_random) / (r_human - r_random)."""
+    random_score, human_score = scores
+    return (raw_return - random_score) / (human_score - random_score)
+
+
+def continual_metrics(sr):
+    """AR, FM, FWT (paper Eq. 9-11, 13) of the lower-triangular matrix sr[i][j] over its rows."""
+    H = len(sr)
+    ar = sum(sum(sr[i][: i + 1]) / (i + 1) for i in range(H)) / H
+    fwt = sum(sr[i][i] for i in range(H)) / H
+    fm = None
+    if H > 1:
+        fm = sum(
+            sum(max(sr[l][j] - sr[i][j] for l in range(j, i)) for j in range(i)) / i for i in range(1, H)
+        ) / (H - 1)
+    return {"AR": ar, "FM": fm, "FWT": fwt}
+
+
+def atomic_write_json(path, data):
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def atomic_torch_save(path, data):
+    torch.save(data, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def seed_everything(seed, deterministic):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def main(args: Args) -> dict:
+    validate(args)
+    checkpoint = None
+    if args.resume:
+        args, run_name, checkpoint = load_resume(args)
+    else:
+        run_name = f"{'+'.join(args.games)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
+    if not args.resume and os.path.exists(run_dir):
+        fail(f"run folder {run_dir!r} already exists; pick another --exp-name or --runs-dir")
+
+    stage_tasks = [canonical_game(g) for g in args.games] * args.cycles
+    unique_games = list(dict.fromkeys(stage_tasks))
+    normalization = parse_game_scores(args.game_scores)
+    H = len(stage_tasks)
+    use_mask, use_replay = not args.no_mask, not args.no_replay and H > 1
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
+
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        atomic_write_json(os.path.join(run_dir, "config.json"), {
+            "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
+            "normalization": {game: normalization[game] for game in unique_games},
+            "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}})
+
+    # one fixed pool of env copies per game: evaluation (full games, raw rewards) and
+    # identification (training wrappers, so the states are those the agent trains on)
+    eval_envs = {game: [make_env(game, args.seed + 10_000 + i, False, args.sticky_actions) for i in range(args.eval_envs)]
+                 for game in unique_games}
+    identify_envs = {game: [make_env(game, args.seed + 20_000 + i, True, args.sticky_actions)
+                            for i in range(min(args.eval_envs, args.identify_episodes))] for game in unique_games}
+    num_actions = int(eval_envs[unique_games[0]][0].action_space.n)
+
+    seed_everything(args.seed, args.torch_deterministic)
+    sac = SACLearner(num_actions, args, device, compile=args.compile, cudagraphs=args.cudagraphs)
+    actor = sac.actor
+
+    networks = {"actor": actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()}
+    masked_networks = {"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to]
+    neuron_masks: dict[str, list[torch.Tensor]] = {}
+    last_selected: dict[str, torch.Tensor] = {}
+
+    rb = ReplayBuffer(args.buffer_size, device)
+    dpre = ReplayBuffer(args.dpre_per_task * max(H - 1, 1), device)
+    sr, stage_records, task_success_rows, task_return_rows = [], [], [], []
+    start_stage, global_step = 0, 0
+
+    def install_masks():
+        for optimizer, names in ((sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])):
+            names = [name for name in names if name in neuron_masks]
+            optimizer.set_masks(sn.parameter_masks(
+                [layer for name in names for layer in networks[name]],
+                [mask for name in names for mask in neuron_masks[name]]))
+
+    if checkpoint is not None:
+        sac.load_state_dict(checkpoint)
+        neuron_masks = {k: [m for m in v] for k, v in checkpoint["neuron_masks"].items()}
+        last_selected = dict(checkpoint["last_selected"])
+        dpre.load_state_dict(checkpoint["dpre"])
+        if args.keep_buffer:
+            rb.load_state_dict(checkpoint["rb"])
+        sr, stage_records = checkpoint["sr"], checkpoint["stages"]
+        task_success_rows, task_return_rows = checkpoint["task_success"], checkpoint["task_return"]
+        start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
+        install_masks()
+        if start_stage >= H:
+            print(f"{run_dir}: all {H} stages are finished; nothing to resume")
+            return json.load(open(os.path.join(run_dir, "metrics.json")))
+
+    def stochastic_policy(seed):
+        """The training policy, sampling from its own generator: evaluation and identification
+        leave the training run's random streams untouched."""
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return lambda obs: actor.get_action(obs, generator)[0]
+
+    def evaluate_all(step, eval_seed):
+        returns, normalized = {}, {}
+        for game in unique_games:
+            result = rollout(eval_envs[game], stochastic_policy(eval_seed), eval_seed, device, args.eval_steps)
+            done = result["return"][result["finished"]]
+            # mean of the games finished within the budget; if none finished, the unfinished games' returns so far
+            returns[game] = float(done.mean() if len(done) else result["return"].mean())
+            normalized[game] = normalized_score(returns[game], normalization[game])
+            writer.add_scalar(f"eval/{game}/return", returns[game], step)
+            writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
+            writer.add_scalar(f"eval/{game}/finished_games", float(len(done)), step)
+        return returns, normalized
+
+    def write_metrics(complete):
+        metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": complete,
+                   "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
+                   **continual_metrics(sr), "task_success": task_success_rows, "task_return": task_return_rows,
+                   "stages": stage_records}
+        atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        return metrics
+
+    def identify_skill_neurons(game, stage, stage_seed):
+        """Alg. 1 after a stage: score each masked network's hidden neurons, select the top
+        skill_ratio, build Eq. 7 masks and combine them with the earlier stages' masks."""
+        record = {"goal_constant": False, "skill_neurons": {}, "overlap_with_previous": {}}
+        activations, goal = {}, None
+        if args.identify in ("goal", "activation"):
+            layers = [layer for name in masked_networks for layer in networks[name]]
+            critics = [name for name in ("qf1", "qf2") if name in masked_networks]
+
+            def probe(obs):
+                # critics probed on the executed steps; the Q head gives every action's value, so
+                # the hidden activations depend on the observation only, not on the action taken
+                for name in critics:
+                    getattr(sac, name)(obs)
+
+            with sn.ActivationRecorder(layers) as recorder:
+                window = rollout(identify_envs[game], stochastic_policy(stage_seed), stage_seed, device,
+                                 args.identify_max_steps, max_games=args.identify_episodes, probe=probe)
+            recorded = [a.cpu() for a in recorder.activations()]
+            for name in masked_networks:
+                activations[name], recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
+            # goal metric of a step: the raw return of the full game (all lives) it belongs to
+            goal = torch.as_tensor(window["return"][window["game"]], dtype=torch.float32)
+            record |= {"identify_steps": window["steps"], "identify_games": len(window["return"]),
+                       "identify_unfinished_games": int((~window["finished"]).sum()),
+                       "identify_mean_return": float(window["return"].mean())}
+            if args.identify == "goal" and sn.goal_is_constant(goal):
+                record["goal_constant"] = True
+                print(f"warning: stage {stage + 1} ({game}): the goal metric is constant ({goal[0]:g}) over the "
+                      "identification window, so skill-neuron scores carry no goal information", file=sys.stderr)
+            writer.add_scalar("neurons/goal_constant", float(record["goal_constant"]), global_step)
+            writer.add_scalar("neurons/identify_return", record["identify_mean_return"], global_step)
+        generator = torch.Generator().manual_seed(stage_seed)
+        for name in masked_networks:
+            scores = sn.score_network(networks[name], args.identify, activations.get(name), goal, generator)
+            selected = sn.select_top(scores, args.skill_ratio)
+            new_mask = sn.neuron_mask(scores, selected, args.mask_alpha, args.hard_mask)
+            previous = neuron_masks.get(name)
+            neuron_masks[name] = sn.combine_masks(previous, sn.split_by_layer(new_mask, networks[name]), args.mask_combine)
+            combined = torch.cat(neuron_masks[name])
+            record["skill_neurons"][name] = int(selected.sum())
+            if name in last_selected:
+                record["overlap_with_previous"][name] = int((selected & last_selected[name]).sum())
+            last_selected[name] = selected
+            writer.add_histogram(f"neurons/{name}/scores", scores, global_step)
+            writer.add_histogram(f"neurons/{name}/skill_scores", scores[selected], global_step)
+            writer.add_scalar(f"neurons/{name}/protected", float((combined < 1).sum()), global_step)
+            writer.add_scalar(f"neurons/{name}/mask_mean", float(combined.mean()), global_step)
+            record.setdefault("scores", {})[name] = scores
+        install_masks()
+        return record
+
+    progress = tqdm(total=H * args.steps_per_task, initial=sum(r["budget_steps"] for r in stage_records),
+                    dynamic_ncols=True, mininterval=1.0, disable=None)
+    for stage in range(start_stage, H):
+        game = stage_tasks[stage]
+        stage_seed = args.seed + 1000 * (stage + 1)
+        seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
+        env = make_env(game, stage_seed, True, args.sticky_actions)
+        if not args.keep_buffer:
+            rb.clear()
+        progress.set_description(f"stage {stage + 1}/{H} {game}")
+        obs, _ = env.reset(seed=stage_seed)
+        logs, updates, dpre_updates = {}, 0, 0
+        stage_start_time = sps_time = time.time()
+        sps_step = 0
+        for step in range(args.steps_per_task):
+            global_step += 1
+            if step < args.learning_starts:
+                action = env.action_space.sample()
+            else:
+                with torch.no_grad():
+                    action = actor.get_action(torch.as_tensor(obs, device=device)[None])[0].item()
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            # done = life lost or game over (CleanRL); a truncated game bootstraps from its true final frame
+            rb.add(obs, action, reward, next_obs, terminated)
+            obs = next_obs
+            if terminated or truncated:
+                if "episode" in info:  # the full game is over: its raw return, all lives, unclipped
+                    writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                    writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                    writer.add_scalar("charts/normalized_return", normalized_score(info["episode"]["r"], normalization[game]), global_step)
+                obs, _ = env.reset()
+
+            if step >= args.learning_starts and (step - args.learning_starts) % args.update_frequency == 0:
+                update_index = (step - args.learning_starts) // args.update_frequency
+                from_dpre = use_replay and dpre.size > 0 and update_index % args.replay_interval == 0
+                data = (dpre if from_dpre else rb).sample(args.batch_size)
+                # the target network follows the first update at or after every target_network_frequency env steps
+                logs = sac.update(data, update_policy=True,
+                                  update_target=(step - args.learning_starts) % args.target_network_frequency < args.update_frequency)
+                updates, dpre_updates = updates + 1, dpre_updates + from_dpre
+                if update_index % 100 == 0:  # the only host synchronisation of the update path
+                    for name, value in logs.items():
+                        writer.add_scalar(f"losses/{name}", value.item(), global_step)
+                    sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the steps since the last log
+                    sps_time, sps_step = time.time(), step + 1
+                    writer.add_scalar("charts/SPS", sps, global_step)
+                    progress.set_postfix(SPS=sps, refresh=False)
+            if step % 100 == 99:
+                progress.update(100)
+
+            if args.eval_every and global_step % args.eval_every == 0:
+                returns, normalized = evaluate_all(global_step, args.seed)
+                print(f"step {global_step}: eval return " + " ".join(f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items()))
+                sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
+        env.close()
+        stage_steps = step + 1
+        progress.update(args.steps_per_task - (stage_steps - stage_steps % 100))
+
+        # end of stage: evaluate every game (row of sr), identify skill neurons, fill Dpre
+        returns, normalized = evaluate_all(global_step, args.seed)
+        task_success_rows.append(normalized)
+        task_return_rows.append(returns)
+        sr.append([normalized[stage_tasks[j]] for j in range(stage + 1)])
+        metrics_now = continual_metrics(sr)
+        writer.add_scalar("eval/AR", metrics_now["AR"], global_step)
+        record = {"stage": stage + 1, "task": game, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
+                  "updates": updates, "dpre_updates": dpre_updates, "wall_seconds": round(time.time() - stage_start_time, 2)}
+        if use_mask:
+            neuron_record = identify_skill_neurons(game, stage, stage_seed)
+            scores = neuron_record.pop("scores")
+            record |= neuron_record
+        else:
+            scores = {}
+        if use_replay and stage < H - 1:
+            dpre.extend(rb.latest(args.dpre_per_task))
+        record["wall_seconds"] = round(time.time() - stage_start_time, 2)
+        stage_records.append(record)
+        print(f"stage {stage + 1}/{H} {game}: {stage_steps} steps, {record['wall_seconds']:.0f}s, return "
+              + " ".join(f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items()))
+
+        model = {"run_name": run_name, "stage": stage + 1, "task": game, "actor": actor.state_dict(),
+                 "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "neuron_masks": neuron_masks,
+                 "scores": scores, "selected": {k: v for k, v in last_selected.items()}}
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
+        atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
+            **model, **sac.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
+            "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
+            "task_success": task_success_rows, "task_return": task_return_rows, "global_step": global_step})
+        metrics = write_metrics(complete=stage == H - 1)
+    progress.close()
+    writer.close()
+    for pool in (eval_envs, identify_envs):
+        for envs in pool.values():
+            for e in envs:
+                e.close()
+    if args.track:
+        wandb.finish()
+    print(f"AR={metrics['AR']:.3f} FM={metrics['FM'] if metrics['FM'] is None else round(metrics['FM'], 3)} "
+          f"FWT={metrics['FWT']:.3f} -> {os.path.join(run_dir, 'metrics.json')}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
