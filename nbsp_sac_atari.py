@@ -143,7 +143,7 @@ FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
 
 def fail(message: str) -> None:
     """Bad input: one line on stderr, non-zero exit, nothing written."""
-    print(f"error: {message}", file=sys.stderr)
+    print("error: " + " ".join(message.split()), file=sys.stderr)
     sys.exit(2)
 
 
@@ -202,6 +202,10 @@ def validate(args: Args) -> None:
         fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
     if not 0.0 < args.target_entropy_scale <= 1.0:
         fail(f"--target-entropy-scale must be in (0, 1], got {args.target_entropy_scale}")
+    for name in ["identify", "apply_to", "mask_target", "mask_combine"]:
+        valid = Args.__annotations__[name].__args__
+        if getattr(args, name) not in valid:
+            fail(f"--{name.replace('_', '-')} must be one of {', '.join(valid)}; got {getattr(args, name)!r}")
     if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
         fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
 
@@ -757,6 +761,15 @@ def continual_metrics(sr):
     return {"AR": ar, "FM": fm, "FWT": fwt}
 
 
+def write_metrics(run_dir, run_name, stage_tasks, sr, task_success, task_return, stages):
+    H = len(stage_tasks)
+    metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": len(sr) == H,
+               "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
+               **continual_metrics(sr), "task_success": task_success, "task_return": task_return, "stages": stages}
+    atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    return metrics
+
+
 def atomic_write_json(path, data):
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=2)
@@ -794,6 +807,10 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
+    if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
+        print(f"{run_dir}: all {H} stages are finished; nothing to resume")
+        return write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], checkpoint["task_success"],
+                             checkpoint["task_return"], checkpoint["stages"])
 
     os.makedirs(run_dir, exist_ok=True)
     if args.track:
@@ -801,7 +818,8 @@ def main(args: Args) -> dict:
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    # drop what a killed run logged after its last checkpoint (the stage-boundary step itself is kept)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         atomic_write_json(os.path.join(run_dir, "config.json"), {
@@ -849,9 +867,6 @@ def main(args: Args) -> dict:
         task_success_rows, task_return_rows = checkpoint["task_success"], checkpoint["task_return"]
         start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
         install_masks()
-        if start_stage >= H:
-            print(f"{run_dir}: all {H} stages are finished; nothing to resume")
-            return json.load(open(os.path.join(run_dir, "metrics.json")))
 
     def stochastic_policy(seed):
         """The training policy, sampling from its own generator: evaluation and identification
@@ -871,14 +886,6 @@ def main(args: Args) -> dict:
             writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
             writer.add_scalar(f"eval/{game}/finished_games", float(len(done)), step)
         return returns, normalized
-
-    def write_metrics(complete):
-        metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": complete,
-                   "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
-                   **continual_metrics(sr), "task_success": task_success_rows, "task_return": task_return_rows,
-                   "stages": stage_records}
-        atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-        return metrics
 
     def identify_skill_neurons(game, stage, stage_seed):
         """Alg. 1 after a stage: score each masked network's hidden neurons, select the top
@@ -1021,7 +1028,7 @@ def main(args: Args) -> dict:
             **model, **sac.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
             "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
             "task_success": task_success_rows, "task_return": task_return_rows, "global_step": global_step})
-        metrics = write_metrics(complete=stage == H - 1)
+        metrics = write_metrics(run_dir, run_name, stage_tasks, sr, task_success_rows, task_return_rows, stage_records)
     progress.close()
     writer.close()
     for pool in (eval_envs, identify_envs):
