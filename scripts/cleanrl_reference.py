@@ -120,3 +120,63 @@ class CleanRLSAC:
         for param, target_param in zip(self.qf2.parameters(), self.qf2_target.parameters()):
             target_param.data.copy_(self.tau * param.data + (1 - self.tau) * target_param.data)
         return losses
+
+
+class CleanRLSACAtari:
+    """CleanRL's sac_atari.py update, step for step, on the project's Atari networks: eager,
+    plain Adam (eps 1e-4), alpha read back with `.item()`, the target copy as a parameter loop."""
+
+    def __init__(self, num_actions, channels, hidden, device, lr=1e-4, gamma=0.99, tau=1.0,
+                 target_entropy_scale=0.89, alpha=0.2):
+        from nbsp_sac_atari import Actor as AtariActor
+        from nbsp_sac_atari import SoftQNetwork as AtariQNetwork
+
+        self.actor = AtariActor(num_actions, channels, hidden).to(device)
+        self.qf1, self.qf2, self.qf1_target, self.qf2_target = (
+            AtariQNetwork(num_actions, channels, hidden).to(device) for _ in range(4))
+        self.qf1_target.load_state_dict(self.qf1.state_dict())
+        self.qf2_target.load_state_dict(self.qf2.state_dict())
+        self.q_optimizer = torch.optim.Adam(list(self.qf1.parameters()) + list(self.qf2.parameters()), lr=lr, eps=1e-4)
+        self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()), lr=lr, eps=1e-4)
+        self.target_entropy = -target_entropy_scale * torch.log(1 / torch.tensor(num_actions)).item()
+        self.log_alpha = torch.tensor([float(np.log(alpha))], requires_grad=True, device=device)
+        self.alpha = self.log_alpha.exp().item()
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=lr, eps=1e-4)
+        self.gamma, self.tau = gamma, tau
+
+    def update(self, observations, actions, rewards, next_observations, dones, update_target):
+        with torch.no_grad():
+            next_state_log_pi = F.log_softmax(self.actor(next_observations), dim=1)
+            next_state_action_probs = next_state_log_pi.exp()
+            qf1_next_target = self.qf1_target(next_observations)
+            qf2_next_target = self.qf2_target(next_observations)
+            min_qf_next_target = next_state_action_probs * (
+                torch.min(qf1_next_target, qf2_next_target) - self.alpha * next_state_log_pi)
+            min_qf_next_target = min_qf_next_target.sum(dim=1)
+            next_q_value = rewards.flatten() + (1 - dones.flatten()) * self.gamma * min_qf_next_target
+        qf1_a_values = self.qf1(observations).gather(1, actions.long().view(-1, 1)).view(-1)
+        qf2_a_values = self.qf2(observations).gather(1, actions.long().view(-1, 1)).view(-1)
+        qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
+        qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
+        qf_loss = qf1_loss + qf2_loss
+        self.q_optimizer.zero_grad()
+        qf_loss.backward()
+        self.q_optimizer.step()
+        log_pi = F.log_softmax(self.actor(observations), dim=1)
+        action_probs = log_pi.exp()
+        with torch.no_grad():
+            min_qf_values = torch.min(self.qf1(observations), self.qf2(observations))
+        actor_loss = (action_probs * ((self.alpha * log_pi) - min_qf_values)).mean()
+        self.actor_optimizer.zero_grad()
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        alpha_loss = (action_probs.detach() * (-self.log_alpha.exp() * (log_pi + self.target_entropy).detach())).mean()
+        self.a_optimizer.zero_grad()
+        alpha_loss.backward()
+        self.a_optimizer.step()
+        self.alpha = self.log_alpha.exp().item()
+        if update_target:
+            for q, q_target in ((self.qf1, self.qf1_target), (self.qf2, self.qf2_target)):
+                for param, target_param in zip(q.parameters(), q_target.parameters()):
+                    target_param.data.copy_(self.tau * param.data + (1 - self.tau) * target_param.data)
+        return {"qf1_loss": qf1_loss.item(), "qf2_loss": qf2_loss.item(), "actor_loss": actor_loss.item()}
