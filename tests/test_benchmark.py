@@ -1,0 +1,32 @@
+"""Smoke test of scripts/benchmark.py: it runs end to end and prints its report. No timing
+assertions: speed is the benchmark's business, not the tests'."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_quick_runs_and_reports():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--quick"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"update speedup vs CleanRL-style at paper size: \d+\.\d\dx \(cpu\)", lines[-1]), lines[-1]
+    out = result.stdout
+    assert re.search(r"^\s*width\s+batch\s+upd/block\s+CleanRL-style\s+project\s+ratio\s+GFLOP/upd\s+matmul GFLOP/s\s+% matmul", out, re.M), out
+    assert len(re.findall(r"^\s+(32|64)\s+(16|64)\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out, re.M)) == 4, out
+    assert re.search(r"^dense matmul throughput: [\d.]+ GFLOP/s", out, re.M), out
+    assert re.search(r"^matmul fraction at paper size: project [\d.]+ GFLOP/update .* = [\d.]+% of dense matmul", out, re.M), out
+    assert re.search(r"project \(nbsp_sac_metaworld.main, subprocess\): [\d.]+ env steps/s .* peak RSS \d+ MiB", out), out
+
+
+def test_cudagraphs_on_cpu_stops_with_one_line():
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--device", "cpu", "--cudagraphs"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip() == "error: --cudagraphs needs a CUDA device"
