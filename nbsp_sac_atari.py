@@ -3,9 +3,12 @@
 # (Pong -> Bowling -> Pong -> Bowling), with goal-oriented RL skill neurons (conv channels and
 # fully connected units), the adaptive mask of Eq. 7 and the replay buffer Dpre.
 # Read top to bottom: Args, environments, networks, replay, NBSP pieces, main loop.
+import contextlib
+import io
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -1042,5 +1045,19 @@ def main(args: Args) -> dict:
     return metrics
 
 
+def parse_args() -> Args:
+    """tyro's command line, with its boxed parse errors folded into one `error:` line."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Args)
+    except SystemExit as exit:
+        if not exit.code:
+            sys.stderr.write(captured.getvalue())
+            raise
+        lines = [re.sub(r"[│╭╮╰╯─]+", " ", line).strip() for line in captured.getvalue().splitlines()]
+        fail(" ".join(line for line in lines if line and not line.startswith("For full helptext")))
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -806,3 +806,17 @@ def test_cli_unknown_task_subprocess(tmp_path):
     for valid in ("reach", "window-open", "window-close", "drawer-close"):
         assert valid in lines[0]
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--identify", "bogus"], ["bogus", "goal", "activation", "weight", "random"]),
+    (["--skill-ratio", "abc"], ["--skill-ratio", "abc"]),
+])
+def test_cli_parse_errors_are_one_line(tmp_path, argv, expected):
+    result = subprocess.run([sys.executable, SCRIPT, *argv], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and all(word in lines[0] for word in expected)
+    assert os.listdir(tmp_path) == []
