@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch._inductor.config
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm

@@ -316,7 +316,7 @@ def test_update_equals_cleanrl_sac_atari_with_masks_and_dpre():
                   torch.optim.Adam(nets[0].parameters(), lr=args.policy_lr, eps=1e-4),
                   torch.optim.Adam([log_alpha], lr=args.q_lr, eps=1e-4))
     generator = torch.Generator().manual_seed(1)
-    fast_masks, reference_masks = {}, {}
+    reference_masks = {}
     for optimizer, fast_nets, reference_nets in ((sac.actor_optimizer, [sac.actor], [nets[0]]),
                                                  (sac.q_optimizer, [sac.qf1, sac.qf2], nets[1:3])):
         layers = [layer for net in fast_nets for layer in net.hidden_layers()]

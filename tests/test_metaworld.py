@@ -820,3 +820,64 @@ def test_cli_parse_errors_are_one_line(tmp_path, argv, expected):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and all(word in lines[0] for word in expected)
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Flags not covered above: --keep-buffer, --early-stop-success, --policy-frequency, --cudagraphs
+# --------------------------------------------------------------------------------------------
+def test_keep_buffer_carries_d_across_stages(tmp_path):
+    # D holds both stages' 150 transitions at the end instead of the last stage's only
+    _, _, _, checkpoint, _ = small_run(tmp_path, keep_buffer=True)
+    assert checkpoint["rb"]["rows"].shape == (2 * 150, ROW)
+    _, _, _, fresh, _ = small_run(tmp_path / "fresh")
+    assert fresh["rb"] == {}  # a fresh D per stage is not checkpointed
+
+
+class AlwaysSucceeds(mw.gym.Wrapper):
+    """Every step reports success and episodes last 20 steps, so early stopping can trigger."""
+
+    def reset(self, **kwargs):
+        self.steps = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, _, info = self.env.step(action)
+        self.steps += 1
+        info = {**info, "success": 1.0, "episode": {"r": reward, "l": self.steps}}
+        return obs, reward, terminated, self.steps >= 20, info
+
+
+def test_early_stop_after_ten_successful_policy_episodes(tmp_path, monkeypatch):
+    real_make_env = mw.make_env
+    monkeypatch.setattr(mw, "make_env", lambda task, seed: AlwaysSucceeds(real_make_env(task, seed)))
+    args = Args(**{**SMALL_ARGS, "cycles": 1, "steps_per_task": 1000, "learning_starts": 50},
+                runs_dir=str(tmp_path / "runs"))
+    metrics = main(args)
+    stage = metrics["stages"][0]
+    # random episodes end at steps 20, 40, 60 (started at 40 < 50: not counted); policy episodes
+    # start at 60, 80, ..., so the tenth ends at step 260
+    assert stage["early_stopped"] is True and stage["env_steps"] == 260
+    no_stop = main(Args(**{**SMALL_ARGS, "cycles": 1, "steps_per_task": 300, "early_stop_success": 0.0},
+                        runs_dir=str(tmp_path / "no_stop")))
+    assert no_stop["stages"][0]["early_stopped"] is False and no_stop["stages"][0]["env_steps"] == 300
+
+
+def test_policy_frequency_sets_actor_updates(monkeypatch):
+    calls = []
+    learner = SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM),
+                         Args(hidden=[8], batch_size=4, policy_frequency=3), "cpu")
+    monkeypatch.setattr(learner, "actor_step", lambda obs: calls.append(1) or {})
+    buffer = ReplayBuffer(10, OBS_DIM, ACT_DIM, "cpu")
+    buffer.extend(torch.randn(10, ROW))
+    learner.update(buffer.sample(4), update_policy=True, update_target=True)
+    learner.update(buffer.sample(4), update_policy=False, update_target=True)
+    assert len(calls) == 3  # three actor steps when the policy is updated, none otherwise
+
+
+def test_cudagraphs_without_cuda_stops_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(Args(**SMALL_ARGS, cudagraphs=True, cuda=False, runs_dir=str(tmp_path / "runs")))
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --cudagraphs needs a CUDA device")
+    assert not (tmp_path / "runs").exists()
