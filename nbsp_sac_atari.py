@@ -27,6 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import skill_neurons as sn
+from baselines import METHODS, Consumer, Method, NeuronLayer, make_method
 
 gym.register_envs(ale_py)
 
@@ -134,6 +135,41 @@ class Args:
     identify_max_steps: int = 100_000
     """cap on the identification window's steps; a game cut off by it counts with its return so far"""
 
+    # Baselines (paper Appendix C.1); each module in baselines/ says where its values come from
+    method: Literal["nbsp", "sac", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi"] = "nbsp"
+    """continual-learning method: NBSP, plain SAC fine-tuning (sac), or one of the paper's baselines"""
+    ewc_lambda: float = 1e4
+    """ewc: weight lambda of the penalty lambda * sum F (theta - theta*)^2"""
+    fisher_batches: int = 10
+    """ewc, ancl: batches (of --batch-size) from the finished task's buffer that estimate the Fisher"""
+    fisher_critic: bool = False
+    """ewc, ancl: also regularise the critics (Continual World's SAC: actor only)"""
+    npc_decay: float = 0.99
+    """npc: moving-average factor of the neuron importance"""
+    npc_scale: float = 1.0
+    """npc: a neuron's step is scaled by 1 / (1 + npc_scale * normalised importance)"""
+    ancl_lambda: float = 1e4
+    """ancl: weight lambda of the old-task (EWC) penalty"""
+    ancl_aux_lambda: float = 10.0
+    """ancl: weight lambda_a of the auxiliary-network penalty (0: exactly EWC)"""
+    ancl_a: float = 0.5
+    """ancl: Fisher merge at a task switch, F_old <- a F_old + (1 - a) F_new"""
+    cotasp_lambda: float = 1e-3
+    """cotasp: lasso weight of the sparse prompt code"""
+    cotasp_weight_steps: int = 990
+    """cotasp: actor weight updates of each alternation round"""
+    cotasp_prompt_steps: int = 10
+    """cotasp: prompt updates of each alternation round"""
+    crelu_halve_width: bool = False
+    """crelu: halve each fully connected hidden layer's pre-activation width (same parameter count) instead of doubling the next fan-in"""
+    cbp_replacement_rate: float = 1e-4
+    """cbp: fraction of mature units of a layer replaced after each optimizer step"""
+    cbp_maturity_threshold: int = 10_000
+    """cbp: optimizer steps a unit must age before it can be replaced"""
+    cbp_decay: float = 0.99
+    """cbp: moving-average factor eta of the utility"""
+
+
 
 RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs"}
 GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
@@ -142,6 +178,17 @@ GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
 # random score reads 227.5 there). Other games need --game-scores.
 PAPER_SCORES = {"Alien": (227.5, 6875.0), "BankHeist": (14.2, 734.4), "Bowling": (23.1, 154.8), "Pong": (-20.7, 9.3)}
 FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
+CONV_OUT = 7  # spatial size after the convolutions: 84 -> 20 -> 9 -> 7
+NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio", "mask_alpha", "mask_target",
+              "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes", "identify_max_steps"]
+
+
+def method_of_flag(name: str) -> tuple[str, ...]:
+    """Methods that read a method-specific flag ("fisher_*" is shared by ewc and ancl); () for general flags."""
+    if name in NBSP_FLAGS:
+        return ("nbsp",)
+    prefix = name.split("_")[0]
+    return ("ewc", "ancl") if prefix == "fisher" else (prefix,) if prefix in METHODS and name != "method" else ()
 
 
 def fail(message: str) -> None:
@@ -205,12 +252,36 @@ def validate(args: Args) -> None:
         fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
     if not 0.0 < args.target_entropy_scale <= 1.0:
         fail(f"--target-entropy-scale must be in (0, 1], got {args.target_entropy_scale}")
-    for name in ["identify", "apply_to", "mask_target", "mask_combine"]:
+    for name in ["identify", "apply_to", "mask_target", "mask_combine", "method"]:
         valid = Args.__annotations__[name].__args__
         if getattr(args, name) not in valid:
             fail(f"--{name.replace('_', '-')} must be one of {', '.join(valid)}; got {getattr(args, name)!r}")
     if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
         fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
+    validate_method_flags(args)
+
+
+def validate_method_flags(args) -> None:
+    """A flag of another method would be silently ignored: refuse it, and check the method's own values."""
+    defaults = type(args)()
+    for f in fields(args):
+        owners = method_of_flag(f.name)
+        if owners and args.method not in owners and getattr(args, f.name) != getattr(defaults, f.name):
+            fail(f"--{f.name.replace('_', '-')} applies to --method {' or '.join(owners)}, not {args.method}")
+    for name in ["ewc_lambda", "ancl_lambda", "ancl_aux_lambda", "cotasp_lambda", "npc_scale"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ["npc_decay", "ancl_a", "cbp_decay", "cbp_replacement_rate"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.cbp_maturity_threshold < 0:
+        fail(f"--cbp-maturity-threshold must be >= 0, got {args.cbp_maturity_threshold}")
+    if args.method not in ("nbsp", "sac") and (args.compile or args.cudagraphs):
+        fail(f"--compile and --cudagraphs support --method nbsp and sac; {args.method}'s hooks run eagerly")
+
 
 
 def load_resume(args: Args) -> tuple[Args, str, dict]:
@@ -433,16 +504,35 @@ def layer_init(layer):
     return layer
 
 
-def conv_trunk(channels: list[int], hidden: list[int]) -> nn.Sequential:
+def relu_layer(width: int) -> tuple[int, nn.Module, int]:
+    return width, nn.ReLU(), width
+
+
+def conv_trunk(channels: list[int], hidden: list[int], hidden_activation=relu_layer) -> tuple[nn.Sequential, int]:
+    """Nature-DQN convolutions, then Linear + activation per hidden width; `hidden_activation`
+    (a method hook) may change the widths of the fully connected layers."""
     c1, c2, c3 = channels
     layers = [layer_init(nn.Conv2d(FRAME_STACK, c1, 8, stride=4)), nn.ReLU(),
               layer_init(nn.Conv2d(c1, c2, 4, stride=2)), nn.ReLU(),
               layer_init(nn.Conv2d(c2, c3, 3, stride=1)), nn.ReLU(), nn.Flatten()]
-    in_dim = c3 * 7 * 7  # 84 -> 20 -> 9 -> 7
+    in_dim = c3 * CONV_OUT * CONV_OUT
     for width in hidden:
-        layers += [layer_init(nn.Linear(in_dim, width)), nn.ReLU()]
-        in_dim = width
-    return nn.Sequential(*layers)
+        linear_width, activation, in_next = hidden_activation(width)
+        layers += [layer_init(nn.Linear(in_dim, linear_width)), activation]
+        in_dim = in_next
+    return nn.Sequential(*layers), in_dim
+
+
+def trunk_neuron_layers(trunk: nn.Sequential, heads: list[nn.Module]) -> list[NeuronLayer]:
+    """The hidden layers with the layers reading them; the last conv feeds the first linear
+    layer through the flatten, CONV_OUT**2 inputs per channel."""
+    weighted = [m for m in trunk if isinstance(m, (nn.Conv2d, nn.Linear))]
+    readers = [[m] for m in weighted[1:]] + [heads]
+    layers = []
+    for layer, hidden, group in zip(weighted, trunk_hidden_layers(trunk), readers):
+        block = CONV_OUT * CONV_OUT if isinstance(layer, nn.Conv2d) and isinstance(group[0], nn.Linear) else 1
+        layers.append(NeuronLayer(hidden, tuple(Consumer(m.weight, m.bias, 1, None, block) for m in group)))
+    return layers
 
 
 def trunk_hidden_layers(trunk: nn.Sequential) -> list[sn.HiddenLayer]:
@@ -454,10 +544,12 @@ def trunk_hidden_layers(trunk: nn.Sequential) -> list[sn.HiddenLayer]:
 
 
 class Actor(nn.Module):
-    def __init__(self, num_actions, channels, hidden):
+    head_names = ("fc_logits",)
+
+    def __init__(self, num_actions, channels, hidden, hidden_activation=relu_layer):
         super().__init__()
-        self.trunk = conv_trunk(channels, hidden)
-        self.fc_logits = layer_init(nn.Linear(hidden[-1], num_actions))
+        self.trunk, trunk_width = conv_trunk(channels, hidden, hidden_activation)
+        self.fc_logits = layer_init(nn.Linear(trunk_width, num_actions))
 
     def forward(self, x):
         return self.fc_logits(self.trunk(x.float() / 255.0))
@@ -476,18 +568,26 @@ class Actor(nn.Module):
     def hidden_layers(self) -> list[sn.HiddenLayer]:
         return trunk_hidden_layers(self.trunk)
 
+    def neuron_layers(self) -> list[NeuronLayer]:
+        return trunk_neuron_layers(self.trunk, [self.fc_logits])
+
 
 class SoftQNetwork(nn.Module):
-    def __init__(self, num_actions, channels, hidden):
+    head_names = ("fc_q",)
+
+    def __init__(self, num_actions, channels, hidden, hidden_activation=relu_layer):
         super().__init__()
-        self.trunk = conv_trunk(channels, hidden)
-        self.fc_q = layer_init(nn.Linear(hidden[-1], num_actions))
+        self.trunk, trunk_width = conv_trunk(channels, hidden, hidden_activation)
+        self.fc_q = layer_init(nn.Linear(trunk_width, num_actions))
 
     def forward(self, x):
         return self.fc_q(self.trunk(x.float() / 255.0))
 
     def hidden_layers(self) -> list[sn.HiddenLayer]:
         return trunk_hidden_layers(self.trunk)
+
+    def neuron_layers(self) -> list[NeuronLayer]:
+        return trunk_neuron_layers(self.trunk, [self.fc_q])
 
 
 # ------------------------------------------------------------------------------------------
@@ -655,21 +755,22 @@ class SACLearner:
     the critic and actor steps in torch.compile; `cudagraphs` also replays them as CUDA graphs
     (mode "reduce-overhead")."""
 
-    def __init__(self, num_actions, args: Args, device, compile=False, cudagraphs=False):
-        self.args = args
-        self.actor = Actor(num_actions, args.conv_channels, args.hidden).to(device)
-        self.qf1, self.qf2, self.qf1_target, self.qf2_target = (
-            SoftQNetwork(num_actions, args.conv_channels, args.hidden).to(device) for _ in range(4))
+    discrete = True
+
+    def __init__(self, num_actions, args: Args, device, compile=False, cudagraphs=False, method: Method | None = None):
+        self.args, self.device, self.num_actions = args, device, num_actions
+        self.method = method or Method(args)
+        self.actor = Actor(num_actions, args.conv_channels, args.hidden, self.method.hidden_activation).to(device)
+        self.qf1, self.qf2, self.qf1_target, self.qf2_target = (self.new_critic() for _ in range(4))
         self.qf1_target.load_state_dict(self.qf1.state_dict())
         self.qf2_target.load_state_dict(self.qf2.state_dict())
-        self.q_params = list(self.qf1.parameters()) + list(self.qf2.parameters())
-        self.q_target_params = list(self.qf1_target.parameters()) + list(self.qf2_target.parameters())
-        adam = dict(eps=1e-4, capturable=cudagraphs, foreach=True)  # eps=1e-4 increases numerical stability (CleanRL)
-        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(self.q_params, lr=args.q_lr, **adam), args.mask_target)
-        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **adam), args.mask_target)
+        self.adam = dict(eps=1e-4, capturable=cudagraphs, foreach=True)  # eps=1e-4 increases numerical stability (CleanRL)
+        q_params = list(self.qf1.parameters()) + list(self.qf2.parameters())
+        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(q_params, lr=args.q_lr, **self.adam), args.mask_target)
+        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
         self.target_entropy = -args.target_entropy_scale * float(np.log(1.0 / num_actions))
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
-        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **adam)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
         if compile or cudagraphs:
             torch._inductor.config.fallback_random = True  # the eager random stream: compiled updates stay exact
             mode = "reduce-overhead" if cudagraphs else None
@@ -688,15 +789,21 @@ class SACLearner:
         qf2_a_values = self.qf2(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
         qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, next_q_value), F.mse_loss(qf2_a_values, next_q_value)
         qf_loss = qf1_loss + qf2_loss
+        penalty = self.method.extra_loss("critic")
         self.q_optimizer.zero_grad()
-        qf_loss.backward()
+        (qf_loss if penalty is None else qf_loss + penalty).backward()
+        self.method.after_backward("critic")
         self.q_optimizer.step()
+        self.method.after_step("critic")
         if update_target:  # tau = 1: a hard copy
+            # parameter lists built here: a method may have grown the critics (PI)
+            q_params = [p for net in self.critics for p in net.parameters()]
+            q_target_params = [p for net in self.critic_targets for p in net.parameters()]
             with torch.no_grad():
                 if self.args.tau == 1.0:
-                    torch._foreach_copy_(self.q_target_params, self.q_params)
+                    torch._foreach_copy_(q_target_params, q_params)
                 else:
-                    torch._foreach_lerp_(self.q_target_params, self.q_params, self.args.tau)
+                    torch._foreach_lerp_(q_target_params, q_params, self.args.tau)
         return {"qf1_values": qf1_a_values.mean().detach(), "qf2_values": qf2_a_values.mean().detach(),
                 "qf1_loss": qf1_loss.detach(), "qf2_loss": qf2_loss.detach(), "qf_loss": qf_loss.detach() / 2.0}
 
@@ -706,9 +813,12 @@ class SACLearner:
             min_qf_values = torch.min(self.qf1(obs), self.qf2(obs))
         # no reparameterization: the expectation over actions is computed exactly
         actor_loss = (action_probs * (self.log_alpha.exp().detach() * log_pi - min_qf_values)).mean()
+        penalty = self.method.extra_loss("actor")
         self.actor_optimizer.zero_grad()
-        actor_loss.backward()
+        (actor_loss if penalty is None else actor_loss + penalty).backward()
+        self.method.after_backward("actor")
         self.actor_optimizer.step()
+        self.method.after_step("actor")
         logs = {"actor_loss": actor_loss.detach(), "entropy": -(action_probs * log_pi).sum(1).mean().detach()}
         if self.args.autotune:
             # reuse the action probabilities for the temperature loss
@@ -728,6 +838,45 @@ class SACLearner:
             logs |= self.actor_step(obs)
         logs["alpha"] = self.log_alpha.detach().exp()[0]
         return logs
+
+    # What baseline methods use (see baselines/__init__.py)
+    def new_critic(self):
+        return SoftQNetwork(self.num_actions, self.args.conv_channels, self.args.hidden,
+                            self.method.hidden_activation).to(self.device)
+
+    @property
+    def critics(self):
+        return [self.qf1, self.qf2]
+
+    @property
+    def critic_targets(self):
+        return [self.qf1_target, self.qf2_target]
+
+    def q_values(self, obs, actions):
+        return torch.stack([qf(obs).gather(1, actions.long().view(-1, 1)).squeeze(1) for qf in self.critics])
+
+    def neuron_layers(self) -> dict[str, list[NeuronLayer]]:
+        return {"actor": self.actor.neuron_layers(), "qf1": self.qf1.neuron_layers(), "qf2": self.qf2.neuron_layers()}
+
+    def heads(self) -> list[tuple[nn.Module, str]]:
+        nets = (self.actor, *self.critics, *self.critic_targets)
+        return [(net, name) for net in nets for name in net.head_names]
+
+    def reset_critics(self):
+        """Fresh critics and targets, initial temperature, and optimizers without their moments."""
+        for qf, qf_target in zip(self.critics, self.critic_targets):
+            fresh = self.new_critic()
+            qf.load_state_dict(fresh.state_dict())
+            qf_target.load_state_dict(fresh.state_dict())
+        with torch.no_grad():
+            self.log_alpha.fill_(float(np.log(self.args.alpha)))
+        self.q_optimizer.optimizer.state.clear()
+        self.a_optimizer.state.clear()
+
+    def plain_copy(self) -> "SACLearner":
+        copy = SACLearner(self.num_actions, self.args, self.device)
+        copy.load_state_dict(self.state_dict())
+        return copy
 
     def state_dict(self):
         return {"actor": self.actor.state_dict(), "qf1": self.qf1.state_dict(), "qf2": self.qf2.state_dict(),
@@ -806,7 +955,8 @@ def main(args: Args) -> dict:
     unique_games = list(dict.fromkeys(stage_tasks))
     normalization = parse_game_scores(args.game_scores)
     H = len(stage_tasks)
-    use_mask, use_replay = not args.no_mask, not args.no_replay and H > 1
+    is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
+    use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
@@ -839,7 +989,9 @@ def main(args: Args) -> dict:
     num_actions = int(eval_envs[unique_games[0]][0].action_space.n)
 
     seed_everything(args.seed, args.torch_deterministic)
-    sac = SACLearner(num_actions, args, device, compile=args.compile, cudagraphs=args.cudagraphs)
+    method = make_method(args)
+    sac = SACLearner(num_actions, args, device, compile=args.compile, cudagraphs=args.cudagraphs, method=method)
+    method.setup(sac)
     actor = sac.actor
 
     networks = {"actor": actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()}
@@ -860,6 +1012,7 @@ def main(args: Args) -> dict:
                 [mask for name in names for mask in neuron_masks[name]]))
 
     if checkpoint is not None:
+        method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
         sac.load_state_dict(checkpoint)
         neuron_masks = {k: [m for m in v] for k, v in checkpoint["neuron_masks"].items()}
         last_selected = dict(checkpoint["last_selected"])
@@ -880,7 +1033,8 @@ def main(args: Args) -> dict:
     def evaluate_all(step, eval_seed):
         returns, normalized = {}, {}
         for game in unique_games:
-            result = rollout(eval_envs[game], stochastic_policy(eval_seed), eval_seed, device, args.eval_steps)
+            with method.acting(game):
+                result = rollout(eval_envs[game], stochastic_policy(eval_seed), eval_seed, device, args.eval_steps)
             done = result["return"][result["finished"]]
             # mean of the games finished within the budget; if none finished, the unfinished games' returns so far
             returns[game] = float(done.mean() if len(done) else result["return"].mean())
@@ -952,6 +1106,7 @@ def main(args: Args) -> dict:
         if not args.keep_buffer:
             rb.clear()
         progress.set_description(f"stage {stage + 1}/{H} {game}")
+        method.begin_stage(stage, game)
         obs, _ = env.reset(seed=stage_seed)
         logs, updates, dpre_updates = {}, 0, 0
         stage_start_time = sps_time = time.time()
@@ -979,12 +1134,15 @@ def main(args: Args) -> dict:
                 from_dpre = use_replay and dpre.size > 0 and update_index % args.replay_interval == 0
                 data = (dpre if from_dpre else rb).sample(args.batch_size)
                 # the target network follows the first update at or after every target_network_frequency env steps
-                logs = sac.update(data, update_policy=True,
-                                  update_target=(step - args.learning_starts) % args.target_network_frequency < args.update_frequency)
+                update_target = (step - args.learning_starts) % args.target_network_frequency < args.update_frequency
+                logs = sac.update(data, update_policy=True, update_target=update_target)
+                method.after_update(data, True, update_target)
                 updates, dpre_updates = updates + 1, dpre_updates + from_dpre
                 if update_index % 100 == 0:  # the only host synchronisation of the update path
                     for name, value in logs.items():
                         writer.add_scalar(f"losses/{name}", value.item(), global_step)
+                    for name, value in method.logs().items():
+                        writer.add_scalar(f"method/{name}", float(value), global_step)
                     sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the steps since the last log
                     sps_time, sps_step = time.time(), step + 1
                     writer.add_scalar("charts/SPS", sps, global_step)
@@ -1017,6 +1175,8 @@ def main(args: Args) -> dict:
             scores = {}
         if use_replay and stage < H - 1:
             dpre.extend(rb.latest(args.dpre_per_task))
+        if stage < H - 1:
+            method.end_stage(stage, game, rb)  # a task switch follows
         record["wall_seconds"] = round(time.time() - stage_start_time, 2)
         stage_records.append(record)
         print(f"stage {stage + 1}/{H} {game}: {stage_steps} steps, {record['wall_seconds']:.0f}s, return "
@@ -1028,7 +1188,7 @@ def main(args: Args) -> dict:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
         atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
+            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
             "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
             "task_success": task_success_rows, "task_return": task_return_rows, "global_step": global_step})
         metrics = write_metrics(run_dir, run_name, stage_tasks, sr, task_success_rows, task_return_rows, stage_records)

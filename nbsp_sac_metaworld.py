@@ -26,6 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import skill_neurons as sn
+from baselines import METHODS, Consumer, Method, NeuronLayer, make_method
 
 
 @dataclass
@@ -121,10 +122,54 @@ class Args:
     identify_episodes: int = 20
     """episodes (stochastic policy, not training steps) of the identification window"""
 
+    # Baselines (paper Appendix C.1); each module in baselines/ says where its values come from
+    method: Literal["nbsp", "sac", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi"] = "nbsp"
+    """continual-learning method: NBSP, plain SAC fine-tuning (sac), or one of the paper's baselines"""
+    ewc_lambda: float = 1e4
+    """ewc: weight lambda of the penalty lambda * sum F (theta - theta*)^2"""
+    fisher_batches: int = 10
+    """ewc, ancl: batches (of --batch-size) from the finished task's buffer that estimate the Fisher"""
+    fisher_critic: bool = False
+    """ewc, ancl: also regularise the critics (Continual World's SAC: actor only)"""
+    npc_decay: float = 0.99
+    """npc: moving-average factor of the neuron importance"""
+    npc_scale: float = 1.0
+    """npc: a neuron's step is scaled by 1 / (1 + npc_scale * normalised importance)"""
+    ancl_lambda: float = 1e4
+    """ancl: weight lambda of the old-task (EWC) penalty"""
+    ancl_aux_lambda: float = 10.0
+    """ancl: weight lambda_a of the auxiliary-network penalty (0: exactly EWC)"""
+    ancl_a: float = 0.5
+    """ancl: Fisher merge at a task switch, F_old <- a F_old + (1 - a) F_new"""
+    cotasp_lambda: float = 1e-3
+    """cotasp: lasso weight of the sparse prompt code"""
+    cotasp_weight_steps: int = 990
+    """cotasp: actor weight updates of each alternation round"""
+    cotasp_prompt_steps: int = 10
+    """cotasp: prompt updates of each alternation round"""
+    crelu_halve_width: bool = False
+    """crelu: halve each hidden layer's pre-activation width (same parameter count) instead of doubling the next fan-in"""
+    cbp_replacement_rate: float = 1e-4
+    """cbp: fraction of mature units of a layer replaced after each optimizer step"""
+    cbp_maturity_threshold: int = 10_000
+    """cbp: optimizer steps a unit must age before it can be replaced"""
+    cbp_decay: float = 0.99
+    """cbp: moving-average factor eta of the utility"""
+
 
 RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs"}
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
 EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
+NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio", "mask_alpha", "mask_target",
+              "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes"]
+
+
+def method_of_flag(name: str) -> tuple[str, ...]:
+    """Methods that read a method-specific flag ("fisher_*" is shared by ewc and ancl); () for general flags."""
+    if name in NBSP_FLAGS:
+        return ("nbsp",)
+    prefix = name.split("_")[0]
+    return ("ewc", "ancl") if prefix == "fisher" else (prefix,) if prefix in METHODS and name != "method" else ()
 
 
 def fail(message: str) -> None:
@@ -156,12 +201,35 @@ def validate(args: Args) -> None:
         fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
     if not 0.0 <= args.early_stop_success <= 1.0:
         fail(f"--early-stop-success must be in [0, 1] (0 disables), got {args.early_stop_success}")
-    for name in ["identify", "apply_to", "mask_target", "mask_combine"]:
+    for name in ["identify", "apply_to", "mask_target", "mask_combine", "method"]:
         valid = Args.__annotations__[name].__args__
         if getattr(args, name) not in valid:
             fail(f"--{name.replace('_', '-')} must be one of {', '.join(valid)}; got {getattr(args, name)!r}")
     if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
         fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
+    validate_method_flags(args)
+
+
+def validate_method_flags(args) -> None:
+    """A flag of another method would be silently ignored: refuse it, and check the method's own values."""
+    defaults = type(args)()
+    for f in fields(args):
+        owners = method_of_flag(f.name)
+        if owners and args.method not in owners and getattr(args, f.name) != getattr(defaults, f.name):
+            fail(f"--{f.name.replace('_', '-')} applies to --method {' or '.join(owners)}, not {args.method}")
+    for name in ["ewc_lambda", "ancl_lambda", "ancl_aux_lambda", "cotasp_lambda", "npc_scale"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ["npc_decay", "ancl_a", "cbp_decay", "cbp_replacement_rate"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.cbp_maturity_threshold < 0:
+        fail(f"--cbp-maturity-threshold must be >= 0, got {args.cbp_maturity_threshold}")
+    if args.method not in ("nbsp", "sac") and (args.compile or args.cudagraphs):
+        fail(f"--compile and --cudagraphs support --method nbsp and sac; {args.method}'s hooks run eagerly")
 
 
 def load_resume(args: Args) -> tuple[Args, str, dict]:
@@ -251,20 +319,35 @@ LOG_STD_MAX = 2
 LOG_STD_MIN = -5
 
 
-def mlp_trunk(in_dim: int, hidden: list[int]) -> nn.Sequential:
+def relu_layer(width: int) -> tuple[int, nn.Module, int]:
+    return width, nn.ReLU(), width
+
+
+def mlp_trunk(in_dim: int, hidden: list[int], hidden_activation=relu_layer) -> tuple[nn.Sequential, int]:
+    """Linear + activation per hidden width; `hidden_activation` (a method hook) may change both widths."""
     layers = []
     for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.ReLU()]
-        in_dim = width
-    return nn.Sequential(*layers)
+        linear_width, activation, in_next = hidden_activation(width)
+        layers += [nn.Linear(in_dim, linear_width), activation]
+        in_dim = in_next
+    return nn.Sequential(*layers), in_dim
+
+
+def linear_consumers(layers: list[nn.Module], heads: list[nn.Module], member=None) -> list[list[Consumer]]:
+    """For each hidden layer, the layers that read its output: the next hidden layer or the heads."""
+    readers = [[layer] for layer in layers[1:]] + [heads]
+    # inputs are dimension 1 of both nn.Linear's [out, in] and EnsembleLinear's [E, in, out] weights
+    return [[Consumer(m.weight, m.bias, 1, member) for m in group] for group in readers]
 
 
 class Actor(nn.Module):
-    def __init__(self, obs_dim, act_dim, hidden, action_low, action_high):
+    head_names = ("fc_mean", "fc_logstd")
+
+    def __init__(self, obs_dim, act_dim, hidden, action_low, action_high, hidden_activation=relu_layer):
         super().__init__()
-        self.trunk = mlp_trunk(obs_dim, hidden)
-        self.fc_mean = nn.Linear(hidden[-1], act_dim)
-        self.fc_logstd = nn.Linear(hidden[-1], act_dim)
+        self.trunk, trunk_width = mlp_trunk(obs_dim, hidden, hidden_activation)
+        self.fc_mean = nn.Linear(trunk_width, act_dim)
+        self.fc_logstd = nn.Linear(trunk_width, act_dim)
         self.register_buffer("action_scale", torch.tensor((action_high - action_low) / 2.0, dtype=torch.float32))
         self.register_buffer("action_bias", torch.tensor((action_high + action_low) / 2.0, dtype=torch.float32))
 
@@ -296,6 +379,10 @@ class Actor(nn.Module):
         pairs = zip(self.trunk[0::2], self.trunk[1::2])
         return [sn.HiddenLayer(act, lin.weight, lin.bias, neuron_dim=0) for lin, act in pairs]
 
+    def neuron_layers(self) -> list[NeuronLayer]:
+        consumers = linear_consumers(list(self.trunk[0::2]), [self.fc_mean, self.fc_logstd])
+        return [NeuronLayer(h, tuple(c)) for h, c in zip(self.hidden_layers(), consumers)]
+
 
 class EnsembleLinear(nn.Module):
     """`num` independent linear layers applied in one batched matmul: [E, B, in] -> [E, B, out]."""
@@ -313,15 +400,18 @@ class EnsembleLinear(nn.Module):
 class TwinQNetwork(nn.Module):
     """CleanRL's two SoftQNetworks (qf1, qf2) fused into one module; forward gives [2, B]."""
 
-    def __init__(self, obs_dim, act_dim, hidden, num_critics=2):
+    head_names = ("head",)
+
+    def __init__(self, obs_dim, act_dim, hidden, num_critics=2, hidden_activation=relu_layer):
         super().__init__()
         self.num_critics = num_critics
-        dims = [obs_dim + act_dim] + list(hidden)
-        layers = []
-        for in_dim, out_dim in zip(dims[:-1], dims[1:]):
-            layers += [EnsembleLinear(num_critics, in_dim, out_dim), nn.ReLU()]
+        layers, in_dim = [], obs_dim + act_dim
+        for width in hidden:
+            linear_width, activation, in_next = hidden_activation(width)
+            layers += [EnsembleLinear(num_critics, in_dim, linear_width), activation]
+            in_dim = in_next
         self.trunk = nn.Sequential(*layers)
-        self.head = EnsembleLinear(num_critics, dims[-1], 1)
+        self.head = EnsembleLinear(num_critics, in_dim, 1)
 
     def forward(self, obs, act):
         x = torch.cat([obs, act], 1).expand(self.num_critics, -1, -1)
@@ -330,6 +420,10 @@ class TwinQNetwork(nn.Module):
     def hidden_layers(self, member: int) -> list[sn.HiddenLayer]:
         pairs = zip(self.trunk[0::2], self.trunk[1::2])
         return [sn.HiddenLayer(act, lin.weight, lin.bias, neuron_dim=2, member=member) for lin, act in pairs]
+
+    def neuron_layers(self, member: int) -> list[NeuronLayer]:
+        consumers = linear_consumers(list(self.trunk[0::2]), [self.head], member)
+        return [NeuronLayer(h, tuple(c)) for h, c in zip(self.hidden_layers(member), consumers)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,25 +500,31 @@ class MaskedOptimizer:
 
 
 class SACLearner:
-    """SAC (CleanRL's losses and delayed policy updates) with NBSP's masked optimizer steps.
+    """SAC (CleanRL's losses and delayed policy updates) with NBSP's masked optimizer steps and
+    the hooks of a baseline `method` (baselines/__init__.py lists them and what they may use).
 
     Fast where it is exact: both critics in one batched module, no critic weight gradients in
     the actor loss, foreach target update, no host synchronisation (losses stay tensors).
     `compile` wraps the critic and actor steps in torch.compile; `cudagraphs` also replays them
     as CUDA graphs (mode "reduce-overhead")."""
 
-    def __init__(self, obs_dim, act_dim, action_low, action_high, args: Args, device, compile=False, cudagraphs=False):
-        self.args = args
-        self.actor = Actor(obs_dim, act_dim, args.hidden, action_low, action_high).to(device)
-        self.qf = TwinQNetwork(obs_dim, act_dim, args.hidden).to(device)
-        self.qf_target = TwinQNetwork(obs_dim, act_dim, args.hidden).to(device)
+    discrete = False
+
+    def __init__(self, obs_dim, act_dim, action_low, action_high, args: Args, device, compile=False, cudagraphs=False,
+                 method: Method | None = None):
+        self.args, self.device = args, device
+        self.method = method or Method(args)
+        self.shape = (obs_dim, act_dim, action_low, action_high)
+        self.actor = Actor(obs_dim, act_dim, args.hidden, action_low, action_high, self.method.hidden_activation).to(device)
+        self.qf = self.new_critic()
+        self.qf_target = self.new_critic()
         self.qf_target.load_state_dict(self.qf.state_dict())
-        adam = dict(capturable=cudagraphs, foreach=True)
-        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **adam), args.mask_target)
-        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **adam), args.mask_target)
+        self.adam = dict(capturable=cudagraphs, foreach=True)
+        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam), args.mask_target)
+        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
-        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **adam)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
         if compile or cudagraphs:
             torch._inductor.config.fallback_random = True  # the eager random stream: compiled updates stay exact
             mode = "reduce-overhead" if cudagraphs else None
@@ -440,9 +540,12 @@ class SACLearner:
         qf_a_values = self.qf(obs, actions)
         qf_losses = ((qf_a_values - next_q_value) ** 2).mean(1)
         qf_loss = qf_losses.sum()
+        penalty = self.method.extra_loss("critic")
         self.q_optimizer.zero_grad()
-        qf_loss.backward()
+        (qf_loss if penalty is None else qf_loss + penalty).backward()
+        self.method.after_backward("critic")
         self.q_optimizer.step()
+        self.method.after_step("critic")
         if update_target:
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.args.tau)
@@ -454,9 +557,12 @@ class SACLearner:
         # detached critic parameters: the actor loss needs no critic weight gradients
         min_qf_pi = torch.func.functional_call(self.qf, self.frozen_qf_params(), (obs, pi)).min(0).values
         actor_loss = (self.log_alpha.exp().detach() * log_pi - min_qf_pi).mean()
+        penalty = self.method.extra_loss("actor")
         self.actor_optimizer.zero_grad()
-        actor_loss.backward()
+        (actor_loss if penalty is None else actor_loss + penalty).backward()
+        self.method.after_backward("actor")
         self.actor_optimizer.step()
+        self.method.after_step("actor")
         logs = {"actor_loss": actor_loss.detach()}
         if self.args.autotune:
             with torch.no_grad():
@@ -480,6 +586,43 @@ class SACLearner:
 
     def frozen_qf_params(self):
         return {name: p.detach() for name, p in self.qf.named_parameters()}
+
+    # What baseline methods use (see baselines/__init__.py)
+    def new_critic(self):
+        obs_dim, act_dim, _, _ = self.shape
+        return TwinQNetwork(obs_dim, act_dim, self.args.hidden, hidden_activation=self.method.hidden_activation).to(self.device)
+
+    @property
+    def critics(self):
+        return [self.qf]
+
+    @property
+    def critic_targets(self):
+        return [self.qf_target]
+
+    def q_values(self, obs, actions):
+        return self.qf(obs, actions)
+
+    def neuron_layers(self) -> dict[str, list[NeuronLayer]]:
+        return {"actor": self.actor.neuron_layers(), "qf1": self.qf.neuron_layers(0), "qf2": self.qf.neuron_layers(1)}
+
+    def heads(self) -> list[tuple[nn.Module, str]]:
+        return [(net, name) for net in (self.actor, self.qf, self.qf_target) for name in net.head_names]
+
+    def reset_critics(self):
+        """Fresh critics and targets, initial temperature, and optimizers without their moments."""
+        fresh = self.new_critic()
+        self.qf.load_state_dict(fresh.state_dict())
+        self.qf_target.load_state_dict(fresh.state_dict())
+        with torch.no_grad():
+            self.log_alpha.fill_(float(np.log(self.args.alpha)))
+        self.q_optimizer.optimizer.state.clear()
+        self.a_optimizer.state.clear()
+
+    def plain_copy(self) -> "SACLearner":
+        copy = SACLearner(*self.shape, self.args, self.device)
+        copy.load_state_dict(self.state_dict())
+        return copy
 
     def state_dict(self):
         return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
@@ -551,7 +694,8 @@ def main(args: Args) -> dict:
     stage_tasks = [t.removesuffix("-v3") for t in args.tasks] * args.cycles
     unique_tasks = list(dict.fromkeys(stage_tasks))
     H = len(stage_tasks)
-    use_mask, use_replay = not args.no_mask, not args.no_replay and H > 1
+    is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
+    use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
@@ -581,8 +725,10 @@ def main(args: Args) -> dict:
     act_dim = int(np.prod(probe_env.action_space.shape))
 
     seed_everything(args.seed, args.torch_deterministic)
+    method = make_method(args)
     sac = SACLearner(obs_dim, act_dim, probe_env.action_space.low, probe_env.action_space.high, args, device,
-                     compile=args.compile, cudagraphs=args.cudagraphs)
+                     compile=args.compile, cudagraphs=args.cudagraphs, method=method)
+    method.setup(sac)
     actor, qf = sac.actor, sac.qf
 
     networks = {"actor": actor.hidden_layers(), "qf1": qf.hidden_layers(0), "qf2": qf.hidden_layers(1)}
@@ -603,6 +749,7 @@ def main(args: Args) -> dict:
                 [mask for name in names for mask in neuron_masks[name]]))
 
     if checkpoint is not None:
+        method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
         sac.load_state_dict(checkpoint)
         neuron_masks = {k: [m for m in v] for k, v in checkpoint["neuron_masks"].items()}
         last_selected = dict(checkpoint["last_selected"])
@@ -622,7 +769,8 @@ def main(args: Args) -> dict:
     def evaluate_all(step, eval_seed):
         rates = {}
         for task in unique_tasks:
-            rates[task] = float(rollout(rollout_envs[task], args.eval_episodes, deterministic_action, eval_seed, device)["success"].mean())
+            with method.acting(task):
+                rates[task] = float(rollout(rollout_envs[task], args.eval_episodes, deterministic_action, eval_seed, device)["success"].mean())
             writer.add_scalar(f"eval/{task}/success_rate", rates[task], step)
         return rates
 
@@ -683,6 +831,7 @@ def main(args: Args) -> dict:
         if not args.keep_buffer:
             rb.clear()
         progress.set_description(f"stage {stage + 1}/{H} {task}")
+        method.begin_stage(stage, task)
         obs, _ = env.reset(seed=stage_seed)
         episode_success, episode_start = False, 0
         recent_success = deque(maxlen=EARLY_STOP_WINDOW)
@@ -713,11 +862,15 @@ def main(args: Args) -> dict:
                 update_index = step - args.learning_starts
                 from_dpre = use_replay and dpre.size > 0 and update_index % args.replay_interval == 0
                 data = (dpre if from_dpre else rb).sample(args.batch_size)
-                logs = sac.update(data, update_policy=update_index % args.policy_frequency == 0,
-                                  update_target=update_index % args.target_network_frequency == 0)
+                update_policy = update_index % args.policy_frequency == 0
+                update_target = update_index % args.target_network_frequency == 0
+                logs = sac.update(data, update_policy, update_target)
+                method.after_update(data, update_policy, update_target)
                 if update_index % 100 == 0:  # the only host synchronisation of the update path
                     for name, value in logs.items():
                         writer.add_scalar(f"losses/{name}", value.item(), global_step)
+                    for name, value in method.logs().items():
+                        writer.add_scalar(f"method/{name}", float(value), global_step)
                     sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the last 100 steps
                     sps_time, sps_step = time.time(), step + 1
                     writer.add_scalar("charts/SPS", sps, global_step)
@@ -754,6 +907,8 @@ def main(args: Args) -> dict:
             scores = {}
         if use_replay and stage < H - 1:
             dpre.extend(rb.latest(args.dpre_per_task))
+        if stage < H - 1:
+            method.end_stage(stage, task, rb)  # a task switch follows
         record["wall_seconds"] = round(time.time() - stage_start_time, 2)
         stage_records.append(record)
         print(f"stage {stage + 1}/{H} {task}: {stage_steps} steps{' (early stop)' if early_stopped else ''}, "
@@ -764,7 +919,7 @@ def main(args: Args) -> dict:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
         atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
+            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
             "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
             "task_success": task_success_rows, "global_step": global_step})
         metrics = write_metrics(run_dir, run_name, stage_tasks, sr, task_success_rows, stage_records)
