@@ -1,0 +1,131 @@
+"""The `--method` plumbing shared by every baseline: `sac` is NBSP with its mask and replay off,
+flags of other methods are refused, and the hooks run at the documented points of both scripts.
+Each baseline's own behaviour is tested in tests/test_baseline_<method>.py."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import nbsp_sac_atari as atari
+import nbsp_sac_metaworld as mw
+from baselines import METHODS, Method
+
+MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=300,
+               learning_starts=100, eval_every=0, eval_episodes=2, buffer_size=1000, cuda=False)
+ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=240, learning_starts=100, batch_size=8,
+                  conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=100, eval_envs=2,
+                  eval_every=0, target_network_frequency=40, cuda=False)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_method_choices_match_the_scripts():
+    for script in (mw, atari):
+        assert script.Args.__annotations__["method"].__args__ == METHODS
+
+
+@pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
+def test_sac_is_nbsp_without_mask_and_replay(script, tiny, tmp_path):
+    sac = script.main(script.Args(**tiny, method="sac", runs_dir=str(tmp_path / "sac")))
+    off = script.main(script.Args(**tiny, no_mask=True, no_replay=True, runs_dir=str(tmp_path / "off")))
+    metric = "ASR" if script is mw else "AR"
+    assert sac["sr"] == off["sr"] and sac[metric] == off[metric]
+    a = load(tmp_path / "sac" / sac["run_name"] / "checkpoint.pt")
+    b = load(tmp_path / "off" / off["run_name"] / "checkpoint.pt")
+    for name, tensor in a["actor"].items():
+        assert torch.equal(tensor, b["actor"][name]), name
+    assert a["neuron_masks"] == {}
+    assert all("skill_neurons" not in stage for stage in sac["stages"])  # no identification for sac
+
+
+class Recorder(Method):
+    """Counts every hook call, and adds a zero extra loss so that path runs too."""
+
+    calls: list = []
+
+    def setup(self, learner):
+        super().setup(learner)
+        self.calls.append(("setup", type(learner).__module__))
+
+    def begin_stage(self, stage, task):
+        self.calls.append(("begin_stage", stage, task))
+
+    def acting(self, task):
+        self.calls.append(("acting", task))
+        return super().acting(task)
+
+    def extra_loss(self, network):
+        self.calls.append(("extra_loss", network))
+        return torch.zeros(())
+
+    def after_backward(self, network):
+        self.calls.append(("after_backward", network))
+
+    def after_step(self, network):
+        self.calls.append(("after_step", network))
+
+    def after_update(self, data, update_policy, update_target):
+        self.calls.append(("after_update", len(data)))
+
+    def end_stage(self, stage, task, rb):
+        self.calls.append(("end_stage", stage, task, rb.size))
+
+    def state_dict(self):
+        return {"count": torch.tensor(len(self.calls))}
+
+
+@pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
+def test_hooks_run_at_their_points(script, tiny, tmp_path, monkeypatch):
+    Recorder.calls = []
+    monkeypatch.setattr(script, "make_method", Recorder)
+    metrics = script.main(script.Args(**tiny, method="sac", runs_dir=str(tmp_path)))
+    calls = Recorder.calls
+    tasks = tiny.get("tasks") or tiny["games"]
+    assert calls[0] == ("setup", script.__name__)
+    assert [c for c in calls if c[0] == "begin_stage"] == [("begin_stage", 0, tasks[0]), ("begin_stage", 1, tasks[1])]
+    # end_stage only at the task switch, with the finished stage's buffer
+    ends = [c for c in calls if c[0] == "end_stage"]
+    assert len(ends) == 1 and ends[0][1:3] == (0, tasks[0]) and ends[0][3] > 0
+    # evaluation after each stage acts on every task of the run
+    assert [c[1] for c in calls if c[0] == "acting"] == tasks * 2
+    # every update: critic then actor hooks in order, then after_update with the 5-part batch
+    updates = [c for c in calls if c[0] == "after_update"]
+    assert updates and all(c[1] == 5 for c in updates)
+    first = calls.index(("extra_loss", "critic"))
+    assert calls[first : first + 3] == [("extra_loss", "critic"), ("after_backward", "critic"), ("after_step", "critic")]
+    assert ("after_step", "actor") in calls
+    checkpoint = load(tmp_path / metrics["run_name"] / "checkpoint.pt")
+    assert int(checkpoint["method"]["count"]) > 0
+
+
+@pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
+@pytest.mark.parametrize("overrides, named", [
+    ({"method": "sac", "hard_mask": True}, "--hard-mask applies to --method nbsp, not sac"),
+    ({"method": "ewc", "skill_ratio": 0.1}, "--skill-ratio applies to --method nbsp, not ewc"),
+    ({"method": "nbsp", "ewc_lambda": 1.0}, "--ewc-lambda applies to --method ewc, not nbsp"),
+    ({"method": "cbp", "fisher_batches": 3}, "--fisher-batches applies to --method ewc or ancl, not cbp"),
+    ({"method": "npc", "cbp_decay": 0.5}, "--cbp-decay applies to --method cbp, not npc"),
+    ({"method": "ewc", "compile": True}, "--compile and --cudagraphs support --method nbsp and sac"),
+    ({"method": "cbp", "cbp_replacement_rate": 1.5}, "--cbp-replacement-rate must be in [0, 1]"),
+    ({"method": "ancl", "ancl_a": -0.1}, "--ancl-a must be in [0, 1]"),
+    ({"method": "cotasp", "cotasp_prompt_steps": 0}, "--cotasp-prompt-steps must be a positive integer"),
+    ({"method": "bogus"}, "--method must be one of nbsp, sac, ewc"),
+])
+def test_method_flags_are_checked(script, tiny, overrides, named, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(script.Args(**tiny, **overrides, runs_dir=str(tmp_path / "runs")))
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert os.listdir(tmp_path) == []
+
+
+def test_config_records_the_method(tmp_path):
+    metrics = mw.main(mw.Args(**{**MW_TINY, "tasks": ["reach"]}, method="sac", runs_dir=str(tmp_path)))
+    with open(tmp_path / metrics["run_name"] / "config.json") as f:
+        assert json.load(f)["args"]["method"] == "sac"
