@@ -1,0 +1,214 @@
+"""Tests of scripts/figures.py: seed alignment and averaging by hand, settings grouping, and
+every figure written as non-empty PNG and PDF, from synthetic run folders (TensorBoard events,
+config.json, metrics.json written here) and, for the activation histogram, from a tiny real run
+of nbsp_sac_metaworld.py (`tiny_run`, also used by test_neuron_analysis.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import figures  # noqa: E402
+
+TASKS = ["reach", "drawer-close"]
+STAGE_TASKS = TASKS * 2
+BUDGET, EVAL_EVERY = 1000, 250
+TINY_RUN = ["--tasks", "reach", "drawer-close", "--cycles", "1", "--hidden", "8", "8", "--batch-size", "8",
+            "--steps-per-task", "300", "--learning-starts", "100", "--eval-every", "0", "--eval-episodes", "2",
+            "--identify-episodes", "2", "--buffer-size", "1000", "--dpre-per-task", "100", "--no-cuda"]
+
+
+def write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def success_curve(method, task, stage_task, progress, seed):
+    """A plausible curve: the trained task rises; SAC forgets the other task, NBSP keeps it."""
+    if task == stage_task:
+        return min(1.0, progress + 0.05 * seed)
+    return 0.1 if method == "sac" else 0.8
+
+
+def write_run(runs_dir, method, seed, stage_lengths=(BUDGET,) * 4, skill_ratio=0.2, asr=None, complete=True):
+    """A run folder as the training script writes it: events with eval/{task}/success_rate every
+    EVAL_EVERY steps and at each stage end (the same step twice where they coincide), config.json
+    and metrics.json."""
+    run_name = f"{'+'.join(TASKS)}__{method}_r{skill_ratio}__{seed}"
+    run_dir = os.path.join(runs_dir, run_name)
+    os.makedirs(run_dir)
+    args = {"seed": seed, "exp_name": f"{method}_r{skill_ratio}", "runs_dir": str(runs_dir), "cuda": False,
+            "tasks": TASKS, "cycles": 2, "steps_per_task": BUDGET, "eval_every": EVAL_EVERY, "hidden": [8, 8],
+            "method": method, "skill_ratio": skill_ratio}
+    write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": args, "stage_tasks": STAGE_TASKS})
+    writer = SummaryWriter(run_dir)
+    step, stages = 0, []
+    for stage, (stage_task, length) in enumerate(zip(STAGE_TASKS, stage_lengths)):
+        start = step
+        for step in range(start + 1, start + length + 1):
+            if step % EVAL_EVERY == 0 or step == start + length:
+                for task in TASKS:
+                    value = success_curve(method, task, stage_task, (step - start) / length, seed)
+                    writer.add_scalar(f"eval/{task}/success_rate", value, step)
+        stages.append({"stage": stage + 1, "task": stage_task, "env_steps": length, "budget_steps": BUDGET,
+                       "early_stopped": length < BUDGET, "wall_seconds": 1.0})
+    writer.close()
+    metrics = {"run_name": run_name, "stage_tasks": STAGE_TASKS, "complete": complete, "sr": [], "stages": stages,
+               "ASR": asr if asr is not None else (0.6 if method == "sac" else 0.85), "FM": 0.1, "FWT": 0.9}
+    write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def synthetic_runs(tmp_path_factory):
+    """Two settings: sac (seeds 1, 2) and nbsp (seeds 1, 2, 3; seed 3 stops stage 1 early)."""
+    base = tmp_path_factory.mktemp("curves")
+    for seed in (1, 2):
+        write_run(base / "sac", "sac", seed)
+    for seed in (1, 2):
+        write_run(base / "nbsp", "nbsp", seed)
+    write_run(base / "nbsp", "nbsp", 3, stage_lengths=(600, BUDGET, BUDGET, BUDGET))
+    return base
+
+
+def make_tiny_run(runs_dir) -> str:
+    """A real two-stage NBSP run (reach -> drawer-close) with tiny networks and budgets (~15 s)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(ROOT, "nbsp_sac_metaworld.py"), *TINY_RUN, "--runs-dir", str(runs_dir)],
+                   check=True, env=env, cwd=ROOT, capture_output=True, text=True)
+    (name,) = os.listdir(runs_dir)
+    return os.path.join(runs_dir, name)
+
+
+_TINY_RUNS = {}  # one tiny run per pytest session, shared with test_neuron_analysis.py (read only)
+
+
+def shared_tiny_run(tmp_path_factory) -> str:
+    if "run" not in _TINY_RUNS:
+        _TINY_RUNS["run"] = make_tiny_run(tmp_path_factory.mktemp("tiny_runs"))
+    return _TINY_RUNS["run"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return shared_tiny_run(tmp_path_factory)
+
+
+def assert_figures(paths):
+    assert [os.path.splitext(p)[1] for p in paths] == [".png", ".pdf"]
+    for path, magic in zip(paths, (b"\x89PNG", b"%PDF")):
+        assert os.path.getsize(path) > 1000
+        with open(path, "rb") as f:
+            assert f.read(4) == magic
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers, by hand
+# --------------------------------------------------------------------------------------------
+def test_to_stage_coordinates_hand_computed():
+    # stages of 1000, 600 and 1000 steps end at global steps 1000, 1600 and 2600
+    x = figures.to_stage_coordinates([0, 500, 1000, 1300, 1600, 2100, 2600], [1000, 600, 1000])
+    np.testing.assert_allclose(x, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+
+
+def test_mean_and_se_hand_computed():
+    # seed a: 0 -> 1 linearly over x in [0, 2]; seed b: 1 everywhere on [0, 2]; seed c: only [1, 2]
+    grid, mean, se, count = figures.mean_and_se([
+        (np.array([0.0, 2.0]), np.array([0.0, 1.0])),
+        (np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 1.0])),
+        (np.array([1.0, 2.0]), np.array([0.0, 0.0])),
+    ])
+    np.testing.assert_allclose(grid, [0, 1, 2])
+    np.testing.assert_array_equal(count, [2, 3, 3])
+    # x=0: {0, 1}; x=1: {0.5, 1, 0}; x=2: {1, 1, 0}
+    np.testing.assert_allclose(mean, [0.5, 0.5, 2 / 3])
+    np.testing.assert_allclose(se, [np.std([0, 1], ddof=1) / np.sqrt(2), np.std([0.5, 1, 0], ddof=1) / np.sqrt(3),
+                                    np.std([1, 1, 0], ddof=1) / np.sqrt(3)])
+    _, _, se_one, _ = figures.mean_and_se([(np.array([0.0, 1.0]), np.array([0.2, 0.4]))])
+    np.testing.assert_array_equal(se_one, [0, 0])  # one seed: no band
+
+
+def test_read_eval_curves_one_value_per_step(synthetic_runs):
+    run_dir = os.path.join(synthetic_runs, "nbsp", os.listdir(synthetic_runs / "nbsp")[0])
+    curves = figures.read_eval_curves(run_dir)
+    assert sorted(curves) == sorted(TASKS)
+    steps, values = curves["reach"]
+    # every 250 steps over 4 stages of 1000; stage ends coincide with evaluations: logged twice, kept once
+    np.testing.assert_array_equal(steps, np.arange(250, 4001, 250))
+    assert values.min() >= 0 and values.max() <= 1
+
+
+def test_runs_grouped_into_settings_by_args_minus_seed(synthetic_runs):
+    runs = figures.find_runs([synthetic_runs / "sac", synthetic_runs / "nbsp"])
+    groups = figures.group_runs(runs)
+    labels = figures.setting_labels(groups)
+    assert sorted(labels.values()) == ["nbsp", "sac"]
+    sizes = {labels[k]: [r.args["seed"] for r in v] for k, v in groups.items()}
+    assert sizes == {"nbsp": [1, 2, 3], "sac": [1, 2]}
+    early = next(r for r in runs if r.args["method"] == "nbsp" and r.args["seed"] == 3)
+    assert early.boundaries() == [600, 1600, 2600, 3600]
+    # settings that differ in more than the method are labelled by every differing arg
+    two = figures.setting_labels([json.dumps({"method": "nbsp", "skill_ratio": 0.1}),
+                                  json.dumps({"method": "sac", "skill_ratio": 0.2})])
+    assert sorted(two.values()) == ["method=nbsp, skill-ratio=0.1", "method=sac, skill-ratio=0.2"]
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("align", ["step", "stage"])
+def test_curves_written(synthetic_runs, tmp_path, align):
+    paths = figures.plot_curves([synthetic_runs / "sac", synthetic_runs / "nbsp"], str(tmp_path / f"curves_{align}"), align=align)
+    assert_figures(paths)
+
+
+def test_curves_command_line(synthetic_runs, tmp_path):
+    out = tmp_path / "figs" / "curves.png"  # an extension is dropped: both files are written
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "figures.py"), "curves", str(synthetic_runs / "sac"),
+                             str(synthetic_runs / "nbsp"), "--out", str(out)], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert_figures(result.stdout.split())
+    assert result.stdout.split() == [str(tmp_path / "figs" / "curves.png"), str(tmp_path / "figs" / "curves.pdf")]
+
+
+def test_bad_input_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        figures.main(["curves", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
+
+
+def test_skill_ratio_written(tmp_path, capsys):
+    base = tmp_path / "ratio"
+    for ratio, asr in ((0.1, 0.7), (0.2, 0.9), (0.4, 0.8)):
+        for seed in (1, 2):
+            write_run(base, "nbsp", seed, skill_ratio=ratio, asr=asr + 0.02 * seed)
+    write_run(base, "sac", 1)
+    write_run(base, "sac", 2)
+    write_run(base, "nbsp", 3, skill_ratio=0.8, complete=False)  # unfinished: left out with a note
+    runs = figures.find_runs(base)
+    groups = figures.group_runs([r for r in runs if r.metrics["complete"]], ignore=("skill_ratio",))
+    assert sorted(len(v) for v in groups.values()) == [2, 6]  # sac; nbsp over three ratios
+    assert_figures(figures.plot_skill_ratio([base], str(tmp_path / "skill_ratio")))
+    assert "left out" in capsys.readouterr().err
+
+
+def test_histogram_from_tiny_run(tiny_run, tmp_path):
+    checkpoint = torch.load(os.path.join(tiny_run, "checkpoints", "stage_1.pt"), weights_only=True)
+    data = figures.neuron_activations(tiny_run, stage=1)
+    top = int(torch.argmax(checkpoint["scores"]["actor"]))
+    assert data["neuron"] == top and data["selected"] and data["score"] == pytest.approx(float(checkpoint["scores"]["actor"][top]))
+    assert data["task"] == "reach" and (data["layer"], data["unit"]) == divmod(top, 8)
+    assert data["activation"].shape == data["success"].shape == (2 * 500,)  # 2 identification episodes of 500 steps
+    assert (data["activation"] >= 0).all()  # post-ReLU
+    # a chosen critic neuron on the other task
+    assert_figures(figures.plot_histogram(tiny_run, str(tmp_path / "hist"), stage=2, network="qf1", neuron=3, task="reach"))
