@@ -145,7 +145,7 @@ class Args:
     fisher_critic: bool = False
     """ewc, ancl: also regularise the critics (Continual World's SAC: actor only)"""
     npc_decay: float = 0.99
-    """npc: moving-average factor of the neuron importance"""
+    """npc: moving-average factor d of the per-layer-normalised importance, C <- d C + (1 - d) c / mean(c)"""
     npc_scale: float = 1.0
     """npc: a neuron's step is scaled by 1 / (1 + npc_scale * normalised importance)"""
     ancl_lambda: float = 1e4
@@ -271,9 +271,11 @@ def validate_method_flags(args) -> None:
     for name in ["ewc_lambda", "ancl_lambda", "ancl_aux_lambda", "cotasp_lambda", "npc_scale"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["npc_decay", "ancl_a", "cbp_decay", "cbp_replacement_rate"]:
+    for name in ["npc_decay", "ancl_a", "cbp_replacement_rate"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not 0.0 <= args.cbp_decay < 1.0:  # the bias correction divides by 1 - decay**age
+        fail(f"--cbp-decay must be in [0, 1), got {args.cbp_decay}")
     for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -985,7 +987,8 @@ def main(args: Args) -> dict:
     eval_envs = {game: [make_env(game, args.seed + 10_000 + i, False, args.sticky_actions) for i in range(args.eval_envs)]
                  for game in unique_games}
     identify_envs = {game: [make_env(game, args.seed + 20_000 + i, True, args.sticky_actions)
-                            for i in range(min(args.eval_envs, args.identify_episodes))] for game in unique_games}
+                            for i in range(min(args.eval_envs, args.identify_episodes) if use_mask else 0)]
+                     for game in unique_games}
     num_actions = int(eval_envs[unique_games[0]][0].action_space.n)
 
     seed_everything(args.seed, args.torch_deterministic)
@@ -1022,7 +1025,8 @@ def main(args: Args) -> dict:
         sr, stage_records = checkpoint["sr"], checkpoint["stages"]
         task_success_rows, task_return_rows = checkpoint["task_success"], checkpoint["task_return"]
         start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
-        install_masks()
+        if use_mask:  # NBSP masks; a baseline installs its own in setup
+            install_masks()
 
     def stochastic_policy(seed):
         """The training policy, sampling from its own generator: evaluation and identification

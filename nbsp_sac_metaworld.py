@@ -132,7 +132,7 @@ class Args:
     fisher_critic: bool = False
     """ewc, ancl: also regularise the critics (Continual World's SAC: actor only)"""
     npc_decay: float = 0.99
-    """npc: moving-average factor of the neuron importance"""
+    """npc: moving-average factor d of the per-layer-normalised importance, C <- d C + (1 - d) c / mean(c)"""
     npc_scale: float = 1.0
     """npc: a neuron's step is scaled by 1 / (1 + npc_scale * normalised importance)"""
     ancl_lambda: float = 1e4
@@ -220,9 +220,11 @@ def validate_method_flags(args) -> None:
     for name in ["ewc_lambda", "ancl_lambda", "ancl_aux_lambda", "cotasp_lambda", "npc_scale"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["npc_decay", "ancl_a", "cbp_decay", "cbp_replacement_rate"]:
+    for name in ["npc_decay", "ancl_a", "cbp_replacement_rate"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not 0.0 <= args.cbp_decay < 1.0:  # the bias correction divides by 1 - decay**age
+        fail(f"--cbp-decay must be in [0, 1), got {args.cbp_decay}")
     for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -718,7 +720,7 @@ def main(args: Args) -> dict:
             "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
 
     # one fixed pool of env copies per task, for evaluation and identification rollouts
-    pool_size = max(args.eval_episodes, args.identify_episodes)
+    pool_size = max(args.eval_episodes, args.identify_episodes if use_mask else 0)
     rollout_envs = {task: [make_env(task, args.seed + 10_000 + i) for i in range(pool_size)] for task in unique_tasks}
     probe_env = rollout_envs[unique_tasks[0]][0]
     obs_dim = int(np.prod(probe_env.observation_space.shape))
@@ -758,7 +760,8 @@ def main(args: Args) -> dict:
             rb.load_state_dict(checkpoint["rb"])
         sr, stage_records, task_success_rows = checkpoint["sr"], checkpoint["stages"], checkpoint["task_success"]
         start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
-        install_masks()
+        if use_mask:  # NBSP masks; a baseline installs its own in setup
+            install_masks()
 
     def deterministic_action(obs):
         return actor.deterministic_action(obs)

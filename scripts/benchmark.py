@@ -31,6 +31,7 @@ import tyro  # noqa: E402
 import nbsp_sac_metaworld as nbsp  # noqa: E402
 import skill_neurons as sn  # noqa: E402
 import nbsp_sac_atari as atari  # noqa: E402
+from baselines import METHODS, make_method  # noqa: E402
 from cleanrl_reference import CleanRLSAC, CleanRLSACAtari  # noqa: E402
 
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3 observation and action sizes
@@ -87,13 +88,21 @@ class Args:
     """interleaved rounds of the Atari update"""
     atari_updates_per_block: int | None = None
     """Atari updates per timed block (None: 2 on CPU, 50 on GPU)"""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """methods whose Meta-World update cost is compared with `sac` (empty: skip)"""
+    method_hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+    """hidden widths of the method comparison"""
+    method_rounds: int = 3
+    """interleaved rounds of the method comparison (every method once per round)"""
+    method_updates_per_block: int = 20
+    """updates per method and round"""
     quick: bool = False
     """tiny table, few updates, short end-to-end run at a small width: a smoke test, not a measurement"""
 
 
 QUICK = dict(rounds=2, updates_per_block=2, warmup=1, buffer_rows=2_000, matmul_size=256, widths=[32, 64],
              batches=[16, 64], table_rounds=2, e2e_hidden=[64, 64, 64], e2e_learning_starts=20, e2e_steps=101,
-             ref_loop_steps=10, atari_rounds=1)
+             ref_loop_steps=10, atari_rounds=1, method_hidden=[32, 32], method_rounds=1, method_updates_per_block=4)
 
 
 def fail(message: str) -> None:
@@ -228,6 +237,52 @@ class AtariReferencePath:
     def step(self):
         self.sac.update(*self.D.sample(self.config.batch_size), update_target=self.index % self.config.target_network_frequency == 0)
         self.index += 1
+
+
+class MethodPath:
+    """The Meta-World update of one `--method` in the second task of a run: its task switch has
+    happened (Fishers, anchors, injected heads, prompts), so every per-update cost is on. NBSP gets
+    masks on every hidden layer and Dpre batches, as `ProjectPath`."""
+
+    def __init__(self, method, hidden, batch, device, D, Dpre, generator):
+        self.config = nbsp.Args(method=method, hidden=list(hidden), batch_size=batch, fisher_batches=2)
+        if method == "nbsp":
+            self.path = ProjectPath(hidden, batch, device, Args(), D, Dpre, generator)
+            self.step = self.path.step
+            return
+        self.method = make_method(self.config)
+        self.learner = nbsp.SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), self.config, device,
+                                       method=self.method)
+        self.method.setup(self.learner)
+        self.method.begin_stage(0, "task-a")
+        self.method.end_stage(0, "task-a", D)
+        self.method.begin_stage(1, "task-b")
+        self.D, self.batch, self.index = D, batch, 0
+
+    def step(self):
+        i, c = self.index, self.config
+        self.index += 1
+        data = self.D.sample(self.batch)
+        update_policy, update_target = i % c.policy_frequency == 0, i % c.target_network_frequency == 0
+        self.learner.update(data, update_policy, update_target)
+        self.method.after_update(data, update_policy, update_target)
+
+
+def method_costs(methods, hidden, batch, device, D, Dpre, generator, updates, rounds, sync) -> dict[str, float]:
+    """Median updates/s of every method, the methods interleaved within each round."""
+    paths = {m: MethodPath(m, hidden, batch, device, D, Dpre, generator) for m in methods}
+    rates = {m: [] for m in methods}
+    for path in paths.values():
+        path.step()  # warm-up
+    for _ in range(rounds):
+        for name, path in paths.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(updates):
+                path.step()
+            sync()
+            rates[name].append(updates / (time.perf_counter() - start))
+    return {m: statistics.median(r) for m, r in rates.items()}
 
 
 def filled_atari_buffer(transitions, device, seed):
@@ -512,6 +567,21 @@ def main(args: Args) -> None:
               f"{args.atari_updates_per_block} updates:")
         print(f"  CleanRL-style sac_atari {ref_rate:.2f} updates/s, project {proj_rate:.2f} updates/s, "
               f"ratio {proj_rate / ref_rate:.2f}x", flush=True)
+
+    # update cost of every method, relative to plain SAC
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(METHODS))
+        if unknown:
+            fail(f"unknown --methods {' '.join(unknown)}; valid: {' '.join(METHODS)}")
+        methods = ["sac"] + [m for m in args.methods if m != "sac"]
+        costs = method_costs(methods, args.method_hidden, PAPER_BATCH, device, D, Dpre, generator,
+                             args.method_updates_per_block, args.method_rounds, sync)
+        print(f"
+update cost by method (Meta-World, hidden {' '.join(map(str, args.method_hidden))}, batch {PAPER_BATCH}, "
+              f"second task of a run), median of {args.method_rounds} interleaved rounds of {args.method_updates_per_block} updates:")
+        print(f"{'method':>8} {'updates/s':>10} {'time vs sac':>12}")
+        for name, rate in costs.items():
+            print(f"{name:>8} {rate:>10.2f} {costs['sac'] / rate:>11.2f}x", flush=True)
 
     # end to end
     if args.e2e:

@@ -1,0 +1,340 @@
+"""CBP (baselines/cbp.py): the utility and its bias correction by hand, the layouts of both
+scripts (heads, ensemble members, conv channels read by a conv or through the flatten) against the
+authors' formulas, maturity and selection, that replacing a near-constant unit leaves the output
+almost unchanged, that the replaced count matches the replacement rate on average, and end-to-end
+runs of both scripts through a killed stage and a resume."""
+
+import dataclasses
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nbsp_sac_atari as atari
+import nbsp_sac_metaworld as mw
+import skill_neurons as sn
+from baselines import Consumer, NeuronLayer, make_method
+from baselines.cbp import neuron_slices, outgoing
+
+DEVICE = torch.device("cpu")
+
+
+class TinyLearner:
+    """An "actor" 2 -> width ReLU units -> 1 trained with Adam, and no critics: the smallest thing
+    with the learner's interface that CBP uses."""
+
+    def __init__(self, width=3, lr=0.0, **flags):
+        torch.manual_seed(0)
+        self.actor = nn.Sequential(nn.Linear(2, width), nn.ReLU(), nn.Linear(width, 1))
+        self.actor_optimizer = SimpleNamespace(optimizer=torch.optim.Adam(self.actor.parameters(), lr=lr))
+        self.q_optimizer = SimpleNamespace(optimizer=None)
+        self.method = make_method(SimpleNamespace(method="cbp", **flags))
+        self.method.setup(self)
+
+    def neuron_layers(self):
+        first, relu, head = self.actor
+        hidden = sn.HiddenLayer(relu, first.weight, first.bias, neuron_dim=0)
+        return {"actor": [NeuronLayer(hidden, (Consumer(head.weight, head.bias, 1),))]}
+
+    def train_step(self, x):
+        self.actor_optimizer.optimizer.zero_grad()
+        self.actor(x).sum().backward()
+        self.actor_optimizer.optimizer.step()
+        self.method.after_step("actor")
+
+
+def tiny(width=3, lr=0.0, rr=1e-4, mt=10_000, decay=0.9):
+    return TinyLearner(width, lr, cbp_replacement_rate=rr, cbp_maturity_threshold=mt, cbp_decay=decay)
+
+
+def set_tiny_weights(learner):
+    first, _, head = learner.actor
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        first.bias.zero_()
+        head.weight.copy_(torch.tensor([[0.5, -2.0, 0.1]]))
+        head.bias.zero_()
+
+
+X = torch.tensor([[1.0, 2.0], [3.0, -1.0]])  # hidden activations [[1, 2, 3], [3, 0, 2]]: mean |h| = [2, 1, 2.5]
+
+
+# --------------------------------------------------------------------------------------------
+# Utility, bias correction, maturity and selection by hand
+# --------------------------------------------------------------------------------------------
+def test_utility_and_its_bias_correction_by_hand():
+    learner = tiny(decay=0.9)
+    set_tiny_weights(learner)
+    units = learner.method.units["actor"][0]
+    contribution = torch.tensor([0.5 * 2, 2.0 * 1, 0.1 * 2.5])  # |w_out| * mean |h| = [1, 2, 0.25]
+    learner.train_step(X)  # lr 0: the weights stay as set
+    torch.testing.assert_close(units.utility, 0.1 * contribution)
+    torch.testing.assert_close(units.mean_activation, 0.1 * torch.tensor([[2.0], [1.0], [2.5]]))
+    learner.train_step(X)
+    torch.testing.assert_close(units.utility, 0.19 * contribution)  # 0.9 * 0.1 c + 0.1 c
+    torch.testing.assert_close(units.utility / (1 - 0.9**2), contribution)  # bias-corrected
+    assert learner.method.steps["actor"] == 2 and learner.method.replaced["actor"] == 0
+
+
+def test_mature_unit_of_lowest_utility_is_replaced():
+    # rr = 1/3: once all 3 units are mature, exactly one replacement per step (floor(1 + U) = 1)
+    learner = tiny(rr=1 / 3, mt=1, decay=0.9)
+    set_tiny_weights(learner)
+    first, _, head = learner.actor
+    adam = learner.actor_optimizer.optimizer.state
+    learner.train_step(X)  # ages 1: none older than mt = 1
+    assert learner.method.replaced["actor"] == 0
+    outputs_before = learner.actor(X).detach()
+    learner.train_step(X)  # ages 2: all eligible; unit 2 has the lowest utility (0.25 < 1 < 2)
+    assert learner.method.replaced["actor"] == 1
+    bound = math.sqrt(3 / 2)  # lecun uniform, fan-in 2
+    assert torch.equal(first.weight[:2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert first.weight[2].abs().max() <= bound and not torch.equal(first.weight[2], torch.tensor([1.0, 1.0]))
+    assert first.bias[2] == 0 and head.weight[0, 2] == 0
+    torch.testing.assert_close(head.bias, torch.tensor([0.1 * 2.5]))  # old outgoing weight * mean activation
+    for moment in ("exp_avg", "exp_avg_sq"):
+        assert adam[first.weight][moment][2].abs().sum() == 0 and adam[first.bias][moment][2] == 0
+        assert adam[head.weight][moment][0, 2] == 0
+        assert adam[first.weight][moment][:2].abs().sum() > 0
+    units = learner.method.units["actor"][0]
+    assert units.utility[2] == 0 and units.mean_activation[2, 0] == 0
+    assert units.created.tolist() == [0, 0, 2] and units.created_host == [0, 0, 2]
+    # the unit was not constant (activations 3 and 2), so each output moves, but the batch mean does not
+    torch.testing.assert_close(learner.actor(X).detach().mean(), outputs_before.mean())
+    assert units.eligible(3, 1) == 2  # at the next step the new unit (age 1) is not eligible, the other two are
+
+
+@pytest.mark.parametrize("rate_times_width", [0.3, 2.5])
+def test_replaced_count_matches_the_rate_on_average(rate_times_width):
+    width, steps = 16, 600
+    learner = tiny(width=width, lr=1e-3, rr=rate_times_width / width, mt=0)  # mt 0: every unit eligible at every step
+    x = torch.randn(32, 2)
+    for _ in range(steps):
+        learner.train_step(x)
+    replaced, expected = learner.method.replaced["actor"], rate_times_width * steps
+    fraction = rate_times_width % 1  # floor(x + U) is floor(x) + Bernoulli(fractional part of x)
+    assert abs(replaced - expected) < 4 * math.sqrt(steps * fraction * (1 - fraction))
+    units = learner.method.units["actor"][0]
+    assert units.eligible(steps + 1, 0) == width  # the host's count agrees with the device's ages
+
+
+# --------------------------------------------------------------------------------------------
+# The scripts' layouts
+# --------------------------------------------------------------------------------------------
+def metaworld_learner(**flags):
+    args = mw.Args(method="cbp", hidden=[8, 8], batch_size=8, cuda=False, **flags)
+    method = make_method(args)
+    learner = mw.SACLearner(39, 4, -np.ones(4), np.ones(4), args, DEVICE, method=method)
+    method.setup(learner)
+    return learner, method
+
+
+def atari_learner(**flags):
+    args = atari.Args(method="cbp", conv_channels=[4, 8, 8], hidden=[16], batch_size=4, cuda=False, **flags)
+    method = make_method(args)
+    learner = atari.SACLearner(6, args, DEVICE, method=method)
+    method.setup(learner)
+    return learner, method
+
+
+def metaworld_batch(n=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 39, generator=generator), torch.rand(n, 4, generator=generator) * 2 - 1,
+            torch.randn(n, 1, generator=generator), torch.randn(n, 39, generator=generator), torch.zeros(n, 1))
+
+
+def atari_batch(n=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    obs, next_obs = (torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=generator) for _ in range(2))
+    return obs, torch.randint(0, 6, (n,), generator=generator), torch.randn(n, generator=generator), next_obs, torch.zeros(n)
+
+
+class OutputProbe:
+    """The last output with gradients of each given activation module."""
+
+    def __init__(self, modules):
+        self.outputs = {}
+        for module in modules:
+            module.register_forward_hook(self.keep)
+
+    def keep(self, module, _inputs, output):
+        if output.requires_grad:
+            self.outputs[module] = output.detach()
+
+
+def test_metaworld_utilities_follow_the_authors_formula():
+    learner, method = metaworld_learner(cbp_decay=0.9)
+    trunk, heads = learner.actor.trunk, (learner.actor.fc_mean, learner.actor.fc_logstd)
+    probe = OutputProbe([trunk[1], trunk[3], learner.qf.trunk[1]])
+    learner.actor_step(metaworld_batch()[0])
+    h = probe.outputs[trunk[3]]  # last hidden layer: read by both heads
+    w_out = torch.cat([head.weight for head in heads]).detach()
+    torch.testing.assert_close(method.units["actor"][1].utility, 0.1 * w_out.abs().mean(0) * h.abs().mean(0))
+    h = probe.outputs[trunk[1]]
+    expected = 0.1 * trunk[2].weight.detach().abs().mean(0) * h.abs().mean(0)
+    torch.testing.assert_close(method.units["actor"][0].utility, expected)
+    assert all(u.utility.abs().sum() == 0 for u in method.units["qf1"])  # the actor's step leaves the critics alone
+    learner.critic_step(*metaworld_batch(), update_target=False)
+    h = probe.outputs[learner.qf.trunk[1]][1]  # member 1 of the ensemble: the second critic
+    w_out = learner.qf.trunk[2].weight[1].detach()  # [in, out]
+    torch.testing.assert_close(method.units["qf2"][0].utility, 0.1 * w_out.abs().mean(1) * h.abs().mean(0))
+    assert method.steps == {"actor": 1, "qf1": 1, "qf2": 1}
+
+
+def test_atari_channel_utilities_follow_the_authors_conv_formula():
+    learner, method = atari_learner(cbp_decay=0.9)
+    trunk = learner.qf1.trunk  # conv relu conv relu conv relu flatten linear relu
+    probe = OutputProbe([trunk[1], trunk[5]])
+    learner.critic_step(*atari_batch(), update_target=False)
+    h = probe.outputs[trunk[1]]  # conv 1, read by conv 2: mean over output channels and kernel positions
+    expected = trunk[2].weight.detach().abs().mean((0, 2, 3)) * h.abs().mean((0, 2, 3))
+    torch.testing.assert_close(method.units["qf1"][0].utility, 0.1 * expected)
+    h = probe.outputs[trunk[5]]  # conv 3, read through the flatten: 49 inputs per channel (convGnT.py)
+    expected = (trunk[7].weight.detach().abs().mean(0) * h.flatten(1).abs().mean(0)).view(8, 49).mean(1)
+    torch.testing.assert_close(method.units["qf1"][2].utility, 0.1 * expected)
+
+
+def constant_unit_cases():
+    """(learner maker, batch maker, network, layer index, unit): a linear unit read by two heads,
+    a unit of the second critic's ensemble slice, a conv channel read by a conv and one read through the flatten."""
+    return [(metaworld_learner, metaworld_batch, "actor", 1, 3), (metaworld_learner, metaworld_batch, "qf2", 0, 5),
+            (atari_learner, atari_batch, "qf1", 0, 2), (atari_learner, atari_batch, "qf1", 2, 6),
+            (atari_learner, atari_batch, "actor", 3, 1)]
+
+
+@pytest.mark.parametrize("make, batch, name, index, unit", constant_unit_cases(),
+                         ids=["mw-actor-heads", "mw-critic-member", "atari-conv-conv", "atari-conv-flatten", "atari-linear"])
+def test_replacing_a_near_constant_unit_leaves_the_output_almost_unchanged(make, batch, name, index, unit):
+    learner, method = make(cbp_decay=0.99)
+    learner.update(batch(), True, True)  # Adam moments for every parameter
+    units = method.units[name][index]
+    hidden = units.layer.hidden
+    with torch.no_grad():  # the unit ignores its input: relu(0.7) everywhere, up to 1e-4 noise of the incoming weights
+        incoming = neuron_slices(hidden.weight, hidden.member, hidden.neuron_dim)
+        incoming[unit] = 1e-4 * torch.randn_like(incoming[unit])
+        neuron_slices(hidden.bias, hidden.member, hidden.neuron_dim)[unit] = 0.7
+        units.utility[unit], units.mean_activation[unit], units.created[unit] = 0.0, 0.0, method.steps[name]  # born so
+    def forward(seed):  # the actor's outputs (Meta-World: mean and log-std) or both critics' Q-values
+        obs, actions = batch(seed=seed)[:2]
+        out = learner.actor(obs) if name == "actor" else learner.q_values(obs, actions)
+        return torch.cat([o.flatten() for o in (out if isinstance(out, tuple) else (out,))])
+
+    for seed in range(3):  # statistics of three training batches, no replacement (mt = 1e4)
+        forward(seed)
+        method.after_step("actor" if name == "actor" else "critic")
+
+    def outputs():
+        with torch.no_grad():
+            return forward(seed=10)
+
+    before = outputs()
+    reads = sum(outgoing(c, c.weight, units.num_units)[unit].abs().sum() for c in units.layer.consumers)
+    assert 0.7 * reads > 0.05  # dropping the unit without moving its mean into the biases would show
+    others = torch.ones(units.num_units, dtype=torch.bool)
+    others[unit] = False
+    units.utility[others] = 1e9  # the unit of interest has the lowest utility
+    method.args.cbp_maturity_threshold = 0
+    method._replace(name, units, 1)
+    after = outputs()
+    torch.testing.assert_close(after, before, rtol=0, atol=2e-3 * before.abs().max().item())
+    assert all(outgoing(c, c.weight, units.num_units)[unit].abs().sum() == 0 for c in units.layer.consumers)
+    assert neuron_slices(hidden.bias, hidden.member, hidden.neuron_dim)[unit].abs().sum() == 0
+    assert neuron_slices(hidden.weight, hidden.member, hidden.neuron_dim)[unit].abs().max() > 1e-3  # fresh weights
+
+
+def test_state_round_trip():
+    learner, method = metaworld_learner(cbp_maturity_threshold=3, cbp_replacement_rate=0.2)
+    for seed in range(6):
+        learner.update(metaworld_batch(seed=seed), True, True)
+    assert method.replaced["qf1"] > 0
+    state = method.state_dict()
+    _, other = metaworld_learner(cbp_maturity_threshold=3, cbp_replacement_rate=0.2)
+    other.load_state_dict(state)
+    assert other.steps == method.steps and other.replaced == method.replaced
+    for name in ("actor", "qf1", "qf2"):
+        for a, b in zip(method.units[name], other.units[name], strict=True):
+            for key in ("utility", "mean_activation", "created"):
+                assert torch.equal(getattr(a, key), getattr(b, key))
+            for step in range(method.steps[name], method.steps[name] + 5):  # eligible counts, host and device
+                expected = int(((step - a.created) > 3).sum())
+                assert a.eligible(step, 3) == b.eligible(step, 3) == expected
+    assert other.logs() == method.logs()
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: both scripts, killed at stage 2, then resumed
+# --------------------------------------------------------------------------------------------
+class SimulatedKill(Exception):
+    pass
+
+
+def run_killed_then_resumed(script, args, monkeypatch):
+    """Runs `args` until the training env of stage 2 is made, resumes the run folder, and returns
+    its folder, the checkpoint after stage 1 and the resumed run's metrics."""
+    real_make_env = script.make_env
+
+    def make_env(*a, **k):
+        if a[1] == args.seed + 2000 and (script is mw or a[2]):  # the training env of stage 2
+            raise SimulatedKill
+        return real_make_env(*a, **k)
+
+    monkeypatch.setattr(script, "make_env", make_env)
+    with pytest.raises(SimulatedKill):
+        script.main(args)
+    (run_name,) = os.listdir(args.runs_dir)
+    run_dir = os.path.join(args.runs_dir, run_name)
+    after_stage_1 = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    monkeypatch.setattr(script, "make_env", real_make_env)
+    metrics = script.main(script.Args(resume=run_dir, cuda=False))
+    return run_dir, after_stage_1, metrics
+
+
+def check_run(run_dir, after_stage_1, metrics, sizes, steps_per_stage):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        assert json.load(f) == metrics
+    assert metrics["complete"] and len(metrics["sr"]) == 2
+    assert metrics["sr"][0][0] is not None and metrics["sr"][0][1] is None and None not in metrics["sr"][1]
+    final = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    for stage, checkpoint in enumerate((after_stage_1, final), 1):
+        state = checkpoint["method"]
+        assert {name: [len(u["utility"]) for u in layers] for name, layers in state["layers"].items()} == sizes
+        assert state["steps"] == {name: stage * steps for name, steps in steps_per_stage.items()}
+        assert all(count > 0 for count in state["replaced"].values())
+        created = torch.cat([u["created"] for layers in state["layers"].values() for u in layers])
+        assert 0 < created.max() <= max(state["steps"].values())
+    assert all(final["method"]["replaced"][name] > after_stage_1["method"]["replaced"][name] for name in sizes)
+
+
+CBP_FLAGS = {"cbp_maturity_threshold": 20, "cbp_replacement_rate": 0.05}  # replacements within a tiny run
+
+
+def test_metaworld_end_to_end_with_resume(tmp_path, monkeypatch):
+    args = mw.Args(method="cbp", tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8,
+                   steps_per_task=150, learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000,
+                   cuda=False, runs_dir=str(tmp_path), **CBP_FLAGS)
+    run_dir, after_stage_1, metrics = run_killed_then_resumed(mw, args, monkeypatch)
+    # 100 updates per stage: 100 critic steps, 50 policy updates of 2 actor steps
+    check_run(run_dir, after_stage_1, metrics, {"actor": [8, 8], "qf1": [8, 8], "qf2": [8, 8]},
+              {"actor": 100, "qf1": 100, "qf2": 100})
+
+
+def test_atari_end_to_end_with_resume(tmp_path, monkeypatch):
+    args = atari.Args(method="cbp", games=["Pong", "Bowling"], cycles=1, steps_per_task=150, learning_starts=50,
+                      batch_size=8, conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=60,
+                      eval_envs=1, eval_every=0, target_network_frequency=40, cuda=False, runs_dir=str(tmp_path / "b"),
+                      **CBP_FLAGS)
+    run_dir, after_stage_1, metrics = run_killed_then_resumed(atari, args, monkeypatch)
+    uninterrupted = atari.main(dataclasses.replace(args, runs_dir=str(tmp_path / "a")))
+    assert uninterrupted["sr"] == metrics["sr"]
+    final_a = torch.load(tmp_path / "a" / uninterrupted["run_name"] / "checkpoint.pt", weights_only=True)
+    final_b = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):  # the resume is exact
+        assert all(torch.equal(final_a[key][name], final_b[key][name]) for name in final_a[key]), key
+    updates = (150 - 50) // args.update_frequency
+    check_run(run_dir, after_stage_1, metrics, {name: [4, 8, 8, 16] for name in ("actor", "qf1", "qf2")},
+              {name: updates for name in ("actor", "qf1", "qf2")})

@@ -1,0 +1,348 @@
+"""EWC (baselines/ewc.py): the penalty and its gradient (BASELINES.md: with F = 1 the gradient is
+2 lambda (theta - theta*), and the penalty is 0 at the anchor), the Fishers by hand (tanh-Gaussian
+actor, categorical actor, critics), torch.func's per-sample gradients against a loop of autograd
+calls, the sum of Fishers across tasks, the state round trip, and both scripts end to end with a
+resume."""
+
+import io
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nbsp_sac_atari as atari
+import nbsp_sac_metaworld as mw
+from baselines import make_method
+from baselines.ewc import ACTOR_FISHER_FLOOR, estimate_fisher, fisher_targets, snapshot
+
+CPU = torch.device("cpu")
+LAMBDA = 1e4
+
+
+def saved_and_loaded(state):
+    """`state` after a checkpoint's round trip (torch.save, then torch.load with weights_only)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def metaworld_learner(obs_dim=5, act_dim=2, hidden=(4,), fisher_critic=True):
+    args = mw.Args(method="ewc", hidden=list(hidden), batch_size=8, fisher_critic=fisher_critic, fisher_batches=2,
+                   cuda=False)
+    method = make_method(args)
+    learner = mw.SACLearner(obs_dim, act_dim, -np.ones(act_dim, np.float32), np.ones(act_dim, np.float32), args, CPU,
+                            method=method)
+    method.setup(learner)
+    return learner, method
+
+
+def atari_learner(num_actions=6, fisher_critic=True):
+    args = atari.Args(method="ewc", conv_channels=[2, 2, 2], hidden=[4], batch_size=4, fisher_critic=fisher_critic,
+                      fisher_batches=2, cuda=False)
+    method = make_method(args)
+    learner = atari.SACLearner(num_actions, args, CPU, method=method)
+    method.setup(learner)
+    return learner, method
+
+
+def metaworld_batch(generator, n=8, obs_dim=5, act_dim=2):
+    return (torch.randn(n, obs_dim, generator=generator), torch.rand(n, act_dim, generator=generator) * 2 - 1,
+            torch.randn(n, 1, generator=generator), torch.randn(n, obs_dim, generator=generator), torch.zeros(n, 1))
+
+
+def atari_batch(generator, n=4, num_actions=6):
+    frames = torch.randint(0, 256, (2, n, 4, 84, 84), dtype=torch.uint8, generator=generator)
+    return frames[0], torch.randint(0, num_actions, (n,), generator=generator), torch.randn(n, generator=generator), \
+        frames[1], torch.zeros(n)
+
+
+class FixedBuffer:
+    """A replay buffer whose `sample` hands out prepared batches in order."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def sample(self, n):
+        return self.batches.pop(0)
+
+
+# --------------------------------------------------------------------------------------------
+# The penalty (BASELINES.md)
+# --------------------------------------------------------------------------------------------
+def test_no_penalty_before_the_first_task_switch():
+    _, method = metaworld_learner()
+    assert method.extra_loss("actor") is None and method.extra_loss("critic") is None
+    assert method.state_dict() == {"fisher": {}, "anchor": {}}
+
+
+@pytest.mark.parametrize("network", ["actor", "critic"])
+def test_unit_fisher_penalty_is_zero_at_the_anchor_and_its_gradient_is_2_lambda_delta(network):
+    _, method = metaworld_learner()
+    params = method.targets[network].params
+    method.fisher[network] = {n: torch.ones_like(p) for n, p in params.items()}
+    method.anchor[network] = snapshot(params)
+
+    penalty = method.extra_loss(network)
+    penalty.backward()
+    assert penalty.item() == 0.0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params.values())
+
+    generator = torch.Generator().manual_seed(0)
+    deltas = {n: torch.randn(p.shape, generator=generator) for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.add_(deltas[n])
+            p.grad = None
+    penalty = method.extra_loss(network)
+    penalty.backward()
+    expected = LAMBDA * sum((d.double() ** 2).sum() for d in deltas.values())
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, 2 * LAMBDA * deltas[n], rtol=1e-5, atol=1e-3)
+
+
+def test_critic_is_left_alone_without_fisher_critic():
+    _, method = metaworld_learner(fisher_critic=False)
+    generator = torch.Generator().manual_seed(1)
+    method.end_stage(0, "reach", FixedBuffer(metaworld_batch(generator) for _ in range(2)))
+    assert set(method.fisher) == set(method.anchor) == {"actor"}
+    assert method.extra_loss("critic") is None and method.extra_loss("actor") is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Fishers by hand
+# --------------------------------------------------------------------------------------------
+def test_gaussian_actor_and_critic_fisher_of_linear_networks_by_hand():
+    """No hidden layer: mu = W_m x + b_m, z = W_s x + b_s, log sigma = -5 + 3.5 (tanh z + 1), so
+    d mu_k / d W_m[k, i] = x_i and d sigma_k / d W_s[k, i] = 3.5 sigma_k (1 - tanh^2 z_k) x_i.
+    Every sample has x_0 = 0: the actor Fisher of W[:, 0] is the clip floor, the critic's is 0."""
+    obs_dim, act_dim = 3, 2
+    learner, method = metaworld_learner(obs_dim, act_dim, hidden=())
+    generator = torch.Generator().manual_seed(2)
+    obs = torch.randn(6, obs_dim, generator=generator)
+    obs[:, 0] = 0.0
+    actions = torch.rand(6, act_dim, generator=generator) * 2 - 1
+    fisher = estimate_fisher(method.targets, [(obs[:4], actions[:4]), (obs[4:], actions[4:])])
+
+    actor = learner.actor
+    with torch.no_grad():
+        x = obs.double()
+        z = x @ actor.fc_logstd.weight.double().T + actor.fc_logstd.bias.double()
+        sigma = torch.exp(-5 + 3.5 * (torch.tanh(z) + 1))
+        inverse_variance = 1 / (sigma**2 + 1e-6)  # [samples, k]
+        dsigma_dz = 3.5 * sigma * (1 - torch.tanh(z) ** 2)
+        floor = ACTOR_FISHER_FLOOR
+        expected_actor = {
+            "fc_mean.weight": (inverse_variance[:, :, None] * x[:, None, :] ** 2).clamp_min(floor).mean(0),
+            "fc_mean.bias": inverse_variance.clamp_min(floor).mean(0),
+            "fc_logstd.weight": (2 * inverse_variance[:, :, None] * dsigma_dz[:, :, None] ** 2 * x[:, None, :] ** 2)
+            .clamp_min(floor).mean(0),
+            "fc_logstd.bias": (2 * inverse_variance * dsigma_dz**2).clamp_min(floor).mean(0),
+        }
+    assert set(fisher["actor"]) == set(expected_actor)
+    for name, value in expected_actor.items():
+        torch.testing.assert_close(fisher["actor"][name], value.float(), rtol=1e-4, atol=0)
+    assert torch.all(fisher["actor"]["fc_mean.weight"][:, 0] == floor)
+
+    # critics: Q_m = [x, a] . W[m, :, 0] + b[m]; both members see the same inputs
+    inputs = torch.cat([obs, actions], 1)
+    expected_weight = (inputs**2).mean(0)[None, :, None].expand(2, -1, 1)
+    torch.testing.assert_close(fisher["critic"]["critics.0.head.weight"], expected_weight)
+    torch.testing.assert_close(fisher["critic"]["critics.0.head.bias"], torch.ones(2, 1, 1))
+    assert torch.all(fisher["critic"]["critics.0.head.weight"][:, 0] == 0)  # the critic Fisher is not clipped
+
+
+def test_categorical_fisher_of_a_linear_policy_by_hand():
+    """logits = W x + b: sum_a pi_a (d log pi_a / d W[c, i])^2 = sum_a pi_a (1[a=c] - pi_c)^2 x_i^2
+    = pi_c (1 - pi_c) x_i^2."""
+    actor = nn.Linear(3, 4)
+    targets = fisher_targets(SimpleNamespace(actor=actor, discrete=True), include_critics=False)
+    generator = torch.Generator().manual_seed(3)
+    obs = torch.randn(5, 3, generator=generator)
+    obs[:, 2] = 1e-4  # pi (1 - pi) x^2 < 1e-5: clipped per sample
+    fisher = estimate_fisher(targets, [(obs, None)])["actor"]
+    with torch.no_grad():
+        pi = torch.softmax(actor(obs), 1)
+        spread = pi * (1 - pi)
+    floor = ACTOR_FISHER_FLOOR
+    torch.testing.assert_close(fisher["weight"], (spread[:, :, None] * obs[:, None, :] ** 2).clamp_min(floor).mean(0))
+    torch.testing.assert_close(fisher["bias"], spread.clamp_min(floor).mean(0))
+    assert torch.all(fisher["weight"][:, 2] == floor)
+
+
+def loop_fisher(module_outputs, params, samples, floor):
+    """The Fisher definitions with one autograd call per sample and output row."""
+    total = [torch.zeros_like(p) for p in params]
+    for sample in samples:
+        rows, weights = module_outputs(sample)
+        per_sample = [torch.zeros_like(p) for p in params]
+        for row, weight in zip(rows, weights, strict=True):
+            grads = torch.autograd.grad(row, params, retain_graph=True, allow_unused=True)
+            for acc, g in zip(per_sample, grads, strict=True):
+                if g is not None:
+                    acc += weight * g**2
+        for acc, f in zip(total, per_sample, strict=True):
+            acc += f.clamp_min(floor)
+    return [f / len(samples) for f in total]
+
+
+def test_atari_per_sample_fisher_matches_a_loop_of_autograd_calls():
+    """Conv trunk, uint8 frames, both critics through `q_values`: torch.func's vmap of jacrev
+    gives what one autograd call per sample and output does."""
+    learner, method = atari_learner()
+    obs, actions, *_ = atari_batch(torch.Generator().manual_seed(4))
+    fisher = estimate_fisher(method.targets, [(obs, actions)])
+
+    actor_params = list(learner.actor.parameters())
+
+    def actor_rows(sample):
+        log_pi = torch.log_softmax(learner.actor(obs[sample : sample + 1])[0], 0)
+        return log_pi, log_pi.exp().detach()  # sum_a pi_a (d log pi_a)^2
+
+    expected = loop_fisher(actor_rows, actor_params, range(len(obs)), ACTOR_FISHER_FLOOR)
+    for (name, _), value in zip(learner.actor.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(fisher["actor"][name], value, rtol=1e-4, atol=1e-9)
+
+    critic_params = list(learner.qf1.parameters()) + list(learner.qf2.parameters())
+
+    def critic_rows(sample):
+        q = learner.q_values(obs[sample : sample + 1], actions[sample : sample + 1])[:, 0]
+        return q, torch.ones(2)  # (dQ1)^2 + (dQ2)^2, each critic's parameters see their own
+
+    expected = loop_fisher(critic_rows, critic_params, range(len(obs)), 0.0)
+    names = [f"critics.{i}.{n}" for i, qf in enumerate(learner.critics) for n, _ in qf.named_parameters()]
+    for name, value in zip(names, expected, strict=True):
+        torch.testing.assert_close(fisher["critic"][name], value, rtol=1e-4, atol=1e-9)
+
+
+def test_metaworld_per_sample_fisher_matches_a_loop_of_autograd_calls():
+    learner, method = metaworld_learner(hidden=(4, 4))
+    obs, actions, *_ = metaworld_batch(torch.Generator().manual_seed(5), n=5)
+    fisher = estimate_fisher(method.targets, [(obs, actions)])
+
+    def actor_rows(sample):
+        mean, log_std = learner.actor(obs[sample : sample + 1])
+        std = log_std.exp()[0]
+        weight = (1 / (std**2 + 1e-6)).detach()
+        return torch.cat([mean[0], std]), torch.cat([weight, 2 * weight])
+
+    expected = loop_fisher(actor_rows, list(learner.actor.parameters()), range(len(obs)), ACTOR_FISHER_FLOOR)
+    for (name, _), value in zip(learner.actor.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(fisher["actor"][name], value, rtol=1e-4, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Task switches and state
+# --------------------------------------------------------------------------------------------
+def test_fishers_sum_across_tasks_and_the_anchor_is_the_latest_task_end():
+    learner, method = metaworld_learner()
+    generator = torch.Generator().manual_seed(6)
+    batches = [metaworld_batch(generator) for _ in range(4)]
+    first = estimate_fisher(method.targets, batches[:2])
+    method.end_stage(0, "reach", FixedBuffer(batches[:2]))
+    with torch.no_grad():
+        for p in list(learner.actor.parameters()) + list(learner.qf.parameters()):
+            p.add_(0.1)
+    second = estimate_fisher(method.targets, batches[2:])
+    method.end_stage(1, "drawer-close", FixedBuffer(batches[2:]))
+    for network in ("actor", "critic"):
+        params = method.targets[network].params
+        for name, p in params.items():
+            torch.testing.assert_close(method.fisher[network][name], first[network][name] + second[network][name])
+            assert torch.equal(method.anchor[network][name], p.detach())
+            assert method.anchor[network][name].data_ptr() != p.data_ptr()  # a copy, not the live tensor
+
+
+@pytest.mark.parametrize("make_learner, make_batch", [(metaworld_learner, metaworld_batch),
+                                                      (atari_learner, atari_batch)], ids=["metaworld", "atari"])
+def test_state_round_trip_restores_the_penalty(make_learner, make_batch):
+    learner, method = make_learner()
+    generator = torch.Generator().manual_seed(7)
+    method.end_stage(0, "task", FixedBuffer(make_batch(generator) for _ in range(2)))
+    with torch.no_grad():
+        for p in learner.actor.parameters():
+            p.add_(0.01)
+    state = saved_and_loaded(method.state_dict())
+
+    fresh_learner, fresh = make_learner()
+    fresh.load_state_dict(state)
+    fresh_learner.load_state_dict(learner.state_dict())
+    for network in ("actor", "critic"):
+        assert torch.equal(fresh.extra_loss(network), method.extra_loss(network))
+
+
+# --------------------------------------------------------------------------------------------
+# Both scripts end to end, with a resume
+# --------------------------------------------------------------------------------------------
+MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=150,
+               learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000, cuda=False)
+ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=240, learning_starts=100, batch_size=8,
+                  conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=100, eval_envs=2,
+                  eval_every=0, target_network_frequency=40, cuda=False)
+SCRIPTS = {"metaworld": (mw, MW_TINY), "atari": (atari, ATARI_TINY)}
+
+
+def run_killed_after_stage_1(script, args, monkeypatch):
+    """Runs `args` until stage 1's checkpoint and metrics are written; returns the run folder."""
+    written = []
+    original = script.atomic_write_json
+
+    def killed_after_first_metrics(path, data):
+        original(path, data)
+        if path.endswith("metrics.json"):
+            written.append(path)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "atomic_write_json", killed_after_first_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(args)
+    monkeypatch.setattr(script, "atomic_write_json", original)
+    return os.path.dirname(written[0])
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_end_to_end_fisher_anchor_and_exact_resume(name, tmp_path, monkeypatch):
+    script, tiny = SCRIPTS[name]
+    args = dict(tiny, method="ewc", fisher_batches=2, fisher_critic=True)
+    metrics = script.main(script.Args(**args, runs_dir=str(tmp_path / "full")))
+    run_dir = tmp_path / "full" / metrics["run_name"]
+    with open(run_dir / "metrics.json") as f:
+        sr = json.load(f)["sr"]
+    assert len(sr) == 2 and sr[0][0] is not None and sr[0][1] is None and None not in sr[1]
+
+    checkpoint = load(run_dir / "checkpoint.pt")
+    stage_1 = load(run_dir / "checkpoints" / "stage_1.pt")
+    state = checkpoint["method"]
+    assert set(state) == {"fisher", "anchor"} and set(state["fisher"]) == {"actor", "critic"}
+    # one Fisher per regularised tensor: the whole actor (heads included), every critic
+    assert set(state["fisher"]["actor"]) == set(dict(stage_1["actor"]).keys() - {"action_scale", "action_bias"})
+    assert all(f.min() >= ACTOR_FISHER_FLOOR for f in state["fisher"]["actor"].values())
+    critic_weights = {"critics.0." + k: v for k, v in stage_1["qf"].items()} if script is mw else \
+        {f"critics.{i}.{k}": v for i, qf in enumerate(("qf1", "qf2")) for k, v in stage_1[qf].items()}
+    assert set(state["fisher"]["critic"]) == set(critic_weights)
+    # the anchor is the end of stage 1; stage 2 trained away from it under the penalty
+    for name_, value in state["anchor"]["actor"].items():
+        assert torch.equal(value, stage_1["actor"][name_])
+    for name_, value in state["anchor"]["critic"].items():
+        assert torch.equal(value, critic_weights[name_])
+    assert not torch.equal(checkpoint["actor"]["trunk.0.weight"], stage_1["actor"]["trunk.0.weight"])
+
+    killed = run_killed_after_stage_1(script, script.Args(**args, runs_dir=str(tmp_path / "killed")), monkeypatch)
+    assert load(os.path.join(killed, "checkpoint.pt"))["method"]["fisher"]  # saved at the task switch
+    resumed = script.main(script.Args(resume=killed, cuda=False))
+    assert resumed["sr"] == metrics["sr"]
+    final = load(os.path.join(killed, "checkpoint.pt"))
+    networks = ("actor", "qf", "qf_target") if script is mw else ("actor", "qf1", "qf2", "qf1_target", "qf2_target")
+    for key in networks:
+        for k, v in checkpoint[key].items():
+            assert torch.equal(final[key][k], v), f"{key}.{k}"
+    assert torch.equal(final["log_alpha"], checkpoint["log_alpha"])

@@ -1,0 +1,253 @@
+"""NPC (baselines/npc.py): the Taylor importance and its normalisation by hand, the moving
+average and step scales on both scripts' learners, that a neuron with high importance moves
+less than one with none (exactly its scale times the plain SAC step), that only a loss's own
+networks collect importance, and end-to-end runs of both scripts through a killed stage and a
+resume."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import nbsp_sac_atari as atari
+import nbsp_sac_metaworld as mw
+import skill_neurons as sn
+from baselines import make_method
+from baselines.npc import normalise_per_layer, taylor_importance
+
+DEVICE = torch.device("cpu")
+
+
+def metaworld_learner(**flags):
+    args = mw.Args(method="npc", hidden=[8, 8], batch_size=8, cuda=False, **flags)
+    method = make_method(args)
+    learner = mw.SACLearner(39, 4, -np.ones(4), np.ones(4), args, DEVICE, method=method)
+    method.setup(learner)
+    return learner, method
+
+
+def atari_learner(**flags):
+    args = atari.Args(method="npc", conv_channels=[4, 8, 8], hidden=[16], batch_size=4, cuda=False, **flags)
+    method = make_method(args)
+    learner = atari.SACLearner(6, args, DEVICE, method=method)
+    method.setup(learner)
+    return learner, method
+
+
+def metaworld_batch(n=8):
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(n, 39, generator=generator), torch.rand(n, 4, generator=generator) * 2 - 1,
+            torch.randn(n, 1, generator=generator), torch.randn(n, 39, generator=generator), torch.zeros(n, 1))
+
+
+def atari_batch(n=4):
+    generator = torch.Generator().manual_seed(0)
+    obs, next_obs = (torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=generator) for _ in range(2))
+    return obs, torch.randint(0, 6, (n,), generator=generator), torch.randn(n, generator=generator), next_obs, torch.zeros(n)
+
+
+LEARNERS = [(metaworld_learner, metaworld_batch), (atari_learner, atari_batch)]
+
+
+# --------------------------------------------------------------------------------------------
+# The importance, by hand
+# --------------------------------------------------------------------------------------------
+def test_taylor_importance_by_hand():
+    activation = torch.tensor([[1.0, 2.0, 0.0], [3.0, -1.0, 4.0]])
+    grad = torch.tensor([[0.5, -1.0, 7.0], [-2.0, 1.0, 0.25]])
+    # |a g| per sample: [0.5, 2, 0] and [6, 1, 1]; batch means
+    torch.testing.assert_close(taylor_importance(activation, grad), torch.tensor([3.25, 1.5, 0.5]))
+
+
+def test_taylor_importance_of_a_channel_sums_its_positions_before_the_absolute_value():
+    activation = torch.tensor([[[[1.0, 2.0]], [[1.0, 1.0]]], [[[3.0, 1.0]], [[0.0, 2.0]]]])  # [B=2, C=2, 1, 2]
+    grad = torch.tensor([[[[1.0, -1.0]], [[2.0, 2.0]]], [[[1.0, 1.0]], [[5.0, -0.5]]]])
+    # channel 0: sample 1 sums 1 - 2 = -1, sample 2 sums 3 + 1 = 4 -> (1 + 4) / 2
+    # channel 1: sample 1 sums 2 + 2 = 4, sample 2 sums 0 - 1 = -1 -> (4 + 1) / 2
+    torch.testing.assert_close(taylor_importance(activation, grad), torch.tensor([2.5, 2.5]))
+
+
+def test_taylor_importance_of_an_ensemble_member():
+    activation = torch.tensor([[[1.0, 1.0]], [[2.0, -3.0]]])  # [E=2, B=1, N=2]
+    grad = torch.tensor([[[9.0, 9.0]], [[0.5, 1.0]]])
+    torch.testing.assert_close(taylor_importance(activation, grad, member=1), torch.tensor([1.0, 3.0]))
+
+
+def test_normalisation_divides_by_the_layer_mean():
+    torch.testing.assert_close(normalise_per_layer(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([0.5, 1.0, 1.5]))
+    torch.testing.assert_close(normalise_per_layer(torch.zeros(3)), torch.zeros(3))  # a dead layer stays at zero
+
+
+# --------------------------------------------------------------------------------------------
+# Moving average and step scales on the real learners
+# --------------------------------------------------------------------------------------------
+class TaylorProbe:
+    """Independent record of a * dL/da on the activation modules of the given hidden layers."""
+
+    def __init__(self, layers):
+        self.outputs = []
+        self.handles = [layer.activation.register_forward_hook(self.keep(i, layer)) for i, layer in enumerate(layers)]
+
+    def keep(self, index, layer):
+        def hook(_module, _inputs, output):
+            if output.requires_grad:
+                output.retain_grad()
+                self.outputs.append((index, layer.member, output))
+        return hook
+
+    def importance(self, index):
+        (member, output), = [(m, o) for i, m, o in self.outputs if i == index]
+        product = (output * output.grad).detach()
+        if member is not None:
+            product = product[member]
+        if product.dim() > 2:
+            product = product.flatten(2).sum(-1)
+        return product.abs().mean(0)
+
+
+@pytest.mark.parametrize("make, batch", LEARNERS, ids=["metaworld", "atari"])
+def test_one_critic_step_sets_the_moving_average_and_the_scales(make, batch):
+    learner, method = make(npc_decay=0.9, npc_scale=2.0)
+    method.begin_stage(0, "task")
+    hidden = {name: [layer.hidden for layer in layers] for name, layers in learner.neuron_layers().items()}
+    probes = {name: TaylorProbe(hidden[name]) for name in ("qf1", "qf2")}
+    learner.critic_step(*batch(), update_target=False)
+    for name in ("qf1", "qf2"):
+        for index, layer in enumerate(hidden[name]):
+            batch_importance = probes[name].importance(index)
+            expected = 0.1 * batch_importance / batch_importance.mean()  # C = 0.9 * 0 + 0.1 * normalised
+            torch.testing.assert_close(method.importance[name][index], expected)
+            torch.testing.assert_close(method.neuron_scales[name][index], 1 / (1 + 2.0 * expected))
+    assert all(c.abs().sum() == 0 for c in method.importance["actor"])  # the critic loss leaves the actor alone
+    assert len(hidden["qf1"]) == (2 if make is metaworld_learner else 4)  # Atari: 3 conv layers (channels) + 1 linear
+
+
+@pytest.mark.parametrize("make, batch", LEARNERS, ids=["metaworld", "atari"])
+def test_the_actor_loss_feeds_only_the_actor(make, batch):
+    learner, method = make()
+    method.begin_stage(0, "task")
+    obs = batch()[0]
+    learner.actor_step(obs)  # Meta-World: gradients reach the critics' activations, which must not count
+    assert all(c.abs().sum() > 0 for c in method.importance["actor"])
+    assert all(c.abs().sum() == 0 for name in ("qf1", "qf2") for c in method.importance[name])
+    with torch.no_grad():  # passes without gradients (targets, rollouts) record nothing
+        learner.actor(obs)
+    assert method.batch_importance == {}
+
+
+@pytest.mark.parametrize("make, batch", LEARNERS, ids=["metaworld", "atari"])
+def test_an_important_neuron_moves_less_than_one_with_none(make, batch):
+    learner, method = make(npc_scale=1.0)
+    method.begin_stage(0, "task")
+    plain = learner.plain_copy()
+    data = batch()
+    with sn.ActivationRecorder([learner.neuron_layers()["qf2"][-1].hidden]) as recorder, torch.no_grad():
+        learner.q_values(data[0], data[1])
+    important, unimportant = torch.nonzero(recorder.activations()[0].abs().sum(0))[:2, 0]  # two live neurons
+    state = method.state_dict()
+    state["importance"]["qf2"][-1][important] = 100.0  # the others, and `unimportant`, have no importance yet
+    method.load_state_dict(state)
+
+    def rows(l):  # incoming weights of the last hidden layer of the second critic, a row per neuron
+        return l.neuron_layers()["qf2"][-1].hidden.incoming_weight().clone()
+
+    before_npc, before_plain = rows(learner), rows(plain)
+    torch.testing.assert_close(before_npc, before_plain)
+    torch.manual_seed(1)
+    learner.critic_step(*data, update_target=False)
+    torch.manual_seed(1)
+    plain.critic_step(*data, update_target=False)
+    moved_npc, moved_plain = rows(learner) - before_npc, rows(plain) - before_plain
+    scale = method.neuron_scales["qf2"][-1]
+    assert scale[important] < 0.011 and scale[unimportant] > 0.5
+    # every neuron's step is its scale times the plain SAC (Adam) step
+    torch.testing.assert_close(moved_npc, scale[:, None] * moved_plain)
+    assert 0 < moved_npc[important].abs().max() < 0.05 * moved_npc[unimportant].abs().max()
+
+
+def test_state_round_trip_restores_importance_and_scales():
+    learner, method = metaworld_learner()
+    method.begin_stage(0, "task")
+    for _ in range(3):
+        learner.update(metaworld_batch(), True, False)
+    state = method.state_dict()
+    other_learner, other = metaworld_learner()
+    other.load_state_dict(state)
+    for name in ("actor", "qf1", "qf2"):
+        for a, b in zip(method.importance[name], other.importance[name], strict=True):
+            assert torch.equal(a, b) and a.abs().sum() > 0
+        for a, b in zip(method.neuron_scales[name], other.neuron_scales[name], strict=True):
+            assert torch.equal(a, b)
+    # the scales act through the learner's optimizers after a stage starts (also after a resume)
+    other_learner.q_optimizer.set_masks({})
+    other.begin_stage(1, "task")
+    assert any(m.min() < 1 for m in other_learner.q_optimizer.masks)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: both scripts, killed at stage 2, then resumed
+# --------------------------------------------------------------------------------------------
+class SimulatedKill(Exception):
+    pass
+
+
+def run_killed_then_resumed(script, args, monkeypatch):
+    """Runs `args` until the training env of stage 2 is made, resumes the run folder, and returns
+    its folder, the checkpoint after stage 1 and the resumed run's metrics."""
+    real_make_env = script.make_env
+
+    def make_env(*a, **k):
+        seed = a[1]
+        if seed == args.seed + 2000 and (script is mw or a[2]):  # the training env of stage 2
+            raise SimulatedKill
+        return real_make_env(*a, **k)
+
+    monkeypatch.setattr(script, "make_env", make_env)
+    with pytest.raises(SimulatedKill):
+        script.main(args)
+    (run_name,) = os.listdir(args.runs_dir)
+    run_dir = os.path.join(args.runs_dir, run_name)
+    after_stage_1 = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    monkeypatch.setattr(script, "make_env", real_make_env)
+    metrics = script.main(script.Args(resume=run_dir, cuda=False))
+    return run_dir, after_stage_1, metrics
+
+
+def check_run(run_dir, after_stage_1, metrics, sizes):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        assert json.load(f) == metrics
+    assert metrics["complete"] and len(metrics["sr"]) == 2
+    assert metrics["sr"][0][0] is not None and metrics["sr"][0][1] is None and None not in metrics["sr"][1]
+    final = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    for checkpoint in (after_stage_1, final):
+        importance = checkpoint["method"]["importance"]
+        assert {name: [len(c) for c in values] for name, values in importance.items()} == sizes
+        assert all(c.sum() > 0 for values in importance.values() for c in values)
+    changed = [not torch.equal(a, b) for a, b in zip(after_stage_1["method"]["importance"]["actor"],
+                                                     final["method"]["importance"]["actor"])]
+    assert all(changed)  # the resumed stage went on updating the importance
+
+
+def test_metaworld_end_to_end_with_resume(tmp_path, monkeypatch):
+    args = mw.Args(method="npc", tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8,
+                   steps_per_task=150, learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000,
+                   cuda=False, runs_dir=str(tmp_path))
+    run_dir, after_stage_1, metrics = run_killed_then_resumed(mw, args, monkeypatch)
+    check_run(run_dir, after_stage_1, metrics, {"actor": [8, 8], "qf1": [8, 8], "qf2": [8, 8]})
+
+
+def test_atari_end_to_end_with_resume(tmp_path, monkeypatch):
+    args = atari.Args(method="npc", games=["Pong", "Bowling"], cycles=1, steps_per_task=150, learning_starts=50,
+                      batch_size=8, conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=60,
+                      eval_envs=1, eval_every=0, target_network_frequency=40, cuda=False, runs_dir=str(tmp_path / "b"))
+    run_dir, after_stage_1, metrics = run_killed_then_resumed(atari, args, monkeypatch)
+    uninterrupted = atari.main(dataclasses.replace(args, runs_dir=str(tmp_path / "a")))
+    assert uninterrupted["sr"] == metrics["sr"]
+    final_a = torch.load(tmp_path / "a" / uninterrupted["run_name"] / "checkpoint.pt", weights_only=True)
+    final_b = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):  # the resume is exact
+        assert all(torch.equal(final_a[key][name], final_b[key][name]) for name in final_a[key]), key
+    check_run(run_dir, after_stage_1, metrics, {name: [4, 8, 8, 16] for name in ("actor", "qf1", "qf2")})
