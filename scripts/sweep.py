@@ -106,7 +106,7 @@ PRESETS = {
         script="metaworld",
         sequences=["drawer-close,window-close"],  # docs/results-mini.md says how this pair was chosen
         settings=["sac", "only-replay", "only-mask", "nbsp"],
-        flags=["--cycles", "2", "--hidden", "128", "128", "--batch-size", "128",
+        flags=["--cycles", "2", "--hidden", "64", "64", "--batch-size", "64",
                "--steps-per-task", "20000", "--learning-starts", "2000", "--eval-every", "5000",
                "--buffer-size", "100000", "--dpre-per-task", "10000", "--identify-episodes", "10",
                "--eval-episodes", "10", "--no-cuda"],
