@@ -111,6 +111,14 @@ PRESETS = {
                "--buffer-size", "100000", "--dpre-per-task", "10000", "--identify-episodes", "10",
                "--eval-episodes", "10", "--no-cuda"],
     ),
+    "mini-pilot": dict(  # single-task SAC learning curves of the tasks considered for `mini`
+        script="metaworld",
+        sequences=["drawer-close", "window-close", "window-open", "drawer-open", "button-press-topdown"],
+        settings=["sac"],
+        flags=["--cycles", "1", "--hidden", "128", "128", "--batch-size", "128", "--steps-per-task", "30000",
+               "--learning-starts", "2000", "--eval-every", "2500", "--eval-episodes", "10",
+               "--buffer-size", "100000", "--no-cuda"],
+    ),
 }
 
 # Flags that `--resume` accepts next to the run folder (the training scripts' RESUME_OVERRIDABLE);
