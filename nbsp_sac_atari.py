@@ -161,7 +161,7 @@ class Args:
     cotasp_prompt_steps: int = 10
     """cotasp: prompt updates of each alternation round"""
     crelu_halve_width: bool = False
-    """crelu: halve each fully connected hidden layer's pre-activation width (same parameter count) instead of doubling the next fan-in"""
+    """crelu: halve each fully connected hidden layer's pre-activation width (as many features as ReLU, about half its parameters) instead of keeping it (next fan-in doubles, about twice the parameters)"""
     cbp_replacement_rate: float = 1e-4
     """cbp: fraction of mature units of a layer replaced after each optimizer step"""
     cbp_maturity_threshold: int = 10_000
@@ -279,6 +279,8 @@ def validate_method_flags(args) -> None:
     for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.crelu_halve_width and any(width % 2 for width in args.hidden):
+        fail(f"--crelu-halve-width needs even --hidden widths, got {args.hidden}")
     if args.cbp_maturity_threshold < 0:
         fail(f"--cbp-maturity-threshold must be >= 0, got {args.cbp_maturity_threshold}")
     if args.method not in ("nbsp", "sac") and (args.compile or args.cudagraphs):
@@ -762,7 +764,7 @@ class SACLearner:
     def __init__(self, num_actions, args: Args, device, compile=False, cudagraphs=False, method: Method | None = None):
         self.args, self.device, self.num_actions = args, device, num_actions
         self.method = method or Method(args)
-        self.actor = Actor(num_actions, args.conv_channels, args.hidden, self.method.hidden_activation).to(device)
+        self.actor = self.new_actor()
         self.qf1, self.qf2, self.qf1_target, self.qf2_target = (self.new_critic() for _ in range(4))
         self.qf1_target.load_state_dict(self.qf1.state_dict())
         self.qf2_target.load_state_dict(self.qf2.state_dict())
@@ -842,6 +844,9 @@ class SACLearner:
         return logs
 
     # What baseline methods use (see baselines/__init__.py)
+    def new_actor(self):
+        return Actor(self.num_actions, self.args.conv_channels, self.args.hidden, self.method.hidden_activation).to(self.device)
+
     def new_critic(self):
         return SoftQNetwork(self.num_actions, self.args.conv_channels, self.args.hidden,
                             self.method.hidden_activation).to(self.device)

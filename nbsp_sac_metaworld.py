@@ -148,7 +148,7 @@ class Args:
     cotasp_prompt_steps: int = 10
     """cotasp: prompt updates of each alternation round"""
     crelu_halve_width: bool = False
-    """crelu: halve each hidden layer's pre-activation width (same parameter count) instead of doubling the next fan-in"""
+    """crelu: halve each hidden layer's pre-activation width (as many features as ReLU, about half its parameters) instead of keeping it (next fan-in doubles, about twice the parameters)"""
     cbp_replacement_rate: float = 1e-4
     """cbp: fraction of mature units of a layer replaced after each optimizer step"""
     cbp_maturity_threshold: int = 10_000
@@ -228,6 +228,8 @@ def validate_method_flags(args) -> None:
     for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.crelu_halve_width and any(width % 2 for width in args.hidden):
+        fail(f"--crelu-halve-width needs even --hidden widths, got {args.hidden}")
     if args.cbp_maturity_threshold < 0:
         fail(f"--cbp-maturity-threshold must be >= 0, got {args.cbp_maturity_threshold}")
     if args.method not in ("nbsp", "sac") and (args.compile or args.cudagraphs):
@@ -517,7 +519,7 @@ class SACLearner:
         self.args, self.device = args, device
         self.method = method or Method(args)
         self.shape = (obs_dim, act_dim, action_low, action_high)
-        self.actor = Actor(obs_dim, act_dim, args.hidden, action_low, action_high, self.method.hidden_activation).to(device)
+        self.actor = self.new_actor()
         self.qf = self.new_critic()
         self.qf_target = self.new_critic()
         self.qf_target.load_state_dict(self.qf.state_dict())
@@ -590,6 +592,10 @@ class SACLearner:
         return {name: p.detach() for name, p in self.qf.named_parameters()}
 
     # What baseline methods use (see baselines/__init__.py)
+    def new_actor(self):
+        obs_dim, act_dim, action_low, action_high = self.shape
+        return Actor(obs_dim, act_dim, self.args.hidden, action_low, action_high, self.method.hidden_activation).to(self.device)
+
     def new_critic(self):
         obs_dim, act_dim, _, _ = self.shape
         return TwinQNetwork(obs_dim, act_dim, self.args.hidden, hidden_activation=self.method.hidden_activation).to(self.device)

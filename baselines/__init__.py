@@ -40,6 +40,7 @@ What a method may use of the learner (both scripts' `SACLearner`):
                                   layers that consume their output
     heads()                       [(module, attribute)] of every output layer of the actor, the
                                   critics and the critic targets
+    new_actor(), new_critic()     freshly initialised networks, built as the learner builds its own
     reset_critics()               fresh critics, targets, temperature and their optimizers
     plain_copy()                  an independent learner with the same weights and no method
 """
