@@ -576,8 +576,7 @@ def main(args: Args) -> None:
         methods = ["sac"] + [m for m in args.methods if m != "sac"]
         costs = method_costs(methods, args.method_hidden, PAPER_BATCH, device, D, Dpre, generator,
                              args.method_updates_per_block, args.method_rounds, sync)
-        print(f"
-update cost by method (Meta-World, hidden {' '.join(map(str, args.method_hidden))}, batch {PAPER_BATCH}, "
+        print(f"\nupdate cost by method (Meta-World, hidden {' '.join(map(str, args.method_hidden))}, batch {PAPER_BATCH}, "
               f"second task of a run), median of {args.method_rounds} interleaved rounds of {args.method_updates_per_block} updates:")
         print(f"{'method':>8} {'updates/s':>10} {'time vs sac':>12}")
         for name, rate in costs.items():

@@ -21,6 +21,9 @@ def test_benchmark_quick_runs_and_reports():
     assert len(re.findall(r"^\s+(32|64)\s+(16|64)\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out, re.M)) == 4, out
     assert re.search(r"^dense matmul throughput: [\d.]+ GFLOP/s", out, re.M), out
     assert re.search(r"^matmul fraction at paper size: project [\d.]+ GFLOP/update .* = [\d.]+% of dense matmul", out, re.M), out
+    from baselines import METHODS  # every method gets a cost row, sac's own ratio being 1.00x
+    rows = dict(re.findall(r"^\s*(\w+)\s+[\d.]+\s+([\d.]+)x$", out, re.M))
+    assert set(rows) == set(METHODS) and rows["sac"] == "1.00", out
     assert re.search(r"project \(nbsp_sac_metaworld.main, subprocess\): [\d.]+ env steps/s .* peak RSS \d+ MiB", out), out
 
 
