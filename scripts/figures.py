@@ -225,13 +225,14 @@ def _task_order(runs: list[Run]) -> list[str]:
     return list(dict.fromkeys(t for run in runs for t in run.stage_tasks))
 
 
-def plot_curves(run_dirs, out_path: str, align: str = "step", title: str | None = None) -> list[str]:
-    """Evaluation success of every task across the stages (see the header); returns [png, pdf]."""
+def plot_curves(run_dirs, out_path: str, align: str = "step", title: str | None = None, label=None) -> list[str]:
+    """Evaluation success of every task across the stages (see the header); returns [png, pdf].
+    `label`, if given, names a setting from its run args (default: the args that differ)."""
     if align not in ("step", "stage"):
         raise FigureError(f"--align must be step or stage, got {align!r}")
     runs = find_runs(run_dirs)
     groups = group_runs(runs)
-    labels = setting_labels(groups)
+    labels = setting_labels(groups) if label is None else {k: label(g[0].args) for k, g in groups.items()}
     order = sorted(groups, key=lambda k: labels[k])
     colors = {k: COLORS[i % len(COLORS)] for i, k in enumerate(order)}
     tasks = _task_order(runs)
