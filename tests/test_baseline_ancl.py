@@ -265,7 +265,7 @@ def test_state_round_trip_restores_the_old_task_penalty(script):
 # Both scripts end to end, with an exact resume
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_end_to_end_aux_learner_and_exact_resume(name, tmp_path, monkeypatch):
+def test_end_to_end_aux_learner_and_exact_resume(name, tmp_path, monkeypatch, kill_after_stage_1):
     script, tiny = SCRIPTS[name]
     monkeypatch.setattr(ANCL, "aux_fisher_interval", 10)  # stage 2 has 100 (Meta-World) or 35 (Atari) updates
     methods = []
@@ -288,22 +288,10 @@ def test_end_to_end_aux_learner_and_exact_resume(name, tmp_path, monkeypatch):
     for key, value in checkpoint["method"]["old_anchor"]["actor"].items():
         assert torch.equal(value, stage_1["actor"][key])
 
-    written = []
-    original = script.atomic_write_json
-
-    def killed_after_first_metrics(path, data):
-        original(path, data)
-        if path.endswith("metrics.json"):
-            written.append(path)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(script, "atomic_write_json", killed_after_first_metrics)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(script.Args(**args, runs_dir=str(tmp_path / "killed")))
-    monkeypatch.setattr(script, "atomic_write_json", original)
-    resumed = script.main(script.Args(resume=os.path.dirname(written[0]), cuda=False))
+    killed = kill_after_stage_1(script, script.Args(**args, runs_dir=str(tmp_path / "killed")))
+    resumed = script.main(script.Args(resume=killed, cuda=False))
     assert resumed["sr"] == metrics["sr"]
-    final = load(os.path.join(os.path.dirname(written[0]), "checkpoint.pt"))
+    final = load(os.path.join(killed, "checkpoint.pt"))
     networks = ("actor", "qf", "qf_target") if script is mw else ("actor", "qf1", "qf2", "qf1_target", "qf2_target")
     for key in networks:
         for k, v in checkpoint[key].items():

@@ -355,24 +355,8 @@ def test_state_dict_round_trips_through_a_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------------
 # End to end: each script killed after its first stage, then resumed
 # ------------------------------------------------------------------------------------------
-def killed_after_first_stage(script, args, monkeypatch):
-    begin_stage = CoTASP.begin_stage
-
-    def stop_at_second_stage(self, stage, task):
-        if stage == 1:
-            raise KeyboardInterrupt("killed")
-        begin_stage(self, stage, task)
-
-    monkeypatch.setattr(CoTASP, "begin_stage", stop_at_second_stage)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(args)
-    monkeypatch.setattr(CoTASP, "begin_stage", begin_stage)
-    (run_name,) = os.listdir(args.runs_dir)
-    return os.path.join(args.runs_dir, run_name)
-
-
 @pytest.mark.parametrize("kind", ["metaworld", "atari"])
-def test_end_to_end_run_killed_after_stage_1_resumes_with_task_1_frozen(kind, tmp_path, monkeypatch):
+def test_end_to_end_run_killed_after_stage_1_resumes_with_task_1_frozen(kind, tmp_path, monkeypatch, kill_after_stage_1):
     if kind == "metaworld":
         # the resumed run reuses the killed run's evaluation envs (same seeds; every evaluation episode
         # resets its env to a fixed configuration and seed): Meta-World envs take about a second each
@@ -396,7 +380,7 @@ def test_end_to_end_run_killed_after_stage_1_resumes_with_task_1_frozen(kind, tm
                           batch_size=16, conv_channels=[8, 16, 16], hidden=[32, 32], buffer_size=1000, eval_steps=120,
                           eval_envs=2, eval_every=0, target_network_frequency=40, cuda=False,
                           cotasp_weight_steps=40, cotasp_prompt_steps=10, runs_dir=str(tmp_path))
-    run_dir = killed_after_first_stage(script, args, monkeypatch)
+    run_dir = kill_after_stage_1(script, args)
     with open(os.path.join(run_dir, "metrics.json")) as f:
         assert json.load(f)["sr"][1] == [None, None]  # stage 2 never ran
     stage_1 = load(os.path.join(run_dir, "checkpoint.pt"))

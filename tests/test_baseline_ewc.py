@@ -287,30 +287,12 @@ ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=240, learn
 SCRIPTS = {"metaworld": (mw, MW_TINY), "atari": (atari, ATARI_TINY)}
 
 
-def run_killed_after_stage_1(script, args, monkeypatch):
-    """Runs `args` until stage 1's checkpoint and metrics are written; returns the run folder."""
-    written = []
-    original = script.atomic_write_json
-
-    def killed_after_first_metrics(path, data):
-        original(path, data)
-        if path.endswith("metrics.json"):
-            written.append(path)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(script, "atomic_write_json", killed_after_first_metrics)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(args)
-    monkeypatch.setattr(script, "atomic_write_json", original)
-    return os.path.dirname(written[0])
-
-
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_end_to_end_fisher_anchor_and_exact_resume(name, tmp_path, monkeypatch):
+def test_end_to_end_fisher_anchor_and_exact_resume(name, tmp_path, kill_after_stage_1):
     script, tiny = SCRIPTS[name]
     args = dict(tiny, method="ewc", fisher_batches=2, fisher_critic=True)
     metrics = script.main(script.Args(**args, runs_dir=str(tmp_path / "full")))
@@ -336,7 +318,7 @@ def test_end_to_end_fisher_anchor_and_exact_resume(name, tmp_path, monkeypatch):
         assert torch.equal(value, critic_weights[name_])
     assert not torch.equal(checkpoint["actor"]["trunk.0.weight"], stage_1["actor"]["trunk.0.weight"])
 
-    killed = run_killed_after_stage_1(script, script.Args(**args, runs_dir=str(tmp_path / "killed")), monkeypatch)
+    killed = kill_after_stage_1(script, script.Args(**args, runs_dir=str(tmp_path / "killed")))
     assert load(os.path.join(killed, "checkpoint.pt"))["method"]["fisher"]  # saved at the task switch
     resumed = script.main(script.Args(resume=killed, cuda=False))
     assert resumed["sr"] == metrics["sr"]

@@ -190,28 +190,11 @@ def test_state_round_trip_restores_importance_and_scales():
 # --------------------------------------------------------------------------------------------
 # End to end: both scripts, killed at stage 2, then resumed
 # --------------------------------------------------------------------------------------------
-class SimulatedKill(Exception):
-    pass
-
-
-def run_killed_then_resumed(script, args, monkeypatch):
-    """Runs `args` until the training env of stage 2 is made, resumes the run folder, and returns
-    its folder, the checkpoint after stage 1 and the resumed run's metrics."""
-    real_make_env = script.make_env
-
-    def make_env(*a, **k):
-        seed = a[1]
-        if seed == args.seed + 2000 and (script is mw or a[2]):  # the training env of stage 2
-            raise SimulatedKill
-        return real_make_env(*a, **k)
-
-    monkeypatch.setattr(script, "make_env", make_env)
-    with pytest.raises(SimulatedKill):
-        script.main(args)
-    (run_name,) = os.listdir(args.runs_dir)
-    run_dir = os.path.join(args.runs_dir, run_name)
+def run_killed_then_resumed(script, args, kill_after_stage_1):
+    """Runs `args` until stage 1 is saved, resumes the run folder, and returns its folder, the
+    checkpoint after stage 1 and the resumed run's metrics."""
+    run_dir = kill_after_stage_1(script, args)
     after_stage_1 = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    monkeypatch.setattr(script, "make_env", real_make_env)
     metrics = script.main(script.Args(resume=run_dir, cuda=False))
     return run_dir, after_stage_1, metrics
 
@@ -231,19 +214,19 @@ def check_run(run_dir, after_stage_1, metrics, sizes):
     assert all(changed)  # the resumed stage went on updating the importance
 
 
-def test_metaworld_end_to_end_with_resume(tmp_path, monkeypatch):
+def test_metaworld_end_to_end_with_resume(tmp_path, kill_after_stage_1):
     args = mw.Args(method="npc", tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8,
                    steps_per_task=150, learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000,
                    cuda=False, runs_dir=str(tmp_path))
-    run_dir, after_stage_1, metrics = run_killed_then_resumed(mw, args, monkeypatch)
+    run_dir, after_stage_1, metrics = run_killed_then_resumed(mw, args, kill_after_stage_1)
     check_run(run_dir, after_stage_1, metrics, {"actor": [8, 8], "qf1": [8, 8], "qf2": [8, 8]})
 
 
-def test_atari_end_to_end_with_resume(tmp_path, monkeypatch):
+def test_atari_end_to_end_with_resume(tmp_path, kill_after_stage_1):
     args = atari.Args(method="npc", games=["Pong", "Bowling"], cycles=1, steps_per_task=150, learning_starts=50,
                       batch_size=8, conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=60,
                       eval_envs=1, eval_every=0, target_network_frequency=40, cuda=False, runs_dir=str(tmp_path / "b"))
-    run_dir, after_stage_1, metrics = run_killed_then_resumed(atari, args, monkeypatch)
+    run_dir, after_stage_1, metrics = run_killed_then_resumed(atari, args, kill_after_stage_1)
     uninterrupted = atari.main(dataclasses.replace(args, runs_dir=str(tmp_path / "a")))
     assert uninterrupted["sr"] == metrics["sr"]
     final_a = torch.load(tmp_path / "a" / uninterrupted["run_name"] / "checkpoint.pt", weights_only=True)
