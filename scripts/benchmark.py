@@ -139,6 +139,14 @@ def resolve(args: Args) -> Args:
         fail(f"--concurrent needs one or more positive run counts, got {args.concurrent}")
     if args.e2e_task.removesuffix("-v3") not in nbsp.TASK_NAMES:
         fail(f"unknown task {args.e2e_task!r}; valid Meta-World v3 tasks: {' '.join(nbsp.TASK_NAMES)}")
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        fail(f"unknown --methods {' '.join(unknown)}; valid: {' '.join(METHODS)}")
+    for name in ("method_rounds", "method_updates_per_block"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not args.method_hidden or min(args.method_hidden) <= 0:
+        fail(f"--method-hidden needs one or more positive integers, got {args.method_hidden}")
     compiled = args.compile or args.cudagraphs
     updates = args.updates_per_block or (200 if cuda else 10)
     return replace(args, updates_per_block=updates + updates % 2,  # even: same actor-step mix per block
@@ -570,9 +578,6 @@ def main(args: Args) -> None:
 
     # update cost of every method, relative to plain SAC
     if args.methods:
-        unknown = sorted(set(args.methods) - set(METHODS))
-        if unknown:
-            fail(f"unknown --methods {' '.join(unknown)}; valid: {' '.join(METHODS)}")
         methods = ["sac"] + [m for m in args.methods if m != "sac"]
         costs = method_costs(methods, args.method_hidden, PAPER_BATCH, device, D, Dpre, generator,
                              args.method_updates_per_block, args.method_rounds, sync)

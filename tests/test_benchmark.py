@@ -33,3 +33,11 @@ def test_cudagraphs_on_cpu_stops_with_one_line():
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip() == "error: --cudagraphs needs a CUDA device"
+
+
+def test_unknown_method_stops_before_any_measurement():
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--methods", "sac", "bogus"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().startswith("error: unknown --methods bogus; valid: nbsp sac ewc")
