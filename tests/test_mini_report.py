@@ -1,0 +1,42 @@
+"""scripts/mini_report.py on synthetic run folders (the figures tests' fixture writer): the
+document has the settings table with hand-checkable means, every run, the notes, the pilot and
+the further try, and its figures exist."""
+
+import json
+import os
+import sys
+
+from test_figures import write_run
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import mini_report  # noqa: E402
+
+
+def test_report_from_runs(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path / "mini", "sac", seed, asr=0.5 + 0.1 * seed)  # ASR 0.6, 0.7
+        write_run(tmp_path / "mini", "nbsp", seed)
+    pilot = write_run(tmp_path / "pilot", "sac", 1)
+    with open(os.path.join(pilot, "config.json")) as f:
+        config = json.load(f)
+    config["args"] |= {"batch_size": 8, "learning_starts": 100, "eval_episodes": 2}  # as every real config has
+    with open(os.path.join(pilot, "config.json"), "w") as f:
+        json.dump(config, f)
+    write_run(tmp_path / "wide", "nbsp", 1)
+    (tmp_path / "notes.md").write_text("Hand-written finding.")
+    (tmp_path / "sweep.out").write_text("start line\nreal\t1m2.5s\nend line\n")
+    out = tmp_path / "docs" / "results-mini.md"
+    assert mini_report.main(["--runs", str(tmp_path / "mini"), "--pilot", str(tmp_path / "pilot"),
+                             "--supplement", str(tmp_path / "wide"), "--supplement-command", "python wide.py",
+                             "--notes", str(tmp_path / "notes.md"), "--sweep-log", str(tmp_path / "sweep.out"),
+                             "--out", str(out)]) == 0
+    doc = out.read_text()
+    assert "| vanilla SAC | 2 | 0.65 ± 0.05 |" in doc  # mean of 0.6, 0.7; s.e. 0.0707 / sqrt(2) = 0.05
+    assert "| NBSP | 2 | 0.85 ± 0.00 |" in doc
+    assert doc.count("| sac_r0.2 seed ") == 2 and doc.count("| nbsp_r0.2 seed ") == 3  # the further try's run too
+    assert "Hand-written finding." in doc and "python wide.py" in doc
+    assert "Sweep wall time (`time`): 1m2.5s" in doc
+    assert "## How the task pair was chosen" in doc and "| reach |" in doc
+    for name in ("results-mini-curves", "results-mini-pilot", "results-mini-supplement-curves"):
+        for ext in ("png", "pdf"):
+            assert os.path.getsize(out.parent / f"{name}.{ext}") > 0
