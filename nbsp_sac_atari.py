@@ -114,8 +114,12 @@ class Args:
     """turn off replay from Dpre"""
     hard_mask: bool = False
     """mask skill neurons with 0 instead of alpha * (1 - score)"""
-    identify: Literal["goal", "activation", "weight", "random"] = "goal"
-    """skill-neuron identification rule (paper Table 3)"""
+    identify: Literal[sn.IDENTIFY_RULES] = "goal"
+    """skill-neuron identification rule (paper Table 3); every rule takes Eq. 7 mask values from the goal scores of the same window, matched by rank"""
+    identify_window: Literal[sn.IDENTIFY_WINDOWS] = "training"
+    """identification window: the stage's own last policy games, taken from D (no extra env steps), or post-stage rollouts"""
+    goal_score: Literal[sn.GOAL_SCORES] = "paper"
+    """goal score: Eq. 3-4 as written, or balanced (balanced accuracy of the same indicator: 0.5 for a dead neuron whatever the balance)"""
     apply_to: Literal["actor", "critic", "both"] = "both"
     """networks whose skill neurons are identified and masked (paper Table 4)"""
     skill_ratio: float = 0.2
@@ -131,9 +135,9 @@ class Args:
     dpre_per_task: int = 100_000
     """last transitions of D that join Dpre after each stage"""
     identify_episodes: int = 10
-    """full games (stochastic policy, not training steps) of the identification window"""
+    """full games of the identification window: the stage's last policy games (widened while their return is constant), or post-stage rollouts"""
     identify_max_steps: int = 100_000
-    """cap on the identification window's steps; a game cut off by it counts with its return so far"""
+    """cap on the identification window's steps: a longer training window is subsampled evenly; a rollout game cut off by it counts with its return so far"""
 
     # Baselines (paper Appendix C.1); each module in baselines/ says where its values come from
     method: Literal["nbsp", "sac", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi"] = "nbsp"
@@ -179,8 +183,9 @@ GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
 PAPER_SCORES = {"Alien": (227.5, 6875.0), "BankHeist": (14.2, 734.4), "Bowling": (23.1, 154.8), "Pong": (-20.7, 9.3)}
 FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
 CONV_OUT = 7  # spatial size after the convolutions: 84 -> 20 -> 9 -> 7
-NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio", "mask_alpha", "mask_target",
-              "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes", "identify_max_steps"]
+NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "identify_window", "goal_score", "apply_to", "skill_ratio",
+              "mask_alpha", "mask_target", "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes",
+              "identify_max_steps"]
 
 
 def method_of_flag(name: str) -> tuple[str, ...]:
@@ -252,7 +257,7 @@ def validate(args: Args) -> None:
         fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
     if not 0.0 < args.target_entropy_scale <= 1.0:
         fail(f"--target-entropy-scale must be in (0, 1], got {args.target_entropy_scale}")
-    for name in ["identify", "apply_to", "mask_target", "mask_combine", "method"]:
+    for name in ["identify", "identify_window", "goal_score", "apply_to", "mask_target", "mask_combine", "method"]:
         valid = Args.__annotations__[name].__args__
         if getattr(args, name) not in valid:
             fail(f"--{name.replace('_', '-')} must be one of {', '.join(valid)}; got {getattr(args, name)!r}")
@@ -619,6 +624,7 @@ class ReplayBuffer:
         self.dones = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.back = torch.arange(stack - 1, -1, -1, device=device)  # how far back each stack position lies
         self.oldest = np.zeros(capacity, np.int64)  # host: first slot (absolute) a transition's stacks use
+        self.episode = np.full(capacity, -1, np.int64)  # host: the transition's game (its first global step; -1 unknown)
         self.clear()
 
     def clear(self):
@@ -643,7 +649,7 @@ class ReplayBuffer:
         self.last_history = history
         self._evict()
 
-    def add(self, obs, action, reward, next_obs, terminated):
+    def add(self, obs, action, reward, next_obs, terminated, episode=-1):
         """obs and next_obs: [stack, 84, 84] uint8 from FrameStackObservation (next_obs[:-1] == obs[1:])."""
         if self.last_next_obs is None or not np.array_equal(obs, self.last_next_obs):
             first = 0  # a new episode: store obs's frames, its leading repeated frame once
@@ -659,6 +665,7 @@ class ReplayBuffer:
         self.rewards[position] = float(reward)
         self.dones[position] = float(terminated)
         self.oldest[position] = obs_slot - history
+        self.episode[position] = episode
         self.end += 1
         self.first = max(self.first, self.end - self.capacity)
         self.last_next_obs = np.array(next_obs, copy=True)
@@ -673,6 +680,16 @@ class ReplayBuffer:
         stacks = self._stacks(torch.stack([slot, (slot + 1) % self.num_slots]))
         return stacks[0], self.actions[index], self.rewards[index], stacks[1], self.dones[index]  # obs, actions, rewards, next_obs, dones
 
+    def episode_index(self, episodes):
+        """Ring positions and game tags of the stored transitions of `episodes`, oldest first."""
+        positions = (self.first + np.arange(self.size)) % self.capacity
+        keep = np.isin(self.episode[positions], episodes)
+        return torch.from_numpy(positions[keep]).to(self.device), self.episode[positions[keep]]
+
+    def observations(self, index):
+        """The stacked observations of the transitions at ring positions `index`."""
+        return self._stacks(self.obs_slot[index])
+
     def latest(self, n):
         """The last n transitions and the slots they use, as a chunk for `extend` (Dpre) or a checkpoint."""
         n = min(n, self.size)
@@ -684,7 +701,8 @@ class ReplayBuffer:
         return {"frames": self.frames[position],
                 "history": torch.minimum(self.history[position].long(), within_chunk).to(torch.uint8),
                 "obs_slot": (self.obs_slot[index] - start) % self.num_slots,
-                "actions": self.actions[index], "rewards": self.rewards[index], "dones": self.dones[index]}
+                "actions": self.actions[index], "rewards": self.rewards[index], "dones": self.dones[index],
+                "episode": torch.from_numpy(self.episode[index.cpu().numpy()])}
 
     def extend(self, chunk):
         obs_slot, history = chunk["obs_slot"].to(self.device), chunk["history"].to(self.device)
@@ -708,6 +726,7 @@ class ReplayBuffer:
         for name in ("actions", "rewards", "dones"):
             getattr(self, name)[index] = chunk[name][keep:].to(self.device)
         self.oldest[(self.end + np.arange(n)) % self.capacity] = base + oldest[keep:] - start
+        self.episode[(self.end + np.arange(n)) % self.capacity] = chunk["episode"][keep:].numpy() if "episode" in chunk else -1
         self.end += n
         self.first = max(self.first, self.end - self.capacity)
         self._evict()
@@ -1053,55 +1072,95 @@ def main(args: Args) -> dict:
             writer.add_scalar(f"eval/{game}/finished_games", float(len(done)), step)
         return returns, normalized
 
-    def identify_skill_neurons(game, stage, stage_seed):
-        """Alg. 1 after a stage: score each masked network's hidden neurons, select the top
+    def critic_probe(obs):
+        # the critics' hidden activations depend on the observation only: the Q head gives every action's value
+        for name in ("qf1", "qf2"):
+            if name in masked_networks:
+                getattr(sac, name)(obs)
+
+    def training_window(games):
+        """The stage's own last `identify_episodes` policy games, taken from D (Alg. 1 runs over
+        training steps), widened backwards while their return is constant; the networks are run
+        on the stored observations as they go. None if no policy game finished in the stage."""
+        policy = [g for g in games if g["policy"]]
+        if not policy:
+            return None
+        returns = [g["return"] for g in policy]
+        start = sn.widen_window(returns, args.identify_episodes)
+        window = policy[start:]
+        index, tags = rb.episode_index([g["id"] for g in window])
+        rows = np.arange(len(tags))
+        if len(rows) > args.identify_max_steps:  # evenly spaced rows keep every game of a wide window
+            rows = np.linspace(0, len(rows) - 1, args.identify_max_steps).astype(np.int64)
+        index, tags = index[torch.from_numpy(rows).to(device)], tags[rows]
+        with torch.no_grad():
+            for chunk in range(0, len(index), 1024):
+                obs = rb.observations(index[chunk : chunk + 1024])
+                if "actor" in masked_networks:
+                    actor(obs)
+                critic_probe(obs)
+        by_id = {g["id"]: g["return"] for g in window}
+        return {"goal": torch.tensor([by_id[tag] for tag in tags], dtype=torch.float32), "episodes": len(window),
+                "widened": start < len(policy) - args.identify_episodes, "mean_return": float(np.mean(returns[start:]))}
+
+    def rollout_window(game, stage_seed):
+        """`identify_episodes` games of the stochastic policy after the stage (training wrappers);
+        the actor's activations are those of the calls that pick the actions."""
+        window = rollout(identify_envs[game], stochastic_policy(stage_seed), stage_seed, device,
+                         args.identify_max_steps, max_games=args.identify_episodes, probe=critic_probe)
+        return {"goal": torch.as_tensor(window["return"][window["game"]], dtype=torch.float32),
+                "episodes": len(window["return"]), "widened": False, "mean_return": float(window["return"].mean()),
+                "unfinished": int((~window["finished"]).sum())}
+
+    def identify_skill_neurons(game, stage, stage_seed, games):
+        """Alg. 1 after a stage: score each masked network's hidden neurons over the window (the
+        goal metric of a step: the raw return of the full game it belongs to), select the top
         skill_ratio, build Eq. 7 masks and combine them with the earlier stages' masks."""
-        record = {"goal_constant": False, "skill_neurons": {}, "overlap_with_previous": {}}
-        activations, goal = {}, None
-        if args.identify in ("goal", "activation"):
-            layers = [layer for name in masked_networks for layer in networks[name]]
-            critics = [name for name in ("qf1", "qf2") if name in masked_networks]
-
-            def probe(obs):
-                # critics probed on the executed steps; the Q head gives every action's value, so
-                # the hidden activations depend on the observation only, not on the action taken
-                for name in critics:
-                    getattr(sac, name)(obs)
-
-            with sn.ActivationRecorder(layers) as recorder:
-                window = rollout(identify_envs[game], stochastic_policy(stage_seed), stage_seed, device,
-                                 args.identify_max_steps, max_games=args.identify_episodes, probe=probe)
-            recorded = [a.cpu() for a in recorder.activations()]
-            for name in masked_networks:
-                activations[name], recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
-            # goal metric of a step: the raw return of the full game (all lives) it belongs to
-            goal = torch.as_tensor(window["return"][window["game"]], dtype=torch.float32)
-            record |= {"identify_steps": window["steps"], "identify_games": len(window["return"]),
-                       "identify_unfinished_games": int((~window["finished"]).sum()),
-                       "identify_mean_return": float(window["return"].mean())}
-            if args.identify == "goal" and sn.goal_is_constant(goal):
-                record["goal_constant"] = True
-                print(f"warning: stage {stage + 1} ({game}): the goal metric is constant ({goal[0]:g}) over the "
-                      "identification window, so skill-neuron scores carry no goal information", file=sys.stderr)
-            writer.add_scalar("neurons/goal_constant", float(record["goal_constant"]), global_step)
-            writer.add_scalar("neurons/identify_return", record["identify_mean_return"], global_step)
+        window_kind, fallback = args.identify_window, None
+        layers = [layer for name in masked_networks for layer in networks[name]]
+        with sn.ActivationRecorder(layers) as recorder:
+            window = training_window(games) if window_kind == "training" else None
+            if window is None:
+                if window_kind == "training":
+                    window_kind, fallback = "rollout", "no policy game finished in the stage"
+                    print(f"stage {stage + 1} ({game}): no game played by the policy finished in this stage; "
+                          f"identifying on {args.identify_episodes} post-stage games instead", file=sys.stderr)
+                window = rollout_window(game, stage_seed)
+        recorded = [a.cpu() for a in recorder.activations()]
+        goal = window["goal"]
+        record = {"identify_window": window_kind, "identify_fallback": fallback, "identify_episodes": window["episodes"],
+                  "identify_steps": len(goal), "identify_widened": window["widened"], "goal_metric": "return",
+                  "identify_mean_return": window["mean_return"], "identify_unfinished_games": window.get("unfinished", 0),
+                  "goal_constant": sn.goal_is_constant(goal), "skill_neurons": {}, "overlap_with_previous": {},
+                  "selection": {}}
+        print(f"stage {stage + 1} ({game}) identification: {window_kind} window, {record['identify_episodes']} games"
+              f"{' (widened)' if record['identify_widened'] else ''}, {record['identify_steps']} steps, "
+              f"mean return {record['identify_mean_return']:g}")
+        if record["goal_constant"]:
+            print(f"warning: stage {stage + 1} ({game}): the goal metric is constant ({goal[0]:g}) over the "
+                  "identification window, so skill-neuron scores carry no goal information", file=sys.stderr)
         generator = torch.Generator().manual_seed(stage_seed)
         for name in masked_networks:
-            scores = sn.score_network(networks[name], args.identify, activations.get(name), goal, generator)
-            selected = sn.select_top(scores, args.skill_ratio)
-            new_mask = sn.neuron_mask(scores, selected, args.mask_alpha, args.hard_mask)
-            previous = neuron_masks.get(name)
-            neuron_masks[name] = sn.combine_masks(previous, sn.split_by_layer(new_mask, networks[name]), args.mask_combine)
-            combined = torch.cat(neuron_masks[name])
-            record["skill_neurons"][name] = int(selected.sum())
+            activations, recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
+            found = sn.identify_network(networks[name], args.identify, activations, goal, args.skill_ratio,
+                                        args.goal_score, generator)
+            new_mask = sn.neuron_mask(found.scores, found.selected, args.mask_alpha, args.hard_mask)
+            neuron_masks[name] = sn.combine_masks(neuron_masks.get(name), sn.split_by_layer(new_mask, networks[name]),
+                                                  args.mask_combine)
+            stats = sn.selection_stats(activations, found, torch.cat(neuron_masks[name]))
+            record["skill_neurons"][name] = int(found.selected.sum())
+            record["selection"][name] = stats
             if name in last_selected:
-                record["overlap_with_previous"][name] = int((selected & last_selected[name]).sum())
-            last_selected[name] = selected
-            writer.add_histogram(f"neurons/{name}/scores", scores, global_step)
-            writer.add_histogram(f"neurons/{name}/skill_scores", scores[selected], global_step)
-            writer.add_scalar(f"neurons/{name}/protected", float((combined < 1).sum()), global_step)
-            writer.add_scalar(f"neurons/{name}/mask_mean", float(combined.mean()), global_step)
-            record.setdefault("scores", {})[name] = scores
+                record["overlap_with_previous"][name] = int((found.selected & last_selected[name]).sum())
+            last_selected[name] = found.selected
+            writer.add_histogram(f"neurons/{name}/scores", found.goal, global_step)
+            writer.add_histogram(f"neurons/{name}/skill_scores", found.scores[found.selected], global_step)
+            for key, value in stats.items():
+                if value is not None:
+                    writer.add_scalar(f"neurons/{name}/{key}", value, global_step)
+            record.setdefault("scores", {})[name] = found.scores
+        for key in ("goal_constant", "identify_episodes", "identify_steps", "identify_mean_return"):
+            writer.add_scalar(f"neurons/{key}", float(record[key]), global_step)
         install_masks()
         return record
 
@@ -1117,6 +1176,8 @@ def main(args: Args) -> dict:
         progress.set_description(f"stage {stage + 1}/{H} {game}")
         method.begin_stage(stage, game)
         obs, _ = env.reset(seed=stage_seed)
+        game_start, game_id = 0, global_step + 1  # a game's id: its first global step
+        stage_games = []  # finished games: id, raw return, played by the policy
         logs, updates, dpre_updates = {}, 0, 0
         stage_start_time = sps_time = time.time()
         sps_step = 0
@@ -1129,13 +1190,17 @@ def main(args: Args) -> dict:
                     action = actor.get_action(torch.as_tensor(obs, device=device)[None])[0].item()
             next_obs, reward, terminated, truncated, info = env.step(action)
             # done = life lost or game over (CleanRL); a truncated game bootstraps from its true final frame
-            rb.add(obs, action, reward, next_obs, terminated)
+            rb.add(obs, action, reward, next_obs, terminated, game_id)
             obs = next_obs
             if terminated or truncated:
                 if "episode" in info:  # the full game is over: its raw return, all lives, unclipped
                     writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
                     writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
                     writer.add_scalar("charts/normalized_return", normalized_score(info["episode"]["r"], normalization[game]), global_step)
+                    # random-action games say nothing of the policy
+                    stage_games.append({"id": game_id, "return": float(info["episode"]["r"]),
+                                        "policy": game_start >= args.learning_starts})
+                    game_start, game_id = step + 1, global_step + 1
                 obs, _ = env.reset()
 
             if step >= args.learning_starts and (step - args.learning_starts) % args.update_frequency == 0:
@@ -1174,16 +1239,19 @@ def main(args: Args) -> dict:
         sr.append([normalized[stage_tasks[j]] for j in range(stage + 1)])
         metrics_now = continual_metrics(sr)
         writer.add_scalar("eval/AR", metrics_now["AR"], global_step)
+        # one actor step on the critic's batch per update (CleanRL's sac_atari): both follow Dpre's schedule
         record = {"stage": stage + 1, "task": game, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
-                  "updates": updates, "dpre_updates": dpre_updates, "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "critic_updates": updates, "critic_dpre_updates": dpre_updates, "actor_updates": updates,
+                  "actor_dpre_updates": dpre_updates, "wall_seconds": round(time.time() - stage_start_time, 2)}
         if use_mask:
-            neuron_record = identify_skill_neurons(game, stage, stage_seed)
+            neuron_record = identify_skill_neurons(game, stage, stage_seed, stage_games)
             scores = neuron_record.pop("scores")
             record |= neuron_record
         else:
             scores = {}
-        if use_replay and stage < H - 1:
-            dpre.extend(rb.latest(args.dpre_per_task))
+        if use_replay and stage < H - 1:  # the stage's last transitions played by the policy
+            record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
+            dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
             method.end_stage(stage, game, rb)  # a task switch follows
         record["wall_seconds"] = round(time.time() - stage_start_time, 2)

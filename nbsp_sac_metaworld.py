@@ -103,8 +103,12 @@ class Args:
     """turn off replay from Dpre"""
     hard_mask: bool = False
     """mask skill neurons with 0 instead of alpha * (1 - score)"""
-    identify: Literal["goal", "activation", "weight", "random"] = "goal"
-    """skill-neuron identification rule (paper Table 3)"""
+    identify: Literal[sn.IDENTIFY_RULES] = "goal"
+    """skill-neuron identification rule (paper Table 3); every rule takes Eq. 7 mask values from the goal scores of the same window, matched by rank"""
+    identify_window: Literal[sn.IDENTIFY_WINDOWS] = "training"
+    """identification window: the stage's own last policy episodes, taken from D (no extra env steps), or post-stage rollouts"""
+    goal_score: Literal[sn.GOAL_SCORES] = "paper"
+    """goal score: Eq. 3-4 as written, or balanced (balanced accuracy of the same indicator: 0.5 for a dead neuron whatever the success rate)"""
     apply_to: Literal["actor", "critic", "both"] = "both"
     """networks whose skill neurons are identified and masked (paper Table 4)"""
     skill_ratio: float = 0.2
@@ -120,7 +124,9 @@ class Args:
     dpre_per_task: int = 100_000
     """last transitions of D that join Dpre after each stage"""
     identify_episodes: int = 20
-    """episodes (stochastic policy, not training steps) of the identification window"""
+    """episodes of the identification window: the stage's last policy episodes (widened while the goal metric is constant), or post-stage rollouts"""
+    identify_max_steps: int = 100_000
+    """cap on the identification window's steps; a longer window is subsampled evenly"""
 
     # Baselines (paper Appendix C.1); each module in baselines/ says where its values come from
     method: Literal["nbsp", "sac", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi"] = "nbsp"
@@ -160,8 +166,9 @@ class Args:
 RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs"}
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
 EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
-NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio", "mask_alpha", "mask_target",
-              "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes"]
+NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "identify_window", "goal_score", "apply_to", "skill_ratio",
+              "mask_alpha", "mask_target", "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes",
+              "identify_max_steps"]
 
 
 def method_of_flag(name: str) -> tuple[str, ...]:
@@ -185,7 +192,7 @@ def validate(args: Args) -> None:
         if task.removesuffix("-v3") not in TASK_NAMES:
             fail(f"unknown task {task!r}; valid Meta-World v3 tasks: {' '.join(TASK_NAMES)}")
     positive = ["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_episodes",
-                "identify_episodes", "replay_interval", "dpre_per_task", "policy_frequency",
+                "identify_episodes", "identify_max_steps", "replay_interval", "dpre_per_task", "policy_frequency",
                 "target_network_frequency"]
     for name in positive:
         if getattr(args, name) <= 0:
@@ -201,7 +208,7 @@ def validate(args: Args) -> None:
         fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
     if not 0.0 <= args.early_stop_success <= 1.0:
         fail(f"--early-stop-success must be in [0, 1] (0 disables), got {args.early_stop_success}")
-    for name in ["identify", "apply_to", "mask_target", "mask_combine", "method"]:
+    for name in ["identify", "identify_window", "goal_score", "apply_to", "mask_target", "mask_combine", "method"]:
         valid = Args.__annotations__[name].__args__
         if getattr(args, name) not in valid:
             fail(f"--{name.replace('_', '-')} must be one of {', '.join(valid)}; got {getattr(args, name)!r}")
@@ -283,8 +290,8 @@ def reset_to_configuration(env: gym.Env, index: int, seed: int) -> np.ndarray:
 def rollout(envs, num_episodes, policy, seed, device, record=False):
     """Run `num_episodes` episodes, in waves over the vector of `envs`, with one batched policy
     call per step. Returns per-episode success and return, and with `record` the visited
-    observations, executed actions and, per step, the success of its episode (the goal metric)."""
-    successes, returns, observations, actions, step_goal = [], [], [], [], []
+    observations, executed actions and, per step, the episode it belongs to (`episode`)."""
+    successes, returns, observations, actions, step_episode = [], [], [], [], []
     for first in range(0, num_episodes, len(envs)):
         wave = envs[: min(len(envs), num_episodes - first)]
         obs = np.stack([reset_to_configuration(env, first + i, seed) for i, env in enumerate(wave)])
@@ -308,11 +315,11 @@ def rollout(envs, num_episodes, policy, seed, device, record=False):
         if record:
             observations.append(np.concatenate(wave_obs))
             actions.append(np.concatenate(wave_act))
-            step_goal.append(success[np.concatenate(wave_owner)].astype(np.float32))
+            step_episode.append(first + np.concatenate(wave_owner))
     result = {"success": np.array(successes, np.float32), "return": np.array(returns)}
     if record:
         result |= {"obs": np.concatenate(observations), "actions": np.concatenate(actions),
-                   "goal": np.concatenate(step_goal)}
+                   "episode": np.concatenate(step_episode)}
     return result
 
 
@@ -434,29 +441,46 @@ class TwinQNetwork(nn.Module):
 # Replay buffers D and Dpre: one preallocated tensor on the training device, a row per transition
 # ------------------------------------------------------------------------------------------
 class ReplayBuffer:
+    """Each transition is tagged on the host with its episode (the global step of the episode's
+    first transition; -1 when unknown), so identification can find a stage's episodes in D."""
+
     def __init__(self, capacity, obs_dim, act_dim, device):
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.storage = torch.zeros(capacity, 2 * obs_dim + act_dim + 2, dtype=torch.float32, device=device)
+        self.episode = np.full(capacity, -1, np.int64)
         self.capacity, self.pos, self.size = capacity, 0, 0
 
-    def add(self, obs, action, reward, next_obs, terminated):
+    def add(self, obs, action, reward, next_obs, terminated, episode=-1):
         row = np.concatenate([obs, action, [reward], next_obs, [float(terminated)]]).astype(np.float32)
         self.storage[self.pos].copy_(torch.from_numpy(row))
+        self.episode[self.pos] = episode
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def extend(self, rows):
+    def extend(self, rows, episodes=None):
+        episodes = np.full(len(rows), -1, np.int64) if episodes is None else np.asarray(episodes)
         for start in range(0, len(rows), self.capacity):
             chunk = rows[start : start + self.capacity]
             index = (self.pos + torch.arange(len(chunk), device=self.storage.device)) % self.capacity
             self.storage[index] = chunk
+            self.episode[index.cpu().numpy()] = episodes[start : start + self.capacity]
             self.pos = (self.pos + len(chunk)) % self.capacity
             self.size = min(self.size + len(chunk), self.capacity)
 
-    def latest(self, n):
+    def latest_index(self, n):
         n = min(n, self.size)
-        index = (self.pos - n + torch.arange(n, device=self.storage.device)) % self.capacity
-        return self.storage[index]
+        return (self.pos - n + torch.arange(n, device=self.storage.device)) % self.capacity
+
+    def latest(self, n):
+        return self.storage[self.latest_index(n)]
+
+    def episode_rows(self, episodes):
+        """Observations, actions and episode tags of the stored transitions of `episodes`, oldest first."""
+        index = self.latest_index(self.size)
+        tags = self.episode[index.cpu().numpy()]
+        keep = np.isin(tags, episodes)
+        rows = self.storage[index[torch.from_numpy(keep).to(index.device)]]
+        return rows[:, : self.obs_dim], rows[:, self.obs_dim : self.obs_dim + self.act_dim], tags[keep]
 
     def clear(self):
         self.pos = self.size = 0
@@ -467,11 +491,12 @@ class ReplayBuffer:
         return rows.split([o, a, 1, o, 1], dim=1)  # obs, actions, rewards, next_obs, dones
 
     def state_dict(self):
-        return {"rows": self.latest(self.size).cpu()}
+        index = self.latest_index(self.size)
+        return {"rows": self.storage[index].cpu(), "episode": torch.from_numpy(self.episode[index.cpu().numpy()])}
 
     def load_state_dict(self, state):
         self.clear()
-        self.extend(state["rows"].to(self.storage.device))
+        self.extend(state["rows"].to(self.storage.device), state["episode"].numpy())
 
 
 # ------------------------------------------------------------------------------------------
@@ -578,13 +603,14 @@ class SACLearner:
             logs["alpha_loss"] = alpha_loss.detach()
         return logs
 
-    def update(self, data, update_policy: bool, update_target: bool) -> dict:
-        """One critic step; with `update_policy`, `policy_frequency` actor (and alpha) steps."""
+    def update(self, data, update_policy: bool, update_target: bool, actor_obs=None) -> dict:
+        """One critic step; with `update_policy`, `policy_frequency` actor (and alpha) steps, on
+        the critic's observations or, one per step, on `actor_obs` (Dpre's own schedule)."""
         obs, actions, rewards, next_obs, dones = data
         logs = self.critic_step(obs, actions, rewards, next_obs, dones, update_target)
         if update_policy:
-            for _ in range(self.args.policy_frequency):  # compensate for the delay by doing 'policy_frequency' updates
-                logs |= self.actor_step(obs)
+            for k in range(self.args.policy_frequency):  # compensate for the delay by doing 'policy_frequency' updates
+                logs |= self.actor_step(obs if actor_obs is None else actor_obs[k])
         logs["alpha"] = self.log_alpha.detach().exp()[0]
         return logs
 
@@ -726,7 +752,7 @@ def main(args: Args) -> dict:
             "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
 
     # one fixed pool of env copies per task, for evaluation and identification rollouts
-    pool_size = max(args.eval_episodes, args.identify_episodes if use_mask else 0)
+    pool_size = max(args.eval_episodes, args.identify_episodes if use_mask else 0)  # rollout windows (or their fallback)
     rollout_envs = {task: [make_env(task, args.seed + 10_000 + i) for i in range(pool_size)] for task in unique_tasks}
     probe_env = rollout_envs[unique_tasks[0]][0]
     obs_dim = int(np.prod(probe_env.observation_space.shape))
@@ -783,49 +809,94 @@ def main(args: Args) -> dict:
             writer.add_scalar(f"eval/{task}/success_rate", rates[task], step)
         return rates
 
-    def identify_skill_neurons(task, stage, stage_seed):
-        """Alg. 1 after a stage: score each masked network's hidden neurons, select the top
-        skill_ratio, build Eq. 7 masks and combine them with the earlier stages' masks."""
-        record = {"goal_constant": False, "skill_neurons": {}, "overlap_with_previous": {}}
-        activations, goal = {}, None
-        if args.identify in ("goal", "activation"):
-            window = rollout(rollout_envs[task], args.identify_episodes, stochastic_action, stage_seed, device, record=True)
-            obs = torch.as_tensor(window["obs"], device=device)
-            actions = torch.as_tensor(window["actions"], device=device)
-            goal = torch.as_tensor(window["goal"])
-            layers = [layer for name in masked_networks for layer in networks[name]]
-            with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
-                for chunk in range(0, len(obs), 8192):
-                    if "actor" in masked_networks:
-                        actor(obs[chunk : chunk + 8192])
-                    if "qf1" in masked_networks:  # critics probed at the executed actions
-                        qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
-            recorded = [a.cpu() for a in recorder.activations()]
-            for name in masked_networks:
-                activations[name], recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
-            if args.identify == "goal" and sn.goal_is_constant(goal):
-                record["goal_constant"] = True
-                print(f"warning: stage {stage + 1} ({task}): the goal metric is constant ({goal[0]:g}) over the "
-                      "identification window, so skill-neuron scores carry no goal information", file=sys.stderr)
-            writer.add_scalar("neurons/goal_constant", float(record["goal_constant"]), global_step)
-            writer.add_scalar("neurons/identify_success_rate", window["success"].mean(), global_step)
+    def training_window(episodes):
+        """The stage's own last `identify_episodes` policy episodes, taken from D (Alg. 1 runs over
+        training steps), widened backwards while their success is constant; if the whole stage
+        had one outcome, the last episodes with the episode return as the goal metric. None if
+        no policy episode finished in the stage."""
+        policy = [e for e in episodes if e["policy"]]
+        if not policy:
+            return None
+        success = [e["success"] for e in policy]
+        start, metric = sn.widen_window(success, args.identify_episodes), "success"
+        if len(set(success[start:])) < 2:  # one outcome in the whole stage: the paper's Atari metric
+            start, metric = max(0, len(policy) - args.identify_episodes), "return"
+        window = policy[start:]
+        obs, actions, tags = rb.episode_rows([e["id"] for e in window])
+        by_id = {e["id"]: e for e in window}
+        return {"obs": obs, "actions": actions, "episodes": len(window),
+                "widened": start < len(policy) - args.identify_episodes, "goal_metric": metric,
+                "goal": torch.tensor([float(by_id[tag][metric]) for tag in tags]),
+                "step_success": np.array([by_id[tag]["success"] for tag in tags], np.float32)}
+
+    def rollout_window(task, stage_seed):
+        """`identify_episodes` episodes of the stochastic policy after the stage; the episode
+        return is the goal metric if their success is constant."""
+        result = rollout(rollout_envs[task], args.identify_episodes, stochastic_action, stage_seed, device, record=True)
+        metric = "success" if len(set(result["success"].tolist())) > 1 else "return"
+        return {"obs": torch.as_tensor(result["obs"], device=device), "actions": torch.as_tensor(result["actions"], device=device),
+                "episodes": args.identify_episodes, "widened": False, "goal_metric": metric,
+                "goal": torch.as_tensor(result[metric][result["episode"]], dtype=torch.float32),
+                "step_success": result["success"][result["episode"]]}
+
+    def identify_skill_neurons(task, stage, stage_seed, episodes):
+        """Alg. 1 after a stage: score each masked network's hidden neurons over the window,
+        select the top skill_ratio, build Eq. 7 masks and combine them with earlier stages' masks."""
+        window_kind, fallback = args.identify_window, None
+        window = training_window(episodes) if window_kind == "training" else None
+        if window is None:
+            if window_kind == "training":
+                window_kind, fallback = "rollout", "no policy episode finished in the stage"
+                print(f"stage {stage + 1} ({task}): no episode played by the policy finished in this stage; "
+                      f"identifying on {args.identify_episodes} post-stage rollouts instead", file=sys.stderr)
+            window = rollout_window(task, stage_seed)
+        steps = len(window["goal"])
+        rows = torch.arange(steps)
+        if steps > args.identify_max_steps:  # evenly spaced rows keep every episode of a wide window
+            rows = torch.linspace(0, steps - 1, args.identify_max_steps).long()
+        obs, actions, goal = window["obs"][rows.to(device)], window["actions"][rows.to(device)], window["goal"][rows]
+        record = {"identify_window": window_kind, "identify_fallback": fallback, "identify_episodes": window["episodes"], "identify_steps": len(rows),
+                  "identify_widened": window["widened"], "goal_metric": window["goal_metric"],
+                  "identify_success_share": float(window["step_success"][rows.numpy()].mean()),
+                  "goal_constant": sn.goal_is_constant(goal), "skill_neurons": {}, "overlap_with_previous": {},
+                  "selection": {}}
+        print(f"stage {stage + 1} ({task}) identification: {window_kind} window, {record['identify_episodes']} episodes"
+              f"{' (widened)' if record['identify_widened'] else ''}, {record['identify_steps']} steps, goal metric "
+              f"{record['goal_metric']}, {record['identify_success_share']:.0%} of the steps in successful episodes")
+        if record["goal_constant"]:
+            print(f"warning: stage {stage + 1} ({task}): the goal metric is constant ({goal[0]:g}) over the "
+                  "identification window, so skill-neuron scores carry no goal information", file=sys.stderr)
+        layers = [layer for name in masked_networks for layer in networks[name]]
+        with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
+            for chunk in range(0, len(obs), 8192):
+                if "actor" in masked_networks:
+                    actor(obs[chunk : chunk + 8192])
+                if "qf1" in masked_networks:  # critics probed at the executed actions
+                    qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
+        recorded = [a.cpu() for a in recorder.activations()]
         generator = torch.Generator().manual_seed(stage_seed)
         for name in masked_networks:
-            scores = sn.score_network(networks[name], args.identify, activations.get(name), goal, generator)
-            selected = sn.select_top(scores, args.skill_ratio)
-            new_mask = sn.neuron_mask(scores, selected, args.mask_alpha, args.hard_mask)
-            previous = neuron_masks.get(name)
-            neuron_masks[name] = sn.combine_masks(previous, sn.split_by_layer(new_mask, networks[name]), args.mask_combine)
-            combined = torch.cat(neuron_masks[name])
-            record["skill_neurons"][name] = int(selected.sum())
+            activations, recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
+            found = sn.identify_network(networks[name], args.identify, activations, goal, args.skill_ratio,
+                                        args.goal_score, generator)
+            new_mask = sn.neuron_mask(found.scores, found.selected, args.mask_alpha, args.hard_mask)
+            neuron_masks[name] = sn.combine_masks(neuron_masks.get(name), sn.split_by_layer(new_mask, networks[name]),
+                                                  args.mask_combine)
+            stats = sn.selection_stats(activations, found, torch.cat(neuron_masks[name]))
+            record["skill_neurons"][name] = int(found.selected.sum())
+            record["selection"][name] = stats
             if name in last_selected:
-                record["overlap_with_previous"][name] = int((selected & last_selected[name]).sum())
-            last_selected[name] = selected
-            writer.add_histogram(f"neurons/{name}/scores", scores, global_step)
-            writer.add_histogram(f"neurons/{name}/skill_scores", scores[selected], global_step)
-            writer.add_scalar(f"neurons/{name}/protected", float((combined < 1).sum()), global_step)
-            writer.add_scalar(f"neurons/{name}/mask_mean", float(combined.mean()), global_step)
-            record.setdefault("scores", {})[name] = scores
+                record["overlap_with_previous"][name] = int((found.selected & last_selected[name]).sum())
+            last_selected[name] = found.selected
+            writer.add_histogram(f"neurons/{name}/scores", found.goal, global_step)
+            writer.add_histogram(f"neurons/{name}/skill_scores", found.scores[found.selected], global_step)
+            for key, value in stats.items():
+                if value is not None:
+                    writer.add_scalar(f"neurons/{name}/{key}", value, global_step)
+            record.setdefault("scores", {})[name] = found.scores
+        for key in ("goal_constant", "identify_episodes", "identify_steps", "identify_success_share"):
+            writer.add_scalar(f"neurons/{key}", float(record[key]), global_step)
+        writer.add_scalar("neurons/goal_metric_is_return", float(record["goal_metric"] == "return"), global_step)
         install_masks()
         return record
 
@@ -842,8 +913,10 @@ def main(args: Args) -> dict:
         progress.set_description(f"stage {stage + 1}/{H} {task}")
         method.begin_stage(stage, task)
         obs, _ = env.reset(seed=stage_seed)
-        episode_success, episode_start = False, 0
+        episode_success, episode_start, episode_id = False, 0, global_step + 1  # an episode's id: its first global step
         recent_success = deque(maxlen=EARLY_STOP_WINDOW)
+        stage_episodes = []  # finished episodes: id, success, return, played by the policy
+        counts = dict.fromkeys(["critic_updates", "critic_dpre_updates", "actor_updates", "actor_dpre_updates"], 0)
         early_stopped, logs = False, {}
         stage_start_time = sps_time = time.time()
         sps_step = 0
@@ -856,24 +929,37 @@ def main(args: Args) -> dict:
                     action = actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0].cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
             episode_success |= bool(info["success"])
-            rb.add(obs, action, reward, next_obs, terminated)  # Meta-World never terminates: truncation still bootstraps
+            rb.add(obs, action, reward, next_obs, terminated, episode_id)  # Meta-World never terminates: truncation still bootstraps
             obs = next_obs
             if terminated or truncated:
                 writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
                 writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
                 writer.add_scalar("charts/success", float(episode_success), global_step)
-                if episode_start >= args.learning_starts:  # random-action episodes say nothing of the policy
+                played_by_policy = episode_start >= args.learning_starts  # random-action episodes say nothing of the policy
+                if played_by_policy:
                     recent_success.append(episode_success)
+                stage_episodes.append({"id": episode_id, "success": episode_success, "return": float(info["episode"]["r"]),
+                                       "policy": played_by_policy})
                 obs, _ = env.reset()
-                episode_success, episode_start = False, step + 1
+                episode_success, episode_start, episode_id = False, step + 1, global_step + 1
 
             if step >= args.learning_starts:
                 update_index = step - args.learning_starts
-                from_dpre = use_replay and dpre.size > 0 and update_index % args.replay_interval == 0
+                replay = use_replay and dpre.size > 0
+                from_dpre = replay and update_index % args.replay_interval == 0
                 data = (dpre if from_dpre else rb).sample(args.batch_size)
                 update_policy = update_index % args.policy_frequency == 0
                 update_target = update_index % args.target_network_frequency == 0
-                logs = sac.update(data, update_policy, update_target)
+                actor_obs = None
+                if update_policy and replay:  # the actor's steps follow Dpre's schedule of their own
+                    actor_steps = range(update_index, update_index + args.policy_frequency)  # actor steps so far: update_index
+                    actor_dpre = [k % args.replay_interval == 0 for k in actor_steps]
+                    actor_obs = [data[0] if a == from_dpre else (dpre if a else rb).sample(args.batch_size)[0] for a in actor_dpre]
+                    counts["actor_dpre_updates"] += sum(actor_dpre)
+                counts["critic_updates"] += 1
+                counts["critic_dpre_updates"] += from_dpre
+                counts["actor_updates"] += args.policy_frequency if update_policy else 0
+                logs = sac.update(data, update_policy, update_target, actor_obs)
                 method.after_update(data, update_policy, update_target)
                 if update_index % 100 == 0:  # the only host synchronisation of the update path
                     for name, value in logs.items():
@@ -907,15 +993,16 @@ def main(args: Args) -> dict:
         metrics_now = continual_metrics(sr)
         writer.add_scalar("eval/ASR", metrics_now["ASR"], global_step)
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
-                  "early_stopped": early_stopped, "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "early_stopped": early_stopped, **counts, "wall_seconds": round(time.time() - stage_start_time, 2)}
         if use_mask:
-            neuron_record = identify_skill_neurons(task, stage, stage_seed)
+            neuron_record = identify_skill_neurons(task, stage, stage_seed, stage_episodes)
             scores = neuron_record.pop("scores")
             record |= neuron_record
         else:
             scores = {}
-        if use_replay and stage < H - 1:
-            dpre.extend(rb.latest(args.dpre_per_task))
+        if use_replay and stage < H - 1:  # the stage's last transitions played by the policy
+            record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
+            dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
             method.end_stage(stage, task, rb)  # a task switch follows
         record["wall_seconds"] = round(time.time() - stage_start_time, 2)
