@@ -1085,9 +1085,7 @@ def main(args: Args) -> dict:
         policy = [g for g in games if g["policy"]]
         if not policy:
             return None
-        returns = [g["return"] for g in policy]
-        start = sn.widen_window(returns, args.identify_episodes)
-        window = policy[start:]
+        window, _, widened = sn.identification_window(policy, args.identify_episodes, ("return",))
         index, tags = rb.episode_index([g["id"] for g in window])
         rows = np.arange(len(tags))
         if len(rows) > args.identify_max_steps:  # evenly spaced rows keep every game of a wide window
@@ -1101,7 +1099,7 @@ def main(args: Args) -> dict:
                 critic_probe(obs)
         by_id = {g["id"]: g["return"] for g in window}
         return {"goal": torch.tensor([by_id[tag] for tag in tags], dtype=torch.float32), "episodes": len(window),
-                "widened": start < len(policy) - args.identify_episodes, "mean_return": float(np.mean(returns[start:]))}
+                "widened": widened, "mean_return": float(np.mean(list(by_id.values())))}
 
     def rollout_window(game, stage_seed):
         """`identify_episodes` games of the stochastic policy after the stage (training wrappers);

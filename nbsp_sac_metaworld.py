@@ -166,6 +166,7 @@ class Args:
 RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs"}
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
 EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
+GOAL_METRICS = ("success", "return")  # the paper's goal metric; the return when a stage has one outcome
 NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "identify_window", "goal_score", "apply_to", "skill_ratio",
               "mask_alpha", "mask_target", "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes",
               "identify_max_steps"]
@@ -809,35 +810,31 @@ def main(args: Args) -> dict:
             writer.add_scalar(f"eval/{task}/success_rate", rates[task], step)
         return rates
 
-    def training_window(episodes):
-        """The stage's own last `identify_episodes` policy episodes, taken from D (Alg. 1 runs over
-        training steps), widened backwards while their success is constant; if the whole stage
-        had one outcome, the last episodes with the episode return as the goal metric. None if
-        no policy episode finished in the stage."""
-        policy = [e for e in episodes if e["policy"]]
-        if not policy:
-            return None
-        success = [e["success"] for e in policy]
-        start, metric = sn.widen_window(success, args.identify_episodes), "success"
-        if len(set(success[start:])) < 2:  # one outcome in the whole stage: the paper's Atari metric
-            start, metric = max(0, len(policy) - args.identify_episodes), "return"
-        window = policy[start:]
-        obs, actions, tags = rb.episode_rows([e["id"] for e in window])
-        by_id = {e["id"]: e for e in window}
-        return {"obs": obs, "actions": actions, "episodes": len(window),
-                "widened": start < len(policy) - args.identify_episodes, "goal_metric": metric,
-                "goal": torch.tensor([float(by_id[tag][metric]) for tag in tags]),
+    def window_rows(window, metric, obs, actions, tags):
+        """Per-step goal metric and success of a window's rows, from their episodes' tags."""
+        by_id = {episode["id"]: episode for episode in window}
+        return {"obs": obs, "actions": actions, "goal": torch.tensor([float(by_id[tag][metric]) for tag in tags]),
                 "step_success": np.array([by_id[tag]["success"] for tag in tags], np.float32)}
 
+    def training_window(episodes):
+        """The stage's own last policy episodes, taken from D (Alg. 1 runs over training steps);
+        None if no policy episode finished in the stage."""
+        policy = [episode for episode in episodes if episode["policy"]]
+        if not policy:
+            return None
+        window, metric, widened = sn.identification_window(policy, args.identify_episodes, GOAL_METRICS)
+        rows = window_rows(window, metric, *rb.episode_rows([episode["id"] for episode in window]))
+        return rows | {"episodes": len(window), "widened": widened, "goal_metric": metric}
+
     def rollout_window(task, stage_seed):
-        """`identify_episodes` episodes of the stochastic policy after the stage; the episode
-        return is the goal metric if their success is constant."""
+        """`identify_episodes` episodes of the stochastic policy after the stage."""
         result = rollout(rollout_envs[task], args.identify_episodes, stochastic_action, stage_seed, device, record=True)
-        metric = "success" if len(set(result["success"].tolist())) > 1 else "return"
-        return {"obs": torch.as_tensor(result["obs"], device=device), "actions": torch.as_tensor(result["actions"], device=device),
-                "episodes": args.identify_episodes, "widened": False, "goal_metric": metric,
-                "goal": torch.as_tensor(result[metric][result["episode"]], dtype=torch.float32),
-                "step_success": result["success"][result["episode"]]}
+        episodes = [{"id": i, "success": bool(result["success"][i]), "return": float(result["return"][i])}
+                    for i in range(args.identify_episodes)]
+        window, metric, _ = sn.identification_window(episodes, args.identify_episodes, GOAL_METRICS)
+        obs, actions = torch.as_tensor(result["obs"], device=device), torch.as_tensor(result["actions"], device=device)
+        rows = window_rows(window, metric, obs, actions, result["episode"])
+        return rows | {"episodes": len(window), "widened": False, "goal_metric": metric}
 
     def identify_skill_neurons(task, stage, stage_seed, episodes):
         """Alg. 1 after a stage: score each masked network's hidden neurons over the window,

@@ -249,6 +249,22 @@ def widen_window(episode_goals: Sequence[float], num_episodes: int) -> int:
     return start
 
 
+def identification_window(episodes: Sequence[dict], num_episodes: int, metrics: Sequence[str]) -> tuple[list, str, bool]:
+    """The episodes (oldest first, each a dict holding every goal metric) that an identification
+    scores over, the goal metric it uses and whether the window was widened.
+
+    The first metric of `metrics` that is not constant over all `episodes` is used, over the
+    last `num_episodes` widened backwards until it is not constant over the window (Meta-World:
+    success, else the episode return; Atari: the return). If every metric is constant, the last
+    `num_episodes` with the last metric: the caller warns that the scores carry no information."""
+    for metric in metrics:
+        values = [episode[metric] for episode in episodes]
+        start = widen_window(values, num_episodes)
+        if len(set(values[start:])) > 1:
+            return list(episodes[start:]), metric, start < len(episodes) - num_episodes
+    return list(episodes[-num_episodes:]), metrics[-1], False
+
+
 # --------------------------------------------------------------------------------------------
 # Applying masks to parameters
 # --------------------------------------------------------------------------------------------

@@ -376,9 +376,9 @@ def neuron_activations(run_dir: str, stage: int = 1, network: str = "actor", neu
     """Per-step activations of one neuron over `episodes` episodes of the stochastic policy of a
     stage checkpoint on `task` (default: the stage's task), with each step's episode success.
 
-    The episodes are the training script's identification rollouts (`rollout(..., record=True)`
-    on its evaluation pool of environments, goal configurations 0..episodes-1); the seed of the
-    stage's identification window (`seed + 1000 * stage`) by default. Critics are probed at the
+    The episodes are post-stage rollouts, as `--identify-window rollout` scores on
+    (`rollout(..., record=True)` on the training script's evaluation pool of environments, goal
+    configurations 0..episodes-1), with the stage's seed (`seed + 1000 * stage`) by default. Critics are probed at the
     executed actions, as in identification."""
     import torch
 
@@ -430,15 +430,17 @@ def neuron_activations(run_dir: str, stage: int = 1, network: str = "actor", neu
             else:
                 qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
     activations = torch.cat([a.cpu() for a in recorder.activations()], 1)
-    goal = torch.as_tensor(window["goal"])
+    step_success = window["success"][window["episode"]]  # each step: the success of its episode
+    goal = torch.as_tensor(step_success)
     layer = int(np.searchsorted(np.cumsum(widths), neuron, side="right"))
     return {"run_dir": run_dir, "stage": stage, "stage_task": config["stage_tasks"][stage - 1], "task": task,
             "network": network, "neuron": neuron, "layer": layer, "unit": neuron - int(sum(widths[:layer])),
-            "activation": activations[:, neuron].numpy(), "success": window["goal"] > 0.5,
+            "activation": activations[:, neuron].numpy(), "success": step_success > 0.5,
             "episode_success": window["success"], "seed": seed,
             "score": None if scores is None else float(scores[neuron]),
             "selected": None if network not in (checkpoint.get("selected") or {}) else bool(checkpoint["selected"][network][neuron]),
-            "window_score": None if sn.goal_is_constant(goal) else float(sn.goal_scores(activations[:, neuron : neuron + 1], goal)[0])}
+            "window_score": None if sn.goal_is_constant(goal)
+            else float(sn.goal_scores(activations[:, neuron : neuron + 1], goal, args.goal_score)[0])}
 
 
 def plot_histogram(run_dir: str, out_path: str, stage: int = 1, network: str = "actor", neuron: int | None = None,

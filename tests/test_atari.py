@@ -503,14 +503,18 @@ def test_end_to_end_updates_identification_and_dpre(tiny_run):
     assert [s["task"] for s in stages] == ["Pong", "Bowling", "Pong", "Bowling"]
     for s in stages:
         assert s["env_steps"] == 300
-        assert s["updates"] == (300 - 100) // 4  # one update every 4 env steps after learning starts
+        assert s["critic_updates"] == s["actor_updates"] == (300 - 100) // 4  # one update every 4 env steps
         assert s["skill_neurons"] == {name: round(0.2 * NEURONS) for name in ("actor", "qf1", "qf2")}
-        assert 0 < s["identify_steps"] <= 400 + 2 and s["identify_games"] >= 2
+        # no Pong game played by the policy ends within 200 steps: post-stage games, announced and recorded
+        assert s["identify_window"] == "rollout" and s["identify_fallback"] == "no policy game finished in the stage"
+        assert 0 < s["identify_steps"] <= 400 + 2 and s["identify_episodes"] >= 2
         assert isinstance(s["goal_constant"], bool)
-    assert stages[0]["dpre_updates"] == 0  # Dpre is empty during the first stage
+    assert stages[0]["critic_dpre_updates"] == stages[0]["actor_dpre_updates"] == 0  # Dpre is empty in stage 1
     for s in stages[1:]:
-        assert s["dpre_updates"] == len(range(0, 50, 3))  # every 3rd update samples Dpre
+        # every 3rd update samples Dpre, for the critics and the actor alike
+        assert s["critic_dpre_updates"] == s["actor_dpre_updates"] == len(range(0, 50, 3))
         assert set(s["overlap_with_previous"]) == {"actor", "qf1", "qf2"}
+    assert [s.get("dpre_added") for s in stages] == [150, 150, 150, None]  # of the 200 policy steps, the last 150
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert len(checkpoint["dpre"]["obs_slot"]) == 3 * 150  # the last 150 transitions of stages 1-3
 
@@ -594,14 +598,42 @@ def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):
     assert atari.main(atari.Args(resume=run_dir, cuda=False)) == json.load(open(os.path.join(run_dir, "metrics.json")))
 
 
+def test_end_to_end_training_window_from_the_stages_own_games(tmp_path, monkeypatch):
+    """Breakout games end within a few hundred steps: the window is the stage's last policy games,
+    read from D (no extra env steps), and the goal metric of a step is its game's return."""
+    windows = []
+    real_episode_index = atari.ReplayBuffer.episode_index
+
+    def episode_index(self, episodes):
+        index, tags = real_episode_index(self, episodes)
+        windows.append((list(episodes), tags))
+        return index, tags
+
+    monkeypatch.setattr(atari.ReplayBuffer, "episode_index", episode_index)
+    args = atari.Args(**{**TINY, "games": ["Breakout"], "cycles": 1, "steps_per_task": 700, "learning_starts": 50,
+                         "eval_every": 0, "game_scores": ["Breakout=1.7,31.8"]}, runs_dir=str(tmp_path))
+    stage = atari.main(args)["stages"][0]
+    assert stage["identify_window"] == "training" and stage["identify_fallback"] is None
+    assert stage["goal_metric"] == "return" and stage["identify_unfinished_games"] == 0
+    episodes, tags = windows[0]
+    assert stage["identify_episodes"] == len(episodes) >= 2 and set(tags.tolist()) == set(episodes)
+    assert all(episode > 50 for episode in episodes)  # games started by the policy (ids: their first global step)
+    assert stage["identify_steps"] == min(len(tags), 400)  # capped at identify_max_steps (evenly spaced rows)
+    assert stage["identify_widened"] == (len(episodes) > 2)
+    for name in ("actor", "qf1", "qf2"):
+        assert stage["selection"][name]["selected_dead"] <= stage["selection"][name]["dead"]
+
+
 def test_end_to_end_goal_identification_on_finished_games(tmp_path):
     """Breakout (five lives, outside Table 7: scores given with --game-scores): random-policy games
     end within the window, so the goal metric is the finished games' full returns."""
     args = atari.Args(**{**TINY, "games": ["Breakout"], "cycles": 1, "steps_per_task": 150, "eval_every": 0,
-                         "identify_max_steps": 2000, "game_scores": ["Breakout=1.7,31.8"]}, runs_dir=str(tmp_path))
+                         "identify_max_steps": 2000, "game_scores": ["Breakout=1.7,31.8"],
+                         "identify_window": "rollout"}, runs_dir=str(tmp_path))
     metrics = atari.main(args)
     stage = metrics["stages"][0]
-    assert stage["identify_games"] == 2 and stage["identify_unfinished_games"] == 0
+    assert stage["identify_window"] == "rollout" and stage["identify_fallback"] is None
+    assert stage["identify_episodes"] == 2 and stage["identify_unfinished_games"] == 0
     assert stage["goal_constant"] is False  # the two games scored differently
     assert metrics["FM"] is None and len(metrics["sr"]) == 1
     assert metrics["sr"][0][0] == pytest.approx((metrics["task_return"][0]["Breakout"] - 1.7) / 30.1)

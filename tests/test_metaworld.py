@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -548,9 +549,11 @@ def test_ablation_no_replay_hard_mask_actor_only_weight_rule(tmp_path):
     first = stages[0]
     mask = torch.cat(first["neuron_masks"]["actor"])
     assert set(mask.tolist()) == {0.0, 1.0} and int((mask == 0).sum()) == SKILL
-    # weight rule: mean |incoming weight| of the stage-end actor, min-max scaled to [0.5, 1]
+    # weight rule: ranked by the mean |incoming weight| of the stage-end actor; the scores are the
+    # window's goal scores handed out in that order (rank-matched)
     raw = torch.cat([first["actor"][f"trunk.{2 * layer}.weight"].abs().mean(1) for layer in range(2)])
-    torch.testing.assert_close(first["scores"]["actor"], sn.to_goal_score_range(raw))
+    assert torch.equal(first["selected"]["actor"], sn.select_top(raw, 0.2))
+    assert torch.equal(first["scores"]["actor"], sn.rank_matched(raw, first["scores"]["actor"]))
     # stage 2 trains with the stage-1 hard mask on the update: the protected rows do not move at all
     protected = mask == 0
     rows_1 = [trunk_rows(first, "actor", layer) for layer in range(2)]
@@ -572,8 +575,9 @@ def test_ablation_grad_target_random_rule_latest_combine(tmp_path):
     assert spies["grad"].nonempty > 0 and spies["update"].nonempty == 0
     for stage in stages:
         for name in NETWORKS:
-            scores = stage["scores"][name]
-            assert scores.min().item() == 0.5 and scores.max().item() == 1.0
+            scores, selected = stage["scores"][name], stage["selected"][name]
+            assert 0.5 <= scores.min().item() and scores.max().item() <= 1.0  # goal scores, handed out by rank
+            assert scores[selected].min() >= scores[~selected].max()
             combined = torch.cat(stage["neuron_masks"][name])
             # latest: only this stage's hard mask, whatever the previous one protected
             assert torch.equal(combined == 0, stage["selected"][name]) and int((combined == 0).sum()) == SKILL
@@ -599,9 +603,159 @@ def test_ablation_activation_rule_critic_only_ratio_alpha(tmp_path):
     assert checkpoint["dpre"]["rows"].shape[0] == 0  # H = 1: nothing to replay later
     for name in ("qf1", "qf2"):
         scores, selected = stages[0]["scores"][name], stages[0]["selected"][name]
-        assert scores.min().item() == 0.5 and scores.max().item() == 1.0
+        assert 0.5 <= scores.min().item() and scores[selected].min() >= scores[~selected].max()
         expected = torch.where(selected, 0.5 * (1 - scores), torch.ones_like(scores))  # Eq. 7, alpha 0.5
         torch.testing.assert_close(torch.cat(checkpoint["neuron_masks"][name]), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Identification from the stage's own training (--identify-window training), and Dpre's rate
+# --------------------------------------------------------------------------------------------
+class ScriptedEpisodes(gym.Wrapper):
+    """A real Meta-World task cut into 50-step episodes whose success is scripted: `succeeds(k)`
+    for the k-th episode (1-based). Reports `info["episode"]` as RecordEpisodeStatistics does."""
+
+    LENGTH = 50
+
+    def __init__(self, env, succeeds):
+        super().__init__(env)
+        self.succeeds, self.episodes, self.steps, self.total = succeeds, 0, 0, 0.0
+
+    def reset(self, **kwargs):
+        self.episodes, self.steps, self.total = self.episodes + 1, 0, 0.0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, _, info = self.env.step(action)
+        self.steps, self.total = self.steps + 1, self.total + reward
+        info = dict(info, success=float(self.succeeds(self.episodes) and self.steps == self.LENGTH))
+        truncated = self.steps == self.LENGTH
+        if truncated:
+            info["episode"] = {"r": self.total, "l": self.steps}
+        return obs, reward, terminated, truncated, info
+
+
+# stage 1: success alternates (even episodes); stage 2: only episode 3 succeeds; stage 3: never
+SCRIPTS = {1000: lambda k: k % 2 == 0, 2000: lambda k: k == 3, 3000: lambda k: False}
+WINDOW_ARGS = dict(tasks=["reach"], cycles=3, hidden=[16, 16], batch_size=16, steps_per_task=600, learning_starts=100,
+                   eval_episodes=1, identify_episodes=4, eval_every=0, dpre_per_task=1000, seed=1)
+
+
+@pytest.fixture(scope="module")
+def window_run(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("window")
+    real_make_env, real_episode_rows = mw.make_env, ReplayBuffer.episode_rows
+    windows = []
+
+    def make_env(task, seed):  # the training envs of stages 1-3; evaluation envs stay as they are
+        env = real_make_env(task, seed)
+        return ScriptedEpisodes(env, SCRIPTS[seed - 1]) if seed - 1 in SCRIPTS else env
+
+    def episode_rows(self, episodes):
+        rows = real_episode_rows(self, episodes)
+        windows.append(rows)
+        return rows
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mw, "make_env", make_env)
+        mp.setattr(ReplayBuffer, "episode_rows", episode_rows)
+        metrics = main(Args(**WINDOW_ARGS, runs_dir=str(runs_dir)))
+    run_dir = only_run_dir(runs_dir)
+    return metrics, windows, load(os.path.join(run_dir, "checkpoint.pt")), scalars(run_dir)
+
+
+def test_training_window_from_the_stages_own_episodes(window_run):
+    metrics, windows, _, _ = window_run
+    stages = metrics["stages"]
+    # 600 steps = 12 episodes of 50; episodes 3-12 start at or after step 100: the policy's
+    for stage in stages:
+        assert stage["identify_window"] == "training" and stage["identify_fallback"] is None
+        assert stage["goal_constant"] is False
+    # stage 1: the last 4 policy episodes (9-12) hold both outcomes; half their steps succeed
+    first = stages[0]
+    assert (first["goal_metric"], first["identify_episodes"], first["identify_widened"]) == ("success", 4, False)
+    assert first["identify_steps"] == 200 and first["identify_success_share"] == 0.5
+    obs, actions, tags = windows[0]
+    assert sorted(set(tags.tolist())) == [401, 451, 501, 551]  # episode ids: the global step of their first step
+    assert obs.shape == (200, OBS_DIM) and actions.shape == (200, ACT_DIM)
+    # stage 2: episodes 9-12 all failed: widened back to episode 3, the stage's only success
+    second = stages[1]
+    assert (second["goal_metric"], second["identify_episodes"], second["identify_widened"]) == ("success", 10, True)
+    assert second["identify_steps"] == 500 and second["identify_success_share"] == pytest.approx(0.1)
+    assert min(windows[1][2]) == 600 + 101  # episode 3 of stage 2
+    # stage 3: one outcome in the whole stage: the last 4 episodes with their return as the goal metric
+    third = stages[2]
+    assert (third["goal_metric"], third["identify_episodes"], third["identify_widened"]) == ("return", 4, False)
+    assert third["identify_success_share"] == 0.0
+
+
+def test_training_window_selection_is_recorded(window_run):
+    metrics, _, _, tags = window_run
+    for stage in metrics["stages"]:
+        for name in NETWORKS:
+            stats = stage["selection"][name]
+            assert set(stats) == {"selected_dead", "dead", "selected_score_mean", "other_score_mean", "protected",
+                                  "protected_mask_mean"}
+            assert 0 <= stats["selected_dead"] <= min(stats["dead"], SKILL)
+            assert stats["selected_score_mean"] >= stats["other_score_mean"]  # the goal rule picks the best
+            assert 0.0 <= stats["protected_mask_mean"] <= 0.2 * 0.5  # Eq. 7 with alpha 0.2, scores >= 0.5
+    steps = [600, 1200, 1800]
+    assert [step for step, _ in tags["neurons/identify_success_share"]] == steps
+    assert [value for _, value in tags["neurons/goal_metric_is_return"]] == [0.0, 0.0, 1.0]
+    assert [value for _, value in tags["neurons/actor/selected_dead"]] == [
+        stage["selection"]["actor"]["selected_dead"] for stage in metrics["stages"]]
+
+
+def test_dpre_receives_only_policy_transitions(window_run):
+    metrics, _, checkpoint, _ = window_run
+    # 600 steps, the first 100 random: 500 policy transitions join Dpre (dpre_per_task 1000 would take more)
+    assert [stage.get("dpre_added") for stage in metrics["stages"]] == [500, 500, None]
+    assert checkpoint["dpre"]["rows"].shape == (1000, ROW)
+
+
+def test_dpre_rate_of_critic_and_actor(tmp_path):
+    """Every replay_interval-th critic step and, counted on their own, every replay_interval-th
+    actor step take their batch from Dpre: 100 and 100 of 1000 at interval 10 (policy frequency 2)."""
+    samples, actor_obs = [], []
+    real_sample, real_actor_step = ReplayBuffer.sample, SACLearner.actor_step
+
+    def sample(self, batch_size):
+        batch = real_sample(self, batch_size)
+        samples.append((self.capacity == 1000, batch[0]))  # Dpre's capacity: dpre_per_task * (H - 1)
+        return batch
+
+    def actor_step(self, obs):
+        actor_obs.append(obs)
+        return real_actor_step(self, obs)
+
+    args = Args(tasks=["reach"], cycles=2, hidden=[16, 16], batch_size=16, steps_per_task=1050, learning_starts=50,
+                eval_episodes=1, identify_episodes=1, eval_every=0, dpre_per_task=1000, replay_interval=10,
+                buffer_size=5000, runs_dir=str(tmp_path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ReplayBuffer, "sample", sample)
+        mp.setattr(SACLearner, "actor_step", actor_step)
+        metrics = main(args)
+    second = metrics["stages"][1]
+    assert second["critic_updates"] == 1000 and second["actor_updates"] == 1000
+    assert second["critic_dpre_updates"] == 100 and second["actor_dpre_updates"] == 100
+    # what the updates really consumed in stage 2 (the last 1000 actor steps)
+    dpre_batches = [obs for from_dpre, obs in samples if from_dpre]
+    assert len(actor_obs) == 2000
+    assert sum(any(obs is batch for batch in dpre_batches) for obs in actor_obs[1000:]) == 100
+    assert len(dpre_batches) == 100  # an actor step due on Dpre at a critic Dpre step reuses its batch
+
+
+def test_balanced_score_on_a_constant_window_gives_no_neuron_a_hard_freeze(tmp_path):
+    # 150 steps: no episode ends, so one post-stage rollout episode (announced): its success, and with one
+    # episode its return too, is constant. Eq. 3 would give every dead unit 1.0 (mask 0); balanced gives 0.5.
+    metrics, _, _, checkpoint, _ = small_run(tmp_path, cycles=1, goal_score="balanced")
+    stage = metrics["stages"][0]
+    assert stage["identify_window"] == "rollout" and stage["identify_fallback"] == "no policy episode finished in the stage"
+    assert stage["goal_constant"] is True
+    for name in NETWORKS:
+        assert (checkpoint["scores"][name] == 0.5).all()
+        masks = torch.cat(checkpoint["neuron_masks"][name])
+        assert int((masks < 1).sum()) == SKILL and torch.allclose(masks[masks < 1], torch.tensor(0.2 * 0.5))
 
 
 # --------------------------------------------------------------------------------------------

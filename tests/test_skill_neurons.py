@@ -74,6 +74,48 @@ def test_goal_scores_constant_goal_still_applies_eq3():
     assert not sn.goal_is_constant(t([1.0, 0.0, 1.0]))
 
 
+# An imbalanced window: 16 steps of successful episodes, then 4 of failed ones (mean 0.8).
+IMBALANCED_GOAL = [1.0] * 16 + [0.0] * 4
+IMBALANCED = torch.stack([
+    torch.zeros(20),  # dead: never above its mean
+    t([1.0] * 12 + [0.0] * 4 + [0.0] * 4),  # informative: fires in 12 of 16 success steps, in no failure step
+    t([1.0] * 8 + [0.0] * 8 + [1.0] * 2 + [0.0] * 2),  # unrelated: fires in half of each class
+    t([1.0] + [0.0] * 19),  # sparse: fires once, in a success step
+], 1)
+
+
+def test_goal_scores_paper_is_ruled_by_class_balance():
+    scores = sn.goal_scores(IMBALANCED, t(IMBALANCED_GOAL))
+    # dead: agrees only on the 4 failure steps, R = 4/20 -> 0.8
+    # informative: mean 12/20 = 0.6, above = its 12 firing steps: agrees on 12 + 4 = 16 -> 0.8, tied with dead
+    # unrelated: mean 10/20, above = firing: agrees on 8 success + 2 failure steps -> 0.5
+    # sparse: agrees on 1 + 4 = 5 steps -> R = 0.25 -> 0.75, above the unrelated neuron
+    torch.testing.assert_close(scores, t([0.8, 0.8, 0.5, 0.75]))
+    assert sn.select_top(scores, 0.25).tolist() == [True, False, False, False]  # the dead unit wins the tie
+
+
+def test_goal_scores_balanced_hand_computed():
+    scores = sn.goal_scores(IMBALANCED, t(IMBALANCED_GOAL), "balanced")
+    # R = 1/2 [P(a > mean | success) + P(a <= mean | failure)]
+    # dead: 1/2 (0/16 + 4/4) = 0.5; informative: 1/2 (12/16 + 4/4) = 0.875
+    # unrelated: 1/2 (8/16 + 2/4) = 0.5; sparse: 1/2 (1/16 + 4/4) = 0.53125
+    torch.testing.assert_close(scores, t([0.5, 0.875, 0.5, 0.53125]))
+    assert sn.select_top(scores, 0.25).tolist() == [False, True, False, False]
+
+
+def test_goal_scores_balanced_equals_paper_on_a_balanced_window():
+    generator = torch.Generator().manual_seed(0)
+    activations = torch.randn(30, 16, generator=generator)
+    goal = t([1.0, 0.0] * 15)
+    torch.testing.assert_close(sn.goal_scores(activations, goal, "balanced"), sn.goal_scores(activations, goal))
+
+
+def test_goal_scores_balanced_constant_goal_carries_no_information():
+    torch.testing.assert_close(sn.goal_scores(t([[3.0, 1.0], [0.0, 1.0]]), t([1.0, 1.0]), "balanced"), t([0.5, 0.5]))
+    with pytest.raises(ValueError, match="valid: paper, balanced"):
+        sn.goal_scores(t([[1.0]]), t([1.0]), "other")
+
+
 @pytest.mark.parametrize("act_shape, goal_shape", [((6,), (6,)), ((6, 3), (5,)), ((6, 3), (6, 1)), ((2, 6, 3), (6,))])
 def test_goal_scores_wrong_shapes_raise(act_shape, goal_shape):
     with pytest.raises(ValueError):
@@ -141,12 +183,11 @@ def test_combine_masks():
 # --------------------------------------------------------------------------------------------
 # Other identification rules (Table 3)
 # --------------------------------------------------------------------------------------------
-def test_to_goal_score_range():
-    # low 2, high 6: 0.5 + 0.5 * (s - 2) / 4 -> 2: 0.5, 4: 0.75, 6: 1.0, 3: 0.625
-    torch.testing.assert_close(sn.to_goal_score_range(t([2.0, 4.0, 6.0, 3.0])), t([0.5, 0.75, 1.0, 0.625]))
-    constant = sn.to_goal_score_range(t([3.0, 3.0, 3.0]))
-    assert constant.shape == (3,) and torch.isfinite(constant).all()
-    assert (constant == constant[0]).all() and 0.5 <= constant[0].item() <= 1.0
+def test_rank_matched():
+    # ranking [0.1, 0.9, 0.5] orders the neurons 1, 2, 0; values sorted [0.8, 0.7, 0.6] go to them in that order
+    torch.testing.assert_close(sn.rank_matched(t([0.1, 0.9, 0.5]), t([0.6, 0.7, 0.8])), t([0.6, 0.8, 0.7]))
+    # ties of the ranking: earlier neurons first, as select_top
+    torch.testing.assert_close(sn.rank_matched(t([1.0, 1.0, 0.0]), t([0.5, 0.9, 0.7])), t([0.9, 0.7, 0.5]))
 
 
 def test_activation_scores():
@@ -198,35 +239,117 @@ def two_layer_mlp():
     return model, layers
 
 
-def test_score_network_each_rule():
+def test_identify_network_each_rule():
     model, layers = two_layer_mlp()
     activations = [t([[1.0, -2.0], [3.0, 0.0], [-2.0, 1.0]]), t([[4.0], [4.0], [1.0]])]
     goal = t([1.0, 1.0, 0.0])
-
-    # goal: Eq. 1-4 on the concatenated [3, 3] matrix, not rescaled
+    # goal scores, Eq. 1-4 on the concatenated [3, 3] matrix:
     # goal mean 2/3 -> above [T, T, F]; c0 mean 2/3 -> [T, T, F] R = 1; c1 mean -1/3 -> [F, T, T] R = 1/3
     # -> 2/3; c2 mean 3 -> [T, T, F] R = 1
-    goal_result = sn.score_network(layers, "goal", activations, goal)
-    torch.testing.assert_close(goal_result, t([1.0, 2.0 / 3.0, 1.0]))
+    goal_scores = t([1.0, 2.0 / 3.0, 1.0])
 
-    # activation: mean |a| = [2, 1, 3] -> [0.5 + 0.5 * 1/2, 0.5, 1.0] = [0.75, 0.5, 1.0]
-    torch.testing.assert_close(sn.score_network(layers, "activation", activations, goal), t([0.75, 0.5, 1.0]))
+    # ratio 0.4 of 3 neurons: round(1.2) = 1 selected
+    found = sn.identify_network(layers, "goal", activations, goal, 0.4)
+    torch.testing.assert_close(found.scores, goal_scores)
+    torch.testing.assert_close(found.goal, goal_scores)
+    assert found.selected.tolist() == [True, False, False]  # tie of c0 and c2 at 1.0: the earlier one
 
-    # weight: mean |w| per row = [(1+2+3)/3, (4+0+2)/3 | 3] = [2, 2, 3] (layer 2 has one neuron, fan-in 2:
-    # (3 + 3) / 2 = 3) -> low 2, high 3 -> [0.5, 0.5, 1.0]
+    # activation: mean |a| = [2, 1, 3] picks c2; the neuron picked first gets the best goal score, 1.0,
+    # the others the rest in order of their activation: c0 (2) gets 1.0, c1 (1) gets 2/3
+    found = sn.identify_network(layers, "activation", activations, goal, 0.4)
+    assert found.selected.tolist() == [False, False, True]
+    torch.testing.assert_close(found.scores, t([1.0, 2.0 / 3.0, 1.0]))
+    torch.testing.assert_close(found.goal, goal_scores)
+
+    # weight: mean |w| per row = [(1+2+3)/3, (4+0+2)/3 | (3+3)/2] = [2, 2, 3] -> c2 first, then c0, c1
     with torch.no_grad():
         model[0].weight.copy_(t([[1.0, -2.0, 3.0], [4.0, 0.0, -2.0]]))
         model[2].weight.copy_(t([[-3.0, 3.0]]))
-    torch.testing.assert_close(sn.score_network(layers, "weight"), t([0.5, 0.5, 1.0]))
+    found = sn.identify_network(layers, "weight", activations, goal, 2 / 3)  # round(2.0) = 2 selected
+    assert found.selected.tolist() == [True, False, True]
+    torch.testing.assert_close(found.scores, t([1.0, 2.0 / 3.0, 1.0]))
 
-    # random: uniform scores of the generator, rescaled to [0.5, 1]
-    random_result = sn.score_network(layers, "random", generator=torch.Generator().manual_seed(7))
-    expected = sn.to_goal_score_range(torch.rand(3, generator=torch.Generator().manual_seed(7)))
-    torch.testing.assert_close(random_result, expected)
-    assert random_result.min().item() == 0.5 and random_result.max().item() == 1.0
+    # random: the generator's uniform ranking
+    ranking = torch.rand(3, generator=torch.Generator().manual_seed(7))
+    found = sn.identify_network(layers, "random", activations, goal, 0.4, generator=torch.Generator().manual_seed(7))
+    assert found.selected.tolist() == sn.select_top(ranking, 0.4).tolist()
+    torch.testing.assert_close(found.scores, sn.rank_matched(ranking, goal_scores))
 
-    with pytest.raises(ValueError):
-        sn.score_network(layers, "magic", activations, goal)
+    with pytest.raises(ValueError, match="valid: goal, activation, weight, random"):
+        sn.identify_network(layers, "magic", activations, goal, 0.4)
+
+
+def test_rank_matched_masks_of_other_rules_equal_the_goal_rules_mask_values():
+    """Table 3 compares rules by which neurons they pick, not by how hard they mask: the i-th
+    neuron a rule picks gets the Eq. 7 mask of the i-th best goal score of the same window."""
+    generator = torch.Generator().manual_seed(0)
+    activations = [torch.randn(40, 12, generator=generator).relu(), torch.randn(40, 8, generator=generator).relu()]
+    goal = (torch.arange(40) % 3 == 0).float()
+    layers = [sn.HiddenLayer(nn.ReLU(), nn.Parameter(torch.randn(n, 4, generator=generator)), None, 0) for n in (12, 8)]
+    goal_rule = sn.identify_network(layers, "goal", activations, goal, 0.25)
+    goal_masks = sn.neuron_mask(goal_rule.scores, goal_rule.selected, 0.2)
+    for rule in ("activation", "weight", "random"):
+        found = sn.identify_network(layers, rule, activations, goal, 0.25, generator=torch.Generator().manual_seed(3))
+        masks = sn.neuron_mask(found.scores, found.selected, 0.2)
+        assert int(found.selected.sum()) == 5
+        torch.testing.assert_close(masks[found.selected].sort().values, goal_masks[goal_rule.selected].sort().values)
+        assert not torch.equal(found.selected, goal_rule.selected), rule  # they pick other neurons
+
+
+def test_selection_stats_hand_computed():
+    # 4 steps, 4 neurons: n0 dead (constant 2), n1 informative, n2 dead (0), n3 noise
+    activations = [t([[2.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, 3.0], [2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 1.0]])]
+    found = sn.Identification(selected=torch.tensor([True, True, False, False]), scores=t([0.9, 0.7, 0.6, 0.5]),
+                              goal=t([0.8, 1.0, 0.5, 0.6]))
+    combined = t([0.02, 0.06, 0.1, 1.0])  # n2 protected by an earlier stage
+    stats = sn.selection_stats(activations, found, combined)
+    assert stats["selected_dead"] == 1 and stats["dead"] == 2  # n0 selected and dead; n2 dead
+    assert stats["selected_score_mean"] == pytest.approx((0.8 + 1.0) / 2)  # goal scores of n0, n1
+    assert stats["other_score_mean"] == pytest.approx((0.5 + 0.6) / 2)
+    assert stats["protected"] == 3 and stats["protected_mask_mean"] == pytest.approx((0.02 + 0.06 + 0.1) / 3)
+    everything = sn.Identification(torch.ones(4, dtype=torch.bool), t([1.0] * 4), t([1.0] * 4))
+    assert sn.selection_stats(activations, everything, torch.ones(4))["other_score_mean"] is None
+    assert sn.selection_stats(activations, everything, torch.ones(4))["protected_mask_mean"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# Identification window: widening and the goal metric's fallback
+# --------------------------------------------------------------------------------------------
+def test_widen_window():
+    # last 2 of [1, 1, 1, 0, 1, 1] are constant: widened back to the failure at index 3
+    assert sn.widen_window([1, 1, 1, 0, 1, 1], 2) == 3
+    assert sn.widen_window([1, 0, 1, 0], 2) == 2  # both outcomes already in the last 2
+    assert sn.widen_window([1, 1, 1], 2) == 0  # one outcome in the whole stage
+    assert sn.widen_window([0, 1], 5) == 0  # fewer episodes than the window
+
+
+def episode_tags(successes, returns):
+    return [{"id": 100 * k, "success": s, "return": r} for k, (s, r) in enumerate(zip(successes, returns))]
+
+
+def test_identification_window_widens_then_falls_back_to_return():
+    episodes = episode_tags([False, True, False, True, True, True], [1.0, 9.0, 2.0, 8.0, 7.0, 9.5])
+    window, metric, widened = sn.identification_window(episodes, 3, ("success", "return"))
+    # last 3 all succeeded: widened back to the failure at index 2
+    assert [e["id"] for e in window] == [200, 300, 400, 500] and metric == "success" and widened
+
+    window, metric, widened = sn.identification_window(episodes, 4, ("success", "return"))
+    assert [e["id"] for e in window] == [200, 300, 400, 500] and metric == "success" and not widened
+
+    # one outcome in the whole stage: the last 3 episodes, scored by their return
+    episodes = episode_tags([True] * 5, [5.0, 6.0, 7.0, 8.0, 9.0])
+    window, metric, widened = sn.identification_window(episodes, 3, ("success", "return"))
+    assert [e["id"] for e in window] == [200, 300, 400] and metric == "return" and not widened
+
+    # Atari: the return only; constant over the last 2, widened back to the first other return
+    episodes = episode_tags([False] * 4, [-21.0, -20.0, -21.0, -21.0])
+    window, metric, widened = sn.identification_window(episodes, 2, ("return",))
+    assert [e["id"] for e in window] == [100, 200, 300] and metric == "return" and widened
+
+    # every metric constant: the last episodes, the last metric (the caller warns)
+    episodes = episode_tags([False] * 3, [-21.0] * 3)
+    window, metric, widened = sn.identification_window(episodes, 2, ("success", "return"))
+    assert [e["id"] for e in window] == [100, 200] and metric == "return" and not widened
 
 
 def test_split_by_layer():
