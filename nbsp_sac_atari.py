@@ -1157,6 +1157,12 @@ def main(args: Args) -> dict:
                 if value is not None:
                     writer.add_scalar(f"neurons/{name}/{key}", value, global_step)
             record.setdefault("scores", {})[name] = found.scores
+        dead = {name: stats["selected_dead"] for name, stats in record["selection"].items() if stats["selected_dead"]}
+        if dead:  # a constant unit carries no goal information: it was picked by the window's class balance
+            print(f"warning: stage {stage + 1} ({game}): selected skill neurons constant over the window: "
+                  + ", ".join(f"{n} of {record['skill_neurons'][name]} ({name})" for name, n in dead.items())
+                  + ("; Eq. 3 scores a constant unit by the share of steps above the goal mean, --goal-score balanced "
+                     "gives it 0.5" if args.goal_score == "paper" else ""), file=sys.stderr)
         for key in ("goal_constant", "identify_episodes", "identify_steps", "identify_mean_return"):
             writer.add_scalar(f"neurons/{key}", float(record[key]), global_step)
         install_masks()

@@ -852,8 +852,8 @@ def main(args: Args) -> dict:
         if steps > args.identify_max_steps:  # evenly spaced rows keep every episode of a wide window
             rows = torch.linspace(0, steps - 1, args.identify_max_steps).long()
         obs, actions, goal = window["obs"][rows.to(device)], window["actions"][rows.to(device)], window["goal"][rows]
-        record = {"identify_window": window_kind, "identify_fallback": fallback, "identify_episodes": window["episodes"], "identify_steps": len(rows),
-                  "identify_widened": window["widened"], "goal_metric": window["goal_metric"],
+        record = {"identify_window": window_kind, "identify_fallback": fallback, "identify_episodes": window["episodes"],
+                  "identify_steps": len(rows), "identify_widened": window["widened"], "goal_metric": window["goal_metric"],
                   "identify_success_share": float(window["step_success"][rows.numpy()].mean()),
                   "goal_constant": sn.goal_is_constant(goal), "skill_neurons": {}, "overlap_with_previous": {},
                   "selection": {}}
@@ -891,6 +891,12 @@ def main(args: Args) -> dict:
                 if value is not None:
                     writer.add_scalar(f"neurons/{name}/{key}", value, global_step)
             record.setdefault("scores", {})[name] = found.scores
+        dead = {name: stats["selected_dead"] for name, stats in record["selection"].items() if stats["selected_dead"]}
+        if dead:  # a constant unit carries no goal information: it was picked by the window's class balance
+            print(f"warning: stage {stage + 1} ({task}): selected skill neurons constant over the window: "
+                  + ", ".join(f"{n} of {record['skill_neurons'][name]} ({name})" for name, n in dead.items())
+                  + ("; Eq. 3 scores a constant unit by the share of steps above the goal mean, --goal-score balanced "
+                     "gives it 0.5" if args.goal_score == "paper" else ""), file=sys.stderr)
         for key in ("goal_constant", "identify_episodes", "identify_steps", "identify_success_share"):
             writer.add_scalar(f"neurons/{key}", float(record[key]), global_step)
         writer.add_scalar("neurons/goal_metric_is_return", float(record["goal_metric"] == "return"), global_step)

@@ -615,6 +615,7 @@ def test_end_to_end_training_window_from_the_stages_own_games(tmp_path, monkeypa
     stage = atari.main(args)["stages"][0]
     assert stage["identify_window"] == "training" and stage["identify_fallback"] is None
     assert stage["goal_metric"] == "return" and stage["identify_unfinished_games"] == 0
+    assert stage["goal_constant"] is False  # widened, if need be, until two games scored differently
     episodes, tags = windows[0]
     assert stage["identify_episodes"] == len(episodes) >= 2 and set(tags.tolist()) == set(episodes)
     assert all(episode > 50 for episode in episodes)  # games started by the policy (ids: their first global step)

@@ -713,6 +713,32 @@ def test_dpre_receives_only_policy_transitions(window_run):
     assert checkpoint["dpre"]["rows"].shape == (1000, ROW)
 
 
+def test_training_window_resume_is_exact(tmp_path, monkeypatch, kill_after_stage_1):
+    """Killed after stage 1 and resumed, a run identifying on its training episodes ends with the
+    same weights and masks; with --keep-buffer, D's episode tags come back from the checkpoint."""
+    real_make_env = mw.make_env
+    monkeypatch.setattr(mw, "make_env", lambda task, seed: ScriptedEpisodes(real_make_env(task, seed), SCRIPTS[seed - 1])
+                        if seed - 1 in SCRIPTS else real_make_env(task, seed))
+    args = {**WINDOW_ARGS, "cycles": 2, "keep_buffer": True}
+    full = main(Args(**args, runs_dir=str(tmp_path / "full")))
+    killed = kill_after_stage_1(mw, Args(**args, runs_dir=str(tmp_path / "killed")))
+    resumed = main(Args(resume=killed))
+    assert [s["identify_window"] for s in resumed["stages"]] == ["training", "training"]
+    assert resumed["stages"][1]["identify_widened"] is True  # stage 2's window reaches back to episode 3
+    for key in ("sr", "ASR", "FM", "FWT"):
+        assert resumed[key] == full[key]
+    assert [s["selection"] for s in resumed["stages"]] == [s["selection"] for s in full["stages"]]
+    a = load(os.path.join(only_run_dir(tmp_path / "full"), "checkpoint.pt"))
+    b = load(os.path.join(killed, "checkpoint.pt"))
+    for key in ("actor", "qf"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for name in NETWORKS:
+        for x, y in zip(a["neuron_masks"][name], b["neuron_masks"][name], strict=True):
+            assert torch.equal(x, y)
+    assert torch.equal(a["rb"]["episode"], b["rb"]["episode"]) and len(a["rb"]["episode"]) == 1200
+
+
 def test_dpre_rate_of_critic_and_actor(tmp_path):
     """Every replay_interval-th critic step and, counted on their own, every replay_interval-th
     actor step take their batch from Dpre: 100 and 100 of 1000 at interval 10 (policy frequency 2)."""
