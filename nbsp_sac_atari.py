@@ -553,7 +553,12 @@ def trunk_hidden_layers(trunk: nn.Sequential) -> list[sn.HiddenLayer]:
 
 
 class Actor(nn.Module):
-    head_names = ("fc_logits",)
+    head_names = ("fc_logits",)  # the output layer
+
+    def head_start(self) -> int:
+        """Where the head begins in `trunk` (plasticity injection, baselines/pi.py): the fully
+        connected layers after the flatten and the output layer; the conv layers are the encoder."""
+        return [isinstance(m, nn.Flatten) for m in self.trunk].index(True) + 1
 
     def __init__(self, num_actions, channels, hidden, hidden_activation=relu_layer):
         super().__init__()
@@ -582,7 +587,11 @@ class Actor(nn.Module):
 
 
 class SoftQNetwork(nn.Module):
-    head_names = ("fc_q",)
+    head_names = ("fc_q",)  # the output layer
+
+    def head_start(self) -> int:
+        """Where the head begins in `trunk` (baselines/pi.py): the fully connected layers and `fc_q`."""
+        return [isinstance(m, nn.Flatten) for m in self.trunk].index(True) + 1
 
     def __init__(self, num_actions, channels, hidden, hidden_activation=relu_layer):
         super().__init__()
@@ -884,9 +893,8 @@ class SACLearner:
     def neuron_layers(self) -> dict[str, list[NeuronLayer]]:
         return {"actor": self.actor.neuron_layers(), "qf1": self.qf1.neuron_layers(), "qf2": self.qf2.neuron_layers()}
 
-    def heads(self) -> list[tuple[nn.Module, str]]:
-        nets = (self.actor, *self.critics, *self.critic_targets)
-        return [(net, name) for net in nets for name in net.head_names]
+    def heads(self) -> list[tuple[nn.Module, int, tuple[str, ...]]]:
+        return [(net, net.head_start(), net.head_names) for net in (self.actor, *self.critics, *self.critic_targets)]
 
     def reset_critics(self):
         """Fresh critics and targets, initial temperature, and optimizers without their moments."""

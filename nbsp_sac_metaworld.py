@@ -353,7 +353,12 @@ def linear_consumers(layers: list[nn.Module], heads: list[nn.Module], member=Non
 
 
 class Actor(nn.Module):
-    head_names = ("fc_mean", "fc_logstd")
+    head_names = ("fc_mean", "fc_logstd")  # the output layers
+
+    def head_start(self) -> int:
+        """Where the head begins in `trunk` (plasticity injection, baselines/pi.py): the last hidden
+        layer (Linear + activation) and the output layers `head_names`; the trunk before is the encoder."""
+        return len(self.trunk) - 2
 
     def __init__(self, obs_dim, act_dim, hidden, action_low, action_high, hidden_activation=relu_layer):
         super().__init__()
@@ -412,7 +417,11 @@ class EnsembleLinear(nn.Module):
 class TwinQNetwork(nn.Module):
     """CleanRL's two SoftQNetworks (qf1, qf2) fused into one module; forward gives [2, B]."""
 
-    head_names = ("head",)
+    head_names = ("head",)  # the output layer of both critics
+
+    def head_start(self) -> int:
+        """Where the head begins in `trunk` (baselines/pi.py): the last hidden layer and `head`."""
+        return len(self.trunk) - 2
 
     def __init__(self, obs_dim, act_dim, hidden, num_critics=2, hidden_activation=relu_layer):
         super().__init__()
@@ -641,8 +650,8 @@ class SACLearner:
     def neuron_layers(self) -> dict[str, list[NeuronLayer]]:
         return {"actor": self.actor.neuron_layers(), "qf1": self.qf.neuron_layers(0), "qf2": self.qf.neuron_layers(1)}
 
-    def heads(self) -> list[tuple[nn.Module, str]]:
-        return [(net, name) for net in (self.actor, self.qf, self.qf_target) for name in net.head_names]
+    def heads(self) -> list[tuple[nn.Module, int, tuple[str, ...]]]:
+        return [(net, net.head_start(), net.head_names) for net in (self.actor, self.qf, self.qf_target)]
 
     def reset_critics(self):
         """Fresh critics and targets, initial temperature, and optimizers without their moments."""

@@ -38,8 +38,13 @@ What a method may use of the learner (both scripts' `SACLearner`):
                                   scales the steps of chosen parameters
     neuron_layers()               {"actor"|"qf1"|"qf2": [NeuronLayer]} hidden layers with the
                                   layers that consume their output
-    heads()                       [(module, attribute)] of every output layer of the actor, the
-                                  critics and the critic targets
+    heads()                       [(network, start, outputs)] for the actor, the critics and the
+                                  critic targets: the network's head is `network.trunk[start:]`
+                                  followed by its output layers, the attributes named in `outputs`
+                                  (all reading the trunk's output); the trunk before `start` is the
+                                  encoder. Meta-World: the last hidden layer (Linear + activation);
+                                  Atari: every fully connected layer after the conv encoder. Each
+                                  network gives its own `head_start()` and `head_names` (PI)
     new_actor(), new_critic()     freshly initialised networks, built as the learner builds its own
     reset_critics()               fresh critics, targets, temperature and their optimizers
     plain_copy()                  an independent learner with the same weights and no method

@@ -1,8 +1,14 @@
-"""Plasticity injection (baselines/pi.py): the outputs of the actor, the critics and the critic
-targets are identical right before and after an injection (BASELINES.md), only the injected heads
-learn, the targets stay lined up with their critics, and the injected structure survives a resume,
-through the method's state alone and through both training scripts."""
+"""Plasticity injection (baselines/pi.py). The head (Meta-World: the last hidden layer and the
+output layers; Atari: the fully connected layers after the conv encoder) is injected at every task
+switch: the outputs of the actor, the critics and the critic targets are identical right before
+and after an injection, the first and the later ones (BASELINES.md); training after an injection
+is not plain SAC (with an affine-only head it would be, to float rounding: the test shows both);
+only the injected heads and the encoders learn, the targets stay lined up with their critics, and
+the injected structure survives a resume, through the method's state alone and through both
+training scripts."""
 
+import contextlib
+import dataclasses
 import io
 import os
 
@@ -14,7 +20,7 @@ from torch import nn
 import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
 from baselines import make_method
-from baselines.pi import InjectedHead
+from baselines.pi import InjectedLayer, PerPiece
 
 CPU = torch.device("cpu")
 OBS_DIM, ACT_DIM, NUM_ACTIONS = 39, 4, 18  # Meta-World v3; Atari's full action space
@@ -32,11 +38,22 @@ def saved_and_loaded(state):
     return torch.load(buffer, weights_only=True)
 
 
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Networks, fresh heads, temperature and batches built in `dtype` (float64: no rounding noise)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 # --------------------------------------------------------------------------------------------
-# Small learners of both scripts with the PI method, and batches for them
+# Small learners of both scripts, and batches for them
 # --------------------------------------------------------------------------------------------
-def metaworld_learner():
-    args = mw.Args(method="pi", hidden=[8, 8], batch_size=8, cuda=False)
+def metaworld_learner(method="pi", hidden=(8, 8), batch_size=8):
+    args = mw.Args(method=method, hidden=list(hidden), batch_size=batch_size, cuda=False)
     method = make_method(args)
     learner = mw.SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM, np.float32), np.ones(ACT_DIM, np.float32), args, CPU,
                             method=method)
@@ -44,8 +61,9 @@ def metaworld_learner():
     return learner, method
 
 
-def atari_learner():
-    args = atari.Args(method="pi", conv_channels=[4, 8, 8], hidden=[16], batch_size=4, cuda=False)
+def atari_learner(method="pi", hidden=(16, 12), batch_size=4):
+    # two fully connected layers: the head's second hidden layer reads one tensor per piece
+    args = atari.Args(method=method, conv_channels=[4, 8, 8], hidden=list(hidden), batch_size=batch_size, cuda=False)
     method = make_method(args)
     learner = atari.SACLearner(NUM_ACTIONS, args, CPU, method=method)
     method.setup(learner)
@@ -91,10 +109,30 @@ def train(learner, make_batch, updates=3):
         learner.update(make_batch(), update_policy=True, update_target=True)
 
 
-def injected_heads(learner):
-    """[(name, InjectedHead)] of the actor and the critics (not the targets)."""
+def trained_networks(learner):
+    """[(network, head start, output layers)] of the actor and the critics (not the targets)."""
     targets = {id(t) for t in learner.critic_targets}
-    return [(f"{type(net).__name__}.{name}", getattr(net, name)) for net, name in learner.heads() if id(net) not in targets]
+    return [(net, start, outputs) for net, start, outputs in learner.heads() if id(net) not in targets]
+
+
+def weighted_head_layers(net, start, outputs):
+    """The layers of `net`'s head that have parameters, in order (the activations left out)."""
+    layers = [*net.trunk[start:], *(getattr(net, name) for name in outputs)]
+    return [layer for layer in layers if not isinstance(layer, (nn.ReLU, PerPiece))]
+
+
+def injected_layers(learner):
+    """{name: InjectedLayer} of every weighted head layer of the actor and the critics."""
+    return {f"{type(net).__name__}{i}.{j}": layer for i, (net, start, outputs) in enumerate(trained_networks(learner))
+            for j, layer in enumerate(weighted_head_layers(net, start, outputs))}
+
+
+def pieces_params(learner, piece, networks=None):
+    """Parameters of piece `piece` of every injected layer of `networks` (default: the actor and the
+    critics), network by network, in module order."""
+    chosen = {id(net) for net in networks} if networks is not None else None
+    return [p for net, start, outputs in trained_networks(learner) if chosen is None or id(net) in chosen
+            for layer in weighted_head_layers(net, start, outputs) for p in layer.pieces[piece].parameters()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,20 +147,70 @@ def linear(weight, bias):
 
 
 def test_injected_head_by_hand():
-    head = InjectedHead(linear([[1.0, 2.0]], [0.5]), linear([[3.0, -1.0]], [1.0]), linear([[2.0, 0.0]], [0.5]))
-    x = torch.tensor([[1.0, 1.0]])
-    # frozen 1 + 2 + 0.5 = 3.5; trainable 3 - 1 + 1 = 3; trainable_init 2 + 0 + 0.5 = 2.5 -> 3.5 + (3 - 2.5) = 4
-    assert head(x).item() == 4.0
-    assert [p.requires_grad for p in head.parameters()] == [False, False, True, True, False, False]
-    head.fold_()  # frozen <- frozen + trainable - trainable_init = [[2, 1]], [1]: the same output
-    assert head.frozen.weight.tolist() == [[2.0, 1.0]] and head.frozen.bias.tolist() == [1.0]
-    assert head(x).item() == 2.0 + 1.0 + 1.0 + (3.0 - 2.5)  # the change is counted twice until restart_
-    head.restart_(linear([[7.0, 7.0]], [7.0]))
-    assert head.trainable.weight.tolist() == head.trainable_init.weight.tolist() == [[7.0, 7.0]]
-    assert head(x).item() == 4.0
-    head(x).sum().backward()  # only the trainable head gets gradients
-    assert head.trainable.weight.grad.tolist() == [[1.0, 1.0]]
-    assert head.frozen.weight.grad is None and head.trainable_init.weight.grad is None
+    # head = hidden Linear(1 -> 2) + ReLU, then output Linear(2 -> 1); the encoder output z is given
+    hidden = InjectedLayer(linear([[1.0], [-1.0]], [0.0, 0.0]), sums=False)
+    output = InjectedLayer(linear([[1.0, 2.0]], [0.5]), sums=True)
+    relu = PerPiece(nn.ReLU())
+
+    def head(z):
+        return output(relu(hidden(z)))
+
+    z = torch.tensor([[2.0]], requires_grad=True)
+    assert head(z).item() == 2.5  # relu([2, -2]) = [2, 0]; 1 * 2 + 2 * 0 + 0.5
+    # an injection: a trainable piece theta' and its copy theta'_0
+    hidden.pieces.extend([linear([[1.0], [1.0]], [0.0, -1.0]), linear([[1.0], [1.0]], [0.0, -1.0])])
+    output.pieces.extend([linear([[1.0, -1.0]], [0.0]), linear([[1.0, -1.0]], [0.0])])
+    assert head(z).item() == 2.5  # theta' = theta'_0: relu([2, 1]) = [2, 1] -> 1 on both, a zero change
+    # theta' learns: its second hidden unit's bias -1 -> -3
+    with torch.no_grad():
+        hidden.pieces[1].bias[1] = -3.0
+    y = head(z)
+    assert y.item() == 2.5 + (2.0 - 1.0)  # theta': relu([2, -1]) = [2, 0] -> 2; theta'_0 still 1
+    # the encoder gets the gradient through all three heads: d/dz = 1 (theta) + 1 (theta') - 0 (theta'_0)
+    # (theta: units [on, off], outgoing [1, 2]; theta': [on, off], [1, -1]; theta'_0: [on, on], [1, -1])
+    y.backward()
+    assert z.grad.item() == 1.0 + 1.0 - 0.0
+
+    # the learned change h_theta' - h_theta'_0 is not affine in z: 1 at z = 2, 0 at z = 0 and at z = -2
+    # (theta' at z = 0: relu([0, -3]) -> 0, theta'_0: relu([0, -1]) -> 0; at z = -2 both relu to [0, 0])
+    def change(value):
+        x = torch.tensor([[value]])
+        with torch.no_grad():  # the whole head minus the frozen head h_theta alone
+            return head(x).item() - output.pieces[0](torch.relu(hidden.pieces[0](x))).item()
+
+    assert [change(v) for v in (2.0, 0.0, -2.0)] == [1.0, 0.0, 0.0]  # an affine map would give 0.5 at z = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Where the head is
+# --------------------------------------------------------------------------------------------
+def test_the_head_is_the_last_hidden_layer_and_the_outputs():
+    torch.manual_seed(0)
+    learner, method = metaworld_learner(hidden=(8, 8, 8))  # trunk: Linear ReLU Linear ReLU Linear ReLU
+    assert learner.heads() == [(learner.actor, 4, ("fc_mean", "fc_logstd")), (learner.qf, 4, ("head",)),
+                               (learner.qf_target, 4, ("head",))]
+    method.end_stage(0, "first", None)
+    for net in (learner.actor, learner.qf, learner.qf_target):
+        kind = nn.Linear if net is learner.actor else mw.EnsembleLinear
+        assert [type(m) for m in net.trunk[:4]] == [kind, nn.ReLU, kind, nn.ReLU]  # the encoder: untouched
+        assert isinstance(net.trunk[4], InjectedLayer) and not net.trunk[4].sums
+        assert [type(m) for m in net.trunk[4].pieces] == [kind] * 3
+        assert isinstance(net.trunk[5], PerPiece) and isinstance(net.trunk[5].layer, nn.ReLU)
+        for name in net.head_names:
+            assert getattr(net, name).sums and [type(m) for m in getattr(net, name).pieces] == [kind] * 3
+
+
+def test_the_atari_head_is_every_fully_connected_layer():
+    torch.manual_seed(0)
+    learner, method = atari_learner()  # conv ReLU conv ReLU conv ReLU Flatten Linear ReLU Linear ReLU
+    nets = [learner.actor, *learner.critics, *learner.critic_targets]
+    assert learner.heads() == [(net, 7, net.head_names) for net in nets]
+    method.end_stage(0, "first", None)
+    for net in nets:
+        assert [type(m) for m in net.trunk[:7]] == [nn.Conv2d, nn.ReLU] * 3 + [nn.Flatten]
+        assert [type(m) for m in net.trunk[7:]] == [InjectedLayer, PerPiece] * 2
+        assert all(type(p) is nn.Linear and len(layer.pieces) == 3 for layer in net.trunk[7::2] for p in layer.pieces)
+        assert getattr(net, net.head_names[0]).sums and not any(layer.sums for layer in net.trunk[7::2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,21 +221,20 @@ def test_outputs_identical_before_and_after_injection(script):
     torch.manual_seed(0)
     learner, method = make_learner()
     probe = make_batch()
+    for stage in range(3):  # the first injection and two later ones
+        train(learner, make_batch)  # the injected heads learn a non-zero change
+        before = outputs(learner, probe)
+        method.end_stage(stage, "task", None)
+        after = outputs(learner, probe)
+        for name in before:  # bit for bit: the new pair's change is exactly zero
+            assert torch.equal(before[name], after[name]), (stage, name)
+        assert all(len(layer.pieces) == 3 + 2 * stage for layer in injected_layers(learner).values())
+    assert method.injections == 3
+    # and the injected heads did learn: every pair's change is non-zero after training
     train(learner, make_batch)
-    before = outputs(learner, probe)
-    method.end_stage(0, "first", None)
-    after = outputs(learner, probe)
-    for name in before:  # bit for bit: the injected change is exactly zero
-        assert torch.equal(before[name], after[name]), name
-    assert all(isinstance(head, InjectedHead) for _, head in injected_heads(learner))
-
-    train(learner, make_batch)  # the injected heads learn a non-zero change
-    before = outputs(learner, probe)
-    method.end_stage(1, "second", None)
-    after = outputs(learner, probe)
-    for name in before:  # the change folded into the frozen head: equal up to float rounding
-        torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-5, msg=name)
-    assert method.injections == 2
+    for name, layer in injected_layers(learner).items():
+        for trainable, initial in zip(layer.pieces[1::2], layer.pieces[2::2]):
+            assert not torch.equal(trainable.weight, initial.weight), name
 
 
 def test_fresh_heads_are_initialised_like_the_scripts_heads(script):
@@ -155,72 +242,199 @@ def test_fresh_heads_are_initialised_like_the_scripts_heads(script):
     torch.manual_seed(0)
     learner, method = make_learner()
     method.end_stage(0, "first", None)
-    for name, head in injected_heads(learner):
-        assert type(head.trainable) is type(head.frozen), name
-        assert not torch.equal(head.trainable.weight, head.frozen.weight), name
-        assert torch.equal(head.trainable.weight, head.trainable_init.weight), name
-        fan_in = head.frozen.weight.shape[1]  # nn.Linear [out, in]; EnsembleLinear [E, in, out]
+    for name, layer in injected_layers(learner).items():
+        original, trainable, initial = layer.pieces
+        assert type(trainable) is type(original), name
+        assert not torch.equal(trainable.weight, original.weight), name
+        assert torch.equal(trainable.weight, initial.weight) and torch.equal(trainable.bias, initial.bias), name
+        fan_in = original.weight.shape[1]  # nn.Linear [out, in]; EnsembleLinear [E, in, out]
         if learner.discrete:  # nbsp_sac_atari.layer_init: Kaiming normal weights, zero bias
-            assert torch.all(head.trainable.bias == 0), name
-            assert 0.5 < head.trainable.weight.std().item() * np.sqrt(fan_in / 2) < 1.5, name
+            assert torch.all(trainable.bias == 0), name
+            assert 0.5 < trainable.weight.std().item() * np.sqrt(fan_in / 2) < 1.5, name
         else:  # nn.Linear's and EnsembleLinear's default: uniform within 1 / sqrt(fan_in)
             bound = 1 / np.sqrt(fan_in)
-            assert head.trainable.weight.abs().max().item() <= bound and head.trainable.bias.abs().max().item() <= bound
+            assert trainable.weight.abs().max().item() <= bound and trainable.bias.abs().max().item() <= bound
 
 
 # --------------------------------------------------------------------------------------------
-# Optimizers: the new heads learn, the frozen ones do not
+# THE test: training after an injection is not plain SAC, which it would be with an affine head
 # --------------------------------------------------------------------------------------------
-def test_only_the_injected_heads_learn(script):
+def affine_only(learner):
+    """Make `learner.heads()` name the output layers alone (the design this module replaced)."""
+    heads = learner.heads
+    learner.heads = lambda: [(net, len(net.trunk), outputs) for net, _, outputs in heads()]
+
+
+def head_change(net, start, output, z):
+    """h_theta'(z) - h_theta'_0(z) of the latest injection at output layer `output`, on the head's input z."""
+    def piece(i):
+        x = z
+        for layer in net.trunk[start:]:
+            x = layer.pieces[i](x) if isinstance(layer, InjectedLayer) else layer.layer(x)
+        return getattr(net, output).pieces[i](x)
+
+    return piece(-2) - piece(-1)
+
+
+def pi_against_plain_sac(make_learner, make_batch, outputs, affine, updates=20):
+    """PI and plain SAC (`--method sac`) from the same weights and Adam moments, a task switch (PI
+    injects; plain SAC's head gets fresh Adam moments too, as the injected head has), then the
+    same batches and random draws for both. Returns both learners, PI's head specs, the probe's
+    outputs of both, and the plain head's parameters at the switch."""
+    torch.manual_seed(0)
+    pi, method = make_learner("pi")
+    sac, _ = make_learner("sac")
+    if affine:
+        affine_only(pi)
+        affine_only(sac)
+    train(pi, make_batch)  # a first stage: Adam moments everywhere
+    sac.load_state_dict(saved_and_loaded(pi.state_dict()))  # a copy: Adam's load would share the moment tensors
+    heads = trained_networks(pi)
+    method.end_stage(0, "first", None)
+    plain_heads = [[p for layer in weighted_head_layers(net, start, names) for p in layer.parameters()]
+                   for net, start, names in trained_networks(sac)]
+    for params, optimizer in zip(plain_heads, [sac.actor_optimizer, *[sac.q_optimizer] * len(sac.critics)]):
+        for p in params:
+            optimizer.optimizer.state.pop(p)  # fresh moments (and step count) for the plain head, as for the injected one
+    at_switch = [[p.detach().clone() for p in params] for params in plain_heads]
+    batches, probe = [make_batch() for _ in range(updates)], make_batch()
+    for learner in (pi, sac):
+        for i, batch in enumerate(batches):
+            torch.manual_seed(100 + i)
+            learner.update(batch, update_policy=True, update_target=True)
+    return pi, sac, heads, plain_heads, at_switch, outputs(pi, probe), outputs(sac, probe)
+
+
+def max_difference(a, b):
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def test_injection_is_not_plain_sac_metaworld_float64():
+    with default_dtype(torch.float64):
+        # the old design, output layers only: exactly plain SAC with the head's Adam moments restarted
+        pi, sac, heads, plain_heads, at_switch, out_pi, out_sac = pi_against_plain_sac(
+            metaworld_learner, metaworld_batch, metaworld_outputs, affine=True)
+        assert out_pi["mean"].dtype == torch.float64
+        assert max_difference(out_pi, out_sac) < 1e-10
+        # ... because the injected change is an affine map, the one plain SAC's output layer learned
+        z = pi.actor.trunk(metaworld_batch()[0])
+        with torch.no_grad():
+            change = head_change(pi.actor, len(pi.actor.trunk), "fc_mean", z)
+            plain_w, plain_b = sac.actor.fc_mean.weight, sac.actor.fc_mean.bias
+            w0, b0 = at_switch[0][0], at_switch[0][1]  # actor's fc_mean weight and bias at the switch
+            torch.testing.assert_close(change, z @ (plain_w - w0).T + (plain_b - b0), rtol=0, atol=1e-10)
+            a, b = (pi.actor.trunk(metaworld_batch(64)[0]) for _ in range(2))
+            middle = head_change(pi.actor, len(pi.actor.trunk), "fc_mean", (a + b) / 2)
+            mean = (head_change(pi.actor, len(pi.actor.trunk), "fc_mean", a)
+                    + head_change(pi.actor, len(pi.actor.trunk), "fc_mean", b)) / 2
+            assert (middle - mean).abs().max() < 1e-12  # affine: the midpoint test below is 0 to rounding
+
+        # this module's head, last hidden layer + output layers: not plain SAC
+        pi, sac, heads, plain_heads, at_switch, out_pi, out_sac = pi_against_plain_sac(
+            metaworld_learner, metaworld_batch, metaworld_outputs, affine=False)
+        assert max_difference(out_pi, out_sac) > 1e-4  # 10^6 times the affine head's difference or more
+        for name in out_pi:
+            assert (out_pi[name] - out_sac[name]).abs().max() > 1e-5, name
+        # in the way the method intends: the old head is frozen while plain SAC moved it ...
+        for (net, start, names), params, before in zip(heads, plain_heads, at_switch):
+            frozen = [p for layer in weighted_head_layers(net, start, names) for p in layer.pieces[0].parameters()]
+            assert all(torch.equal(p, b) for p, b in zip(frozen, before))
+            assert not any(torch.equal(p, b) for p, b in zip(params, before))
+        # ... the injected head's hidden layer learned (theta' moved away from theta'_0) ...
+        for net, start, _ in heads:
+            assert not torch.equal(net.trunk[start].pieces[1].weight, net.trunk[start].pieces[2].weight)
+        # ... and the injected head learned a change that is not affine in the head's input (an
+        # affine map f has f((a + b) / 2) = (f(a) + f(b)) / 2), so no change of an output layer gives it
+        with torch.no_grad():
+            for net, start, names in heads:
+                if net is pi.actor:
+                    a, b = (net.trunk[:start](metaworld_batch(64)[0]) for _ in range(2))
+                else:
+                    obs_act = [torch.cat(metaworld_batch(64)[:2], 1).expand(2, -1, -1) for _ in range(2)]
+                    a, b = (net.trunk[:start](x) for x in obs_act)
+                for name in names:
+                    middle = head_change(net, start, name, (a + b) / 2)
+                    mean = (head_change(net, start, name, a) + head_change(net, start, name, b)) / 2
+                    assert (middle - mean).abs().max() > 1e-6, name
+
+
+def test_injection_is_not_plain_sac_atari():
+    # Atari's frames enter as float32 (x.float() / 255): this comparison is in float32, with
+    # tolerances well apart from its rounding noise
+    pi, sac, *_, out_pi, out_sac = pi_against_plain_sac(atari_learner, atari_batch, atari_outputs, affine=True)
+    affine_difference = max_difference(out_pi, out_sac)
+    assert affine_difference < 1e-5
+    pi, sac, *_, out_pi, out_sac = pi_against_plain_sac(atari_learner, atari_batch, atari_outputs, affine=False)
+    assert max_difference(out_pi, out_sac) > 100 * max(affine_difference, 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers: the new heads and the encoders learn, the frozen pieces do not
+# --------------------------------------------------------------------------------------------
+def test_only_the_injected_heads_and_the_encoders_learn(script):
     make_learner, make_batch, _ = script
     torch.manual_seed(0)
     learner, method = make_learner()
-    original = {name: list(head.parameters()) for name, head in injected_heads(learner)}
+    original = [[id(p) for p in layer.parameters()]
+                for net, start, outputs in trained_networks(learner) for layer in weighted_head_layers(net, start, outputs)]
     train(learner, make_batch)
     method.end_stage(0, "first", None)
-    heads = dict(injected_heads(learner))
-    # the trainable heads form one new group of the actor's and one of the critics' Adam
-    actor_heads = [p for name in learner.actor.head_names for p in getattr(learner.actor, name).trainable.parameters()]
-    critic_heads = [p for qf in learner.critics for name in qf.head_names for p in getattr(qf, name).trainable.parameters()]
-    for optimizer, expected in ((learner.actor_optimizer.optimizer, actor_heads), (learner.q_optimizer.optimizer, critic_heads)):
+    layers = injected_layers(learner)
+    assert all(isinstance(layer, InjectedLayer) for layer in layers.values())
+    # the old layers themselves are the frozen pieces 0
+    assert original == [[id(p) for p in layer.pieces[0].parameters()] for layer in layers.values()]
+    # the trainable pieces form one new group of the actor's and one of the critics' Adam
+    actor_heads, critic_heads = pieces_params(learner, 1, [learner.actor]), pieces_params(learner, 1, learner.critics)
+    optimizers = learner.actor_optimizer.optimizer, learner.q_optimizer.optimizer
+    for optimizer, expected in zip(optimizers, (actor_heads, critic_heads)):
         assert len(optimizer.param_groups) == 2
         assert [id(p) for p in optimizer.param_groups[1]["params"]] == [id(p) for p in expected]
-    for name, head in heads.items():
-        assert [id(p) for p in head.frozen.parameters()] == [id(p) for p in original[name]]  # the old head itself
-        assert all(p.requires_grad for p in head.trainable.parameters())
-        assert not any(p.requires_grad for p in [*head.frozen.parameters(), *head.trainable_init.parameters()])
+        assert not any(p in optimizer.state for p in pieces_params(learner, 0))  # moments of the frozen head dropped
+    for name, layer in layers.items():
+        assert all(p.requires_grad for p in layer.pieces[1].parameters()), name
+        assert not any(p.requires_grad for p in [*layer.pieces[0].parameters(), *layer.pieces[2].parameters()]), name
 
-    snapshot = {name: [p.detach().clone() for p in head.parameters()] for name, head in heads.items()}
+    snapshot = {name: [[p.detach().clone() for p in piece.parameters()] for piece in layer.pieces]
+                for name, layer in layers.items()}
+    encoders = [p.detach().clone() for net, start, _ in trained_networks(learner) for p in net.trunk[:start].parameters()]
     train(learner, make_batch)
-    for name, head in heads.items():
-        frozen, trainable, trainable_init = snapshot[name][:2], snapshot[name][2:4], snapshot[name][4:]
-        assert all(torch.equal(a, b) for a, b in zip(frozen, head.frozen.parameters())), name
-        assert all(torch.equal(a, b) for a, b in zip(trainable_init, head.trainable_init.parameters())), name
-        assert not torch.equal(trainable[0], head.trainable.weight), name
+    for name, layer in layers.items():
+        frozen, trainable, initial = snapshot[name]
+        assert all(torch.equal(a, b) for a, b in zip(frozen, layer.pieces[0].parameters())), name
+        assert all(torch.equal(a, b) for a, b in zip(initial, layer.pieces[2].parameters())), name
+        assert not torch.equal(trainable[0], layer.pieces[1].weight), name
+    after = [p for net, start, _ in trained_networks(learner) for p in net.trunk[:start].parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(encoders, after))  # the encoders keep learning
 
-    # a second injection restarts the trainable heads: fresh values, no Adam moments
+    # a second injection: a new trainable pair replaces group 1; the last one is frozen without moments
     method.end_stage(1, "second", None)
-    for optimizer in (learner.actor_optimizer.optimizer, learner.q_optimizer.optimizer):
+    for optimizer in optimizers:
         assert len(optimizer.param_groups) == 2
-        assert all(p not in optimizer.state for p in optimizer.param_groups[1]["params"])
+        assert all(p not in optimizer.state and p.requires_grad for p in optimizer.param_groups[1]["params"])
         assert all(p in optimizer.state for p in optimizer.param_groups[0]["params"] if p.requires_grad)
+    assert [id(p) for p in pieces_params(learner, 3)] == [id(p) for o in optimizers for p in o.param_groups[1]["params"]]
+    for piece in (0, 1, 2, 4):
+        frozen = pieces_params(learner, piece)
+        assert not any(p.requires_grad or p in optimizers[0].state or p in optimizers[1].state for p in frozen), piece
 
 
 def test_targets_line_up_with_their_critics(script):
     make_learner, make_batch, _ = script
     torch.manual_seed(0)
     learner, method = make_learner()
-    train(learner, make_batch)
-    method.end_stage(0, "first", None)
-    for qf, target in zip(learner.critics, learner.critic_targets):
-        critic_params, target_params = dict(qf.named_parameters()), dict(target.named_parameters())
-        assert list(critic_params) == list(target_params)  # _foreach_lerp_/_copy_ over parameters() pair these
-        assert all(critic_params[n].shape == target_params[n].shape for n in critic_params)
-        for name in qf.head_names:
-            head, target_head = getattr(qf, name), getattr(target, name)
-            for part in ("trainable", "trainable_init"):  # theta'_0 of the target is the critic's
-                for a, b in zip(getattr(head, part).parameters(), getattr(target_head, part).parameters()):
-                    assert torch.equal(a, b)
+    for stage in range(2):
+        train(learner, make_batch)
+        method.end_stage(stage, "task", None)
+        for qf, target in zip(learner.critics, learner.critic_targets):
+            critic_params, target_params = dict(qf.named_parameters()), dict(target.named_parameters())
+            assert list(critic_params) == list(target_params)  # _foreach_lerp_/_copy_ over parameters() pair these
+            assert all(critic_params[n].shape == target_params[n].shape for n in critic_params)
+            start = qf.head_start()
+            for layer, target_layer in zip(weighted_head_layers(qf, start, qf.head_names),
+                                           weighted_head_layers(target, start, qf.head_names)):
+                for piece in (-2, -1):  # the new pair of the target is the critic's
+                    for a, b in zip(layer.pieces[piece].parameters(), target_layer.pieces[piece].parameters()):
+                        assert torch.equal(a, b)
     # one update with a target step: every target tensor follows its own critic tensor
     target_before = [[p.detach().clone() for p in t.parameters()] for t in learner.critic_targets]
     train(learner, make_batch, updates=1)
@@ -228,8 +442,6 @@ def test_targets_line_up_with_their_critics(script):
     for qf, target, before in zip(learner.critics, learner.critic_targets, target_before):
         for critic_p, target_p, old in zip(qf.parameters(), target.parameters(), before):
             torch.testing.assert_close(target_p, torch.lerp(old, critic_p.detach(), tau), rtol=0, atol=1e-7)
-        for name in qf.head_names:  # trainable_init is equal on both sides, so it stays put
-            assert torch.equal(getattr(target, name).trainable_init.weight, getattr(qf, name).trainable_init.weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +463,8 @@ def test_resume_round_trip(script, injections):
     resumed_method.load_state_dict(method_state)
     resumed.load_state_dict(learner_state)
     assert resumed_method.injections == injections
+    for a, b in zip(learner.actor.parameters(), resumed.actor.parameters()):
+        assert a.requires_grad == b.requires_grad
     probe = make_batch()
     expected, restored = outputs(learner, probe), outputs(resumed, probe)
     for name in expected:
@@ -283,7 +497,7 @@ def test_no_injection_leaves_the_networks_alone(script):
     make_learner, _, _ = script
     learner, method = make_learner()
     method.load_state_dict({"injections": 0})
-    assert not any(isinstance(getattr(net, name), InjectedHead) for net, name in learner.heads())
+    assert not any(isinstance(m, (InjectedLayer, PerPiece)) for net, _, _ in learner.heads() for m in net.modules())
     assert len(learner.actor_optimizer.optimizer.param_groups) == 1
 
 
@@ -296,45 +510,32 @@ MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_s
 ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=200, learning_starts=100, batch_size=8,
                   conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=100, eval_envs=2,
                   eval_every=0, target_network_frequency=40, cuda=False)
-RUNS = {"metaworld": (mw, MW_TINY, ("actor", "qf", "qf_target")),
-        "atari": (atari, ATARI_TINY, ("actor", "qf1", "qf2", "qf1_target", "qf2_target"))}
-
-
-class SimulatedKill(Exception):
-    pass
+RUNS = {"metaworld": (mw, MW_TINY, ("actor", "qf", "qf_target"), "trunk.2", 6),
+        "atari": (atari, ATARI_TINY, ("actor", "qf1", "qf2", "qf1_target", "qf2_target"), "trunk.7", 4)}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_end_to_end_injection_and_resume(name, tmp_path, monkeypatch):
-    script, tiny, networks = RUNS[name]
-    metrics = script.main(script.Args(**tiny, method="pi", runs_dir=str(tmp_path / "a")))
+def test_end_to_end_injection_and_resume(name, tmp_path, kill_after_stage_1):
+    script, tiny, networks, hidden_head, actor_group = RUNS[name]
+    args = script.Args(**tiny, method="pi", runs_dir=str(tmp_path / "a"))
+    metrics = script.main(args)
     run_a = tmp_path / "a" / metrics["run_name"]
     saved = load(run_a / "checkpoint.pt")
     assert os.path.isfile(run_a / "metrics.json")
     assert [len(row) for row in metrics["sr"]] == [2, 2] and metrics["sr"][0][1] is None
     assert all(value is not None for value in [metrics["sr"][0][0], *metrics["sr"][1]])
     assert saved["method"] == {"injections": 1}  # one task switch
-    head = "fc_mean" if script is mw else "fc_logits"
-    assert {f"{head}.{part}.weight" for part in ("frozen", "trainable", "trainable_init")} <= set(saved["actor"])
-    assert [len(g["params"]) for g in saved["actor_optimizer"]["param_groups"]][1:] == [4 if script is mw else 2]
+    output = "fc_mean" if script is mw else "fc_logits"
+    assert {f"{layer}.pieces.{i}.weight" for layer in (hidden_head, output) for i in range(3)} <= set(saved["actor"])
+    assert [len(g["params"]) for g in saved["actor_optimizer"]["param_groups"]][1:] == [actor_group]
 
-    real_make_env = script.make_env
-
-    def make_env_killed_at_stage_2(game, seed, *rest):
-        if seed == script.Args().seed + 2000:  # the training env of stage 2
-            raise SimulatedKill
-        return real_make_env(game, seed, *rest)
-
-    monkeypatch.setattr(script, "make_env", make_env_killed_at_stage_2)
-    with pytest.raises(SimulatedKill):
-        script.main(script.Args(**tiny, method="pi", runs_dir=str(tmp_path / "b")))
-    monkeypatch.undo()
-    (run_b,) = (tmp_path / "b").iterdir()
-    assert load(run_b / "checkpoint.pt")["method"] == {"injections": 1}  # saved after the injection
-    resumed = script.main(script.Args(resume=str(run_b), cuda=False))
+    run_b = kill_after_stage_1(script, dataclasses.replace(args, runs_dir=str(tmp_path / "b")))
+    assert load(os.path.join(run_b, "checkpoint.pt"))["method"] == {"injections": 1}  # saved after the injection
+    resumed = script.main(script.Args(resume=run_b, cuda=False))
     assert resumed["sr"] == metrics["sr"]
-    final_a, final_b = saved, load(run_b / "checkpoint.pt")
+    final_b = load(os.path.join(run_b, "checkpoint.pt"))
     for key in networks:
-        for tensor_name, tensor in final_a[key].items():
+        assert list(saved[key]) == list(final_b[key])
+        for tensor_name, tensor in saved[key].items():
             assert torch.equal(tensor, final_b[key][tensor_name]), f"{key}.{tensor_name}"
     assert final_b["method"] == {"injections": 1}
