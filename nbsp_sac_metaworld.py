@@ -138,9 +138,9 @@ class Args:
     fisher_critic: bool = False
     """ewc, ancl: also regularise the critics (Continual World's SAC: actor only)"""
     npc_decay: float = 0.99
-    """npc: moving-average factor d of the per-layer-normalised importance, C <- d C + (1 - d) c / mean(c)"""
+    """npc: moving-average factor d, in [0, 1), of the current task's per-layer-normalised importance, T <- d T + (1 - d) c / mean(c), restarted every stage; at a task switch C <- max(C, T / mean(T)), kept for the rest of the run"""
     npc_scale: float = 1.0
-    """npc: a neuron's step is scaled by 1 / (1 + npc_scale * normalised importance)"""
+    """npc: a neuron's step is scaled by 1 / (1 + npc_scale * C), C its consolidated importance to the finished tasks (1 during the first task)"""
     ancl_lambda: float = 1e4
     """ancl: weight lambda of the old-task (EWC) penalty"""
     ancl_aux_lambda: float = 10.0
@@ -228,11 +228,13 @@ def validate_method_flags(args) -> None:
     for name in ["ewc_lambda", "ancl_lambda", "ancl_aux_lambda", "cotasp_lambda", "npc_scale"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["npc_decay", "ancl_a", "cbp_replacement_rate"]:
+    for name in ["ancl_a", "cbp_replacement_rate"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if not 0.0 <= args.cbp_decay < 1.0:  # the bias correction divides by 1 - decay**age
         fail(f"--cbp-decay must be in [0, 1), got {args.cbp_decay}")
+    if not 0.0 <= args.npc_decay < 1.0:  # at 1 the task's average would never move from 0
+        fail(f"--npc-decay must be in [0, 1), got {args.npc_decay}")
     for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")

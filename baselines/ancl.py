@@ -29,6 +29,18 @@ on the current task alone, which gives back plasticity. Targets and temperature 
   auxiliary network has finished training; alongside, it keeps training, so its Fisher is
   refreshed (every 10,000 updates: 1% of a 1M-step Meta-World stage, and one estimate costs
   a few percent of the 10,000 updates' time).
+- Strength of the old-task pull: lambda/2 * F_old, with F_old = (1 - a) F_1 after the first task,
+  is 1e4 / 2 * 0.5 = 2,500 F_1 at the second stage, a quarter of `--method ewc`'s lambda F_1 =
+  10^4 F_1 (Continual World's form: no 1/2, Fishers summed). That is the authors' code, kept on
+  purpose: src/approach/a-ewc.py adds lamb * sum(fisher * (p - older_params)^2) / 2 in `criterion`
+  and merges fisher = alpha * fisher + (1 - alpha) * curr_fisher from zeros in
+  `post_train_process` (defaults lamb 10000, lamb_a 10, alpha 0.5; src/gridsearch_config.py
+  'a-ewc': lamb 10000, lamb-a 10). Their own EWC baseline (src/approach/ewc.py) has the same 1/2
+  and merge (grid-search start lamb 10000 in gridsearch_config.py, argparse default 80000), so
+  there the two pulls start equal; their run script (scripts/script_cifar100_10.sh) starts
+  FACIL's grid search from these values (--gridsearch-hparam-decay 0.5), which may lower them.
+  `--ancl-lambda 4e4` (or `--ancl-a 0` with `--ancl-lambda 2e4`) makes the pull at the second
+  stage EWC's 10^4 F_1.
 - With lambda_a = 0 the auxiliary learner is not built at all and ANCL is EWC with the penalty
   lambda/2 sum F_old (theta - theta_old)^2: with a = 0 and --ewc-lambda = lambda/2 it trains
   exactly as `--method ewc` up to the second task switch (EWC then sums its Fishers where ANCL

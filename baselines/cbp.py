@@ -1,8 +1,12 @@
 """CBP: continual backpropagation (Dohare, Hernandez-Garcia, Lan, Rahman, Mahmood and Sutton,
 "Loss of plasticity in deep continual learning", Nature 2024). Values and conventions from the
 authors' code, github.com/shibhansh/loss-of-plasticity: lop/algos/gnt.py (generate-and-test, the
-one their RL agents use), lop/algos/convGnT.py (convolutional layers) and the RL defaults of
-lop/rl/run_ppo.py.
+one their RL agents use), lop/algos/convGnT.py (convolutional layers), lop/algos/rl/ppo.py (where
+their PPO calls it) and their RL settings: lop/rl/cfg/{ant,hopper,walker,sant}/cbp.yml (rr: 1e-4,
+mt: 10000, util_type contribution for policy and value network) with the defaults of
+lop/rl/run_ppo.py (decay_rate 0.99, init lecun). The library defaults are not the RL values:
+GnT's maturity_threshold is 20 (gnt.py) and CBPLinear's 100 (lop/algos/cbp_linear.py), the RL
+configs set 10000.
 
 What it changes in SAC: after every optimizer step of the actor or of the critics, a few of
 their hidden units with the lowest utility are reinitialised. Losses are untouched; the critic
@@ -20,7 +24,13 @@ replacement reaches them gradually, as any change of the critics does.
   the mean over those positions of (outgoing magnitude of the position) * mean_batch |h| there.
   Units feeding several layers (the actor's mean and log-std heads) average over all of them.
 - Age: optimizer steps of its network since the unit was created or last replaced. Units older
-  than mt = --cbp-maturity-threshold (1e4) are eligible.
+  than mt = --cbp-maturity-threshold (1e4) are eligible. In the authors' PPO (ppo.py `learn`),
+  every minibatch's `opt.step()` is followed by one `gen_and_test` of the policy and one of the
+  value network, each adding 1 to its units' ages (gnt.py `test_features`): a unit ages by one
+  per optimizer step of its network. Here the actor and the critics have optimizers of their own, so
+  the actor's units age with the actor's steps (`after_step("actor")`; Meta-World: 2 actor steps
+  every 2nd update) and each critic's with the critic steps (`after_step("critic")`, one per
+  update); the steps of other networks do not count.
 - Replacement: each step, rr * (number of eligible units) of a layer are replaced, rr =
   --cbp-replacement-rate (1e-4); a fractional count x is rounded stochastically, floor(x + U),
   U ~ Uniform(0, 1). For x < 1 (every layer narrower than 1 / rr = 10^4 units) that is the
@@ -39,10 +49,17 @@ replacement reaches them gradually, as any change of the critics does.
   For a channel read by a convolution the channel's mean over positions is used (exact when the
   channel is constant over positions). Utility, running mean and age restart at 0.
 - Adam's moments (exp_avg, exp_avg_sq) of the replaced incoming weights, bias and outgoing
-  weights are zeroed, as the authors' AdamGnT does; AdamGnT also restarts a per-element step
+  weights are zeroed, as the authors' AdamGnT does (choice: their RL runs build torch's plain Adam,
+  run_ppo.py `opt = Adam`, for which gnt.py's `update_optim_params` does nothing, so there the
+  moments of a new unit are left as they were; zeroing them keeps the old unit's momentum from
+  moving the new unit's zeroed outgoing weights); AdamGnT also restarts a per-element step
   count, which torch's Adam (one step count per tensor) cannot: with the tensor's large step
   count, Adam's bias correction no longer compensates the zeroed moments, and a new unit's steps
   are up to about 6 times those of a fresh Adam over its first few hundred steps.
+- Not carried over: their RL "CBP" configs also set Adam's betas to (0.99, 0.99) and weight
+  decay 1e-4 (their ns.yml sets those betas alone, l2.yml those betas with weight decay 1e-3);
+  those are optimizer settings of their PPO, and every method here trains the scripts' SAC with
+  CleanRL's Adam.
 - Hidden layers of the actor and of each critic (Meta-World's two critics are one ensemble
   module: each member's units are handled apart, in its own slice); not the output layers.
 - No host synchronisation per step: whether a unit is eligible depends only on how many steps

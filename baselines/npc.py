@@ -1,11 +1,13 @@
 """NPC: neuron-level plasticity control (Paik, Oh, Kwak and Kim, "Overcoming Catastrophic
 Forgetting by Neuron-level Plasticity Control", AAAI 2020, arXiv 1907.13322).
 
-What it changes in SAC: the optimizer step of every hidden neuron of the actor and of both critics
-(its incoming weights and its bias) is scaled down by the neuron's importance, so neurons that
-mattered to the losses so far consolidate while the others stay plastic. Losses, targets (which
-follow their critics as usual) and the temperature are untouched. No code of the authors is
-used; the paper gives no values for this benchmark, so decay and scaling are flags.
+What it changes in SAC: from the second task on, the optimizer step of every hidden neuron of the
+actor and of both critics (its incoming weights and its bias) is scaled down by the neuron's
+importance to the tasks already finished, so the neurons that carried an earlier task consolidate
+while the others stay plastic. Losses, targets (which follow their critics as usual) and the
+temperature are untouched. No code of the authors was found; of the paper, only the abstract and
+introduction could be read for this port (the method section could not), so the rules below are
+this port's, named as choices, and their values are flags.
 
 - Importance of neuron i on one batch: NPC's Taylor criterion (the first-order pruning criterion
   of Molchanov et al.), c_i = mean over the batch of |a_i * dL/da_i|, with a_i the neuron's
@@ -17,22 +19,38 @@ used; the paper gives no values for this benchmark, so decay and scaling are fla
   average neuron has importance 1 whatever the layer's (and the loss's) scale; Q-values, and
   with them the critic loss and its gradients, change scale by orders of magnitude during RL
   training, which raw Taylor values would carry into the step sizes.
-- Moving average over the whole run, through training and task switches alike (no per-task
-  state): C_i <- d C_i + (1 - d) c_i / mean(c), d = --npc-decay (0.99), C_i = 0 at the start.
-- Choice, step scale of neuron i: 1 / (1 + s C_i), s = --npc-scale (1.0): 1 for a neuron that
-  never mattered, 1/2 for one of average importance at s = 1, never 0 (no neuron freezes for
-  good, no upper bound to tune). NPC lowers the learning rate of important neurons under plain
-  SGD; SAC trains with Adam, whose step does not depend on the gradient's scale, so the scale
-  multiplies Adam's step instead (the learner's `MaskedOptimizer`: p <- p_old + scale *
-  (p_adam - p_old)), which is what a per-neuron learning rate does. The scale is updated after
-  every backward pass with that batch's importance, before the step it scales.
+- Importance of the current task: a moving average over the stage's updates, restarted at every
+  stage start, T_i <- d T_i + (1 - d) c_i / mean(c), d = --npc-decay (0.99, about the last 100
+  updates); at the task switch it is normalised per layer again (T / mean(T): exactly mean 1,
+  which also removes the average's start-up bias) and becomes that task's importance.
+- Choice, consolidation across tasks: C_i <- max(C_i, T_i / mean(T)) at every task switch
+  (`end_stage`), C = 0 before the first, and C is kept for the rest of the run. This is what
+  "consolidates the neurons important to the previous tasks" needs in RL: a single moving average
+  over the whole run, through the task switches, forgets a task's importance within a few hundred
+  updates of the next task (d = 0.99), far less than a stage of 10^5-10^6 updates, so the earlier
+  task's neurons would soon be unprotected (test_npc_is_not_plain_sac in tests/test_baseline_npc.py
+  measures it). The maximum, not the sum: under the cycling protocol a task comes back, and
+  re-learning it must not stack a second protection on the same neurons; a sum would also shrink
+  the step of every neuron that was ever used with each task switch, so that plasticity would fade
+  with the number of stages rather than with what the neurons carry.
+- Choice, step scale of neuron i: 1 / (1 + s C_i), s = --npc-scale (1.0): 1 for a neuron that no
+  finished task used (and for every neuron during the first task: nothing to protect yet), 1/2
+  for one of average importance to its most demanding finished task at s = 1, 1/(1 + 3 s) for one
+  three times the layer average; never 0 (no neuron freezes for good, no upper bound to tune).
+  NPC lowers the learning rate of important neurons under plain SGD; SAC trains with Adam, whose
+  step does not depend on the gradient's scale, so the scale multiplies Adam's step instead (the
+  learner's `MaskedOptimizer`: p <- p_old + scale * (p_adam - p_old)), which is what a per-neuron
+  learning rate does.
+- The current task's own importance does not slow its training: NPC consolidates what earlier
+  tasks need while the new task is learned. (The scales change only at task switches.)
 - Output layers keep their full step (NPC controls hidden neurons).
 - The critics' activations also enter the actor loss (Meta-World evaluates the critics with
   detached parameters, so gradients do reach their activations); those products belong to the
   actor loss and are discarded. Forward passes without gradients (targets, rollouts) record
   nothing.
-- Checkpoints hold the importance; the step scales follow from it, and are installed in the
-  learner's optimizers at setup and again at every stage start.
+- Checkpoints hold the consolidated importance C (the scales follow from it; the current task's
+  average restarts with its stage, and the scripts checkpoint at stage ends); the scales are
+  installed in the learner's optimizers at setup and again at every stage start.
 """
 
 from __future__ import annotations
@@ -77,8 +95,13 @@ class NeuronLevelPlasticityControl(Method):
     def setup(self, learner) -> None:
         super().setup(learner)
         self.hidden = {name: [layer.hidden for layer in layers] for name, layers in learner.neuron_layers().items()}
-        self.importance = {name: [torch.zeros(h.num_neurons, device=h.weight.device) for h in hidden]
-                           for name, hidden in self.hidden.items()}
+
+        def zeros():
+            return {name: [torch.zeros(h.num_neurons, device=h.weight.device) for h in hidden]
+                    for name, hidden in self.hidden.items()}
+
+        self.task_importance = zeros()  # T: moving average over the current stage's updates
+        self.consolidated = zeros()  # C: maximum over the finished tasks of their normalised T
         self.batch_importance: dict[tuple[str, int], Tensor] = {}
         # One step-scale tensor per hidden weight, shaped to broadcast over it; its bias shares the
         # storage. An ensemble's members fill their own slice of a shared tensor.
@@ -119,7 +142,11 @@ class NeuronLevelPlasticityControl(Method):
 
         return forward_hook
 
+    @torch.no_grad()
     def begin_stage(self, stage: int, task: str) -> None:
+        for values in self.task_importance.values():
+            for importance in values:
+                importance.zero_()
         # installed again at every stage start: nothing the script installs in between (NBSP's own,
         # empty, masks when it resumes) displaces them
         self.install_masks()
@@ -129,24 +156,30 @@ class NeuronLevelPlasticityControl(Method):
         # only the products of this loss's own networks count; the rest (critics inside the actor loss) are dropped
         batch_importance, self.batch_importance = self.batch_importance, {}
         for name in NETWORKS_OF_LOSS[network]:
-            for index, importance in enumerate(self.importance[name]):
+            for index, importance in enumerate(self.task_importance[name]):
                 importance.lerp_(normalise_per_layer(batch_importance[(name, index)]), 1.0 - self.args.npc_decay)
+
+    @torch.no_grad()
+    def end_stage(self, stage: int, task: str, rb) -> None:
+        for name, values in self.task_importance.items():
+            for task_importance, consolidated in zip(values, self.consolidated[name], strict=True):
+                torch.maximum(consolidated, normalise_per_layer(task_importance), out=consolidated)
             self._write_scales(name)
 
     @torch.no_grad()
     def _write_scales(self, name: str) -> None:
-        for importance, scale in zip(self.importance[name], self.neuron_scales[name], strict=True):
+        for importance, scale in zip(self.consolidated[name], self.neuron_scales[name], strict=True):
             torch.reciprocal(1.0 + self.args.npc_scale * importance, out=scale)
 
     def logs(self) -> dict[str, Tensor]:
         return {f"{name}_mean_step_scale": torch.cat(scales).mean() for name, scales in self.neuron_scales.items()}
 
     def state_dict(self) -> dict:
-        return {"importance": {name: [c.cpu() for c in values] for name, values in self.importance.items()}}
+        return {"consolidated": {name: [c.cpu() for c in values] for name, values in self.consolidated.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, values in state["importance"].items():
-            for importance, saved in zip(self.importance[name], values, strict=True):
+        for name, values in state["consolidated"].items():
+            for importance, saved in zip(self.consolidated[name], values, strict=True):
                 importance.copy_(saved)
             self._write_scales(name)
 

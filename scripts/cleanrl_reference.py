@@ -3,6 +3,11 @@
 Two separate critic modules, plain `torch.optim.Adam`, `alpha` read back with `.item()`, the
 losses of CleanRL. Nothing here is tuned; the benchmark and the equivalence test compare the
 project's update path against it.
+
+The temperature is autotuned, as in CleanRL's runs, and starts where CleanRL starts it: log alpha
+= 0, alpha = 1.0 (`alpha=None`). The project's scripts start at --alpha 0.2 (the paper's Table 6,
+a difference from CleanRL), so a comparison with the project's learner passes that value as
+`alpha`.
 """
 
 import numpy as np
@@ -12,6 +17,12 @@ import torch.nn.functional as F
 
 LOG_STD_MAX = 2
 LOG_STD_MIN = -5
+
+
+def initial_log_alpha(alpha, device):
+    """CleanRL's autotuned start, log alpha = 0 (alpha 1.0), unless an initial `alpha` is given."""
+    value = 0.0 if alpha is None else float(np.log(alpha))
+    return torch.tensor([value], requires_grad=True, device=device)
 
 
 class SoftQNetwork(nn.Module):
@@ -65,7 +76,7 @@ class CleanRLSAC:
     many actor and alpha updates; soft target update every step."""
 
     def __init__(self, obs_dim, act_dim, hidden, device, q_lr=1e-3, policy_lr=3e-4, gamma=0.99, tau=0.005,
-                 policy_frequency=2, alpha=0.2):
+                 policy_frequency=2, alpha=None):
         self.actor = Actor(obs_dim, act_dim, hidden).to(device)
         self.qf1 = SoftQNetwork(obs_dim, act_dim, hidden).to(device)
         self.qf2 = SoftQNetwork(obs_dim, act_dim, hidden).to(device)
@@ -76,7 +87,7 @@ class CleanRLSAC:
         self.q_optimizer = torch.optim.Adam(list(self.qf1.parameters()) + list(self.qf2.parameters()), lr=q_lr)
         self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()), lr=policy_lr)
         self.target_entropy = -float(act_dim)
-        self.log_alpha = torch.tensor([float(np.log(alpha))], requires_grad=True, device=device)
+        self.log_alpha = initial_log_alpha(alpha, device)
         self.alpha = self.log_alpha.exp().item()
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=q_lr)
         self.gamma, self.tau, self.policy_frequency = gamma, tau, policy_frequency
@@ -127,7 +138,7 @@ class CleanRLSACAtari:
     plain Adam (eps 1e-4), alpha read back with `.item()`, the target copy as a parameter loop."""
 
     def __init__(self, num_actions, channels, hidden, device, lr=1e-4, gamma=0.99, tau=1.0,
-                 target_entropy_scale=0.89, alpha=0.2):
+                 target_entropy_scale=0.89, alpha=None):
         from nbsp_sac_atari import Actor as AtariActor
         from nbsp_sac_atari import SoftQNetwork as AtariQNetwork
 
@@ -139,7 +150,7 @@ class CleanRLSACAtari:
         self.q_optimizer = torch.optim.Adam(list(self.qf1.parameters()) + list(self.qf2.parameters()), lr=lr, eps=1e-4)
         self.actor_optimizer = torch.optim.Adam(list(self.actor.parameters()), lr=lr, eps=1e-4)
         self.target_entropy = -target_entropy_scale * torch.log(1 / torch.tensor(num_actions)).item()
-        self.log_alpha = torch.tensor([float(np.log(alpha))], requires_grad=True, device=device)
+        self.log_alpha = initial_log_alpha(alpha, device)
         self.alpha = self.log_alpha.exp().item()
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=lr, eps=1e-4)
         self.gamma, self.tau = gamma, tau

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -27,3 +28,22 @@ def kill_after_stage_1(monkeypatch):
         return os.path.dirname(written[0])
 
     return run
+
+
+@pytest.fixture
+def side_by_side():
+    """A function that trains a method's learner and, when given, a plain SAC learner (taken with
+    `learner.plain_copy()` at the same point) on the same batches with the same random draws, on
+    the Meta-World schedule (a policy update every `policy_frequency`-th update, the target every
+    update); the method's `after_update` runs after each of its learner's updates, as in the
+    scripts. `start` continues the count of an earlier call."""
+
+    def train(learner, plain, batches, start=0):
+        for index, data in enumerate(batches, start):
+            update_policy = index % learner.args.policy_frequency == 0
+            for each in (learner,) if plain is None else (learner, plain):
+                torch.manual_seed(10_000 + index)
+                each.update(data, update_policy, True)
+            learner.method.after_update(data, update_policy, True)
+
+    return train

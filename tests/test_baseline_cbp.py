@@ -1,8 +1,9 @@
 """CBP (baselines/cbp.py): the utility and its bias correction by hand, the layouts of both
 scripts (heads, ensemble members, conv channels read by a conv or through the flatten) against the
 authors' formulas, maturity and selection, that replacing a near-constant unit leaves the output
-almost unchanged, that the replaced count matches the replacement rate on average, and end-to-end
-runs of both scripts through a killed stage and a resume."""
+almost unchanged, that the replaced count matches the replacement rate on average, that CBP is not
+plain SAC (its replacements, and ages that count each network's own optimizer steps), and
+end-to-end runs of both scripts through a killed stage and a resume."""
 
 import dataclasses
 import json
@@ -264,6 +265,47 @@ def test_state_round_trip():
                 expected = int(((step - a.created) > 3).sum())
                 assert a.eligible(step, 3) == b.eligible(step, 3) == expected
     assert other.logs() == method.logs()
+
+
+# --------------------------------------------------------------------------------------------
+# Not plain SAC
+# --------------------------------------------------------------------------------------------
+def test_cbp_is_not_plain_sac(side_by_side):
+    """CBP and plain SAC from the same weights on the same batches (CBP acts at every step, not at
+    task switches). Until the units mature (mt = 20 steps) CBP only keeps statistics: both learners
+    stay bit-identical. Then units of low utility are replaced, which SAC never does: a replaced
+    critic unit has exactly zero outgoing weights where plain SAC's has not, and fresh incoming
+    weights far from plain SAC's. Ages count each network's own optimizer steps: after 101 updates
+    on the Meta-World schedule, 101 critic steps and 102 actor steps (2 every 2nd update)."""
+    learner, method = metaworld_learner(cbp_maturity_threshold=20, cbp_replacement_rate=0.05)
+    plain = learner.plain_copy()
+    batches = [metaworld_batch(seed=seed) for seed in range(101)]
+
+    def parameters(each):
+        return [p.detach().clone() for net in (each.actor, each.qf) for p in net.parameters()]
+
+    side_by_side(learner, plain, batches[:20])
+    assert all(map(torch.equal, parameters(learner), parameters(plain))) and sum(method.replaced.values()) == 0
+    index = 20
+    while method.replaced["qf1"] + method.replaced["qf2"] == 0:  # about 0.4 replacements per step and layer
+        side_by_side(learner, plain, batches[index : index + 1], start=index)
+        index += 1
+    names, plain_params = {p: n for n, p in learner.qf.named_parameters()}, dict(plain.qf.named_parameters())
+    checked = 0
+    for name in ("qf1", "qf2"):
+        for units in method.units[name]:
+            new = torch.nonzero(units.created == method.steps[name])[:, 0]  # replaced at this very step
+            for consumer in units.layer.consumers if len(new) else ():
+                assert outgoing(consumer, consumer.weight, units.num_units)[new].abs().sum() == 0
+                assert outgoing(consumer, plain_params[names[consumer.weight]], units.num_units)[new].abs().min() > 0
+            hidden = units.layer.hidden
+            fresh, plain_rows = (neuron_slices(w, hidden.member, hidden.neuron_dim)[new]
+                                 for w in (hidden.weight, plain_params[names[hidden.weight]]))
+            assert len(new) == 0 or (fresh - plain_rows).abs().max() > 0.01
+            checked += len(new)
+    assert checked > 0
+    side_by_side(learner, plain, batches[index:], start=index)
+    assert method.steps == {"actor": 102, "qf1": 101, "qf2": 101}
 
 
 # --------------------------------------------------------------------------------------------

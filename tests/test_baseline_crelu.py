@@ -1,6 +1,7 @@
 """CReLU (baselines/crelu.py): the activation doubles the width and sends each sign of its input to
 one half (BASELINES.md), the hook builds both scripts' networks with the hand-computed parameter
-counts in both width modes, and both scripts train, switch tasks and resume with it."""
+counts in both width modes, CReLU is not plain SAC (a unit that ReLU leaves dead still represents
+and learns), and both scripts train, switch tasks and resume with it."""
 
 import os
 from dataclasses import replace
@@ -126,6 +127,39 @@ def test_atari_parameter_counts(mode):
     # the conv layers keep ReLU; CReLU only after the fully connected layers
     activations = [m for m in actor.trunk if not isinstance(m, (nn.Conv2d, nn.Linear, nn.Flatten))]
     assert [type(m) for m in activations] == [nn.ReLU] * 3 + [nn.ReLU if mode == "relu" else CReLU] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# Not plain SAC: the architecture differs, so the representational property is compared
+# --------------------------------------------------------------------------------------------
+def test_crelu_is_not_plain_sac():
+    """Plain SAC and CReLU learners built from the same seed share their first actor layer (39 -> 8
+    in both; CReLU doubles only what the next layer reads). With unit 0 of that layer negative on
+    the whole batch, ReLU outputs exactly the positive halves of CReLU, and unit 0 is dead: plain
+    SAC's update leaves its incoming weights exactly where they are (no gradient, Adam's step is
+    0). CReLU passes -x through its second half, so the same unit carries the input and learns."""
+    obs = torch.randn(8, OBS, generator=torch.Generator().manual_seed(0))
+    batch = (obs, torch.rand(8, ACT) * 2 - 1, torch.randn(8, 1), obs + 0.1, torch.zeros(8, 1))
+    features, moved = {}, {}
+    for name in ("sac", "crelu"):
+        torch.manual_seed(0)
+        args = mw.Args(method=name, hidden=[8, 8], batch_size=8, cuda=False)
+        method = make_method(args)
+        learner = mw.SACLearner(OBS, ACT, -np.ones(ACT), np.ones(ACT), args, torch.device("cpu"), method=method)
+        method.setup(learner)
+        first = learner.actor.trunk[0]
+        with torch.no_grad():
+            first.bias[0] = -100.0  # unit 0: a pre-activation of about -100 for every sample
+            features[name] = learner.actor.trunk[1](first(obs))
+        before = first.weight[0].detach().clone()
+        torch.manual_seed(1)
+        learner.update(batch, True, True)
+        moved[name] = (first.weight[0].detach() - before).abs().max()
+    relu, crelu = features["sac"], features["crelu"]
+    assert relu.shape == (8, 8) and crelu.shape == (8, 16)
+    assert torch.equal(crelu[:, :8], relu)  # the positive halves are ReLU's features
+    assert torch.all(relu[:, 0] == 0) and torch.all(crelu[:, 8] > 50)  # dead under ReLU, carried by CReLU
+    assert moved["sac"] == 0 and moved["crelu"] > 1e-5
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def build_pair(compile=False):
     torch.manual_seed(0)
     args = mw.Args(hidden=HIDDEN, batch_size=BATCH)
     fast = mw.SACLearner(39, 4, -np.ones(4), np.ones(4), args, "cpu", compile=compile)
-    ref = CleanRLSAC(39, 4, HIDDEN, "cpu", q_lr=args.q_lr, policy_lr=args.policy_lr)
+    # the scripts start alpha at 0.2 (paper Table 6), CleanRL at 1.0: the reference is given the scripts' value
+    ref = CleanRLSAC(39, 4, HIDDEN, "cpu", q_lr=args.q_lr, policy_lr=args.policy_lr, alpha=args.alpha)
 
     # same weights: the ensemble stores member m's Linear weight transposed, as [in, out]
     with torch.no_grad():

@@ -112,6 +112,7 @@ def test_hooks_run_at_their_points(script, tiny, tmp_path, monkeypatch):
     ({"method": "ewc", "compile": True}, "--compile and --cudagraphs support --method nbsp and sac"),
     ({"method": "cbp", "cbp_replacement_rate": 1.5}, "--cbp-replacement-rate must be in [0, 1]"),
     ({"method": "ancl", "ancl_a": -0.1}, "--ancl-a must be in [0, 1]"),
+    ({"method": "npc", "npc_decay": 1.0}, "--npc-decay must be in [0, 1)"),
     ({"method": "cotasp", "cotasp_prompt_steps": 0}, "--cotasp-prompt-steps must be a positive integer"),
     ({"method": "bogus"}, "--method must be one of nbsp, sac, ewc"),
 ])
