@@ -771,6 +771,18 @@ def test_dpre_rate_of_critic_and_actor(tmp_path):
     assert len(dpre_batches) == 100  # an actor step due on Dpre at a critic Dpre step reuses its batch
 
 
+def test_selected_dead_neurons_are_announced(tmp_path, capsys):
+    # a constant window (one rollout episode, see below): Eq. 3 scores every dead unit 1.0, so the
+    # selection falls on units that carry no signal; the run says so on the console and in metrics.json
+    metrics, *_ = small_run(tmp_path, cycles=1)
+    selection = metrics["stages"][0]["selection"]
+    assert all(selection[name]["selected_dead"] > 0 for name in NETWORKS)
+    err = capsys.readouterr().err
+    expected = ", ".join(f"{selection[name]['selected_dead']} of {SKILL} ({name})" for name in NETWORKS)
+    assert f"stage 1 (reach): selected skill neurons constant over the window: {expected}; Eq. 3" in err
+    assert "--goal-score balanced gives it 0.5" in err
+
+
 def test_balanced_score_on_a_constant_window_gives_no_neuron_a_hard_freeze(tmp_path):
     # 150 steps: no episode ends, so one post-stage rollout episode (announced): its success, and with one
     # episode its return too, is constant. Eq. 3 would give every dead unit 1.0 (mask 0); balanced gives 0.5.
