@@ -525,18 +525,20 @@ class MaskedOptimizer:
     def set_masks(self, masks: dict):
         self.params, self.masks = list(masks), list(masks.values())
         self.snapshot = [p.detach().clone() for p in self.params]
+        for buffer in self.snapshot:  # updated in place by a CUDA graph (--cudagraphs)
+            torch._dynamo.mark_static_address(buffer)
 
     def zero_grad(self):
-        self.optimizer.zero_grad()
+        sn.zero_grad_(self.optimizer)
 
     def step(self):
         if self.target == "grad":
             sn.mask_gradients_(self.params, self.masks)
-            self.optimizer.step()
+            sn.adam_step_(self.optimizer)
             return
         if self.params:
             torch._foreach_copy_(self.snapshot, [p.detach() for p in self.params])
-        self.optimizer.step()
+        sn.adam_step_(self.optimizer)
         sn.mask_update_(self.params, self.snapshot, self.masks)
 
 
@@ -546,8 +548,9 @@ class SACLearner:
 
     Fast where it is exact: both critics in one batched module, no critic weight gradients in
     the actor loss, foreach target update, no host synchronisation (losses stay tensors).
-    `compile` wraps the critic and actor steps in torch.compile; `cudagraphs` also replays them
-    as CUDA graphs (mode "reduce-overhead")."""
+    `compile` turns the whole update (critic step, actor and temperature steps, masked Adam
+    steps, target update) into one torch.compile graph without graph breaks; `cudagraphs` also
+    replays that graph as a CUDA graph (mode "reduce-overhead", capturable Adam)."""
 
     discrete = False
 
@@ -566,11 +569,14 @@ class SACLearner:
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
-        if compile or cudagraphs:
+        self.compiled = compile or cudagraphs
+        if self.compiled:
             torch._inductor.config.fallback_random = True  # the eager random stream: compiled updates stay exact
+            torch._dynamo.config.trace_autograd_ops = True  # backward() inside the graph instead of a graph break
+            torch._dynamo.mark_static_address(self.log_alpha)  # updated in place by a CUDA graph (--cudagraphs)
             mode = "reduce-overhead" if cudagraphs else None
-            self.critic_step = torch.compile(self.critic_step, mode=mode)
-            self.actor_step = torch.compile(self.actor_step, mode=mode)
+            self.update_step = torch.compile(self.update_step, mode=mode)
+            self.act = torch.compile(self.act, mode=mode)  # acting runs every env step: worth its own small graph
 
     def critic_step(self, obs, actions, rewards, next_obs, dones, update_target: bool):
         with torch.no_grad():
@@ -609,20 +615,33 @@ class SACLearner:
             with torch.no_grad():
                 _, log_pi, _ = self.actor.get_action(obs)
             alpha_loss = (-self.log_alpha.exp() * (log_pi + self.target_entropy)).mean()
-            self.a_optimizer.zero_grad()
+            sn.zero_grad_(self.a_optimizer)
             alpha_loss.backward()
-            self.a_optimizer.step()
+            sn.adam_step_(self.a_optimizer)
             logs["alpha_loss"] = alpha_loss.detach()
         return logs
+
+    @torch.no_grad()
+    def act(self, obs):
+        """The training loop's action for a batch of observations, drawn from the policy."""
+        return self.actor.get_action(obs)[0]
 
     def update(self, data, update_policy: bool, update_target: bool, actor_obs=None) -> dict:
         """One critic step; with `update_policy`, `policy_frequency` actor (and alpha) steps, on
         the critic's observations or, one per step, on `actor_obs` (Dpre's own schedule)."""
-        obs, actions, rewards, next_obs, dones = data
+        if update_policy:  # one stacked tensor: the same graph whichever batches alias each other
+            actor_obs = torch.stack(actor_obs if actor_obs is not None else [data[0]] * self.args.policy_frequency)
+        if self.compiled:  # gradients and Adam's lazily created state, made before the graph reads them
+            for optimizer in (self.q_optimizer.optimizer, self.actor_optimizer.optimizer, self.a_optimizer):
+                sn.prepare_graph_optimizer_(optimizer)
+        return self.update_step(*data, update_target, actor_obs if update_policy else None)
+
+    def update_step(self, obs, actions, rewards, next_obs, dones, update_target: bool, actor_obs):
+        """The whole update; under `compile`, one graph per (policy update or not, target update or not)."""
         logs = self.critic_step(obs, actions, rewards, next_obs, dones, update_target)
-        if update_policy:
+        if actor_obs is not None:
             for k in range(self.args.policy_frequency):  # compensate for the delay by doing 'policy_frequency' updates
-                logs |= self.actor_step(obs if actor_obs is None else actor_obs[k])
+                logs |= self.actor_step(actor_obs[k])
         logs["alpha"] = self.log_alpha.detach().exp()[0]
         return logs
 
@@ -939,8 +958,7 @@ def main(args: Args) -> dict:
             if step < args.learning_starts:
                 action = env.action_space.sample()
             else:
-                with torch.no_grad():
-                    action = actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0].cpu().numpy()
+                action = sac.act(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
             episode_success |= bool(info["success"])
             rb.add(obs, action, reward, next_obs, terminated, episode_id)  # Meta-World never terminates: truncation still bootstraps

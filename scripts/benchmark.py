@@ -1,7 +1,8 @@
 # Speed of the project's SAC update against the fixed CleanRL-style reference, on one machine,
 # from one process and the same inputs: updates/s at paper size and over widths x batches, the
 # fraction of the machine's dense matmul throughput the update reaches, end-to-end env steps/s
-# and peak memory of the training script, and (GPU) concurrent runs on one card.
+# and peak memory of the training script (with --compile: also the eager script and the compile
+# warm-up), and (GPU) concurrent runs on one card.
 #
 #   python scripts/benchmark.py                     # CPU, a few minutes on 2 cores
 #   python scripts/benchmark.py --device cuda --compile --cudagraphs
@@ -74,6 +75,8 @@ class Args:
     """Meta-World task of the end-to-end runs"""
     e2e_hidden: list[int] = field(default_factory=lambda: list(PAPER_HIDDEN))
     """hidden widths of the end-to-end runs"""
+    e2e_batch: int = PAPER_BATCH
+    """batch size of the end-to-end runs (the `mini` sweep preset: --e2e-hidden 64 64 --e2e-batch 64)"""
     e2e_learning_starts: int = 300
     """random-action steps before learning starts in the end-to-end runs"""
     e2e_steps: int = 500
@@ -122,7 +125,7 @@ def resolve(args: Args) -> Args:
         fail("--cudagraphs needs a CUDA device")
     if cuda and not torch.cuda.is_available():
         fail(f"--device {args.device} needs a CUDA device; none is available")
-    for name in ("rounds", "buffer_rows", "table_rounds", "e2e_learning_starts", "atari_rounds"):
+    for name in ("rounds", "buffer_rows", "table_rounds", "e2e_learning_starts", "e2e_batch", "atari_rounds"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     for name in ("updates_per_block", "warmup", "matmul_size", "ref_loop_steps", "atari_updates_per_block"):
@@ -311,12 +314,17 @@ def synchronizer(device):
 
 
 def interleaved(reference, project, updates, rounds, warmup, sync, between=None):
-    """Warm up both, then `rounds` of (reference block, project block); updates/s per block."""
+    """Warm up both, then `rounds` of (reference block, project block); updates/s per block, and
+    the seconds of the project's warm-up updates (with --compile: the compilation)."""
+    warmup_seconds = 0.0
     for _ in range(warmup):
         reference.step()
+        sync()
+        start = time.perf_counter()
         project.step()
-    sync()
-    rates = {"reference": [], "project": []}
+        sync()
+        warmup_seconds += time.perf_counter() - start
+    rates = {"reference": [], "project": [], "warmup_seconds": warmup_seconds}
     for _ in range(rounds):
         for name, path in (("reference", reference), ("project", project)):
             start = time.perf_counter()
@@ -384,16 +392,16 @@ print("BENCHMARK_MEMORY " + json.dumps({{"max_rss_kb": resource.getrusage(resour
 """
 
 
-def training_args(args: Args, runs_dir, exp_name, seed) -> list[str]:
+def training_args(args: Args, runs_dir, exp_name, seed, compiled) -> list[str]:
     cli = ["--tasks", args.e2e_task, "--cycles", "1", "--seed", str(seed),
            "--learning-starts", str(args.e2e_learning_starts),
            "--steps-per-task", str(args.e2e_learning_starts + args.e2e_steps),
-           "--hidden", *map(str, args.e2e_hidden), "--batch-size", str(PAPER_BATCH),
+           "--hidden", *map(str, args.e2e_hidden), "--batch-size", str(args.e2e_batch),
            "--eval-every", "0", "--eval-episodes", "1", "--identify-episodes", "1", "--early-stop-success", "0",
            "--buffer-size", "10000", "--runs-dir", runs_dir, "--exp-name", exp_name]
     if not args.device.startswith("cuda"):
         cli.append("--no-cuda")
-    return cli + ["--compile"] * args.compile + ["--cudagraphs"] * args.cudagraphs
+    return cli + ["--compile"] * compiled + ["--cudagraphs"] * (compiled and args.cudagraphs)
 
 
 def steady_sps(run_dir) -> list[float]:
@@ -406,8 +414,9 @@ def steady_sps(run_dir) -> list[float]:
     return [event.value for event in events.Scalars("charts/SPS")][1:]
 
 
-def training_runs(args: Args, count: int, threads: int | None) -> list[dict]:
-    """Start `count` training runs at once (seeds 1..count); their steady SPS and peak memory."""
+def training_runs(args: Args, count: int, threads: int | None, compiled: bool) -> list[dict]:
+    """Start `count` training runs at once (seeds 1..count), compiled (--compile, --cudagraphs as
+    asked) or eager; their steady SPS, peak memory and the stage's wall seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)
         if threads is not None:
@@ -420,7 +429,7 @@ def training_runs(args: Args, count: int, threads: int | None) -> list[dict]:
         for k in range(count):
             runs_dir = os.path.join(tmp, f"runs{k}")
             log = open(os.path.join(tmp, f"log{k}.txt"), "w+")
-            cli = training_args(args, runs_dir, "benchmark", seed=k + 1)
+            cli = training_args(args, runs_dir, "benchmark", seed=k + 1, compiled=compiled)
             child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=ROOT), *cli], cwd=ROOT, env=env,
                                      stdout=log, stderr=subprocess.STDOUT)
             children.append((child, log, runs_dir))
@@ -437,7 +446,9 @@ def training_runs(args: Args, count: int, threads: int | None) -> list[dict]:
             memory = json.loads(output.rsplit("BENCHMARK_MEMORY ", 1)[1].splitlines()[0])
             (run_name,) = os.listdir(runs_dir)
             sps = steady_sps(os.path.join(runs_dir, run_name))
-            results.append({"sps": statistics.median(sps), "logs": len(sps), **memory})
+            with open(os.path.join(runs_dir, run_name, "metrics.json")) as f:
+                wall = json.load(f)["stages"][0]["wall_seconds"]
+            results.append({"sps": statistics.median(sps), "logs": len(sps), "wall_seconds": wall, **memory})
         return results
 
 
@@ -531,9 +542,9 @@ def main(args: Args) -> None:
         scaled = device.type == "cpu"
         print(f"\nupdates/s by size (3 hidden layers), median of {args.table_rounds} interleaved rounds per cell"
               f"{'; updates per block scaled by FLOPs (CPU)' if scaled else ''}; dense matmul sampled between each "
-              f"cell's rounds:")
+              f"cell's rounds; warm-up: seconds of the project's {args.warmup} untimed updates ({mode}):")
         print(f"{'width':>6} {'batch':>6} {'upd/block':>9} {'CleanRL-style':>13} {'project':>9} {'ratio':>6} "
-              f"{'GFLOP/upd':>9} {'matmul GFLOP/s':>14} {'% matmul':>8}")
+              f"{'GFLOP/upd':>9} {'matmul GFLOP/s':>14} {'% matmul':>8} {'warm-up s':>9}")
         paper_flops = flops["project"]
         for width in args.widths:
             for batch in args.batches:
@@ -541,7 +552,7 @@ def main(args: Args) -> None:
                 cell_flops = update_flops(hidden, batch)["project"]
                 if hidden == PAPER_HIDDEN and batch == PAPER_BATCH:
                     ref_rate, proj_rate, updates = paper_ref, paper_proj, args.updates_per_block
-                    cell_matmul = matmul_flops
+                    cell_matmul, warmup_seconds = matmul_flops, rates["warmup_seconds"]
                 else:
                     updates = args.updates_per_block
                     if scaled:
@@ -556,10 +567,10 @@ def main(args: Args) -> None:
                                        between=lambda: times.append(matmul_seconds(args.matmul_size, device, sync)))
                     del reference, project
                     ref_rate, proj_rate = statistics.median(cell["reference"]), statistics.median(cell["project"])
-                    cell_matmul = 2.0 * args.matmul_size**3 / statistics.median(times)
+                    cell_matmul, warmup_seconds = 2.0 * args.matmul_size**3 / statistics.median(times), cell["warmup_seconds"]
                 print(f"{width:>6} {batch:>6} {updates:>9} {ref_rate:>13.2f} {proj_rate:>9.2f} {proj_rate / ref_rate:>5.2f}x "
-                      f"{cell_flops / 1e9:>9.3f} {cell_matmul / 1e9:>14.1f} {cell_flops * proj_rate / cell_matmul:>8.1%}",
-                      flush=True)
+                      f"{cell_flops / 1e9:>9.3f} {cell_matmul / 1e9:>14.1f} {cell_flops * proj_rate / cell_matmul:>8.1%} "
+                      f"{warmup_seconds:>9.1f}", flush=True)
 
     # the Atari update (paper Table 6, Atari column)
     if args.atari:
@@ -589,14 +600,17 @@ def main(args: Args) -> None:
 
     # end to end
     if args.e2e:
-        size = f"hidden {' '.join(map(str, args.e2e_hidden))}, batch {PAPER_BATCH}"
+        size = f"hidden {' '.join(map(str, args.e2e_hidden))}, batch {args.e2e_batch}"
         print(f"\nend to end ({args.e2e_task}, {size}; {args.e2e_learning_starts} random steps, then "
               f"{args.e2e_steps} steps with an update each):", flush=True)
-        loop = ReferenceLoop(args.e2e_task, args.e2e_hidden, PAPER_BATCH, device, args.seed)
+        loop = ReferenceLoop(args.e2e_task, args.e2e_hidden, args.e2e_batch, device, args.seed)
         loop.run(max(2, args.warmup))
         first = args.ref_loop_steps // 2
         seconds = loop.run(first)
-        (run,) = training_runs(args, 1, threads=None)
+        compiled = args.compile or args.cudagraphs
+        (run,) = training_runs(args, 1, threads=None, compiled=compiled)
+        if compiled:
+            (eager,) = training_runs(args, 1, threads=None, compiled=False)
         seconds += loop.run(args.ref_loop_steps - first)
         ref_sps = args.ref_loop_steps / seconds
         memory = f"peak RSS {run['max_rss_kb'] / 1024:.0f} MiB"
@@ -607,12 +621,18 @@ def main(args: Args) -> None:
         print(f"  CleanRL-style loop (this process, {args.ref_loop_steps} steps, half before and half after): "
               f"{ref_sps:.1f} env steps/s")
         print(f"  env steps/s project / CleanRL-style: {run['sps'] / ref_sps:.2f}x")
+        if compiled:
+            # each run's wall time less its updating steps at the steady rate: the rest is equal
+            # in both (random steps, final evaluation) except the compilation
+            steady = [r["wall_seconds"] - args.e2e_steps / r["sps"] for r in (run, eager)]
+            print(f"  project eager (same script without --compile, after the {mode} run): {eager['sps']:.1f} env steps/s; "
+                  f"{mode} / eager: {run['sps'] / eager['sps']:.2f}x; compile warm-up about {steady[0] - steady[1]:.0f} s")
 
     # concurrent runs on one device (a seed sweep)
     if args.concurrent:
         print(f"\nconcurrent training runs on one {device_name} ({cores} cores shared):", flush=True)
         for count in args.concurrent:
-            runs = training_runs(args, count, threads=max(1, cores // count))
+            runs = training_runs(args, count, threads=max(1, cores // count), compiled=args.compile or args.cudagraphs)
             per_run = " ".join(f"{run['sps']:.1f}" for run in runs)
             print(f"  {count} run{'s' if count > 1 else ''} (OMP_NUM_THREADS={max(1, cores // count)}): "
                   f"env steps/s per run {per_run}, aggregate {sum(run['sps'] for run in runs):.1f}", flush=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import nbsp_sac_atari as atari
 import skill_neurons as sn
@@ -306,10 +307,15 @@ def cleanrl_update(nets, optimizers, log_alpha, masks, data, args, update_target
     return {"qf1_loss": qf1_loss, "qf2_loss": qf2_loss, "actor_loss": actor_loss, "alpha_loss": alpha_loss}
 
 
-def test_update_equals_cleanrl_sac_atari_with_masks_and_dpre():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
+def test_update_equals_cleanrl_sac_atari_with_masks_and_dpre(compile):
+    """Also under --compile: the whole update one graph without graph breaks (one graph with the
+    target copy, one without), equal to float32 rounding."""
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     args = atari.Args(conv_channels=[4, 8, 8], hidden=[16, 12], batch_size=8)
-    sac = atari.SACLearner(18, args, torch.device("cpu"))
+    sac = atari.SACLearner(18, args, torch.device("cpu"), compile=compile)
     nets = [copy.deepcopy(n) for n in (sac.actor, sac.qf1, sac.qf2, sac.qf1_target, sac.qf2_target)]
     log_alpha = sac.log_alpha.detach().clone().requires_grad_(True)
     optimizers = (torch.optim.Adam(list(nets[1].parameters()) + list(nets[2].parameters()), lr=args.q_lr, eps=1e-4),
@@ -347,7 +353,9 @@ def test_update_equals_cleanrl_sac_atari_with_masks_and_dpre():
     for fast_net, reference_net in zip((sac.actor, sac.qf1, sac.qf2, sac.qf1_target, sac.qf2_target), nets):
         for (name, p), q in zip(fast_net.named_parameters(), reference_net.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
-    torch.testing.assert_close(sac.log_alpha, log_alpha)
+    torch.testing.assert_close(sac.log_alpha, log_alpha, rtol=1e-4, atol=1e-5)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == (2 if compile else 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -472,6 +480,19 @@ def tiny_run(tmp_path_factory):
     runs_dir = str(tmp_path_factory.mktemp("runs"))
     metrics = atari.main(atari.Args(runs_dir=runs_dir, **TINY))
     return metrics, os.path.join(runs_dir, metrics["run_name"])
+
+
+def test_compile_run_has_no_graph_breaks_with_masks_and_dpre(tmp_path):
+    """--compile over two stages, masks and Dpre on in the second: no graph break anywhere. Graphs:
+    acting, the update with and without the target copy, and those two once more when the masks
+    are installed."""
+    torch._dynamo.reset()
+    counters.clear()
+    metrics = atari.main(atari.Args(**{**TINY, "games": ["Pong"], "eval_every": 0}, compile=True,
+                                    runs_dir=str(tmp_path / "runs")))
+    assert metrics["complete"] and len(metrics["stages"]) == 2
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 5
 
 
 def test_end_to_end_metrics(tiny_run):

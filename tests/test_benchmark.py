@@ -17,7 +17,7 @@ def test_benchmark_quick_runs_and_reports():
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"update speedup vs CleanRL-style at paper size: \d+\.\d\dx \(cpu\)", lines[-1]), lines[-1]
     out = result.stdout
-    assert re.search(r"^\s*width\s+batch\s+upd/block\s+CleanRL-style\s+project\s+ratio\s+GFLOP/upd\s+matmul GFLOP/s\s+% matmul", out, re.M), out
+    assert re.search(r"^\s*width\s+batch\s+upd/block\s+CleanRL-style\s+project\s+ratio\s+GFLOP/upd\s+matmul GFLOP/s\s+% matmul\s+warm-up s$", out, re.M), out
     assert len(re.findall(r"^\s+(32|64)\s+(16|64)\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out, re.M)) == 4, out
     assert re.search(r"^dense matmul throughput: [\d.]+ GFLOP/s", out, re.M), out
     assert re.search(r"^matmul fraction at paper size: project [\d.]+ GFLOP/update .* = [\d.]+% of dense matmul", out, re.M), out
@@ -41,3 +41,11 @@ def test_unknown_method_stops_before_any_measurement():
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip().startswith("error: unknown --methods bogus; valid: nbsp sac ewc")
+
+
+def test_bad_e2e_batch_stops_before_any_measurement():
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--e2e-batch", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip() == "error: --e2e-batch must be a positive integer, got 0"

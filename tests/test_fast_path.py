@@ -2,7 +2,8 @@
 
 Both paths start from the same weights, see the same batches (every 10th from Dpre) and the
 same random draws; the reference applies the masks to each parameter in a plain loop. Over 60
-updates losses and parameters agree to float32 rounding (rtol 1e-4, atol 1e-5).
+updates losses and parameters agree to float32 rounding (rtol 1e-4, atol 1e-5). The same holds
+for --compile, whose update is one graph (Adam's bias corrections in float32 tensors there).
 """
 
 import os
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import nbsp_sac_metaworld as mw
 import skill_neurons as sn
@@ -144,15 +146,41 @@ def test_comparison_detects_a_wrong_mask():
         assert_same_learning(fast, ref, history)
 
 
-def test_compiled_update_equals_eager():
-    """--compile keeps the eager random stream (inductor fallback_random), so it is exact too."""
+@pytest.fixture(scope="module")
+def compiled_run():
+    """60 compiled and 60 eager updates side by side; the compiled side's graph counters."""
+    torch._dynamo.reset()
+    counters.clear()
     eager, ref, _ = build_pair()
     compiled, ref_for_compiled, _ = build_pair(compile=True)
     history_eager = run_side_by_side(eager, ref)
     history_compiled = run_side_by_side(compiled, ref_for_compiled)
+    graphs = {"breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"]}
+    return eager, compiled, history_eager, history_compiled, graphs
+
+
+def test_compiled_update_equals_eager(compiled_run):
+    """--compile keeps the eager random stream (inductor fallback_random); the whole update is one
+    graph, Adam included, so it agrees to float32 rounding (rtol 1e-4, atol 1e-5)."""
+    eager, compiled, history_eager, history_compiled, _ = compiled_run
     for (e, _), (c, _) in zip(history_eager, history_compiled, strict=True):
         for key in e:
             assert c[key].item() == pytest.approx(e[key].item(), rel=RTOL, abs=ATOL)
     for module in ("actor", "qf", "qf_target"):
         for p_e, p_c in zip(getattr(eager, module).parameters(), getattr(compiled, module).parameters()):
             torch.testing.assert_close(p_c, p_e, rtol=RTOL, atol=ATOL)
+    for opt_e, opt_c in ((eager.q_optimizer.optimizer, compiled.q_optimizer.optimizer), (eager.a_optimizer, compiled.a_optimizer)):
+        for s_e, s_c in zip(opt_e.state_dict()["state"].values(), opt_c.state_dict()["state"].values(), strict=True):
+            assert s_c.keys() == s_e.keys() and s_c["step"] == s_e["step"]  # Adam's own state: checkpoints load either way
+            torch.testing.assert_close(s_c["exp_avg_sq"], s_e["exp_avg_sq"], rtol=RTOL, atol=ATOL)
+
+
+def test_compiled_update_is_one_graph_without_breaks(compiled_run):
+    """The hot path has no graph break: one graph with actor steps, one without (target update
+    every step), and no new graph when the actor's batches come from Dpre (`actor_obs`)."""
+    _, compiled, _, _, graphs = compiled_run
+    assert graphs == {"breaks": 0, "graphs": 2}
+    batch = torch.randn(BATCH, 2 * 39 + 4 + 2).split([39, 4, 1, 39, 1], dim=1)  # as ReplayBuffer.sample
+    compiled.update(batch, update_policy=True, update_target=True, actor_obs=[batch[0], torch.randn(BATCH, 39)])
+    compiled.update(batch, update_policy=True, update_target=True, actor_obs=[torch.randn(BATCH, 39)] * 2)
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 2

@@ -18,6 +18,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils.tensorboard import SummaryWriter
 
 import nbsp_sac_metaworld as mw
@@ -767,7 +768,8 @@ def test_dpre_rate_of_critic_and_actor(tmp_path):
     # what the updates really consumed in stage 2 (the last 1000 actor steps)
     dpre_batches = [obs for from_dpre, obs in samples if from_dpre]
     assert len(actor_obs) == 2000
-    assert sum(any(obs is batch for batch in dpre_batches) for obs in actor_obs[1000:]) == 100
+    # by value: the learner stacks an update's actor batches into one tensor
+    assert sum(any(torch.equal(obs, batch) for batch in dpre_batches) for obs in actor_obs[1000:]) == 100
     assert len(dpre_batches) == 100  # an actor step due on Dpre at a critic Dpre step reuses its batch
 
 
@@ -1064,6 +1066,18 @@ def test_policy_frequency_sets_actor_updates(monkeypatch):
     learner.update(buffer.sample(4), update_policy=True, update_target=True)
     learner.update(buffer.sample(4), update_policy=False, update_target=True)
     assert len(calls) == 3  # three actor steps when the policy is updated, none otherwise
+
+
+def test_compile_run_has_no_graph_breaks_with_masks_and_dpre(tmp_path):
+    """--compile over two stages, masks and Dpre (critic and actor batches) on in the second: no
+    graph break anywhere. Graphs: acting, the update with and without actor steps, and those two
+    once more when the masks are installed (then never again)."""
+    torch._dynamo.reset()
+    counters.clear()
+    metrics = main(Args(**SMALL_ARGS, compile=True, runs_dir=str(tmp_path / "runs")))
+    assert metrics["complete"] and metrics["stages"][1]["actor_dpre_updates"] > 0
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 5
 
 
 def test_cudagraphs_without_cuda_stops_with_one_line(tmp_path, capsys):

@@ -511,3 +511,32 @@ def test_adam_undoes_gradient_masking_but_not_update_masking(warmup, masked_step
         # right after the mask appears, gradient masking does shrink the step (transient)
         first = grad[warmup : warmup + 10].abs().sum() / plain[warmup : warmup + 10].abs().sum()
         assert first.item() < 0.7
+
+
+def test_compiled_adam_step_equals_torch_adam():
+    """`adam_step_` under torch.compile (no graph break) is torch.optim.Adam's step, on Adam's own
+    state, to float32 rounding; eager, it is Adam.step itself."""
+    torch.manual_seed(0)
+    nets = [nn.Linear(5, 3), nn.Linear(5, 3)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    optimizers = [torch.optim.Adam(net.parameters(), lr=1e-2, eps=1e-4, foreach=True) for net in nets]
+    x = torch.randn(8, 5)
+
+    def step(net, optimizer):
+        loss = net(x).pow(2).mean()
+        sn.zero_grad_(optimizer)  # after the forward, as in the learners (see zero_grad_)
+        loss.backward()
+        sn.adam_step_(optimizer)
+
+    torch._dynamo.reset()
+    torch._dynamo.config.trace_autograd_ops = True
+    compiled = torch.compile(step, fullgraph=True)  # fullgraph: a graph break is an error
+    for _ in range(5):
+        step(nets[0], optimizers[0])
+        sn.prepare_graph_optimizer_(optimizers[1])
+        compiled(nets[1], optimizers[1])
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    for state, compiled_state in zip(optimizers[0].state.values(), optimizers[1].state.values()):
+        assert state.keys() == compiled_state.keys() and compiled_state["step"] == state["step"] == 5
+        torch.testing.assert_close(compiled_state["exp_avg_sq"], state["exp_avg_sq"])
