@@ -669,6 +669,8 @@ def test_end_to_end_goal_identification_on_finished_games(tmp_path):
     (dict(games=["Breakout"]), "--game-scores Breakout=RANDOM,HUMAN"),
     (dict(game_scores=["Breakout=31.8,1.7"]), "the human score must exceed the random score"),
     (dict(skill_ratio=0.0), "--skill-ratio must be in (0, 1]"),
+    (dict(goal_score="bogus"), "--goal-score must be one of paper, balanced"),
+    (dict(identify_window="bogus"), "--identify-window must be one of training, rollout"),
     (dict(conv_channels=[32, 64]), "--conv-channels needs three"),
     (dict(eval_steps=0), "--eval-steps must be a positive integer"),
     (dict(cudagraphs=True), "--cudagraphs needs a CUDA device"),

@@ -941,6 +941,7 @@ def expect_one_line_error(capsys, call):
     ({"mask_alpha": -0.1}, "mask-alpha"),
     ({"mask_alpha": 1.1}, "mask-alpha"),
     ({"steps_per_task": 0}, "steps-per-task"),
+    ({"identify_max_steps": 0}, "identify-max-steps"),
 ])
 def test_bad_input_stops_with_one_line(overrides, named, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -950,7 +951,7 @@ def test_bad_input_stops_with_one_line(overrides, named, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("overrides", [{"identify": "bogus"}, {"apply_to": "bogus"}, {"mask_target": "bogus"},
-                                       {"mask_combine": "bogus"}])
+                                       {"mask_combine": "bogus"}, {"identify_window": "bogus"}, {"goal_score": "bogus"}])
 def test_bad_choice_through_python_api_stops_with_one_line(overrides, tmp_path, capsys, monkeypatch):
     # tyro rejects these on the command line; main(Args(...)) must reject them too, before any work
     monkeypatch.chdir(tmp_path)

@@ -106,6 +106,8 @@ def test_hooks_run_at_their_points(script, tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides, named", [
     ({"method": "sac", "hard_mask": True}, "--hard-mask applies to --method nbsp, not sac"),
     ({"method": "ewc", "skill_ratio": 0.1}, "--skill-ratio applies to --method nbsp, not ewc"),
+    ({"method": "sac", "goal_score": "balanced"}, "--goal-score applies to --method nbsp, not sac"),
+    ({"method": "cbp", "identify_window": "rollout"}, "--identify-window applies to --method nbsp, not cbp"),
     ({"method": "nbsp", "ewc_lambda": 1.0}, "--ewc-lambda applies to --method ewc, not nbsp"),
     ({"method": "cbp", "fisher_batches": 3}, "--fisher-batches applies to --method ewc or ancl, not cbp"),
     ({"method": "npc", "cbp_decay": 0.5}, "--cbp-decay applies to --method cbp, not npc"),
