@@ -773,6 +773,12 @@ def test_dpre_rate_of_critic_and_actor(tmp_path):
     assert len(dpre_batches) == 100  # an actor step due on Dpre at a critic Dpre step reuses its batch
 
 
+def test_identify_max_steps_subsamples_the_window(tmp_path):
+    # the window (one 500-step rollout episode, see below) is cut to 100 evenly spaced steps
+    metrics, *_ = small_run(tmp_path, cycles=1, identify_max_steps=100)
+    assert metrics["stages"][0]["identify_episodes"] == 1 and metrics["stages"][0]["identify_steps"] == 100
+
+
 def test_selected_dead_neurons_are_announced(tmp_path, capsys):
     # a constant window (one rollout episode, see below): Eq. 3 scores every dead unit 1.0, so the
     # selection falls on units that carry no signal; the run says so on the console and in metrics.json
