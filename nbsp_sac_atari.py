@@ -2,16 +2,12 @@
 # discrete SAC in the form of CleanRL's sac_atari.py, trained on a cycling game sequence
 # (Pong -> Bowling -> Pong -> Bowling), with goal-oriented RL skill neurons (conv channels and
 # fully connected units), the adaptive mask of Eq. 7 and the replay buffer Dpre.
-# Read top to bottom: Args, environments, networks, replay, NBSP pieces, main loop.
-import contextlib
-import io
-import json
+# Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
+# identification, the main loop (`# ALGO LOGIC` marks the algorithm).
 import os
-import random
-import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from typing import Literal
 
@@ -22,16 +18,20 @@ import torch
 import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import baselines
+import protocol
 import skill_neurons as sn
-from baselines import METHODS, Consumer, Method, NeuronLayer, make_method
+from baselines.method import Method
+from protocol import fail
+from skill_neurons import Consumer, NeuronLayer
 
 gym.register_envs(ale_py)
 
 
+@baselines.with_method_flags  # then every baseline's own flags, declared in its module in baselines/
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -139,43 +139,11 @@ class Args:
     identify_max_steps: int = 100_000
     """cap on the identification window's steps: a longer training window is subsampled evenly; a rollout game cut off by it counts with its return so far"""
 
-    # Baselines (paper Appendix C.1); each module in baselines/ says where its values come from
-    method: Literal["nbsp", "sac", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi"] = "nbsp"
+    # Baselines (paper Appendix C.1); each module in baselines/ declares its flags and says where their values come from
+    method: Literal[baselines.METHOD_NAMES] = "nbsp"
     """continual-learning method: NBSP, plain SAC fine-tuning (sac), or one of the paper's baselines"""
-    ewc_lambda: float = 1e4
-    """ewc: weight lambda of the penalty lambda * sum F (theta - theta*)^2"""
-    fisher_batches: int = 10
-    """ewc, ancl: batches (of --batch-size) from the finished task's buffer that estimate the Fisher"""
-    fisher_critic: bool = False
-    """ewc, ancl: also regularise the critics (Continual World's SAC: actor only)"""
-    npc_decay: float = 0.99
-    """npc: moving-average factor d, in [0, 1), of the current task's per-layer-normalised importance, T <- d T + (1 - d) c / mean(c), restarted every stage; at a task switch C <- max(C, T / mean(T)), kept for the rest of the run"""
-    npc_scale: float = 1.0
-    """npc: a neuron's step is scaled by 1 / (1 + npc_scale * C), C its consolidated importance to the finished tasks (1 during the first task)"""
-    ancl_lambda: float = 1e4
-    """ancl: weight lambda of the old-task (EWC) penalty"""
-    ancl_aux_lambda: float = 10.0
-    """ancl: weight lambda_a of the auxiliary-network penalty (0: exactly EWC)"""
-    ancl_a: float = 0.5
-    """ancl: Fisher merge at a task switch, F_old <- a F_old + (1 - a) F_new"""
-    cotasp_lambda: float = 1e-3
-    """cotasp: lasso weight of the sparse prompt code"""
-    cotasp_weight_steps: int = 990
-    """cotasp: actor weight updates of each alternation round"""
-    cotasp_prompt_steps: int = 10
-    """cotasp: prompt updates of each alternation round"""
-    crelu_halve_width: bool = False
-    """crelu: halve each fully connected hidden layer's pre-activation width (as many features as ReLU, about half its parameters) instead of keeping it (next fan-in doubles, about twice the parameters)"""
-    cbp_replacement_rate: float = 1e-4
-    """cbp: fraction of mature units of a layer replaced after each optimizer step"""
-    cbp_maturity_threshold: int = 10_000
-    """cbp: optimizer steps a unit must age before it can be replaced"""
-    cbp_decay: float = 0.99
-    """cbp: moving-average factor eta of the utility"""
 
 
-
-RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs"}
 GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
                     if env_id.startswith("ALE/") and env_id.endswith("-v5"))
 # Paper Table 7 (random and human scores of Mnih et al. 2015, as printed in the paper: Alien's
@@ -183,23 +151,6 @@ GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
 PAPER_SCORES = {"Alien": (227.5, 6875.0), "BankHeist": (14.2, 734.4), "Bowling": (23.1, 154.8), "Pong": (-20.7, 9.3)}
 FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
 CONV_OUT = 7  # spatial size after the convolutions: 84 -> 20 -> 9 -> 7
-NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "identify_window", "goal_score", "apply_to", "skill_ratio",
-              "mask_alpha", "mask_target", "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes",
-              "identify_max_steps"]
-
-
-def method_of_flag(name: str) -> tuple[str, ...]:
-    """Methods that read a method-specific flag ("fisher_*" is shared by ewc and ancl); () for general flags."""
-    if name in NBSP_FLAGS:
-        return ("nbsp",)
-    prefix = name.split("_")[0]
-    return ("ewc", "ancl") if prefix == "fisher" else (prefix,) if prefix in METHODS and name != "method" else ()
-
-
-def fail(message: str) -> None:
-    """Bad input: one line on stderr, non-zero exit, nothing written."""
-    print("error: " + " ".join(message.split()), file=sys.stderr)
-    sys.exit(2)
 
 
 def canonical_game(name: str) -> str | None:
@@ -227,6 +178,7 @@ def parse_game_scores(entries: list[str]) -> dict[str, tuple[float, float]]:
 
 
 def validate(args: Args) -> None:
+    """Bad input stops here, before anything is written."""
     if not args.games:
         fail(f"--games needs at least one game; valid ALE games: {' '.join(GAME_NAMES)}")
     for game in args.games:
@@ -238,88 +190,14 @@ def validate(args: Args) -> None:
         if game not in scores:
             fail(f"no random/human scores to normalize {game!r}: the paper's Table 7 has {' '.join(PAPER_SCORES)}; "
                  f"give them with --game-scores {game}=RANDOM,HUMAN (e.g. from Mnih et al. 2015, Extended Data Table 2)")
-    positive = ["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_steps", "eval_envs",
-                "identify_episodes", "identify_max_steps", "replay_interval", "dpre_per_task",
-                "update_frequency", "target_network_frequency"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_every"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if len(args.conv_channels) != 3 or min(args.conv_channels) <= 0:
         fail(f"--conv-channels needs three positive channel counts, got {args.conv_channels}")
-    if not args.hidden or min(args.hidden) <= 0:
-        fail(f"--hidden needs one or more positive widths, got {args.hidden}")
-    if not 0.0 < args.skill_ratio <= 1.0:
-        fail(f"--skill-ratio must be in (0, 1], got {args.skill_ratio}")
-    if not 0.0 <= args.mask_alpha <= 1.0:
-        fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
     if not 0.0 < args.target_entropy_scale <= 1.0:
         fail(f"--target-entropy-scale must be in (0, 1], got {args.target_entropy_scale}")
-    for name in ["identify", "identify_window", "goal_score", "apply_to", "mask_target", "mask_combine", "method"]:
-        valid = Args.__annotations__[name].__args__
-        if getattr(args, name) not in valid:
-            fail(f"--{name.replace('_', '-')} must be one of {', '.join(valid)}; got {getattr(args, name)!r}")
-    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
-        fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
-    validate_method_flags(args)
-
-
-def validate_method_flags(args) -> None:
-    """A flag of another method would be silently ignored: refuse it, and check the method's own values."""
-    defaults = type(args)()
-    for f in fields(args):
-        owners = method_of_flag(f.name)
-        if owners and args.method not in owners and getattr(args, f.name) != getattr(defaults, f.name):
-            fail(f"--{f.name.replace('_', '-')} applies to --method {' or '.join(owners)}, not {args.method}")
-    for name in ["ewc_lambda", "ancl_lambda", "ancl_aux_lambda", "cotasp_lambda", "npc_scale"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["ancl_a", "cbp_replacement_rate"]:
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if not 0.0 <= args.cbp_decay < 1.0:  # the bias correction divides by 1 - decay**age
-        fail(f"--cbp-decay must be in [0, 1), got {args.cbp_decay}")
-    if not 0.0 <= args.npc_decay < 1.0:  # at 1 the task's average would never move from 0
-        fail(f"--npc-decay must be in [0, 1), got {args.npc_decay}")
-    for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.crelu_halve_width and any(width % 2 for width in args.hidden):
-        fail(f"--crelu-halve-width needs even --hidden widths, got {args.hidden}")
-    if args.cbp_maturity_threshold < 0:
-        fail(f"--cbp-maturity-threshold must be >= 0, got {args.cbp_maturity_threshold}")
-    if args.method not in ("nbsp", "sac") and (args.compile or args.cudagraphs):
-        fail(f"--compile and --cudagraphs support --method nbsp and sac; {args.method}'s hooks run eagerly")
-
-
-
-def load_resume(args: Args) -> tuple[Args, str, dict]:
-    """Config and latest checkpoint of a run folder; stops with one line if either is unusable."""
-    run_dir = args.resume.rstrip("/")
-    changed = [f.name for f in fields(Args) if f.name not in RESUME_OVERRIDABLE
-               and getattr(args, f.name) != getattr(Args(), f.name)]
-    if changed:
-        fail(f"--resume continues with the run's own config.json; drop {', '.join('--' + c.replace('_', '-') for c in changed)}")
-    config_path, checkpoint_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isdir(run_dir):
-        fail(f"resume folder {run_dir!r} does not exist; give a run folder such as runs/<run_name>")
-    if not os.path.isfile(checkpoint_path):
-        fail(f"resume folder {run_dir!r} has no checkpoint.pt; it needs config.json and checkpoint.pt from a finished stage")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        saved = Args(**{k: v for k, v in config["args"].items() if k not in RESUME_OVERRIDABLE})
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if checkpoint["run_name"] != config["run_name"]:
-            raise ValueError("checkpoint belongs to another run")
-    except Exception as e:  # any unreadable file is a corrupt folder
-        fail(f"resume folder {run_dir!r} is corrupt ({type(e).__name__}: {e}); it needs readable config.json and checkpoint.pt")
-    for name in RESUME_OVERRIDABLE - {"resume"}:
-        setattr(saved, name, getattr(args, name))
-    saved.resume = run_dir
-    return saved, config["run_name"], checkpoint
+    protocol.check_args(args, positive=["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_steps", "eval_envs",
+                                        "identify_episodes", "identify_max_steps", "replay_interval", "dpre_per_task",
+                                        "update_frequency", "target_network_frequency"],
+                        non_negative=["learning_starts", "eval_every"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -752,36 +630,8 @@ class ReplayBuffer:
 
 
 # ------------------------------------------------------------------------------------------
-# NBSP pieces: masked optimizer steps, identification, metrics
+# SAC, with NBSP's masked optimizer steps and the hooks of the baselines
 # ------------------------------------------------------------------------------------------
-class MaskedOptimizer:
-    """An optimizer whose step on masked parameters is scaled by the mask (Alg. 2, lines 13-14):
-    p <- p_old + mask * (p_adam - p_old); with target "grad", the gradient is masked instead."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, target: str):
-        self.optimizer, self.target = optimizer, target
-        self.params, self.masks, self.snapshot = [], [], []
-
-    def set_masks(self, masks: dict):
-        self.params, self.masks = list(masks), list(masks.values())
-        self.snapshot = [p.detach().clone() for p in self.params]
-        for buffer in self.snapshot:  # updated in place by a CUDA graph (--cudagraphs)
-            torch._dynamo.mark_static_address(buffer)
-
-    def zero_grad(self):
-        sn.zero_grad_(self.optimizer)
-
-    def step(self):
-        if self.target == "grad":
-            sn.mask_gradients_(self.params, self.masks)
-            sn.adam_step_(self.optimizer)
-            return
-        if self.params:
-            torch._foreach_copy_(self.snapshot, [p.detach() for p in self.params])
-        sn.adam_step_(self.optimizer)
-        sn.mask_update_(self.params, self.snapshot, self.masks)
-
-
 class SACLearner:
     """Discrete SAC (CleanRL's sac_atari.py: critics give Q for every action, the losses take
     expectations over actions; Adam eps 1e-4) with NBSP's masked optimizer steps.
@@ -803,8 +653,8 @@ class SACLearner:
         self.qf2_target.load_state_dict(self.qf2.state_dict())
         self.adam = dict(eps=1e-4, capturable=cudagraphs, foreach=True)  # eps=1e-4 increases numerical stability (CleanRL)
         q_params = list(self.qf1.parameters()) + list(self.qf2.parameters())
-        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(q_params, lr=args.q_lr, **self.adam), args.mask_target)
-        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
+        self.q_optimizer = sn.MaskedOptimizer(torch.optim.Adam(q_params, lr=args.q_lr, **self.adam), args.mask_target)
+        self.actor_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
         self.target_entropy = -args.target_entropy_scale * float(np.log(1.0 / num_actions))
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
@@ -953,51 +803,119 @@ def normalized_score(raw_return: float, scores: tuple[float, float]) -> float:
     return (raw_return - random_score) / (human_score - random_score)
 
 
-def continual_metrics(sr):
-    """AR, FM, FWT (paper Eq. 9-11, 13) of the lower-triangular matrix sr[i][j] over its rows."""
-    H = len(sr)
-    ar = sum(sum(sr[i][: i + 1]) / (i + 1) for i in range(H)) / H
-    fwt = sum(sr[i][i] for i in range(H)) / H
-    fm = None
-    if H > 1:
-        fm = sum(
-            sum(max(sr[l][j] - sr[i][j] for l in range(j, i)) for j in range(i)) / i for i in range(1, H)
-        ) / (H - 1)
-    return {"AR": ar, "FM": fm, "FWT": fwt}
+# ------------------------------------------------------------------------------------------
+# NBSP pieces: the identification window and skill-neuron identification (Alg. 1)
+# ------------------------------------------------------------------------------------------
+def stochastic_policy(actor, seed, device):
+    """The training policy, sampling from its own generator: evaluation and identification
+    leave the training run's random streams untouched."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return lambda obs: actor.get_action(obs, generator)[0]
 
 
-def write_metrics(run_dir, run_name, stage_tasks, sr, task_success, task_return, stages):
-    H = len(stage_tasks)
-    metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": len(sr) == H,
-               "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
-               **continual_metrics(sr), "task_success": task_success, "task_return": task_return, "stages": stages}
-    atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    return metrics
+def probe_networks(sac, masked, obs, actor=True):
+    """Forward the masked networks on `obs` (their activations are being recorded); the critics'
+    hidden activations depend on the observation only: the Q head gives every action's value."""
+    if actor and "actor" in masked:
+        sac.actor(obs)
+    for name in ("qf1", "qf2"):
+        if name in masked:
+            getattr(sac, name)(obs)
 
 
-def atomic_write_json(path, data):
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
+def training_window(sac, masked, rb, games, args, device):
+    """The stage's own last `identify_episodes` policy games, taken from D (Alg. 1 runs over
+    training steps), widened backwards while their return is constant; the networks are run
+    on the stored observations as they go. None if no policy game finished in the stage."""
+    policy = [g for g in games if g["policy"]]
+    if not policy:
+        return None
+    window, _, widened = sn.identification_window(policy, args.identify_episodes, ("return",))
+    index, tags = rb.episode_index([g["id"] for g in window])
+    rows = np.arange(len(tags))
+    if len(rows) > args.identify_max_steps:  # evenly spaced rows keep every game of a wide window
+        rows = np.linspace(0, len(rows) - 1, args.identify_max_steps).astype(np.int64)
+    index, tags = index[torch.from_numpy(rows).to(device)], tags[rows]
+    with torch.no_grad():
+        for chunk in range(0, len(index), 1024):
+            probe_networks(sac, masked, rb.observations(index[chunk : chunk + 1024]))
+    by_id = {g["id"]: g["return"] for g in window}
+    return {"goal": torch.tensor([by_id[tag] for tag in tags], dtype=torch.float32), "episodes": len(window),
+            "widened": widened, "mean_return": float(np.mean(list(by_id.values())))}
 
 
-def atomic_torch_save(path, data):
-    torch.save(data, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def rollout_window(sac, masked, envs, args, stage_seed, device):
+    """`identify_episodes` games of the stochastic policy after the stage (training wrappers);
+    the actor's activations are those of the calls that pick the actions."""
+    window = rollout(envs, stochastic_policy(sac.actor, stage_seed, device), stage_seed, device,
+                     args.identify_max_steps, max_games=args.identify_episodes,
+                     probe=lambda obs: probe_networks(sac, masked, obs, actor=False))
+    return {"goal": torch.as_tensor(window["return"][window["game"]], dtype=torch.float32),
+            "episodes": len(window["return"]), "widened": False, "mean_return": float(window["return"].mean()),
+            "unfinished": int((~window["finished"]).sum())}
 
 
-def seed_everything(seed, deterministic):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
+def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, games, identify_envs, args, label, stage_seed, device):
+    """Alg. 1 after a stage: record the masked networks' hidden activations over the window (the
+    goal metric of a step: the raw return of the full game it belongs to), score the neurons
+    against it, select the top skill_ratio of each network, and turn the selection into Eq. 7
+    masks combined with the earlier stages' (`masks.update`), which the optimizers then apply
+    (`masks.install`). Returns the stage's record and the selections."""
+    window_kind, fallback = args.identify_window, None
+    layers = [layer for name in masks.masked for layer in masks.networks[name]]
+    with sn.ActivationRecorder(layers) as recorder:
+        window = training_window(sac, masks.masked, rb, games, args, device) if window_kind == "training" else None
+        if window is None:
+            if window_kind == "training":
+                window_kind, fallback = "rollout", "no policy game finished in the stage"
+                print(f"{label}: no game played by the policy finished in this stage; "
+                      f"identifying on {args.identify_episodes} post-stage games instead", file=sys.stderr)
+            window = rollout_window(sac, masks.masked, identify_envs, args, stage_seed, device)
+    activations = sn.split_recorded([a.cpu() for a in recorder.activations()], masks.networks, masks.masked)
+    goal = window["goal"]
+    record = {"identify_window": window_kind, "identify_fallback": fallback, "identify_episodes": window["episodes"],
+              "identify_steps": len(goal), "identify_widened": window["widened"], "goal_metric": "return",
+              "identify_mean_return": window["mean_return"], "identify_unfinished_games": window.get("unfinished", 0),
+              "goal_constant": sn.goal_is_constant(goal)}
+    print(f"{label} identification: {window_kind} window, {record['identify_episodes']} games"
+          f"{' (widened)' if record['identify_widened'] else ''}, {record['identify_steps']} steps, "
+          f"mean return {record['identify_mean_return']:g}")
+    if record["goal_constant"]:
+        print(f"warning: {label}: the goal metric is constant ({goal[0]:g}) over the identification window, so "
+              "skill-neuron scores carry no goal information", file=sys.stderr)
+
+    # ALGO LOGIC: goal scores -> top skill_ratio -> Eq. 7 masks
+    generator = torch.Generator().manual_seed(stage_seed)
+    found = {name: sn.identify_network(masks.networks[name], args.identify, activations[name], goal, args.skill_ratio,
+                                       args.goal_score, generator) for name in masks.masked}
+    record |= masks.update(found, activations)
+    masks.install()
+    return record, found
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation and the main loop
+# ------------------------------------------------------------------------------------------
+def evaluate_all(eval_envs, actor, method, normalization, args, device):
+    """Raw and normalized (Eq. 12) return of every game of the run: the mean over the games
+    finished within --eval-steps (if none finished, the unfinished games' returns so far), and
+    the number of finished games."""
+    returns, normalized, finished = {}, {}, {}
+    for game, envs in eval_envs.items():
+        with method.acting(game):
+            result = rollout(envs, stochastic_policy(actor, args.seed, device), args.seed, device, args.eval_steps)
+        done = result["return"][result["finished"]]
+        returns[game] = float(done.mean() if len(done) else result["return"].mean())
+        normalized[game] = normalized_score(returns[game], normalization[game])
+        finished[game] = len(done)
+    return returns, normalized, finished
 
 
 def main(args: Args) -> dict:
     validate(args)
     checkpoint = None
     if args.resume:
-        args, run_name, checkpoint = load_resume(args)
+        args, run_name, checkpoint = protocol.load_resume(args)
     else:
         run_name = f"{'+'.join(args.games)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
@@ -1015,8 +933,9 @@ def main(args: Args) -> dict:
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
     if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
         print(f"{run_dir}: all {H} stages are finished; nothing to resume")
-        return write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], checkpoint["task_success"],
-                             checkpoint["task_return"], checkpoint["stages"])
+        return protocol.write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], "AR",
+                                      task_success=checkpoint["task_success"], task_return=checkpoint["task_return"],
+                                      stages=checkpoint["stages"])
 
     os.makedirs(run_dir, exist_ok=True)
     if args.track:
@@ -1028,48 +947,37 @@ def main(args: Args) -> dict:
     writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        atomic_write_json(os.path.join(run_dir, "config.json"), {
+        protocol.atomic_write_json(os.path.join(run_dir, "config.json"), {
             "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
             "normalization": {game: normalization[game] for game in unique_games},
             "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}})
 
     # one fixed pool of env copies per game: evaluation (full games, raw rewards) and
     # identification (training wrappers, so the states are those the agent trains on)
-    eval_envs = {game: [make_env(game, args.seed + 10_000 + i, False, args.sticky_actions) for i in range(args.eval_envs)]
+    eval_envs = {game: [make_env(game, args.seed + protocol.EVAL_SEED_OFFSET + i, False, args.sticky_actions) for i in range(args.eval_envs)]
                  for game in unique_games}
     identify_envs = {game: [make_env(game, args.seed + 20_000 + i, True, args.sticky_actions)
                             for i in range(min(args.eval_envs, args.identify_episodes) if use_mask else 0)]
                      for game in unique_games}
     num_actions = int(eval_envs[unique_games[0]][0].action_space.n)
 
-    seed_everything(args.seed, args.torch_deterministic)
-    method = make_method(args)
+    protocol.seed_everything(args.seed, args.torch_deterministic)
+    method = baselines.make_method(args)
     sac = SACLearner(num_actions, args, device, compile=args.compile, cudagraphs=args.cudagraphs, method=method)
     method.setup(sac)
-    actor = sac.actor
-
-    networks = {"actor": actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()}
-    masked_networks = {"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to]
-    neuron_masks: dict[str, list[torch.Tensor]] = {}
-    last_selected: dict[str, torch.Tensor] = {}
-
+    masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
+        {"actor": sac.actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()},
+        masked={"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to],
+        optimizers=[(sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])],
+        alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, device)
     dpre = ReplayBuffer(args.dpre_per_task * max(H - 1, 1), device)
     sr, stage_records, task_success_rows, task_return_rows = [], [], [], []
     start_stage, global_step = 0, 0
-
-    def install_masks():
-        for optimizer, names in ((sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])):
-            names = [name for name in names if name in neuron_masks]
-            optimizer.set_masks(sn.parameter_masks(
-                [layer for name in names for layer in networks[name]],
-                [mask for name in names for mask in neuron_masks[name]]))
-
     if checkpoint is not None:
         method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
         sac.load_state_dict(checkpoint)
-        neuron_masks = {k: [m for m in v] for k, v in checkpoint["neuron_masks"].items()}
-        last_selected = dict(checkpoint["last_selected"])
+        masks.load_state_dict(checkpoint)
         dpre.load_state_dict(checkpoint["dpre"])
         if args.keep_buffer:
             rb.load_state_dict(checkpoint["rb"])
@@ -1077,130 +985,22 @@ def main(args: Args) -> dict:
         task_success_rows, task_return_rows = checkpoint["task_success"], checkpoint["task_return"]
         start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
         if use_mask:  # NBSP masks; a baseline installs its own in setup
-            install_masks()
+            masks.install()
 
-    def stochastic_policy(seed):
-        """The training policy, sampling from its own generator: evaluation and identification
-        leave the training run's random streams untouched."""
-        generator = torch.Generator(device=device).manual_seed(seed)
-        return lambda obs: actor.get_action(obs, generator)[0]
-
-    def evaluate_all(step, eval_seed):
-        returns, normalized = {}, {}
-        for game in unique_games:
-            with method.acting(game):
-                result = rollout(eval_envs[game], stochastic_policy(eval_seed), eval_seed, device, args.eval_steps)
-            done = result["return"][result["finished"]]
-            # mean of the games finished within the budget; if none finished, the unfinished games' returns so far
-            returns[game] = float(done.mean() if len(done) else result["return"].mean())
-            normalized[game] = normalized_score(returns[game], normalization[game])
+    def evaluate(step):
+        returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
+        for game in returns:
             writer.add_scalar(f"eval/{game}/return", returns[game], step)
             writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
-            writer.add_scalar(f"eval/{game}/finished_games", float(len(done)), step)
+            writer.add_scalar(f"eval/{game}/finished_games", float(finished[game]), step)
         return returns, normalized
-
-    def critic_probe(obs):
-        # the critics' hidden activations depend on the observation only: the Q head gives every action's value
-        for name in ("qf1", "qf2"):
-            if name in masked_networks:
-                getattr(sac, name)(obs)
-
-    def training_window(games):
-        """The stage's own last `identify_episodes` policy games, taken from D (Alg. 1 runs over
-        training steps), widened backwards while their return is constant; the networks are run
-        on the stored observations as they go. None if no policy game finished in the stage."""
-        policy = [g for g in games if g["policy"]]
-        if not policy:
-            return None
-        window, _, widened = sn.identification_window(policy, args.identify_episodes, ("return",))
-        index, tags = rb.episode_index([g["id"] for g in window])
-        rows = np.arange(len(tags))
-        if len(rows) > args.identify_max_steps:  # evenly spaced rows keep every game of a wide window
-            rows = np.linspace(0, len(rows) - 1, args.identify_max_steps).astype(np.int64)
-        index, tags = index[torch.from_numpy(rows).to(device)], tags[rows]
-        with torch.no_grad():
-            for chunk in range(0, len(index), 1024):
-                obs = rb.observations(index[chunk : chunk + 1024])
-                if "actor" in masked_networks:
-                    actor(obs)
-                critic_probe(obs)
-        by_id = {g["id"]: g["return"] for g in window}
-        return {"goal": torch.tensor([by_id[tag] for tag in tags], dtype=torch.float32), "episodes": len(window),
-                "widened": widened, "mean_return": float(np.mean(list(by_id.values())))}
-
-    def rollout_window(game, stage_seed):
-        """`identify_episodes` games of the stochastic policy after the stage (training wrappers);
-        the actor's activations are those of the calls that pick the actions."""
-        window = rollout(identify_envs[game], stochastic_policy(stage_seed), stage_seed, device,
-                         args.identify_max_steps, max_games=args.identify_episodes, probe=critic_probe)
-        return {"goal": torch.as_tensor(window["return"][window["game"]], dtype=torch.float32),
-                "episodes": len(window["return"]), "widened": False, "mean_return": float(window["return"].mean()),
-                "unfinished": int((~window["finished"]).sum())}
-
-    def identify_skill_neurons(game, stage, stage_seed, games):
-        """Alg. 1 after a stage: score each masked network's hidden neurons over the window (the
-        goal metric of a step: the raw return of the full game it belongs to), select the top
-        skill_ratio, build Eq. 7 masks and combine them with the earlier stages' masks."""
-        window_kind, fallback = args.identify_window, None
-        layers = [layer for name in masked_networks for layer in networks[name]]
-        with sn.ActivationRecorder(layers) as recorder:
-            window = training_window(games) if window_kind == "training" else None
-            if window is None:
-                if window_kind == "training":
-                    window_kind, fallback = "rollout", "no policy game finished in the stage"
-                    print(f"stage {stage + 1} ({game}): no game played by the policy finished in this stage; "
-                          f"identifying on {args.identify_episodes} post-stage games instead", file=sys.stderr)
-                window = rollout_window(game, stage_seed)
-        recorded = [a.cpu() for a in recorder.activations()]
-        goal = window["goal"]
-        record = {"identify_window": window_kind, "identify_fallback": fallback, "identify_episodes": window["episodes"],
-                  "identify_steps": len(goal), "identify_widened": window["widened"], "goal_metric": "return",
-                  "identify_mean_return": window["mean_return"], "identify_unfinished_games": window.get("unfinished", 0),
-                  "goal_constant": sn.goal_is_constant(goal), "skill_neurons": {}, "overlap_with_previous": {},
-                  "selection": {}}
-        print(f"stage {stage + 1} ({game}) identification: {window_kind} window, {record['identify_episodes']} games"
-              f"{' (widened)' if record['identify_widened'] else ''}, {record['identify_steps']} steps, "
-              f"mean return {record['identify_mean_return']:g}")
-        if record["goal_constant"]:
-            print(f"warning: stage {stage + 1} ({game}): the goal metric is constant ({goal[0]:g}) over the "
-                  "identification window, so skill-neuron scores carry no goal information", file=sys.stderr)
-        generator = torch.Generator().manual_seed(stage_seed)
-        for name in masked_networks:
-            activations, recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
-            found = sn.identify_network(networks[name], args.identify, activations, goal, args.skill_ratio,
-                                        args.goal_score, generator)
-            new_mask = sn.neuron_mask(found.scores, found.selected, args.mask_alpha, args.hard_mask)
-            neuron_masks[name] = sn.combine_masks(neuron_masks.get(name), sn.split_by_layer(new_mask, networks[name]),
-                                                  args.mask_combine)
-            stats = sn.selection_stats(activations, found, torch.cat(neuron_masks[name]))
-            record["skill_neurons"][name] = int(found.selected.sum())
-            record["selection"][name] = stats
-            if name in last_selected:
-                record["overlap_with_previous"][name] = int((found.selected & last_selected[name]).sum())
-            last_selected[name] = found.selected
-            writer.add_histogram(f"neurons/{name}/scores", found.goal, global_step)
-            writer.add_histogram(f"neurons/{name}/skill_scores", found.scores[found.selected], global_step)
-            for key, value in stats.items():
-                if value is not None:
-                    writer.add_scalar(f"neurons/{name}/{key}", value, global_step)
-            record.setdefault("scores", {})[name] = found.scores
-        dead = {name: stats["selected_dead"] for name, stats in record["selection"].items() if stats["selected_dead"]}
-        if dead:  # a constant unit carries no goal information: it was picked by the window's class balance
-            print(f"warning: stage {stage + 1} ({game}): selected skill neurons constant over the window: "
-                  + ", ".join(f"{n} of {record['skill_neurons'][name]} ({name})" for name, n in dead.items())
-                  + ("; Eq. 3 scores a constant unit by the share of steps above the goal mean, --goal-score balanced "
-                     "gives it 0.5" if args.goal_score == "paper" else ""), file=sys.stderr)
-        for key in ("goal_constant", "identify_episodes", "identify_steps", "identify_mean_return"):
-            writer.add_scalar(f"neurons/{key}", float(record[key]), global_step)
-        install_masks()
-        return record
 
     progress = tqdm(total=H * args.steps_per_task, initial=sum(r["budget_steps"] for r in stage_records),
                     dynamic_ncols=True, mininterval=1.0, disable=None)
     for stage in range(start_stage, H):
         game = stage_tasks[stage]
         stage_seed = args.seed + 1000 * (stage + 1)
-        seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
+        protocol.seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
         env = make_env(game, stage_seed, True, args.sticky_actions)
         if not args.keep_buffer:
             rb.clear()
@@ -1214,6 +1014,7 @@ def main(args: Args) -> dict:
         sps_step = 0
         for step in range(args.steps_per_task):
             global_step += 1
+            # ALGO LOGIC: act, store the transition in D
             if step < args.learning_starts:
                 action = env.action_space.sample()
             else:
@@ -1233,6 +1034,7 @@ def main(args: Args) -> dict:
                     game_start, game_id = step + 1, global_step + 1
                 obs, _ = env.reset()
 
+            # ALGO LOGIC: one SAC update on a batch of D, or of Dpre every replay_interval-th gradient step
             if step >= args.learning_starts and (step - args.learning_starts) % args.update_frequency == 0:
                 update_index = (step - args.learning_starts) // args.update_frequency
                 from_dpre = use_replay and dpre.size > 0 and update_index % args.replay_interval == 0
@@ -1255,7 +1057,7 @@ def main(args: Args) -> dict:
                 progress.update(100)
 
             if args.eval_every and global_step % args.eval_every == 0:
-                returns, normalized = evaluate_all(global_step, args.seed)
+                returns, normalized = evaluate(global_step)
                 print(f"step {global_step}: eval return " + " ".join(f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items()))
                 sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
         env.close()
@@ -1263,23 +1065,25 @@ def main(args: Args) -> dict:
         progress.update(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every game (row of sr), identify skill neurons, fill Dpre
-        returns, normalized = evaluate_all(global_step, args.seed)
+        returns, normalized = evaluate(global_step)
         task_success_rows.append(normalized)
         task_return_rows.append(returns)
         sr.append([normalized[stage_tasks[j]] for j in range(stage + 1)])
-        metrics_now = continual_metrics(sr)
-        writer.add_scalar("eval/AR", metrics_now["AR"], global_step)
+        writer.add_scalar("eval/AR", protocol.continual_metrics(sr, "AR")["AR"], global_step)
         # one actor step on the critic's batch per update (CleanRL's sac_atari): both follow Dpre's schedule
         record = {"stage": stage + 1, "task": game, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "critic_updates": updates, "critic_dpre_updates": dpre_updates, "actor_updates": updates,
                   "actor_dpre_updates": dpre_updates, "wall_seconds": round(time.time() - stage_start_time, 2)}
+        scores = {}
         if use_mask:
-            neuron_record = identify_skill_neurons(game, stage, stage_seed, stage_games)
-            scores = neuron_record.pop("scores")
+            label = f"stage {stage + 1} ({game})"
+            neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_games, identify_envs[game], args, label,
+                                                          stage_seed, device)
+            protocol.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
+            writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], global_step)
+            scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
-        else:
-            scores = {}
-        if use_replay and stage < H - 1:  # the stage's last transitions played by the policy
+        if use_replay and stage < H - 1:  # Dpre: the stage's last transitions played by the policy
             record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
@@ -1289,16 +1093,17 @@ def main(args: Args) -> dict:
         print(f"stage {stage + 1}/{H} {game}: {stage_steps} steps, {record['wall_seconds']:.0f}s, return "
               + " ".join(f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items()))
 
-        model = {"run_name": run_name, "stage": stage + 1, "task": game, "actor": actor.state_dict(),
-                 "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "neuron_masks": neuron_masks,
-                 "scores": scores, "selected": {k: v for k, v in last_selected.items()}}
+        model = {"run_name": run_name, "stage": stage + 1, "task": game, "actor": sac.actor.state_dict(),
+                 "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "neuron_masks": masks.neuron_masks,
+                 "scores": scores, "selected": dict(masks.last_selected)}
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
-        atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
+        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
+        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
+            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected, "dpre": dpre.state_dict(),
             "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
             "task_success": task_success_rows, "task_return": task_return_rows, "global_step": global_step})
-        metrics = write_metrics(run_dir, run_name, stage_tasks, sr, task_success_rows, task_return_rows, stage_records)
+        metrics = protocol.write_metrics(run_dir, run_name, stage_tasks, sr, "AR", task_success=task_success_rows,
+                                         task_return=task_return_rows, stages=stage_records)
     progress.close()
     writer.close()
     for pool in (eval_envs, identify_envs):
@@ -1312,19 +1117,5 @@ def main(args: Args) -> dict:
     return metrics
 
 
-def parse_args() -> Args:
-    """tyro's command line, with its boxed parse errors folded into one `error:` line."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(Args)
-    except SystemExit as exit:
-        if not exit.code:
-            sys.stderr.write(captured.getvalue())
-            raise
-        lines = [re.sub(r"[│╭╮╰╯─]+", " ", line).strip() for line in captured.getvalue().splitlines()]
-        fail(" ".join(line for line in lines if line and not line.startswith("For full helptext")))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(protocol.parse_args(Args))

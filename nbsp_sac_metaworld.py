@@ -1,17 +1,13 @@
 # NBSP (Neuron-level Balance between Stability and Plasticity, arXiv 2504.08000) on Meta-World:
 # SAC in the form of CleanRL's sac_continuous_action.py, trained on a cycling task sequence
 # (A -> B -> A -> B), with goal-oriented RL skill neurons, the adaptive mask of Eq. 7 and the
-# replay buffer Dpre. Read top to bottom: Args, environments, networks, NBSP pieces, main loop.
-import contextlib
-import io
-import json
+# replay buffer Dpre. Read top to bottom: Args, environments, networks, the replay buffers D and
+# Dpre, SAC, NBSP's identification, the main loop (`# ALGO LOGIC` marks the algorithm).
 import os
-import random
-import re
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from typing import Literal
 
@@ -21,14 +17,18 @@ import numpy as np
 import torch
 import torch._inductor.config
 import torch.nn as nn
-import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import baselines
+import protocol
 import skill_neurons as sn
-from baselines import METHODS, Consumer, Method, NeuronLayer, make_method
+from baselines.method import Method
+from protocol import fail
+from skill_neurons import Consumer, NeuronLayer
 
 
+@baselines.with_method_flags  # then every baseline's own flags, declared in its module in baselines/
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -128,149 +128,29 @@ class Args:
     identify_max_steps: int = 100_000
     """cap on the identification window's steps; a longer window is subsampled evenly"""
 
-    # Baselines (paper Appendix C.1); each module in baselines/ says where its values come from
-    method: Literal["nbsp", "sac", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi"] = "nbsp"
+    # Baselines (paper Appendix C.1); each module in baselines/ declares its flags and says where their values come from
+    method: Literal[baselines.METHOD_NAMES] = "nbsp"
     """continual-learning method: NBSP, plain SAC fine-tuning (sac), or one of the paper's baselines"""
-    ewc_lambda: float = 1e4
-    """ewc: weight lambda of the penalty lambda * sum F (theta - theta*)^2"""
-    fisher_batches: int = 10
-    """ewc, ancl: batches (of --batch-size) from the finished task's buffer that estimate the Fisher"""
-    fisher_critic: bool = False
-    """ewc, ancl: also regularise the critics (Continual World's SAC: actor only)"""
-    npc_decay: float = 0.99
-    """npc: moving-average factor d, in [0, 1), of the current task's per-layer-normalised importance, T <- d T + (1 - d) c / mean(c), restarted every stage; at a task switch C <- max(C, T / mean(T)), kept for the rest of the run"""
-    npc_scale: float = 1.0
-    """npc: a neuron's step is scaled by 1 / (1 + npc_scale * C), C its consolidated importance to the finished tasks (1 during the first task)"""
-    ancl_lambda: float = 1e4
-    """ancl: weight lambda of the old-task (EWC) penalty"""
-    ancl_aux_lambda: float = 10.0
-    """ancl: weight lambda_a of the auxiliary-network penalty (0: exactly EWC)"""
-    ancl_a: float = 0.5
-    """ancl: Fisher merge at a task switch, F_old <- a F_old + (1 - a) F_new"""
-    cotasp_lambda: float = 1e-3
-    """cotasp: lasso weight of the sparse prompt code"""
-    cotasp_weight_steps: int = 990
-    """cotasp: actor weight updates of each alternation round"""
-    cotasp_prompt_steps: int = 10
-    """cotasp: prompt updates of each alternation round"""
-    crelu_halve_width: bool = False
-    """crelu: halve each hidden layer's pre-activation width (as many features as ReLU, about half its parameters) instead of keeping it (next fan-in doubles, about twice the parameters)"""
-    cbp_replacement_rate: float = 1e-4
-    """cbp: fraction of mature units of a layer replaced after each optimizer step"""
-    cbp_maturity_threshold: int = 10_000
-    """cbp: optimizer steps a unit must age before it can be replaced"""
-    cbp_decay: float = 0.99
-    """cbp: moving-average factor eta of the utility"""
 
 
-RESUME_OVERRIDABLE = {"resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs"}
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
 EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
 GOAL_METRICS = ("success", "return")  # the paper's goal metric; the return when a stage has one outcome
-NBSP_FLAGS = ["no_mask", "no_replay", "hard_mask", "identify", "identify_window", "goal_score", "apply_to", "skill_ratio",
-              "mask_alpha", "mask_target", "mask_combine", "replay_interval", "dpre_per_task", "identify_episodes",
-              "identify_max_steps"]
-
-
-def method_of_flag(name: str) -> tuple[str, ...]:
-    """Methods that read a method-specific flag ("fisher_*" is shared by ewc and ancl); () for general flags."""
-    if name in NBSP_FLAGS:
-        return ("nbsp",)
-    prefix = name.split("_")[0]
-    return ("ewc", "ancl") if prefix == "fisher" else (prefix,) if prefix in METHODS and name != "method" else ()
-
-
-def fail(message: str) -> None:
-    """Bad input: one line on stderr, non-zero exit, nothing written."""
-    print("error: " + " ".join(message.split()), file=sys.stderr)
-    sys.exit(2)
 
 
 def validate(args: Args) -> None:
+    """Bad input stops here, before anything is written."""
     if not args.tasks:
         fail(f"--tasks needs at least one task; valid: {' '.join(TASK_NAMES)}")
     for task in args.tasks:
         if task.removesuffix("-v3") not in TASK_NAMES:
             fail(f"unknown task {task!r}; valid Meta-World v3 tasks: {' '.join(TASK_NAMES)}")
-    positive = ["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_episodes",
-                "identify_episodes", "identify_max_steps", "replay_interval", "dpre_per_task", "policy_frequency",
-                "target_network_frequency"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_every"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.hidden or min(args.hidden) <= 0:
-        fail(f"--hidden needs one or more positive widths, got {args.hidden}")
-    if not 0.0 < args.skill_ratio <= 1.0:
-        fail(f"--skill-ratio must be in (0, 1], got {args.skill_ratio}")
-    if not 0.0 <= args.mask_alpha <= 1.0:
-        fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
     if not 0.0 <= args.early_stop_success <= 1.0:
         fail(f"--early-stop-success must be in [0, 1] (0 disables), got {args.early_stop_success}")
-    for name in ["identify", "identify_window", "goal_score", "apply_to", "mask_target", "mask_combine", "method"]:
-        valid = Args.__annotations__[name].__args__
-        if getattr(args, name) not in valid:
-            fail(f"--{name.replace('_', '-')} must be one of {', '.join(valid)}; got {getattr(args, name)!r}")
-    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
-        fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
-    validate_method_flags(args)
-
-
-def validate_method_flags(args) -> None:
-    """A flag of another method would be silently ignored: refuse it, and check the method's own values."""
-    defaults = type(args)()
-    for f in fields(args):
-        owners = method_of_flag(f.name)
-        if owners and args.method not in owners and getattr(args, f.name) != getattr(defaults, f.name):
-            fail(f"--{f.name.replace('_', '-')} applies to --method {' or '.join(owners)}, not {args.method}")
-    for name in ["ewc_lambda", "ancl_lambda", "ancl_aux_lambda", "cotasp_lambda", "npc_scale"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ["ancl_a", "cbp_replacement_rate"]:
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if not 0.0 <= args.cbp_decay < 1.0:  # the bias correction divides by 1 - decay**age
-        fail(f"--cbp-decay must be in [0, 1), got {args.cbp_decay}")
-    if not 0.0 <= args.npc_decay < 1.0:  # at 1 the task's average would never move from 0
-        fail(f"--npc-decay must be in [0, 1), got {args.npc_decay}")
-    for name in ["fisher_batches", "cotasp_weight_steps", "cotasp_prompt_steps"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.crelu_halve_width and any(width % 2 for width in args.hidden):
-        fail(f"--crelu-halve-width needs even --hidden widths, got {args.hidden}")
-    if args.cbp_maturity_threshold < 0:
-        fail(f"--cbp-maturity-threshold must be >= 0, got {args.cbp_maturity_threshold}")
-    if args.method not in ("nbsp", "sac") and (args.compile or args.cudagraphs):
-        fail(f"--compile and --cudagraphs support --method nbsp and sac; {args.method}'s hooks run eagerly")
-
-
-def load_resume(args: Args) -> tuple[Args, str, dict]:
-    """Config and latest checkpoint of a run folder; stops with one line if either is unusable."""
-    run_dir = args.resume.rstrip("/")
-    changed = [f.name for f in fields(Args) if f.name not in RESUME_OVERRIDABLE
-               and getattr(args, f.name) != getattr(Args(), f.name)]
-    if changed:
-        fail(f"--resume continues with the run's own config.json; drop {', '.join('--' + c.replace('_', '-') for c in changed)}")
-    config_path, checkpoint_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isdir(run_dir):
-        fail(f"resume folder {run_dir!r} does not exist; give a run folder such as runs/<run_name>")
-    if not os.path.isfile(checkpoint_path):
-        fail(f"resume folder {run_dir!r} has no checkpoint.pt; it needs config.json and checkpoint.pt from a finished stage")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        saved = Args(**{k: v for k, v in config["args"].items() if k not in RESUME_OVERRIDABLE})
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if checkpoint["run_name"] != config["run_name"]:
-            raise ValueError("checkpoint belongs to another run")
-    except Exception as e:  # any unreadable file is a corrupt folder
-        fail(f"resume folder {run_dir!r} is corrupt ({type(e).__name__}: {e}); it needs readable config.json and checkpoint.pt")
-    for name in RESUME_OVERRIDABLE - {"resume"}:
-        setattr(saved, name, getattr(args, name))
-    saved.resume = run_dir
-    return saved, config["run_name"], checkpoint
+    protocol.check_args(args, positive=["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_episodes",
+                                        "identify_episodes", "identify_max_steps", "replay_interval", "dpre_per_task",
+                                        "policy_frequency", "target_network_frequency"],
+                        non_negative=["learning_starts", "eval_every"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -512,36 +392,8 @@ class ReplayBuffer:
 
 
 # ------------------------------------------------------------------------------------------
-# NBSP pieces: masked optimizer steps, identification, metrics
+# SAC, with NBSP's masked optimizer steps and the hooks of the baselines
 # ------------------------------------------------------------------------------------------
-class MaskedOptimizer:
-    """An optimizer whose step on masked parameters is scaled by the mask (Alg. 2, lines 13-14):
-    p <- p_old + mask * (p_adam - p_old); with target "grad", the gradient is masked instead."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, target: str):
-        self.optimizer, self.target = optimizer, target
-        self.params, self.masks, self.snapshot = [], [], []
-
-    def set_masks(self, masks: dict):
-        self.params, self.masks = list(masks), list(masks.values())
-        self.snapshot = [p.detach().clone() for p in self.params]
-        for buffer in self.snapshot:  # updated in place by a CUDA graph (--cudagraphs)
-            torch._dynamo.mark_static_address(buffer)
-
-    def zero_grad(self):
-        sn.zero_grad_(self.optimizer)
-
-    def step(self):
-        if self.target == "grad":
-            sn.mask_gradients_(self.params, self.masks)
-            sn.adam_step_(self.optimizer)
-            return
-        if self.params:
-            torch._foreach_copy_(self.snapshot, [p.detach() for p in self.params])
-        sn.adam_step_(self.optimizer)
-        sn.mask_update_(self.params, self.snapshot, self.masks)
-
-
 class SACLearner:
     """SAC (CleanRL's losses and delayed policy updates) with NBSP's masked optimizer steps and
     the hooks of a baseline `method` (baselines/__init__.py lists them and what they may use).
@@ -564,8 +416,8 @@ class SACLearner:
         self.qf_target = self.new_critic()
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.adam = dict(capturable=cudagraphs, foreach=True)
-        self.q_optimizer = MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam), args.mask_target)
-        self.actor_optimizer = MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
+        self.q_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam), args.mask_target)
+        self.actor_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
@@ -705,51 +557,103 @@ class SACLearner:
         self.a_optimizer.load_state_dict(state["a_optimizer"])
 
 
-def continual_metrics(sr):
-    """ASR, FM, FWT (paper Eq. 9-11) of the lower-triangular matrix sr[i][j] over its rows."""
-    H = len(sr)
-    asr = sum(sum(sr[i][: i + 1]) / (i + 1) for i in range(H)) / H
-    fwt = sum(sr[i][i] for i in range(H)) / H
-    fm = None
-    if H > 1:
-        fm = sum(
-            sum(max(sr[l][j] - sr[i][j] for l in range(j, i)) for j in range(i)) / i for i in range(1, H)
-        ) / (H - 1)
-    return {"ASR": asr, "FM": fm, "FWT": fwt}
+# ------------------------------------------------------------------------------------------
+# NBSP pieces: the identification window and skill-neuron identification (Alg. 1)
+# ------------------------------------------------------------------------------------------
+def window_rows(window, metric, obs, actions, tags):
+    """Per-step goal metric and success of a window's rows, from their episodes' tags."""
+    by_id = {episode["id"]: episode for episode in window}
+    return {"obs": obs, "actions": actions, "goal": torch.tensor([float(by_id[tag][metric]) for tag in tags]),
+            "step_success": np.array([by_id[tag]["success"] for tag in tags], np.float32)}
 
 
-def write_metrics(run_dir, run_name, stage_tasks, sr, task_success, stages):
-    H = len(stage_tasks)
-    metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": len(sr) == H,
-               "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
-               **continual_metrics(sr), "task_success": task_success, "stages": stages}
-    atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    return metrics
+def training_window(rb, episodes, num_episodes):
+    """The stage's own last policy episodes, taken from D (Alg. 1 runs over training steps),
+    widened while the goal metric is constant; None if no policy episode finished in the stage."""
+    policy = [episode for episode in episodes if episode["policy"]]
+    if not policy:
+        return None
+    window, metric, widened = sn.identification_window(policy, num_episodes, GOAL_METRICS)
+    rows = window_rows(window, metric, *rb.episode_rows([episode["id"] for episode in window]))
+    return rows | {"episodes": len(window), "widened": widened, "goal_metric": metric}
 
 
-def atomic_write_json(path, data):
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
+def rollout_window(envs, actor, num_episodes, stage_seed, device):
+    """`num_episodes` episodes of the stochastic policy after the stage."""
+    result = rollout(envs, num_episodes, lambda obs: actor.get_action(obs)[0], stage_seed, device, record=True)
+    episodes = [{"id": i, "success": bool(result["success"][i]), "return": float(result["return"][i])}
+                for i in range(num_episodes)]
+    window, metric, _ = sn.identification_window(episodes, num_episodes, GOAL_METRICS)
+    obs, actions = torch.as_tensor(result["obs"], device=device), torch.as_tensor(result["actions"], device=device)
+    rows = window_rows(window, metric, obs, actions, result["episode"])
+    return rows | {"episodes": len(window), "widened": False, "goal_metric": metric}
 
 
-def atomic_torch_save(path, data):
-    torch.save(data, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, episodes, envs, args, label, stage_seed, device):
+    """Alg. 1 after a stage: record the masked networks' hidden activations over the window,
+    score the neurons against the goal metric, select the top skill_ratio of each network, and
+    turn the selection into Eq. 7 masks combined with the earlier stages' (`masks.update`), which
+    the optimizers then apply (`masks.install`). Returns the stage's record and the selections."""
+    window_kind, fallback = args.identify_window, None
+    window = training_window(rb, episodes, args.identify_episodes) if window_kind == "training" else None
+    if window is None:
+        if window_kind == "training":
+            window_kind, fallback = "rollout", "no policy episode finished in the stage"
+            print(f"{label}: no episode played by the policy finished in this stage; "
+                  f"identifying on {args.identify_episodes} post-stage rollouts instead", file=sys.stderr)
+        window = rollout_window(envs, sac.actor, args.identify_episodes, stage_seed, device)
+    steps = len(window["goal"])
+    rows = torch.arange(steps)
+    if steps > args.identify_max_steps:  # evenly spaced rows keep every episode of a wide window
+        rows = torch.linspace(0, steps - 1, args.identify_max_steps).long()
+    index = rows.to(window["obs"].device)
+    obs, actions, goal = window["obs"][index], window["actions"][index], window["goal"][rows]
+    record = {"identify_window": window_kind, "identify_fallback": fallback,
+              "identify_episodes": window["episodes"], "identify_steps": len(rows), "identify_widened": window["widened"],
+              "goal_metric": window["goal_metric"],
+              "identify_success_share": float(window["step_success"][rows.numpy()].mean()),
+              "goal_constant": sn.goal_is_constant(goal)}
+    print(f"{label} identification: {window_kind} window, {record['identify_episodes']} episodes"
+          f"{' (widened)' if record['identify_widened'] else ''}, {record['identify_steps']} steps, goal metric "
+          f"{record['goal_metric']}, {record['identify_success_share']:.0%} of the steps in successful episodes")
+    if record["goal_constant"]:
+        print(f"warning: {label}: the goal metric is constant ({goal[0]:g}) over the identification window, so "
+              "skill-neuron scores carry no goal information", file=sys.stderr)
+
+    # ALGO LOGIC: activations over the window -> goal scores -> top skill_ratio -> Eq. 7 masks
+    layers = [layer for name in masks.masked for layer in masks.networks[name]]
+    with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
+        for chunk in range(0, len(obs), 8192):
+            if "actor" in masks.masked:
+                sac.actor(obs[chunk : chunk + 8192])
+            if "qf1" in masks.masked:  # critics probed at the executed actions
+                sac.qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
+    activations = sn.split_recorded([a.cpu() for a in recorder.activations()], masks.networks, masks.masked)
+    generator = torch.Generator().manual_seed(stage_seed)
+    found = {name: sn.identify_network(masks.networks[name], args.identify, activations[name], goal, args.skill_ratio,
+                                       args.goal_score, generator) for name in masks.masked}
+    record |= masks.update(found, activations)
+    masks.install()
+    return record, found
 
 
-def seed_everything(seed, deterministic):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
+# ------------------------------------------------------------------------------------------
+# Evaluation and the main loop
+# ------------------------------------------------------------------------------------------
+def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device):
+    """Deterministic success rate of every task of the run, on its fixed goal configurations."""
+    rates = {}
+    for task, envs in rollout_envs.items():
+        with method.acting(task):
+            rates[task] = float(rollout(envs, num_episodes, actor.deterministic_action, eval_seed, device)["success"].mean())
+    return rates
 
 
 def main(args: Args) -> dict:
     validate(args)
     checkpoint = None
     if args.resume:
-        args, run_name, checkpoint = load_resume(args)
+        args, run_name, checkpoint = protocol.load_resume(args)
     else:
         run_name = f"{'+'.join(args.tasks)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
@@ -766,7 +670,8 @@ def main(args: Args) -> dict:
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
     if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
         print(f"{run_dir}: all {H} stages are finished; nothing to resume")
-        return write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], checkpoint["task_success"], checkpoint["stages"])
+        return protocol.write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], "ASR",
+                                      task_success=checkpoint["task_success"], stages=checkpoint["stages"])
 
     os.makedirs(run_dir, exist_ok=True)
     if args.track:
@@ -778,167 +683,56 @@ def main(args: Args) -> dict:
     writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        atomic_write_json(os.path.join(run_dir, "config.json"), {
+        protocol.atomic_write_json(os.path.join(run_dir, "config.json"), {
             "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
             "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
 
     # one fixed pool of env copies per task, for evaluation and identification rollouts
     pool_size = max(args.eval_episodes, args.identify_episodes if use_mask else 0)  # rollout windows (or their fallback)
-    rollout_envs = {task: [make_env(task, args.seed + 10_000 + i) for i in range(pool_size)] for task in unique_tasks}
+    rollout_envs = {task: [make_env(task, args.seed + protocol.EVAL_SEED_OFFSET + i) for i in range(pool_size)]
+                    for task in unique_tasks}
     probe_env = rollout_envs[unique_tasks[0]][0]
     obs_dim = int(np.prod(probe_env.observation_space.shape))
     act_dim = int(np.prod(probe_env.action_space.shape))
 
-    seed_everything(args.seed, args.torch_deterministic)
-    method = make_method(args)
+    protocol.seed_everything(args.seed, args.torch_deterministic)
+    method = baselines.make_method(args)
     sac = SACLearner(obs_dim, act_dim, probe_env.action_space.low, probe_env.action_space.high, args, device,
                      compile=args.compile, cudagraphs=args.cudagraphs, method=method)
     method.setup(sac)
-    actor, qf = sac.actor, sac.qf
-
-    networks = {"actor": actor.hidden_layers(), "qf1": qf.hidden_layers(0), "qf2": qf.hidden_layers(1)}
-    masked_networks = {"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to]
-    neuron_masks: dict[str, list[torch.Tensor]] = {}
-    last_selected: dict[str, torch.Tensor] = {}
-
+    masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
+        {"actor": sac.actor.hidden_layers(), "qf1": sac.qf.hidden_layers(0), "qf2": sac.qf.hidden_layers(1)},
+        masked={"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to],
+        optimizers=[(sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])],
+        alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     dpre = ReplayBuffer(args.dpre_per_task * max(H - 1, 1), obs_dim, act_dim, device)
     sr, stage_records, task_success_rows = [], [], []
     start_stage, global_step = 0, 0
-
-    def install_masks():
-        for optimizer, names in ((sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])):
-            names = [name for name in names if name in neuron_masks]
-            optimizer.set_masks(sn.parameter_masks(
-                [layer for name in names for layer in networks[name]],
-                [mask for name in names for mask in neuron_masks[name]]))
-
     if checkpoint is not None:
         method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
         sac.load_state_dict(checkpoint)
-        neuron_masks = {k: [m for m in v] for k, v in checkpoint["neuron_masks"].items()}
-        last_selected = dict(checkpoint["last_selected"])
+        masks.load_state_dict(checkpoint)
         dpre.load_state_dict(checkpoint["dpre"])
         if args.keep_buffer:
             rb.load_state_dict(checkpoint["rb"])
         sr, stage_records, task_success_rows = checkpoint["sr"], checkpoint["stages"], checkpoint["task_success"]
         start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
         if use_mask:  # NBSP masks; a baseline installs its own in setup
-            install_masks()
+            masks.install()
 
-    def deterministic_action(obs):
-        return actor.deterministic_action(obs)
-
-    def stochastic_action(obs):
-        return actor.get_action(obs)[0]
-
-    def evaluate_all(step, eval_seed):
-        rates = {}
-        for task in unique_tasks:
-            with method.acting(task):
-                rates[task] = float(rollout(rollout_envs[task], args.eval_episodes, deterministic_action, eval_seed, device)["success"].mean())
-            writer.add_scalar(f"eval/{task}/success_rate", rates[task], step)
+    def evaluate(step):
+        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device)
+        for task, rate in rates.items():
+            writer.add_scalar(f"eval/{task}/success_rate", rate, step)
         return rates
-
-    def window_rows(window, metric, obs, actions, tags):
-        """Per-step goal metric and success of a window's rows, from their episodes' tags."""
-        by_id = {episode["id"]: episode for episode in window}
-        return {"obs": obs, "actions": actions, "goal": torch.tensor([float(by_id[tag][metric]) for tag in tags]),
-                "step_success": np.array([by_id[tag]["success"] for tag in tags], np.float32)}
-
-    def training_window(episodes):
-        """The stage's own last policy episodes, taken from D (Alg. 1 runs over training steps);
-        None if no policy episode finished in the stage."""
-        policy = [episode for episode in episodes if episode["policy"]]
-        if not policy:
-            return None
-        window, metric, widened = sn.identification_window(policy, args.identify_episodes, GOAL_METRICS)
-        rows = window_rows(window, metric, *rb.episode_rows([episode["id"] for episode in window]))
-        return rows | {"episodes": len(window), "widened": widened, "goal_metric": metric}
-
-    def rollout_window(task, stage_seed):
-        """`identify_episodes` episodes of the stochastic policy after the stage."""
-        result = rollout(rollout_envs[task], args.identify_episodes, stochastic_action, stage_seed, device, record=True)
-        episodes = [{"id": i, "success": bool(result["success"][i]), "return": float(result["return"][i])}
-                    for i in range(args.identify_episodes)]
-        window, metric, _ = sn.identification_window(episodes, args.identify_episodes, GOAL_METRICS)
-        obs, actions = torch.as_tensor(result["obs"], device=device), torch.as_tensor(result["actions"], device=device)
-        rows = window_rows(window, metric, obs, actions, result["episode"])
-        return rows | {"episodes": len(window), "widened": False, "goal_metric": metric}
-
-    def identify_skill_neurons(task, stage, stage_seed, episodes):
-        """Alg. 1 after a stage: score each masked network's hidden neurons over the window,
-        select the top skill_ratio, build Eq. 7 masks and combine them with earlier stages' masks."""
-        window_kind, fallback = args.identify_window, None
-        window = training_window(episodes) if window_kind == "training" else None
-        if window is None:
-            if window_kind == "training":
-                window_kind, fallback = "rollout", "no policy episode finished in the stage"
-                print(f"stage {stage + 1} ({task}): no episode played by the policy finished in this stage; "
-                      f"identifying on {args.identify_episodes} post-stage rollouts instead", file=sys.stderr)
-            window = rollout_window(task, stage_seed)
-        steps = len(window["goal"])
-        rows = torch.arange(steps)
-        if steps > args.identify_max_steps:  # evenly spaced rows keep every episode of a wide window
-            rows = torch.linspace(0, steps - 1, args.identify_max_steps).long()
-        obs, actions, goal = window["obs"][rows.to(device)], window["actions"][rows.to(device)], window["goal"][rows]
-        record = {"identify_window": window_kind, "identify_fallback": fallback, "identify_episodes": window["episodes"],
-                  "identify_steps": len(rows), "identify_widened": window["widened"], "goal_metric": window["goal_metric"],
-                  "identify_success_share": float(window["step_success"][rows.numpy()].mean()),
-                  "goal_constant": sn.goal_is_constant(goal), "skill_neurons": {}, "overlap_with_previous": {},
-                  "selection": {}}
-        print(f"stage {stage + 1} ({task}) identification: {window_kind} window, {record['identify_episodes']} episodes"
-              f"{' (widened)' if record['identify_widened'] else ''}, {record['identify_steps']} steps, goal metric "
-              f"{record['goal_metric']}, {record['identify_success_share']:.0%} of the steps in successful episodes")
-        if record["goal_constant"]:
-            print(f"warning: stage {stage + 1} ({task}): the goal metric is constant ({goal[0]:g}) over the "
-                  "identification window, so skill-neuron scores carry no goal information", file=sys.stderr)
-        layers = [layer for name in masked_networks for layer in networks[name]]
-        with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
-            for chunk in range(0, len(obs), 8192):
-                if "actor" in masked_networks:
-                    actor(obs[chunk : chunk + 8192])
-                if "qf1" in masked_networks:  # critics probed at the executed actions
-                    qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
-        recorded = [a.cpu() for a in recorder.activations()]
-        generator = torch.Generator().manual_seed(stage_seed)
-        for name in masked_networks:
-            activations, recorded = recorded[: len(networks[name])], recorded[len(networks[name]) :]
-            found = sn.identify_network(networks[name], args.identify, activations, goal, args.skill_ratio,
-                                        args.goal_score, generator)
-            new_mask = sn.neuron_mask(found.scores, found.selected, args.mask_alpha, args.hard_mask)
-            neuron_masks[name] = sn.combine_masks(neuron_masks.get(name), sn.split_by_layer(new_mask, networks[name]),
-                                                  args.mask_combine)
-            stats = sn.selection_stats(activations, found, torch.cat(neuron_masks[name]))
-            record["skill_neurons"][name] = int(found.selected.sum())
-            record["selection"][name] = stats
-            if name in last_selected:
-                record["overlap_with_previous"][name] = int((found.selected & last_selected[name]).sum())
-            last_selected[name] = found.selected
-            writer.add_histogram(f"neurons/{name}/scores", found.goal, global_step)
-            writer.add_histogram(f"neurons/{name}/skill_scores", found.scores[found.selected], global_step)
-            for key, value in stats.items():
-                if value is not None:
-                    writer.add_scalar(f"neurons/{name}/{key}", value, global_step)
-            record.setdefault("scores", {})[name] = found.scores
-        dead = {name: stats["selected_dead"] for name, stats in record["selection"].items() if stats["selected_dead"]}
-        if dead:  # a constant unit carries no goal information: it was picked by the window's class balance
-            print(f"warning: stage {stage + 1} ({task}): selected skill neurons constant over the window: "
-                  + ", ".join(f"{n} of {record['skill_neurons'][name]} ({name})" for name, n in dead.items())
-                  + ("; Eq. 3 scores a constant unit by the share of steps above the goal mean, --goal-score balanced "
-                     "gives it 0.5" if args.goal_score == "paper" else ""), file=sys.stderr)
-        for key in ("goal_constant", "identify_episodes", "identify_steps", "identify_success_share"):
-            writer.add_scalar(f"neurons/{key}", float(record[key]), global_step)
-        writer.add_scalar("neurons/goal_metric_is_return", float(record["goal_metric"] == "return"), global_step)
-        install_masks()
-        return record
 
     progress = tqdm(total=H * args.steps_per_task, initial=sum(r["budget_steps"] for r in stage_records),
                     dynamic_ncols=True, mininterval=1.0, disable=None)
     for stage in range(start_stage, H):
         task = stage_tasks[stage]
         stage_seed = args.seed + 1000 * (stage + 1)
-        seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
+        protocol.seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
         env = make_env(task, stage_seed)
         env.action_space.seed(stage_seed)
         if not args.keep_buffer:
@@ -955,6 +749,7 @@ def main(args: Args) -> dict:
         sps_step = 0
         for step in range(args.steps_per_task):
             global_step += 1
+            # ALGO LOGIC: act, store the transition in D
             if step < args.learning_starts:
                 action = env.action_space.sample()
             else:
@@ -975,6 +770,7 @@ def main(args: Args) -> dict:
                 obs, _ = env.reset()
                 episode_success, episode_start, episode_id = False, step + 1, global_step + 1
 
+            # ALGO LOGIC: one SAC update on a batch of D, or of Dpre every replay_interval-th gradient step
             if step >= args.learning_starts:
                 update_index = step - args.learning_starts
                 replay = use_replay and dpre.size > 0
@@ -1006,7 +802,7 @@ def main(args: Args) -> dict:
                 progress.update(100)
 
             if args.eval_every and global_step % args.eval_every == 0:
-                rates = evaluate_all(global_step, args.seed)
+                rates = evaluate(global_step)
                 print(f"step {global_step}: eval success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
                 sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
 
@@ -1019,20 +815,23 @@ def main(args: Args) -> dict:
         progress.update(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every task (row of sr), identify skill neurons, fill Dpre
-        rates = evaluate_all(global_step, args.seed)
+        rates = evaluate(global_step)
         task_success_rows.append(rates)
         sr.append([rates[stage_tasks[j]] for j in range(stage + 1)])
-        metrics_now = continual_metrics(sr)
-        writer.add_scalar("eval/ASR", metrics_now["ASR"], global_step)
+        writer.add_scalar("eval/ASR", protocol.continual_metrics(sr)["ASR"], global_step)
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "early_stopped": early_stopped, **counts, "wall_seconds": round(time.time() - stage_start_time, 2)}
+        scores = {}
         if use_mask:
-            neuron_record = identify_skill_neurons(task, stage, stage_seed, stage_episodes)
-            scores = neuron_record.pop("scores")
+            label = f"stage {stage + 1} ({task})"
+            neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_episodes, rollout_envs[task], args, label,
+                                                          stage_seed, device)
+            protocol.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
+            writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], global_step)
+            writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), global_step)
+            scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
-        else:
-            scores = {}
-        if use_replay and stage < H - 1:  # the stage's last transitions played by the policy
+        if use_replay and stage < H - 1:  # Dpre: the stage's last transitions played by the policy
             record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
@@ -1042,15 +841,17 @@ def main(args: Args) -> dict:
         print(f"stage {stage + 1}/{H} {task}: {stage_steps} steps{' (early stop)' if early_stopped else ''}, "
               f"{record['wall_seconds']:.0f}s, success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
 
-        model = {"run_name": run_name, "stage": stage + 1, "task": task, "actor": actor.state_dict(), "qf": sac.qf.state_dict(),
-                 "neuron_masks": neuron_masks, "scores": scores, "selected": {k: v for k, v in last_selected.items()}}
+        model = {"run_name": run_name, "stage": stage + 1, "task": task, "actor": sac.actor.state_dict(),
+                 "qf": sac.qf.state_dict(), "neuron_masks": masks.neuron_masks, "scores": scores,
+                 "selected": dict(masks.last_selected)}
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
-        atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": last_selected, "dpre": dpre.state_dict(),
-            "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
-            "task_success": task_success_rows, "global_step": global_step})
-        metrics = write_metrics(run_dir, run_name, stage_tasks, sr, task_success_rows, stage_records)
+        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
+        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
+            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected,
+            "dpre": dpre.state_dict(), "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr,
+            "stages": stage_records, "task_success": task_success_rows, "global_step": global_step})
+        metrics = protocol.write_metrics(run_dir, run_name, stage_tasks, sr, "ASR", task_success=task_success_rows,
+                                         stages=stage_records)
     progress.close()
     writer.close()
     if args.track:
@@ -1060,19 +861,5 @@ def main(args: Args) -> dict:
     return metrics
 
 
-def parse_args() -> Args:
-    """tyro's command line, with its boxed parse errors folded into one `error:` line."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(Args)
-    except SystemExit as exit:
-        if not exit.code:
-            sys.stderr.write(captured.getvalue())
-            raise
-        lines = [re.sub(r"[│╭╮╰╯─]+", " ", line).strip() for line in captured.getvalue().splitlines()]
-        fail(" ".join(line for line in lines if line and not line.startswith("For full helptext")))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(protocol.parse_args(Args))

@@ -57,6 +57,27 @@ class HiddenLayer:
 # --------------------------------------------------------------------------------------------
 # Recording activations
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading a hidden layer's output: the slices of `weight` along `in_dim` (a dimension
+    of the whole tensor; ensembles index their member on dimension 0) are the neurons' outgoing
+    weights; a flattened conv channel feeds `block` consecutive inputs."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    in_dim: int
+    member: int | None = None
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class NeuronLayer:
+    """A hidden layer with the layers that consume its output (what CBP and NPC need)."""
+
+    hidden: HiddenLayer
+    consumers: tuple[Consumer, ...]
+
+
 class ActivationRecorder:
     """Records the activations of hidden layers with forward hooks, as `[T, N]` per layer.
 
@@ -381,3 +402,95 @@ def combine_masks(previous: Iterable[Tensor] | None, new: Sequence[Tensor], rule
     if rule == "min":
         return [torch.minimum(p, n) for p, n in zip(previous, new, strict=True)]
     raise ValueError(f"unknown mask combination {rule!r}; valid: min, latest")
+
+
+class MaskedOptimizer:
+    """An optimizer whose step on masked parameters is scaled by the mask (Alg. 2, lines 13-14):
+    p <- p_old + mask * (p_adam - p_old); with target "grad", the gradient is masked instead."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, target: str):
+        self.optimizer, self.target = optimizer, target
+        self.params, self.masks, self.snapshot = [], [], []
+
+    def set_masks(self, masks: dict):
+        self.params, self.masks = list(masks), list(masks.values())
+        self.snapshot = [p.detach().clone() for p in self.params]
+        for buffer in self.snapshot:  # updated in place by a CUDA graph (--cudagraphs)
+            torch._dynamo.mark_static_address(buffer)
+
+    def zero_grad(self):
+        zero_grad_(self.optimizer)
+
+    def step(self):
+        if self.target == "grad":
+            mask_gradients_(self.params, self.masks)
+            adam_step_(self.optimizer)
+            return
+        if self.params:
+            torch._foreach_copy_(self.snapshot, [p.detach() for p in self.params])
+        adam_step_(self.optimizer)
+        mask_update_(self.params, self.snapshot, self.masks)
+
+
+class SkillNeuronMasks:
+    """NBSP's mask state: for each masked network ("actor", "qf1", "qf2"), the Eq. 7 neuron masks
+    combined over the stages so far and the latest selection; `install` turns them into the
+    parameter masks of the optimizers that step those networks.
+
+    networks: every network's hidden layers; masked: the networks NBSP masks (--apply-to);
+    optimizers: each MaskedOptimizer with the networks whose parameters it steps."""
+
+    def __init__(self, networks: dict[str, list[HiddenLayer]], masked: Sequence[str],
+                 optimizers: Sequence[tuple[MaskedOptimizer, Sequence[str]]], alpha: float, hard: bool, combine: str):
+        self.networks, self.masked, self.optimizers = networks, list(masked), optimizers
+        self.alpha, self.hard, self.combine = alpha, hard, combine
+        self.neuron_masks: dict[str, list[Tensor]] = {}
+        self.last_selected: dict[str, Tensor] = {}
+
+    def update(self, found: dict[str, Identification], activations: dict[str, Sequence[Tensor]]) -> dict:
+        """New Eq. 7 masks from each network's selection, combined with the earlier stages'; returns
+        the stage's record: skill neurons, selection statistics, overlap with the previous selection."""
+        record = {"skill_neurons": {}, "overlap_with_previous": {}, "selection": {}}
+        for name, identified in found.items():
+            new_mask = neuron_mask(identified.scores, identified.selected, self.alpha, self.hard)
+            self.neuron_masks[name] = combine_masks(self.neuron_masks.get(name),
+                                                    split_by_layer(new_mask, self.networks[name]), self.combine)
+            record["skill_neurons"][name] = int(identified.selected.sum())
+            record["selection"][name] = selection_stats(activations[name], identified, torch.cat(self.neuron_masks[name]))
+            if name in self.last_selected:
+                record["overlap_with_previous"][name] = int((identified.selected & self.last_selected[name]).sum())
+            self.last_selected[name] = identified.selected
+        return record
+
+    def install(self) -> None:
+        for optimizer, names in self.optimizers:
+            names = [name for name in names if name in self.neuron_masks]
+            optimizer.set_masks(parameter_masks([layer for name in names for layer in self.networks[name]],
+                                                [mask for name in names for mask in self.neuron_masks[name]]))
+
+    def state_dict(self) -> dict:
+        return {"neuron_masks": self.neuron_masks, "last_selected": self.last_selected}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.neuron_masks = {name: list(masks) for name, masks in state["neuron_masks"].items()}
+        self.last_selected = dict(state["last_selected"])
+
+
+def split_recorded(recorded: Sequence[Tensor], networks: dict[str, list[HiddenLayer]], names: Sequence[str]) -> dict:
+    """An ActivationRecorder's activations of the layers of `names`, in that order, per network."""
+    out, start = {}, 0
+    for name in names:
+        out[name], start = list(recorded[start : start + len(networks[name])]), start + len(networks[name])
+    return out
+
+
+def dead_selection_warning(record: dict, goal_score: str) -> str | None:
+    """A warning when selected skill neurons were constant over the window: such a unit carries no
+    goal information, it was picked by the window's class balance."""
+    dead = {name: stats["selected_dead"] for name, stats in record["selection"].items() if stats["selected_dead"]}
+    if not dead:
+        return None
+    return ("selected skill neurons constant over the window: "
+            + ", ".join(f"{n} of {record['skill_neurons'][name]} ({name})" for name, n in dead.items())
+            + ("; Eq. 3 scores a constant unit by the share of steps above the goal mean, --goal-score balanced "
+               "gives it 0.5" if goal_score == "paper" else ""))

@@ -2,8 +2,12 @@
 
 Every method trains the scripts' own SAC on the same cycling protocol, with the same evaluation,
 logging and checkpoints as NBSP; NBSP's skill-neuron mask and Dpre replay are off for all of them.
-A method is a `Method` subclass overriding some of the hooks below. Both scripts call each hook
-at the same point, so a new method is one new module plus one line in `METHODS`.
+A method is a `Method` subclass (baselines/method.py) that declares its `name`, its table
+`label`, its command-line `flags` (`Flag`: default, help and the check of its value) and
+overrides some of the hooks below. Both scripts call each hook at the same point. This package
+is the one registry of methods: both scripts' `--method` choices and flags, their flag checks,
+scripts/sweep.py, scripts/tables.py and the tests read it. A new method is one new module plus
+its name in `BASELINE_MODULES`.
 
 Network construction
     hidden_activation(width)      -> (linear_width, activation module, output_width) of a hidden
@@ -52,86 +56,77 @@ What a method may use of the learner (both scripts' `SACLearner`):
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+import importlib
 
-import torch
-from torch import Tensor, nn
+from baselines.method import Flag, Method
 
-import skill_neurons as sn
-
-METHODS = ("nbsp", "sac", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi")
+# The paper's baselines in the order of its Table 1, each a module of this package.
+BASELINE_MODULES = ("ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi")
 
 
-@dataclass(frozen=True)
-class Consumer:
-    """A layer reading a hidden layer's output: the slices of `weight` along `in_dim` (a dimension
-    of the whole tensor; ensembles index their member on dimension 0) are the neurons' outgoing
-    weights; a flattened conv channel feeds `block` consecutive inputs."""
+class NBSP(Method):
+    """NBSP is the training scripts' own code (skill neurons, mask, Dpre): as a method its hooks
+    do nothing. Its flags are declared in each script's Args (their defaults differ by domain)."""
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    in_dim: int
-    member: int | None = None
-    block: int = 1
+    name, label = "nbsp", "NBSP"
+    flag_names = ("no_mask", "no_replay", "hard_mask", "identify", "identify_window", "goal_score", "apply_to",
+                  "skill_ratio", "mask_alpha", "mask_target", "mask_combine", "replay_interval", "dpre_per_task",
+                  "identify_episodes", "identify_max_steps")
 
 
-@dataclass(frozen=True)
-class NeuronLayer:
-    hidden: sn.HiddenLayer
-    consumers: tuple[Consumer, ...]
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    NBSP, Method, *(importlib.import_module(f"baselines.{module}").METHOD for module in BASELINE_MODULES))}
+METHOD_NAMES = tuple(METHODS)
+LABELS = {name: cls.label for name, cls in METHODS.items()}
+BASELINES = tuple(name for name in METHODS if name not in (NBSP.name, Method.name))
 
 
-class Method:
-    """Plain SAC: every hook does nothing. `--method sac` is this class."""
+def method_flags() -> dict[str, Flag]:
+    """Every baseline flag by name, in declaration order (a flag shared by methods is declared once)."""
+    return {flag.name: flag for cls in METHODS.values() for flag in cls.flags}
 
-    name = "sac"
 
-    def __init__(self, args):
-        self.args = args
+def flag_owners(name: str) -> tuple[str, ...]:
+    """Methods that read a method-specific flag; () for a general flag."""
+    return tuple(method for method, cls in METHODS.items()
+                 if name in cls.flag_names or any(flag.name == name for flag in cls.flags))
 
-    def hidden_activation(self, width: int) -> tuple[int, nn.Module, int]:
-        return width, nn.ReLU(), width
 
-    def setup(self, learner) -> None:
-        self.learner = learner
+def with_method_flags(args_class):
+    """Class decorator of the scripts' Args: appends every method's flags as command-line fields."""
+    from dataclasses import field, make_dataclass
+    from typing import Annotated
 
-    def begin_stage(self, stage: int, task: str) -> None:
-        pass
+    import tyro
 
-    def acting(self, task: str):
-        return contextlib.nullcontext()
+    extra = [(flag.name, Annotated[type(flag.default), tyro.conf.arg(help=flag.help)], field(default=flag.default))
+             for flag in method_flags().values()]
+    combined = make_dataclass(args_class.__name__, extra, bases=(args_class,))
+    combined.__module__, combined.__qualname__ = args_class.__module__, args_class.__qualname__
+    return combined
 
-    def extra_loss(self, network: str) -> Tensor | None:
-        return None
 
-    def after_backward(self, network: str) -> None:
-        pass
-
-    def after_step(self, network: str) -> None:
-        pass
-
-    def after_update(self, data, update_policy: bool, update_target: bool) -> None:
-        pass
-
-    def end_stage(self, stage: int, task: str, rb) -> None:
-        pass
-
-    def logs(self) -> dict[str, Tensor | float]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+def method_flags_error(args) -> str | None:
+    """Why `args` is invalid for its method, or None: a flag of another method (it would be silently
+    ignored), a value its check refuses, the method's own check across flags, or --compile."""
+    cls = METHODS[args.method]
+    defaults = type(args)()
+    for name in (*NBSP.flag_names, *method_flags()):
+        owners = flag_owners(name)
+        if args.method not in owners and getattr(args, name) != getattr(defaults, name):
+            return f"--{name.replace('_', '-')} applies to --method {' or '.join(owners)}, not {args.method}"
+    for flag in method_flags().values():
+        value = getattr(args, flag.name)
+        if flag.check is not None and not flag.check.accepts(value):
+            return f"--{flag.name.replace('_', '-')} must be {flag.check.valid}, got {value}"
+    problem = cls.check_args(args)
+    if problem:
+        return problem
+    if not cls.compiles and (args.compile or args.cudagraphs):
+        return f"--compile and --cudagraphs support --method {' and '.join(n for n, c in METHODS.items() if c.compiles)}; {args.method}'s hooks run eagerly"
+    return None
 
 
 def make_method(args) -> Method:
     """The `Method` of `args.method`; NBSP is the scripts' own code, so it gets plain hooks."""
-    if args.method in ("nbsp", "sac"):
-        return Method(args)
-    import importlib
-
-    module = importlib.import_module(f"baselines.{args.method}")
-    return module.METHOD(args)
+    return METHODS[args.method](args)

@@ -54,8 +54,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from baselines import Method
+from baselines.method import NON_NEGATIVE, UNIT_INTERVAL, Flag, Method
 from baselines.ewc import (
+    FISHER_FLAGS,
     estimate_fisher,
     fisher_targets,
     quadratic_penalty,
@@ -66,6 +67,14 @@ from baselines.ewc import (
 
 class ANCL(Method):
     name = "ancl"
+    label = "ANCL"
+    flags = (
+        Flag("ancl_lambda", 1e4, "ancl: weight lambda of the old-task (EWC) penalty", NON_NEGATIVE),
+        Flag("ancl_aux_lambda", 10.0, "ancl: weight lambda_a of the auxiliary-network penalty (0: exactly EWC)", NON_NEGATIVE),
+        Flag("ancl_a", 0.5, "ancl: Fisher merge at a task switch, F_old <- a F_old + (1 - a) F_new", UNIT_INTERVAL),
+        *FISHER_FLAGS,
+    )
+    compiles = False  # its hooks run eagerly
     aux_fisher_interval = 10_000  # main updates between estimates of the auxiliary Fisher
 
     def setup(self, learner) -> None:

@@ -80,7 +80,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from baselines import Consumer, Method, NeuronLayer
+from baselines.method import DECAY, NON_NEGATIVE_INT, UNIT_INTERVAL, Flag, Method
+from skill_neurons import Consumer, NeuronLayer
 
 NETWORKS_OF_STEP = {"actor": ("actor",), "critic": ("qf1", "qf2")}
 
@@ -123,6 +124,13 @@ class UnitLayer:
 
 class ContinualBackprop(Method):
     name = "cbp"
+    label = "CBP"
+    flags = (
+        Flag("cbp_replacement_rate", 1e-4, "cbp: fraction of mature units of a layer replaced after each optimizer step", UNIT_INTERVAL),
+        Flag("cbp_maturity_threshold", 10_000, "cbp: optimizer steps a unit must age before it can be replaced", NON_NEGATIVE_INT),
+        Flag("cbp_decay", 0.99, "cbp: moving-average factor eta of the utility", DECAY),  # the bias correction divides by 1 - decay**age
+    )
+    compiles = False  # its hooks run eagerly
 
     def setup(self, learner) -> None:
         super().setup(learner)

@@ -72,7 +72,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from baselines import Method
+from baselines.method import NON_NEGATIVE, POSITIVE_INT, Flag, Method
 
 EMBEDDING_DIM = 384  # the authors' sentence encoder (all-MiniLM-L12-v2)
 UNUSED_ATOM = 1e-6  # an atom whose statistic A[k, k] is below this is resampled (the authors', from sklearn)
@@ -161,6 +161,13 @@ def straight_through_mask(prompt: Tensor) -> Tensor:
 
 class CoTASP(Method):
     name = "cotasp"
+    label = "CoTASP"
+    flags = (
+        Flag("cotasp_lambda", 1e-3, "cotasp: lasso weight of the sparse prompt code", NON_NEGATIVE),
+        Flag("cotasp_weight_steps", 990, "cotasp: actor weight updates of each alternation round", POSITIVE_INT),
+        Flag("cotasp_prompt_steps", 10, "cotasp: prompt updates of each alternation round", POSITIVE_INT),
+    )
+    compiles = False  # its hooks run eagerly
 
     def setup(self, learner) -> None:
         super().setup(learner)

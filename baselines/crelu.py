@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from baselines import Method
+from baselines.method import Flag, Method
 
 
 class CReLU(nn.Module):
@@ -42,14 +42,25 @@ class CReLU(nn.Module):
 
 class ConcatenatedReLU(Method):
     name = "crelu"
+    label = "CRelu"
+    flags = (
+        Flag("crelu_halve_width", False, "crelu: halve each fully connected hidden layer's pre-activation width (as many features as ReLU, about half its parameters) instead of keeping it (next fan-in doubles, about twice the parameters)"),
+    )
+    compiles = False  # its hooks run eagerly
+
+    @classmethod
+    def check_args(cls, args) -> str | None:
+        if args.crelu_halve_width and any(width % 2 for width in args.hidden):
+            return (f"--crelu-halve-width needs even hidden widths (a layer of w // 2 units gives w - 1 features); "
+                    f"got {args.hidden}")
+        return None
 
     def __init__(self, args):
         super().__init__(args)
+        problem = self.check_args(args)
+        if problem:
+            raise ValueError(problem)
         self.halve_width = args.crelu_halve_width
-        odd = [width for width in args.hidden if width % 2]
-        if self.halve_width and odd:
-            raise ValueError(f"--crelu-halve-width needs even hidden widths (a layer of w // 2 units gives "
-                             f"w - 1 features); got {args.hidden}")
 
     def hidden_activation(self, width: int) -> tuple[int, nn.Module, int]:
         units = width // 2 if self.halve_width else width

@@ -43,11 +43,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from baselines import Method
+from baselines.method import Flag, Method, NON_NEGATIVE, POSITIVE_INT
 
 ACTOR_FISHER_FLOOR = 1e-5  # Continual World clips the per-sample actor Fisher from below
 SIGMA_EPS = 1e-6  # in 1 / (sigma^2 + eps) of the Gaussian Fisher, as Continual World
 CHUNK_ELEMENTS = 2**24  # per-sample Jacobian entries held at once (64 MB in float32)
+FISHER_FLAGS = (  # shared with ANCL, whose old-task penalty is EWC's
+    Flag("fisher_batches", 10, "ewc, ancl: batches (of --batch-size) from the finished task's buffer that estimate the Fisher",
+         POSITIVE_INT),
+    Flag("fisher_critic", False, "ewc, ancl: also regularise the critics (Continual World's SAC: actor only)"),
+)
 
 
 class QValues(nn.Module):
@@ -151,6 +156,10 @@ def to_device(state: dict, device) -> dict:
 
 class EWC(Method):
     name = "ewc"
+    label = "EWC"
+    flags = (Flag("ewc_lambda", 1e4, "ewc: weight lambda of the penalty lambda * sum F (theta - theta*)^2", NON_NEGATIVE),
+             *FISHER_FLAGS)
+    compiles = False  # its hooks run eagerly
 
     def setup(self, learner) -> None:
         super().setup(learner)

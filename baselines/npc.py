@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 import skill_neurons as sn
-from baselines import Method
+from baselines.method import DECAY, NON_NEGATIVE, Flag, Method
 
 NETWORKS_OF_LOSS = {"actor": ("actor",), "critic": ("qf1", "qf2")}
 
@@ -91,6 +91,14 @@ def scale_shape(param: Tensor, hidden: sn.HiddenLayer) -> list[int]:
 
 class NeuronLevelPlasticityControl(Method):
     name = "npc"
+    label = "NPC"
+    flags = (
+        Flag("npc_decay", 0.99, "npc: moving-average factor d, in [0, 1), of the current task's per-layer-normalised importance, T <- d T + (1 - d) c / mean(c), restarted every stage; at a task switch C <- max(C, T / mean(T)), kept for the rest of the run",
+             DECAY),  # at 1 the task's average would never move from 0
+        Flag("npc_scale", 1.0, "npc: a neuron's step is scaled by 1 / (1 + npc_scale * C), C its consolidated importance to the finished tasks (1 during the first task)",
+             NON_NEGATIVE),
+    )
+    compiles = False  # its hooks run eagerly
 
     def setup(self, learner) -> None:
         super().setup(learner)

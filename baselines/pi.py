@@ -77,7 +77,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from baselines import Method
+from baselines.method import Method
 
 
 class InjectedLayer(nn.Module):
@@ -148,6 +148,8 @@ def fresh_network(learner, net: nn.Module) -> nn.Module:
 
 class PlasticityInjection(Method):
     name = "pi"
+    label = "PI"
+    compiles = False  # its hooks run eagerly
 
     def __init__(self, args):
         super().__init__(args)

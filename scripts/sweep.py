@@ -21,8 +21,6 @@
 # Run the same command again after a crash or a failure: runs whose metrics.json says
 # "complete" are skipped, killed runs continue with `--resume <run_dir>`.
 import argparse
-import ast
-import functools
 import itertools
 import json
 import os
@@ -35,6 +33,11 @@ from collections import deque
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the method registry and the protocol's facts, from any working directory
+
+import baselines  # noqa: E402
+from protocol import RESUME_OVERRIDABLE  # noqa: E402
+
 SCRIPTS = {"metaworld": "nbsp_sac_metaworld.py", "atari": "nbsp_sac_atari.py"}
 SEQUENCE_FLAG = {"metaworld": "--tasks", "atari": "--games"}
 DEFAULT_SEEDS = [1, 2, 3]  # the paper repeats every experiment with 3 seeds
@@ -42,7 +45,7 @@ DEFAULT_SEEDS = [1, 2, 3]  # the paper repeats every experiment with 3 seeds
 # ---------------------------------------------------------------------------------------------
 # Settings: a name (it becomes the run's --exp-name) and the training-script flags it adds.
 # ---------------------------------------------------------------------------------------------
-BASELINES = ["ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi"]
+BASELINES = list(baselines.BASELINES)
 SETTINGS = {
     "nbsp": [],  # the paper's NBSP: every default of the training script
     "sac": ["--method", "sac"],  # vanilla SAC fine-tuning (Table 2, first column)
@@ -121,9 +124,9 @@ PRESETS = {
     ),
 }
 
-# Flags that `--resume` accepts next to the run folder (the training scripts' RESUME_OVERRIDABLE);
-# every other flag comes from the run's own config.json, and passing one is an error there.
-RESUME_FLAGS = {"cuda", "track", "wandb-project-name", "wandb-entity", "compile", "cudagraphs"}
+# Flags that `--resume` accepts next to the run folder; every other flag comes from the run's own
+# config.json, and passing one is an error there.
+RESUME_FLAGS = {name.replace("_", "-") for name in RESUME_OVERRIDABLE if name != "resume"}
 SHORT_NAMES = {"skill-ratio": "ratio", "steps-per-task": "steps", "mask-alpha": "alpha"}  # exp_name parts
 
 
@@ -179,19 +182,8 @@ def set_flags(name: str, value: str) -> tuple[list[str], str]:
     return [f"--{name}", *value.split()], short + "-".join(value.split())
 
 
-@functools.lru_cache
-def nbsp_flags(script: str) -> frozenset:
-    """NBSP_FLAGS of a training script, read from its source (importing it would load torch)."""
-    with open(os.path.join(ROOT, SCRIPTS[script])) as f:
-        tree = ast.parse(f.read())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NBSP_FLAGS" for t in node.targets):
-            return frozenset(ast.literal_eval(node.value))
-    raise RuntimeError(f"{SCRIPTS[script]} defines no NBSP_FLAGS list; update scripts/sweep.py")
-
-
-def for_method(tokens: list[str], method: str, script: str) -> list[str]:
-    """Leave out the flags of other methods, which the training scripts refuse (their method_of_flag rule):
+def for_method(tokens: list[str], method: str) -> list[str]:
+    """Leave out the flags of other methods, which the training scripts refuse (baselines.flag_owners):
     shared flags such as a preset's --dpre-per-task then suit every method of the grid."""
     out = []
     for name, values in flag_groups(tokens):
@@ -199,11 +191,9 @@ def for_method(tokens: list[str], method: str, script: str) -> list[str]:
             out += values
             continue
         key = name.replace("-", "_")
-        if key not in nbsp_flags(script) and key.startswith("no_"):
-            key = key[3:]  # --no-keep-buffer is keep_buffer; --no-mask is the flag no_mask itself
-        prefix = key.split("_")[0]
-        owners = (("nbsp",) if key in nbsp_flags(script) else ("ewc", "ancl") if prefix == "fisher"
-                  else (prefix,) if prefix in BASELINES else ())
+        if not baselines.flag_owners(key) and key.startswith("no_"):
+            key = key[3:]  # --no-keep-buffer is keep_buffer, --no-fisher-critic fisher_critic; --no-mask is no_mask itself
+        owners = baselines.flag_owners(key)
         if not owners or method in owners:
             out += [f"--{name}", *values]
     return out
@@ -232,7 +222,7 @@ def expand(spec: dict, seeds: list[int], sets: list[tuple[str, list[str]]], extr
         seq_flags = {k.replace("+", ","): v for k, v in spec.get("sequence_flags", {}).items()}
         shared_head = spec.get("flags", []) + seq_flags.get(",".join(tasks), [])
         method = (dict(flag_groups(own)).get("method") or ["nbsp"])[-1]
-        flags = for_method(shared_head, method, spec["script"]) + own + for_method(extra, method, spec["script"])
+        flags = for_method(shared_head, method) + own + for_method(extra, method)
         runs.append(Run(spec["script"], tasks, exp_name, seed, flags))
     return runs
 

@@ -80,27 +80,31 @@ sys.path and `import tables`, or load this file by path (PyTables is also named 
 from __future__ import annotations
 
 import argparse
-import ast
+import importlib
 import json
 import math
 import os
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cache
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
-SCRIPTS = {"metaworld": os.path.join(ROOT, "nbsp_sac_metaworld.py"), "atari": os.path.join(ROOT, "nbsp_sac_atari.py")}
+sys.path.insert(0, ROOT)  # the method registry and the training scripts' Args, from any working directory
 
-BOOKKEEPING = {"seed", "exp_name", "runs_dir", "resume", "track", "wandb_project_name", "wandb_entity", "cuda",
-               "compile", "cudagraphs", "torch_deterministic"}
+import baselines  # noqa: E402
+from protocol import RESUME_OVERRIDABLE  # noqa: E402
+
+PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
+SCRIPT_MODULES = {"metaworld": "nbsp_sac_metaworld", "atari": "nbsp_sac_atari"}
+
+BOOKKEEPING = {"seed", "exp_name", "runs_dir", "torch_deterministic", *RESUME_OVERRIDABLE}
 SETTING_FLAGS = {"method", "no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio"}
 LABEL_MODS = ("identify", "apply_to", "skill_ratio")
 TASK_KEYS = {"tasks", "games"}
-BASELINES = {"ewc": "EWC", "npc": "NPC", "ancl": "ANCL", "cotasp": "CoTASP", "crelu": "CRelu", "cbp": "CBP", "pi": "PI"}
+BASELINES = {name: baselines.LABELS[name] for name in baselines.BASELINES}
 ABLATION = ["vanilla SAC", "only experience replay", "only gradient masking", "NBSP with hard gradient masking", "NBSP"]
 SETTING_ORDER = ["vanilla SAC", "only experience replay", "only gradient masking", "only hard gradient masking",
                  "NBSP with hard gradient masking", *BASELINES.values(), "NBSP"]
@@ -119,53 +123,12 @@ class TablesError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# What the training scripts define: flag defaults (paper Table 6) and which method reads a flag,
-# read from their source with `ast` so that this script imports neither metaworld nor torch.
-
-def _literal(node: ast.expr):
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "field":
-        for kw in node.keywords:
-            if kw.arg == "default":
-                return ast.literal_eval(kw.value)
-            if kw.arg == "default_factory":
-                if isinstance(kw.value, ast.Lambda):
-                    return ast.literal_eval(kw.value.body)
-                if isinstance(kw.value, ast.Name) and kw.value.id in ("list", "dict"):
-                    return [] if kw.value.id == "list" else {}
-        raise ValueError("no literal default")
-    return ast.literal_eval(node)
-
+# What the training scripts define: flag defaults (paper Table 6), from their Args
 
 @cache
-def script_info(env: str) -> tuple[dict, tuple, tuple]:
-    """(flag defaults, NBSP_FLAGS, METHODS) of the training script of `env` ("metaworld" | "atari")."""
-    defaults, nbsp_flags = {}, ()
-    try:
-        with open(SCRIPTS[env]) as f:
-            tree = ast.parse(f.read())
-    except OSError:
-        tree = ast.Module(body=[], type_ignores=[])
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Args":
-            for stmt in node.body:
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
-                    try:
-                        defaults[stmt.target.id] = _literal(stmt.value)
-                    except (ValueError, TypeError, SyntaxError):
-                        pass  # a computed default (exp_name): bookkeeping anyway
-        elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NBSP_FLAGS" for t in node.targets):
-            nbsp_flags = tuple(ast.literal_eval(node.value))
-    defaults.setdefault("method", "nbsp")  # runs from before --method existed are NBSP runs
-    return defaults, nbsp_flags, ("nbsp", "sac", *BASELINES)
-
-
-def flag_owners(name: str, env: str) -> tuple[str, ...]:
-    """Methods that read a method-specific flag; () for general flags (the training scripts' method_of_flag)."""
-    _, nbsp_flags, methods = script_info(env)
-    if name in nbsp_flags:
-        return ("nbsp",)
-    prefix = name.split("_")[0]
-    return ("ewc", "ancl") if prefix == "fisher" else (prefix,) if prefix in methods and name != "method" else ()
+def script_defaults(env: str) -> dict:
+    """Every flag's default in the training script of `env` ("metaworld" | "atari")."""
+    return asdict(importlib.import_module(SCRIPT_MODULES[env]).Args())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +169,7 @@ def setting_label(config: dict) -> str:
         base = "only hard gradient masking" if hard else "only gradient masking"
     else:
         base = "NBSP with hard gradient masking" if hard else "NBSP"
-    defaults = script_info("metaworld")[0]
+    defaults = script_defaults("metaworld")
     fallback = {"identify": "goal", "apply_to": "both", "skill_ratio": 0.2}
     mods = [f"{k}={fmt_value(config[k])}" for k in LABEL_MODS
             if k in config and config[k] != defaults.get(k, fallback[k])]
@@ -250,7 +213,7 @@ def _read_run(metrics_path: str) -> Run:
     except ValueError:
         run.time = os.path.getmtime(metrics_path)
     stage_tasks = metrics.get("stage_tasks") or config.get("stage_tasks") or []
-    defaults = script_info(run.env)[0]
+    defaults = script_defaults(run.env)
     cycles = int(args.get("cycles", defaults.get("cycles", 1)) or 1)
     if stage_tasks:
         run.sequence = tuple(stage_tasks[: max(len(stage_tasks) // cycles, 1)])
@@ -260,7 +223,7 @@ def _read_run(metrics_path: str) -> Run:
     full = {**defaults, **args}
     method = full.get("method", "nbsp")
     run.config = {k: v for k, v in full.items()
-                  if k not in BOOKKEEPING and (not flag_owners(k, run.env) or method in flag_owners(k, run.env))}
+                  if k not in BOOKKEEPING and (not baselines.flag_owners(k) or method in baselines.flag_owners(k))}
     run.config["games" if run.env == "atari" else "tasks"] = list(run.sequence)
     names = METRICS[run.env]
     run.scores = {m: metrics.get(m) for m in names}
@@ -403,7 +366,7 @@ def nondefault_note(groups, flagged) -> str | None:
     for k in keys:
         have = [g for g in groups if k in g.config]
         values = {_key(g.config[k]) for g in have}
-        defaults = script_info(have[0].env)[0]
+        defaults = script_defaults(have[0].env)
         if len(values) != 1 or k not in defaults or have[0].config[k] == defaults[k]:
             continue
         scope = "" if len(have) == len(groups) else " (" + ", ".join(sorted({g.label for g in have}, key=_order)) + ")"

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+import protocol
+
 
 @pytest.fixture
 def kill_after_stage_1(monkeypatch):
@@ -13,7 +15,7 @@ def kill_after_stage_1(monkeypatch):
 
     def run(script, args):
         written = []
-        original = script.atomic_write_json
+        original = protocol.atomic_write_json
 
         def killed_after_first_metrics(path, data):
             original(path, data)
@@ -21,10 +23,10 @@ def kill_after_stage_1(monkeypatch):
                 written.append(path)
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(script, "atomic_write_json", killed_after_first_metrics)
+        monkeypatch.setattr(protocol, "atomic_write_json", killed_after_first_metrics)
         with pytest.raises(KeyboardInterrupt):
             script.main(args)
-        monkeypatch.setattr(script, "atomic_write_json", original)
+        monkeypatch.setattr(protocol, "atomic_write_json", original)
         return os.path.dirname(written[0])
 
     return run

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import nbsp_sac_atari as atari
+import protocol
 import skill_neurons as sn
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_atari.py")
@@ -45,7 +46,7 @@ def test_game_scores_flag_adds_games_and_keeps_table_7():
 
 def test_continual_metrics_average_return():
     sr = [[0.8], [0.2, 0.6], [0.5, 0.1, 0.9]]
-    metrics = atari.continual_metrics(sr)
+    metrics = protocol.continual_metrics(sr, "AR")
     assert metrics["AR"] == pytest.approx((0.8 + (0.2 + 0.6) / 2 + (0.5 + 0.1 + 0.9) / 3) / 3)
     assert metrics["FWT"] == pytest.approx((0.8 + 0.6 + 0.9) / 3)
     # i=1: j=0: 0.8-0.2=0.6; i=2: j=0: max(0.8,0.2)-0.5=0.3, j=1: 0.6-0.1=0.5 -> (0.6 + 0.8/2) / 2
@@ -214,7 +215,7 @@ def test_masked_update_scales_the_step_of_conv_channels():
     reference = copy.deepcopy(qf)
     layers = qf.hidden_layers()
     neuron_masks = [torch.tensor([0.0, 0.5, 1.0, 1.0]), torch.ones(6), torch.tensor([1, 1, 1, 1, 0.25]), torch.ones(7)]
-    optimizer = atari.MaskedOptimizer(torch.optim.Adam(qf.parameters(), lr=1e-2, eps=1e-4), "update")
+    optimizer = sn.MaskedOptimizer(torch.optim.Adam(qf.parameters(), lr=1e-2, eps=1e-4), "update")
     optimizer.set_masks(sn.parameter_masks(layers, neuron_masks))
     reference_optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2, eps=1e-4)
     x = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
@@ -580,7 +581,7 @@ def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):
     run (CPU, same seed), with Dpre, masks and optimizer state restored from the checkpoint."""
     reference, reference_dir = tiny_run
     writes = []
-    original = atari.atomic_write_json
+    original = protocol.atomic_write_json
 
     def killed_after_stage_2(path, data):
         original(path, data)
@@ -589,10 +590,10 @@ def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):
             if len(writes) == 2:
                 raise KeyboardInterrupt  # the run dies right after stage 2's checkpoint and metrics
 
-    monkeypatch.setattr(atari, "atomic_write_json", killed_after_stage_2)
+    monkeypatch.setattr(protocol, "atomic_write_json", killed_after_stage_2)
     with pytest.raises(KeyboardInterrupt):
         atari.main(atari.Args(runs_dir=str(tmp_path), **TINY))
-    monkeypatch.setattr(atari, "atomic_write_json", original)
+    monkeypatch.setattr(protocol, "atomic_write_json", original)
     run_dir = os.path.dirname(writes[0])
     partial = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert not partial["complete"] and partial["sr"][2] == [None] * 4

@@ -14,6 +14,7 @@ import torch
 
 import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
+import baselines
 from baselines import Method, make_method
 from baselines.ancl import ANCL
 from baselines.ewc import estimate_fisher, snapshot
@@ -299,7 +300,7 @@ def test_end_to_end_aux_learner_and_exact_resume(name, tmp_path, monkeypatch, ki
         methods.append(make_method(args))
         return methods[-1]
 
-    monkeypatch.setattr(script, "make_method", recorded_make_method)
+    monkeypatch.setattr(baselines, "make_method", recorded_make_method)
     args = dict(tiny, method="ancl")
     metrics = script.main(script.Args(**args, runs_dir=str(tmp_path / "full")))
     assert len(metrics["sr"]) == 2 and metrics["sr"][0][1] is None and None not in metrics["sr"][1]

@@ -19,7 +19,8 @@ from torch import nn
 import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
 import skill_neurons as sn
-from baselines import Consumer, NeuronLayer, make_method
+from baselines import make_method
+from skill_neurons import Consumer, NeuronLayer
 from baselines.cbp import neuron_slices, outgoing
 
 DEVICE = torch.device("cpu")

@@ -22,8 +22,11 @@ from torch._dynamo.utils import counters
 from torch.utils.tensorboard import SummaryWriter
 
 import nbsp_sac_metaworld as mw
+import protocol
 import skill_neurons as sn
-from nbsp_sac_metaworld import Args, MaskedOptimizer, ReplayBuffer, SACLearner, continual_metrics, main
+from nbsp_sac_metaworld import Args, ReplayBuffer, SACLearner, main
+from protocol import continual_metrics
+from skill_neurons import MaskedOptimizer
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_metaworld.py")
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3
@@ -456,7 +459,7 @@ def test_e2e_updates_happened(nbsp_run):
             assert any(not torch.equal(before[key][n], after[key][n]) for n in before[key]), key
     actor = stages[0]["actor"]
     scale, bias = actor["action_scale"].numpy(), actor["action_bias"].numpy()
-    mw.seed_everything(MAIN_ARGS["seed"], True)
+    protocol.seed_everything(MAIN_ARGS["seed"], True)
     fresh = SACLearner(OBS_DIM, ACT_DIM, bias - scale, bias + scale, nbsp_run["args"], "cpu")
     for name, value in fresh.actor.state_dict().items():
         if not name.startswith("action_"):  # action_scale / action_bias are constants
@@ -908,7 +911,7 @@ def test_resume_killed_before_final_metrics_write(resume_runs, tmp_path):
     final = read_json(os.path.join(folder, "metrics.json"))
     stale = {**final, "complete": False, "sr": [final["sr"][0], [None, None]], **continual_metrics([final["sr"][0][:1]]),
              "task_success": final["task_success"][:1], "stages": final["stages"][:1]}
-    mw.atomic_write_json(os.path.join(folder, "metrics.json"), stale)
+    protocol.atomic_write_json(os.path.join(folder, "metrics.json"), stale)
     metrics = main(Args(resume=folder))
     assert metrics["complete"] is True and metrics["sr"] == final["sr"]
     assert read_json(os.path.join(folder, "metrics.json"))["complete"] is True

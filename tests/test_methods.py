@@ -4,13 +4,18 @@ Each baseline's own behaviour is tested in tests/test_baseline_<method>.py."""
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import typing
 
 import pytest
 import torch
 
+import baselines
 import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
-from baselines import METHODS, Method
+from baselines import METHOD_NAMES, Method
 
 MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=300,
                learning_starts=100, eval_every=0, eval_episodes=2, buffer_size=1000, cuda=False)
@@ -25,7 +30,7 @@ def load(path):
 
 def test_method_choices_match_the_scripts():
     for script in (mw, atari):
-        assert script.Args.__annotations__["method"].__args__ == METHODS
+        assert typing.get_type_hints(script.Args)["method"].__args__ == METHOD_NAMES
 
 
 @pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
@@ -81,7 +86,7 @@ class Recorder(Method):
 @pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
 def test_hooks_run_at_their_points(script, tiny, tmp_path, monkeypatch):
     Recorder.calls = []
-    monkeypatch.setattr(script, "make_method", Recorder)
+    monkeypatch.setattr(baselines, "make_method", Recorder)
     metrics = script.main(script.Args(**tiny, method="sac", runs_dir=str(tmp_path)))
     calls = Recorder.calls
     tasks = tiny.get("tasks") or tiny["games"]
@@ -132,3 +137,61 @@ def test_config_records_the_method(tmp_path):
     metrics = mw.main(mw.Args(**{**MW_TINY, "tasks": ["reach"]}, method="sac", runs_dir=str(tmp_path)))
     with open(tmp_path / metrics["run_name"] / "config.json") as f:
         assert json.load(f)["args"]["method"] == "sac"
+
+
+THROWAWAY_METHOD = '''"""A throw-away method (tests/test_methods.py): SAC with a squared-weight penalty on the actor."""
+
+from baselines.method import NON_NEGATIVE, Flag, Method
+
+
+class WeightPenalty(Method):
+    name = "wpen"
+    label = "WPen"
+    flags = (Flag("wpen_strength", 0.0, "wpen: weight of the penalty on the actor's squared weights", NON_NEGATIVE),)
+    compiles = False
+
+    def extra_loss(self, network):
+        if network != "actor" or not self.args.wpen_strength:
+            return None
+        return self.args.wpen_strength * sum((p**2).sum() for p in self.learner.actor.parameters())
+
+
+METHOD = WeightPenalty
+'''
+
+
+def test_an_eighth_method_is_one_module_and_one_line(tmp_path):
+    """Adding a method touches two places: its module in baselines/ and its name in
+    BASELINE_MODULES. Both scripts' --method choices and flags, the flag checks, a real run,
+    scripts/sweep.py and scripts/tables.py then know it, in a copy of the repository."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = tmp_path / "repo"
+    shutil.copytree(root, repo, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "tests"))
+    (repo / "baselines" / "wpen.py").write_text(THROWAWAY_METHOD)
+    registry = (repo / "baselines" / "__init__.py").read_text()
+    line = 'BASELINE_MODULES = ("ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi")'
+    assert registry.count(line) == 1
+    (repo / "baselines" / "__init__.py").write_text(registry.replace(line, line[:-1] + ', "wpen")'))
+
+    def run(*argv):
+        return subprocess.run([sys.executable, *argv], cwd=repo, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    for script in ("nbsp_sac_metaworld.py", "nbsp_sac_atari.py"):
+        help_text = run(script, "--help").stdout
+        assert "wpen}" in help_text and "--wpen-strength" in help_text, script
+    refused = run("nbsp_sac_metaworld.py", "--method", "ewc", "--wpen-strength", "1")
+    assert refused.returncode == 2 and "--wpen-strength applies to --method wpen, not ewc" in refused.stderr
+    bad = run("nbsp_sac_metaworld.py", "--method", "wpen", "--wpen-strength", "-1")
+    assert bad.returncode == 2 and "--wpen-strength must be a finite number >= 0, got -1.0" in bad.stderr
+    tiny = ["--tasks", "reach", "--cycles", "1", "--hidden", "8", "8", "--batch-size", "8", "--steps-per-task", "200",
+            "--learning-starts", "100", "--eval-every", "0", "--eval-episodes", "1", "--buffer-size", "1000", "--no-cuda",
+            "--runs-dir", "runs", "--exp-name", "wpen", "--method", "wpen", "--wpen-strength", "0.5"]
+    trained = run("nbsp_sac_metaworld.py", *tiny)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    dry = run("scripts/sweep.py", "--dry-run", "--runs-dir", "planned", "--sequences", "reach", "--settings", "wpen", "--seeds", "1",
+              "--", "--wpen-strength", "0.5", "--skill-ratio", "0.1")
+    assert dry.returncode == 0, dry.stderr
+    assert "--method wpen" in dry.stdout and "--wpen-strength 0.5" in dry.stdout and "--skill-ratio" not in dry.stdout
+    table = run("scripts/tables.py", "runs", "--table", "all")
+    assert table.returncode == 0 and "| WPen |" in table.stdout, table.stdout + table.stderr

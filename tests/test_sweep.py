@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import sweep  # noqa: E402
 
+import baselines  # noqa: E402  (sweep.py put the repository root on the path)
+
 # one Meta-World stage that reaches gradient updates, identification and evaluation (episodes
 # are 500 steps, so few of them)
 TINY = ["--cycles", "1", "--hidden", "8", "8", "--batch-size", "8", "--steps-per-task", "300",
@@ -45,7 +47,7 @@ def run_folders(runs_dir):
 # ---------------------------------------------------------------------------------------------
 # grid expansion
 # ---------------------------------------------------------------------------------------------
-METHODS = {"ewc", "npc", "ancl", "cotasp", "crelu", "cbp", "pi", "nbsp"}
+METHODS = {*baselines.BASELINES, "nbsp"}  # the registry's methods: Tables 1 and 5 run every one
 
 
 @pytest.mark.parametrize("preset,n_seq,names", [

@@ -1,0 +1,165 @@
+"""The bookkeeping of the cycling protocol that both training scripts share and that is not the
+algorithm: the command line and its checks, resuming a killed run, the paper's continual metrics
+(Eq. 9-11) and the run's files. SAC, the scorer, the mask and Dpre stay in each script."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import re
+import sys
+import typing
+from dataclasses import fields
+
+import numpy as np
+import torch
+import tyro
+
+import baselines
+import skill_neurons as sn
+
+# What a resumed run may change: where it runs and how it is tracked, never what it computes.
+RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs")
+EVAL_SEED_OFFSET = 10_000  # evaluation env copy i of a run seeded s is seeded s + EVAL_SEED_OFFSET + i
+
+
+def fail(message: str) -> typing.NoReturn:
+    """Bad input: one line on stderr, non-zero exit, nothing written."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(2)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(args_class):
+    """tyro's command line, with its boxed parse errors folded into one `error:` line."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(args_class)
+    except SystemExit as exit:
+        if not exit.code:
+            sys.stderr.write(captured.getvalue())
+            raise
+        lines = [re.sub(r"[│╭╮╰╯─]+", " ", line).strip() for line in captured.getvalue().splitlines()]
+        fail(" ".join(line for line in lines if line and not line.startswith("For full helptext")))
+
+
+def check_args(args, positive: list[str], non_negative: list[str]) -> None:
+    """The checks both scripts share: positive and non-negative integers, every Literal flag's
+    choices, SAC's and NBSP's ranges, and the method's own flags (baselines.method_flags_error)."""
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"{flag(name)} must be a positive integer, got {getattr(args, name)}")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            fail(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+    if not args.hidden or min(args.hidden) <= 0:
+        fail(f"--hidden needs one or more positive widths, got {args.hidden}")
+    if not 0.0 < args.skill_ratio <= 1.0:
+        fail(f"--skill-ratio must be in (0, 1], got {args.skill_ratio}")
+    if not 0.0 <= args.mask_alpha <= 1.0:
+        fail(f"--mask-alpha must be in [0, 1], got {args.mask_alpha}")
+    for name, hint in typing.get_type_hints(type(args)).items():
+        if typing.get_origin(hint) is typing.Literal and getattr(args, name) not in typing.get_args(hint):
+            fail(f"{flag(name)} must be one of {', '.join(typing.get_args(hint))}; got {getattr(args, name)!r}")
+    if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
+        fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
+    problem = baselines.method_flags_error(args)
+    if problem:
+        fail(problem)
+
+
+def load_resume(args) -> tuple[object, str, dict]:
+    """Config and latest checkpoint of the run folder `args.resume`; stops with one line if either
+    is unusable. Returns the saved Args (with this command line's RESUME_OVERRIDABLE flags), the
+    run name and the checkpoint."""
+    args_class, run_dir = type(args), args.resume.rstrip("/")
+    defaults = args_class()
+    changed = [f.name for f in fields(args_class) if f.name not in RESUME_OVERRIDABLE
+               and getattr(args, f.name) != getattr(defaults, f.name)]
+    if changed:
+        fail(f"--resume continues with the run's own config.json; drop {', '.join(flag(c) for c in changed)}")
+    config_path, checkpoint_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isdir(run_dir):
+        fail(f"resume folder {run_dir!r} does not exist; give a run folder such as runs/<run_name>")
+    if not os.path.isfile(checkpoint_path):
+        fail(f"resume folder {run_dir!r} has no checkpoint.pt; it needs config.json and checkpoint.pt from a finished stage")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        saved = args_class(**{k: v for k, v in config["args"].items() if k not in RESUME_OVERRIDABLE})
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if checkpoint["run_name"] != config["run_name"]:
+            raise ValueError("checkpoint belongs to another run")
+    except Exception as e:  # any unreadable file is a corrupt folder
+        fail(f"resume folder {run_dir!r} is corrupt ({type(e).__name__}: {e}); it needs readable config.json and checkpoint.pt")
+    for name in RESUME_OVERRIDABLE:
+        setattr(saved, name, getattr(args, name))
+    saved.resume = run_dir
+    return saved, config["run_name"], checkpoint
+
+
+def continual_metrics(sr: list[list[float]], average: str = "ASR") -> dict:
+    """Paper Eq. 9-11 (13 on Atari, where the average is called AR) of the lower-triangular matrix
+    sr[i][j] (task j evaluated after stage i) over its rows: the average over stages of the mean
+    over the tasks seen so far, FM the mean drop from each task's best earlier value, FWT the mean
+    of the diagonal."""
+    H = len(sr)
+    mean_seen = sum(sum(sr[i][: i + 1]) / (i + 1) for i in range(H)) / H
+    fwt = sum(sr[i][i] for i in range(H)) / H
+    fm = None
+    if H > 1:
+        fm = sum(
+            sum(max(sr[l][j] - sr[i][j] for l in range(j, i)) for j in range(i)) / i for i in range(1, H)
+        ) / (H - 1)
+    return {average: mean_seen, "FM": fm, "FWT": fwt}
+
+
+def write_metrics(run_dir: str, run_name: str, stage_tasks: list[str], sr, average: str, **rows) -> dict:
+    """metrics.json: the sr matrix padded to H x H, the continual metrics and the per-stage `rows`."""
+    H = len(stage_tasks)
+    metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": len(sr) == H,
+               "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
+               **continual_metrics(sr, average), **rows}
+    atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def report_selection(writer, record: dict, found: dict, label: str, goal_score: str, step: int) -> None:
+    """TensorBoard `neurons/...` of a stage's identification (per network: the goal scores, the
+    skill neurons' mask scores, the selection statistics), and a warning on selected dead units."""
+    for name, identified in found.items():
+        writer.add_histogram(f"neurons/{name}/scores", identified.goal, step)
+        writer.add_histogram(f"neurons/{name}/skill_scores", identified.scores[identified.selected], step)
+        for key, value in record["selection"][name].items():
+            if value is not None:
+                writer.add_scalar(f"neurons/{name}/{key}", value, step)
+    for key in ("goal_constant", "identify_episodes", "identify_steps"):
+        writer.add_scalar(f"neurons/{key}", float(record[key]), step)
+    warning = sn.dead_selection_warning(record, goal_score)
+    if warning:
+        print(f"warning: {label}: {warning}", file=sys.stderr)
+
+
+def atomic_write_json(path: str, data) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def atomic_torch_save(path: str, data) -> None:
+    torch.save(data, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
