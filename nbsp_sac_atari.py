@@ -4,6 +4,7 @@
 # fully connected units), the adaptive mask of Eq. 7 and the replay buffer Dpre.
 # Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
 # identification, the main loop (`# ALGO LOGIC` marks the algorithm).
+import math
 import os
 import sys
 import time
@@ -150,6 +151,7 @@ GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
 # random score reads 227.5 there). Other games need --game-scores.
 PAPER_SCORES = {"Alien": (227.5, 6875.0), "BankHeist": (14.2, 734.4), "Bowling": (23.1, 154.8), "Pong": (-20.7, 9.3)}
 FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
+MAX_EVAL_ENVS = 64  # env copies per game played side by side in evaluation
 CONV_OUT = 7  # spatial size after the convolutions: 84 -> 20 -> 9 -> 7
 
 
@@ -171,8 +173,8 @@ def parse_game_scores(entries: list[str]) -> dict[str, tuple[float, float]]:
         game = canonical_game(name)
         if game is None:
             fail(f"--game-scores: unknown game {name!r}; valid ALE games: {' '.join(GAME_NAMES)}")
-        if not human_score > random_score:
-            fail(f"--game-scores {entry!r}: the human score must exceed the random score")
+        if not (math.isfinite(random_score) and math.isfinite(human_score) and human_score > random_score):
+            fail(f"--game-scores {entry!r}: the scores must be finite and the human score must exceed the random score")
         scores[game] = (random_score, human_score)
     return scores
 
@@ -192,6 +194,8 @@ def validate(args: Args) -> None:
                  f"give them with --game-scores {game}=RANDOM,HUMAN (e.g. from Mnih et al. 2015, Extended Data Table 2)")
     if len(args.conv_channels) != 3 or min(args.conv_channels) <= 0:
         fail(f"--conv-channels needs three positive channel counts, got {args.conv_channels}")
+    if args.eval_envs > MAX_EVAL_ENVS:
+        fail(f"--eval-envs must be at most {MAX_EVAL_ENVS} (env copies per game, built up front), got {args.eval_envs}")
     if not 0.0 < args.target_entropy_scale <= 1.0:
         fail(f"--target-entropy-scale must be in (0, 1], got {args.target_entropy_scale}")
     protocol.check_args(args, positive=["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_steps", "eval_envs",
@@ -516,6 +520,12 @@ class ReplayBuffer:
         self.episode = np.full(capacity, -1, np.int64)  # host: the transition's game (its first global step; -1 unknown)
         self.clear()
 
+    @staticmethod
+    def nbytes(capacity, frame_shape=(FRAME_SIZE, FRAME_SIZE), stack=FRAME_STACK):
+        """Memory of a buffer of `capacity` transitions: its frame slots and per-transition arrays."""
+        slots = capacity + capacity // 16 + stack
+        return slots * (int(np.prod(frame_shape)) + 1) + capacity * (8 + 8 + 4 + 4 + 8 + 8)
+
     def clear(self):
         self.slots_written = 0  # absolute slot index = write order; ring position = index % num_slots
         self.first = self.end = 0  # absolute transition indices: the stored ones are [first, end)
@@ -741,6 +751,12 @@ class SACLearner:
         return logs
 
     # What baseline methods use (see baselines/__init__.py)
+    def watched_tensors(self) -> dict:
+        """What must stay finite: the temperature and every parameter of the actor and the critics."""
+        return {"log_alpha": self.log_alpha, **{f"actor.{n}": p for n, p in self.actor.named_parameters()},
+                **{f"qf1.{n}": p for n, p in self.qf1.named_parameters()},
+                **{f"qf2.{n}": p for n, p in self.qf2.named_parameters()}}
+
     def new_actor(self):
         return Actor(self.num_actions, self.args.conv_channels, self.args.hidden, self.method.hidden_activation).to(self.device)
 
@@ -915,7 +931,7 @@ def main(args: Args) -> dict:
     validate(args)
     checkpoint = None
     if args.resume:
-        args, run_name, checkpoint = protocol.load_resume(args)
+        args, run_name, checkpoint = protocol.load_resume(args, validate)
     else:
         run_name = f"{'+'.join(args.games)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
@@ -931,26 +947,14 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
+    dpre_capacity = args.dpre_per_task * max(H - 1, 1)
+    protocol.check_memory(ReplayBuffer.nbytes(args.buffer_size) + ReplayBuffer.nbytes(dpre_capacity), device,
+                          f"D (--buffer-size {args.buffer_size}) and Dpre (--dpre-per-task {args.dpre_per_task} x {max(H - 1, 1)})")
     if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
         print(f"{run_dir}: all {H} stages are finished; nothing to resume")
         return protocol.write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], "AR",
                                       task_success=checkpoint["task_success"], task_return=checkpoint["task_return"],
                                       stages=checkpoint["stages"])
-
-    os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    # drop what a killed run logged after its last checkpoint (the stage-boundary step itself is kept)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        protocol.atomic_write_json(os.path.join(run_dir, "config.json"), {
-            "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
-            "normalization": {game: normalization[game] for game in unique_games},
-            "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}})
 
     # one fixed pool of env copies per game: evaluation (full games, raw rewards) and
     # identification (training wrappers, so the states are those the agent trains on)
@@ -971,21 +975,49 @@ def main(args: Args) -> dict:
         optimizers=[(sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, device)
-    dpre = ReplayBuffer(args.dpre_per_task * max(H - 1, 1), device)
+    dpre = ReplayBuffer(dpre_capacity, device)
     sr, stage_records, task_success_rows, task_return_rows = [], [], [], []
     start_stage, global_step = 0, 0
     if checkpoint is not None:
-        method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
-        sac.load_state_dict(checkpoint)
-        masks.load_state_dict(checkpoint)
-        dpre.load_state_dict(checkpoint["dpre"])
-        if args.keep_buffer:
-            rb.load_state_dict(checkpoint["rb"])
+        with protocol.restoring(run_dir):
+            method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
+            sac.load_state_dict(checkpoint)
+            masks.load_state_dict(checkpoint)
+            dpre.load_state_dict(checkpoint["dpre"])
+            if args.keep_buffer:
+                rb.load_state_dict(checkpoint["rb"])
         sr, stage_records = checkpoint["sr"], checkpoint["stages"]
         task_success_rows, task_return_rows = checkpoint["task_success"], checkpoint["task_return"]
         start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
         if use_mask:  # NBSP masks; a baseline installs its own in setup
             masks.install()
+
+    protocol.hold_run_folder(run_dir)  # from here on the run writes: its folder is locked to this process
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
+    # drop what a killed run logged after its last checkpoint (the stage-boundary step itself is kept)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        protocol.atomic_write_json(os.path.join(run_dir, "config.json"), {
+            "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
+            "normalization": {game: normalization[game] for game in unique_games},
+            "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}})
+
+
+    def stop_if_diverged(values, stage):
+        """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
+        losses reach the host anyway, and before every end-of-stage evaluation."""
+        problem = protocol.first_non_finite(values, sac.watched_tensors())
+        if problem:
+            writer.close()
+            metrics = protocol.metrics_of(run_name, stage_tasks, sr, "AR", task_success=task_success_rows,
+                                          task_return=task_return_rows, stages=stage_records)
+            protocol.stop_diverged(run_dir, metrics, {"stage": stage + 1, "task": stage_tasks[stage],
+                                                      "global_step": global_step}, problem)
 
     def evaluate(step):
         returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
@@ -1045,8 +1077,10 @@ def main(args: Args) -> dict:
                 method.after_update(data, True, update_target)
                 updates, dpre_updates = updates + 1, dpre_updates + from_dpre
                 if update_index % 100 == 0:  # the only host synchronisation of the update path
-                    for name, value in logs.items():
-                        writer.add_scalar(f"losses/{name}", value.item(), global_step)
+                    values = {name: value.item() for name, value in logs.items()}
+                    for name, value in values.items():
+                        writer.add_scalar(f"losses/{name}", value, global_step)
+                    stop_if_diverged(values, stage)
                     for name, value in method.logs().items():
                         writer.add_scalar(f"method/{name}", float(value), global_step)
                     sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the steps since the last log
@@ -1065,6 +1099,7 @@ def main(args: Args) -> dict:
         progress.update(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every game (row of sr), identify skill neurons, fill Dpre
+        stop_if_diverged({}, stage)
         returns, normalized = evaluate(global_step)
         task_success_rows.append(normalized)
         task_return_rows.append(returns)
@@ -1096,7 +1131,6 @@ def main(args: Args) -> dict:
         model = {"run_name": run_name, "stage": stage + 1, "task": game, "actor": sac.actor.state_dict(),
                  "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "neuron_masks": masks.neuron_masks,
                  "scores": scores, "selected": dict(masks.last_selected)}
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         protocol.atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
         protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
             **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected, "dpre": dpre.state_dict(),
@@ -1106,6 +1140,7 @@ def main(args: Args) -> dict:
                                          task_return=task_return_rows, stages=stage_records)
     progress.close()
     writer.close()
+    protocol.release_run_folder(run_dir)
     for pool in (eval_envs, identify_envs):
         for envs in pool.values():
             for e in envs:

@@ -13,6 +13,7 @@ from typing import Literal
 
 import gymnasium as gym
 import metaworld
+import mujoco
 import numpy as np
 import torch
 import torch._inductor.config
@@ -136,6 +137,7 @@ class Args:
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
 EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
 GOAL_METRICS = ("success", "return")  # the paper's goal metric; the return when a stage has one outcome
+MAX_ROLLOUT_ENVS = 20  # env copies per task for evaluation and rollouts (about 23 MB each); more episodes run in waves
 
 
 def validate(args: Args) -> None:
@@ -159,6 +161,22 @@ def validate(args: Args) -> None:
 def make_env(task: str, seed: int) -> gym.Env:
     """One Meta-World v3 task (MT1): 500-step episodes, random goal positions, info['success']."""
     return gym.make("Meta-World/MT1", env_name=f"{task.removesuffix('-v3')}-v3", seed=seed, disable_env_checker=True)
+
+
+class MujocoWarnings:
+    """Counts MuJoCo's warnings instead of printing each: a diverging policy can make the simulation
+    unstable thousands of times a stage. Each stage reports its count and the last message."""
+
+    def __init__(self):
+        self.count, self.last = 0, None
+        mujoco.set_mju_user_warning(self)
+
+    def __call__(self, message: str) -> None:
+        self.count, self.last = self.count + 1, message.strip()
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
 
 
 def reset_to_configuration(env: gym.Env, index: int, seed: int) -> np.ndarray:
@@ -382,13 +400,26 @@ class ReplayBuffer:
         o, a = self.obs_dim, self.act_dim
         return rows.split([o, a, 1, o, 1], dim=1)  # obs, actions, rewards, next_obs, dones
 
+    @staticmethod
+    def row_bytes(obs_dim, act_dim):
+        """Memory of one stored transition: its float32 row and its host episode tag."""
+        return (2 * obs_dim + act_dim + 2) * 4 + 8
+
     def state_dict(self):
-        index = self.latest_index(self.size)
-        return {"rows": self.storage[index].cpu(), "episode": torch.from_numpy(self.episode[index.cpu().numpy()])}
+        """The stored rows as they lie in storage, with the write position: sampling draws storage
+        indices, so a resumed run samples exactly what the uninterrupted one would."""
+        return {"rows": self.storage[: self.size].cpu(), "episode": torch.from_numpy(self.episode[: self.size].copy()),
+                "pos": self.pos}
 
     def load_state_dict(self, state):
-        self.clear()
-        self.extend(state["rows"].to(self.storage.device), state["episode"].numpy())
+        rows = state["rows"]
+        if len(rows) > self.capacity or rows.shape[1:] != self.storage.shape[1:]:
+            raise ValueError(f"{len(rows)} saved rows of width {tuple(rows.shape[1:])} do not fit a buffer of "
+                             f"{self.capacity} rows of width {self.storage.shape[1]}")
+        self.storage[: len(rows)] = rows.to(self.storage.device)
+        self.episode[: len(rows)] = state["episode"].numpy()
+        self.size = len(rows)
+        self.pos = state.get("pos", len(rows) % self.capacity)  # checkpoints before "pos": rows oldest first
 
 
 # ------------------------------------------------------------------------------------------
@@ -496,6 +527,11 @@ class SACLearner:
                 logs |= self.actor_step(actor_obs[k])
         logs["alpha"] = self.log_alpha.detach().exp()[0]
         return logs
+
+    def watched_tensors(self) -> dict:
+        """What must stay finite: the temperature and every parameter of the actor and the critics."""
+        return {"log_alpha": self.log_alpha, **{f"actor.{n}": p for n, p in self.actor.named_parameters()},
+                **{f"qf.{n}": p for n, p in self.qf.named_parameters()}}
 
     def frozen_qf_params(self):
         return {name: p.detach() for name, p in self.qf.named_parameters()}
@@ -653,7 +689,7 @@ def main(args: Args) -> dict:
     validate(args)
     checkpoint = None
     if args.resume:
-        args, run_name, checkpoint = protocol.load_resume(args)
+        args, run_name, checkpoint = protocol.load_resume(args, validate)
     else:
         run_name = f"{'+'.join(args.tasks)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
@@ -673,27 +709,16 @@ def main(args: Args) -> dict:
         return protocol.write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], "ASR",
                                       task_success=checkpoint["task_success"], stages=checkpoint["stages"])
 
-    os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    # drop what a killed run logged after its last checkpoint (the stage-boundary step itself is kept)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        protocol.atomic_write_json(os.path.join(run_dir, "config.json"), {
-            "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
-            "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
-
-    # one fixed pool of env copies per task, for evaluation and identification rollouts
-    pool_size = max(args.eval_episodes, args.identify_episodes if use_mask else 0)  # rollout windows (or their fallback)
+    # one fixed pool of env copies per task, for evaluation and identification rollouts (in waves beyond the pool)
+    pool_size = min(MAX_ROLLOUT_ENVS, max(args.eval_episodes, args.identify_episodes if use_mask else 0))
     rollout_envs = {task: [make_env(task, args.seed + protocol.EVAL_SEED_OFFSET + i) for i in range(pool_size)]
                     for task in unique_tasks}
     probe_env = rollout_envs[unique_tasks[0]][0]
     obs_dim = int(np.prod(probe_env.observation_space.shape))
     act_dim = int(np.prod(probe_env.action_space.shape))
+    dpre_capacity = args.dpre_per_task * max(H - 1, 1)
+    protocol.check_memory((args.buffer_size + dpre_capacity) * ReplayBuffer.row_bytes(obs_dim, act_dim), device,
+                          f"D (--buffer-size {args.buffer_size}) and Dpre (--dpre-per-task {args.dpre_per_task} x {max(H - 1, 1)})")
 
     protocol.seed_everything(args.seed, args.torch_deterministic)
     method = baselines.make_method(args)
@@ -706,20 +731,47 @@ def main(args: Args) -> dict:
         optimizers=[(sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
-    dpre = ReplayBuffer(args.dpre_per_task * max(H - 1, 1), obs_dim, act_dim, device)
+    dpre = ReplayBuffer(dpre_capacity, obs_dim, act_dim, device)
     sr, stage_records, task_success_rows = [], [], []
     start_stage, global_step = 0, 0
     if checkpoint is not None:
-        method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
-        sac.load_state_dict(checkpoint)
-        masks.load_state_dict(checkpoint)
-        dpre.load_state_dict(checkpoint["dpre"])
-        if args.keep_buffer:
-            rb.load_state_dict(checkpoint["rb"])
+        with protocol.restoring(run_dir):
+            method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
+            sac.load_state_dict(checkpoint)
+            masks.load_state_dict(checkpoint)
+            dpre.load_state_dict(checkpoint["dpre"])
+            if args.keep_buffer:
+                rb.load_state_dict(checkpoint["rb"])
         sr, stage_records, task_success_rows = checkpoint["sr"], checkpoint["stages"], checkpoint["task_success"]
         start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
         if use_mask:  # NBSP masks; a baseline installs its own in setup
             masks.install()
+
+    protocol.hold_run_folder(run_dir)  # from here on the run writes: its folder is locked to this process
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
+    # drop what a killed run logged after its last checkpoint (the stage-boundary step itself is kept)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        protocol.atomic_write_json(os.path.join(run_dir, "config.json"), {
+            "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
+            "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
+    mujoco_warnings = MujocoWarnings()
+
+    def stop_if_diverged(values, stage):
+        """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
+        losses reach the host anyway, and before every end-of-stage evaluation."""
+        problem = protocol.first_non_finite(values, sac.watched_tensors())
+        if problem:
+            writer.close()
+            metrics = protocol.metrics_of(run_name, stage_tasks, sr, "ASR", task_success=task_success_rows,
+                                          stages=stage_records)
+            protocol.stop_diverged(run_dir, metrics, {"stage": stage + 1, "task": stage_tasks[stage],
+                                                      "global_step": global_step}, problem)
 
     def evaluate(step):
         rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device)
@@ -790,8 +842,10 @@ def main(args: Args) -> dict:
                 logs = sac.update(data, update_policy, update_target, actor_obs)
                 method.after_update(data, update_policy, update_target)
                 if update_index % 100 == 0:  # the only host synchronisation of the update path
-                    for name, value in logs.items():
-                        writer.add_scalar(f"losses/{name}", value.item(), global_step)
+                    values = {name: value.item() for name, value in logs.items()}
+                    for name, value in values.items():
+                        writer.add_scalar(f"losses/{name}", value, global_step)
+                    stop_if_diverged(values, stage)
                     for name, value in method.logs().items():
                         writer.add_scalar(f"method/{name}", float(value), global_step)
                     sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the last 100 steps
@@ -815,12 +869,14 @@ def main(args: Args) -> dict:
         progress.update(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every task (row of sr), identify skill neurons, fill Dpre
+        stop_if_diverged({}, stage)
         rates = evaluate(global_step)
         task_success_rows.append(rates)
         sr.append([rates[stage_tasks[j]] for j in range(stage + 1)])
         writer.add_scalar("eval/ASR", protocol.continual_metrics(sr)["ASR"], global_step)
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
-                  "early_stopped": early_stopped, **counts, "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "early_stopped": early_stopped, **counts, "env_warnings": mujoco_warnings.take(),
+                  "wall_seconds": round(time.time() - stage_start_time, 2)}
         scores = {}
         if use_mask:
             label = f"stage {stage + 1} ({task})"
@@ -838,13 +894,14 @@ def main(args: Args) -> dict:
             method.end_stage(stage, task, rb)  # a task switch follows
         record["wall_seconds"] = round(time.time() - stage_start_time, 2)
         stage_records.append(record)
+        writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
         print(f"stage {stage + 1}/{H} {task}: {stage_steps} steps{' (early stop)' if early_stopped else ''}, "
-              f"{record['wall_seconds']:.0f}s, success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
+              f"{record['wall_seconds']:.0f}s, success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items())
+              + (f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})" if record["env_warnings"] else ""))
 
         model = {"run_name": run_name, "stage": stage + 1, "task": task, "actor": sac.actor.state_dict(),
                  "qf": sac.qf.state_dict(), "neuron_masks": masks.neuron_masks, "scores": scores,
                  "selected": dict(masks.last_selected)}
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         protocol.atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
         protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
             **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected,
@@ -854,6 +911,7 @@ def main(args: Args) -> dict:
                                          stages=stage_records)
     progress.close()
     writer.close()
+    protocol.release_run_folder(run_dir)
     if args.track:
         wandb.finish()
     print(f"ASR={metrics['ASR']:.3f} FM={metrics['FM'] if metrics['FM'] is None else round(metrics['FM'], 3)} "

@@ -5,8 +5,10 @@ algorithm: the command line and its checks, resuming a killed run, the paper's c
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
+import math
 import os
 import random
 import re
@@ -24,11 +26,16 @@ import skill_neurons as sn
 # What a resumed run may change: where it runs and how it is tracked, never what it computes.
 RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs")
 EVAL_SEED_OFFSET = 10_000  # evaluation env copy i of a run seeded s is seeded s + EVAL_SEED_OFFSET + i
+MAX_SEED = 2**31 - 1  # numpy and gymnasium take seeds below 2**32, the stage and evaluation offsets included
+# Flags that do not change what a run learns: runs differing only in these are seeds of one setting.
+BOOKKEEPING = ("seed", "exp_name", "runs_dir", "torch_deterministic", *RESUME_OVERRIDABLE)
+DIVERGED_EXIT = 3  # exit status of a run stopped by a non-finite loss, parameter or temperature
+error_context = ""  # prefixed to every `error:` line (set while a resumed run's saved config is checked)
 
 
 def fail(message: str) -> typing.NoReturn:
     """Bad input: one line on stderr, non-zero exit, nothing written."""
-    print("error: " + " ".join(message.split()), file=sys.stderr)
+    print("error: " + " ".join((error_context + message).split()), file=sys.stderr)
     sys.exit(2)
 
 
@@ -36,12 +43,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def parse_args(args_class):
-    """tyro's command line, with its boxed parse errors folded into one `error:` line."""
+def parse_args(args_class, argv: list[str] | None = None):
+    """tyro's command line (`argv`, default sys.argv), with its boxed parse errors folded into one
+    `error:` line."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(args_class)
+            return tyro.cli(args_class, args=argv)
     except SystemExit as exit:
         if not exit.code:
             sys.stderr.write(captured.getvalue())
@@ -53,12 +61,23 @@ def parse_args(args_class):
 def check_args(args, positive: list[str], non_negative: list[str]) -> None:
     """The checks both scripts share: positive and non-negative integers, every Literal flag's
     choices, SAC's and NBSP's ranges, and the method's own flags (baselines.method_flags_error)."""
+    if os.path.basename(args.exp_name) != args.exp_name or args.exp_name in ("", ".", ".."):
+        fail(f"--exp-name must be a plain name (it names the run folder inside --runs-dir), got {args.exp_name!r}")
+    if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
+        fail(f"--runs-dir {args.runs_dir!r} is a file; give a folder (it is created if missing)")
+    if not 0 <= args.seed <= MAX_SEED:
+        fail(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     for name in positive:
         if getattr(args, name) <= 0:
             fail(f"{flag(name)} must be a positive integer, got {getattr(args, name)}")
     for name in non_negative:
         if getattr(args, name) < 0:
             fail(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+    for name in ("policy_lr", "q_lr", "alpha"):  # log(alpha) is the temperature's parameter
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            fail(f"{flag(name)} must be a finite number > 0, got {getattr(args, name)}")
+    if args.batch_size > args.buffer_size:
+        fail(f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}: a batch is drawn from D")
     if not args.hidden or min(args.hidden) <= 0:
         fail(f"--hidden needs one or more positive widths, got {args.hidden}")
     if not 0.0 < args.skill_ratio <= 1.0:
@@ -75,10 +94,21 @@ def check_args(args, positive: list[str], non_negative: list[str]) -> None:
         fail(problem)
 
 
-def load_resume(args) -> tuple[object, str, dict]:
+def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
+    """Refuse a preallocation larger than the device's whole memory (host RAM on CPU)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed_bytes > total:
+        fail(f"{what} need {needed_bytes / 2**30:.1f} GiB on {device.type}, more than its {total / 2**30:.1f} GiB")
+
+
+def load_resume(args, validate) -> tuple[object, str, dict]:
     """Config and latest checkpoint of the run folder `args.resume`; stops with one line if either
-    is unusable. Returns the saved Args (with this command line's RESUME_OVERRIDABLE flags), the
-    run name and the checkpoint."""
+    is unusable or the saved config fails `validate` (the script's own checks of a command line).
+    Returns the saved Args (with this command line's RESUME_OVERRIDABLE flags), the run name and
+    the checkpoint."""
     args_class, run_dir = type(args), args.resume.rstrip("/")
     defaults = args_class()
     changed = [f.name for f in fields(args_class) if f.name not in RESUME_OVERRIDABLE
@@ -102,7 +132,92 @@ def load_resume(args) -> tuple[object, str, dict]:
     for name in RESUME_OVERRIDABLE:
         setattr(saved, name, getattr(args, name))
     saved.resume = run_dir
+    global error_context
+    error_context = f"resume folder {run_dir!r}, its config.json: "
+    try:
+        validate(saved)
+    finally:
+        error_context = ""
     return saved, config["run_name"], checkpoint
+
+
+@contextlib.contextmanager
+def restoring(run_dir: str):
+    """Loading a checkpoint into networks and buffers built from its config.json: a mismatch
+    (other widths, a buffer too small, a missing entry) stops with one line."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        fail(f"resume folder {run_dir!r}: checkpoint.pt does not fit its config.json ({type(e).__name__}: {detail})")
+
+
+_held_locks: dict[str, io.TextIOWrapper] = {}  # run folder -> its open lock file, for the life of the run
+
+
+def hold_run_folder(run_dir: str) -> None:
+    """Create (or reopen) the run folder and lock it for the rest of the run, so that a second
+    process on the same folder stops with one line naming the holder (a POSIX lock: it dies with
+    its process, however that ends). Also proves, before training, that every file the run will
+    write or replace can be written."""
+    try:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        lock = open(os.path.join(run_dir, "run.lock"), "a+")
+    except OSError as e:
+        fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); give a writable --runs-dir")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        fail(f"run folder {run_dir!r} is in use by another process ({holder}); wait for it to end or stop it")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    lock.flush()
+    _held_locks[run_dir] = lock
+    replaced = [os.path.join(run_dir, name) for name in ("metrics.json", "checkpoint.pt")]
+    probes = [os.path.join(folder, ".write-probe") for folder in (run_dir, os.path.join(run_dir, "checkpoints"))]
+    for path in replaced + probes:
+        try:
+            if path in probes:
+                open(path, "wb").close()
+                os.remove(path)
+            elif os.path.exists(path):
+                open(path, "r+b").close()
+        except OSError as e:
+            fail(f"cannot write {path!r} ({e.strerror}); the run could not save its stages")
+
+
+def release_run_folder(run_dir: str) -> None:
+    lock = _held_locks.pop(run_dir, None)
+    if lock is not None:
+        lock.close()
+
+
+def first_non_finite(values: dict, tensors: dict) -> str | None:
+    """The first non-finite quantity, as 'name (value)': among `values` (floats already on the
+    host: the logged losses) and `tensors` (parameters, the temperature; one host synchronisation
+    for all of them); None when everything is finite."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            return f"{name} ({value})"
+    names = list(tensors)
+    finite = torch.stack([tensors[name].detach().abs().amax().isfinite() for name in names]).cpu()
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    return f"{bad[0]} (non-finite values)" if bad else None
+
+
+def stop_diverged(run_dir: str, metrics: dict, where: dict, quantity: str) -> typing.NoReturn:
+    """A run whose losses, parameters or temperature became non-finite: metrics.json says it
+    diverged (never a result), one line on stderr, exit DIVERGED_EXIT."""
+    metrics = metrics | {"complete": False, "diverged": where | {"quantity": quantity}}
+    atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    print(f"error: the run diverged: non-finite {quantity} at stage {where['stage']} ({where['task']}), global step "
+          f"{where['global_step']}; {os.path.join(run_dir, 'metrics.json')} marks it diverged, with no result",
+          file=sys.stderr)
+    sys.exit(DIVERGED_EXIT)
 
 
 def continual_metrics(sr: list[list[float]], average: str = "ASR") -> dict:
@@ -121,12 +236,17 @@ def continual_metrics(sr: list[list[float]], average: str = "ASR") -> dict:
     return {average: mean_seen, "FM": fm, "FWT": fwt}
 
 
-def write_metrics(run_dir: str, run_name: str, stage_tasks: list[str], sr, average: str, **rows) -> dict:
-    """metrics.json: the sr matrix padded to H x H, the continual metrics and the per-stage `rows`."""
+def metrics_of(run_name: str, stage_tasks: list[str], sr, average: str, **rows) -> dict:
+    """metrics.json's content: the sr matrix padded to H x H, the continual metrics (None before
+    the first stage ends) and the per-stage `rows`."""
     H = len(stage_tasks)
-    metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": len(sr) == H,
-               "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)),
-               **continual_metrics(sr, average), **rows}
+    scores = continual_metrics(sr, average) if sr else {average: None, "FM": None, "FWT": None}
+    return {"run_name": run_name, "stage_tasks": stage_tasks, "complete": len(sr) == H,
+            "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)), **scores, **rows}
+
+
+def write_metrics(run_dir: str, run_name: str, stage_tasks: list[str], sr, average: str, **rows) -> dict:
+    metrics = metrics_of(run_name, stage_tasks, sr, average, **rows)
     atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
     return metrics
 

@@ -53,11 +53,9 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, SCRIPTS)
+sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # scripts/ and the training scripts, from any working directory
 
-# args that do not change what a run learns: runs differing only in these are seeds of one setting
-BOOKKEEPING = {"seed", "exp_name", "runs_dir", "resume", "cuda", "track", "wandb_project_name", "wandb_entity",
-               "compile", "cudagraphs", "torch_deterministic"}
+from protocol import BOOKKEEPING  # noqa: E402
 EVAL_TAG = re.compile(r"eval/(.+)/success_rate")
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
@@ -370,6 +368,19 @@ def plot_skill_ratio(run_dirs, out_path: str, metric: str = "ASR", title: str | 
 # ------------------------------------------------------------------------------------------
 # Activation histogram of one neuron by episode success (paper Fig. 1)
 # ------------------------------------------------------------------------------------------
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise FigureError(f"--device must be a torch device such as cpu or cuda, got {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise FigureError(f"--device {device}: no CUDA device is available; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise FigureError(f"--device must be cpu or a cuda device, got {device!r}")
+
+
 def neuron_activations(run_dir: str, stage: int = 1, network: str = "actor", neuron: int | None = None,
                        task: str | None = None, episodes: int | None = None, seed: int | None = None,
                        device: str = "cpu") -> dict:
@@ -509,6 +520,9 @@ def main(argv=None) -> list[str]:
         else:
             if options.episodes is not None and options.episodes <= 0:
                 raise FigureError(f"--episodes must be a positive integer, got {options.episodes}")
+            if options.bins <= 0:
+                raise FigureError(f"--bins must be a positive integer, got {options.bins}")
+            check_device(options.device)
             paths = plot_histogram(options.run.rstrip("/"), options.out, options.stage, options.network, options.neuron,
                                    options.task, options.episodes, options.seed, options.bins, options.device)
     except FigureError as e:

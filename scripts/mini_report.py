@@ -8,7 +8,6 @@ hand except the free text passed with --notes.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -21,6 +21,9 @@
 # Run the same command again after a crash or a failure: runs whose metrics.json says
 # "complete" are skipped, killed runs continue with `--resume <run_dir>`.
 import argparse
+import contextlib
+import importlib
+import io
 import itertools
 import json
 import os
@@ -36,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the method registry and the protocol's facts, from any working directory
 
 import baselines  # noqa: E402
+import protocol  # noqa: E402
 from protocol import RESUME_OVERRIDABLE  # noqa: E402
 
 SCRIPTS = {"metaworld": "nbsp_sac_metaworld.py", "atari": "nbsp_sac_atari.py"}
@@ -360,6 +364,21 @@ def plan_runs(runs: list[Run], args) -> list[Plan]:
     return plans
 
 
+def check_new_runs(plans: list[Plan]) -> None:
+    """Every new run's command line, parsed and checked by its own training script (the same parser
+    and checks as on the command line), before anything runs or is written."""
+    for plan in plans:
+        if plan.action != "new":
+            continue
+        script = importlib.import_module(SCRIPTS[plan.run.script].removesuffix(".py"))
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                script.validate(protocol.parse_args(script.Args, plan.command[2:]))
+        except SystemExit:
+            raise SweepError(f"run {plan.run.label}: {captured.getvalue().strip().removeprefix('error: ')}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Local execution
 # ---------------------------------------------------------------------------------------------
@@ -576,8 +595,12 @@ def main(argv: list[str]) -> int:
     if args.log_dir is None:
         args.log_dir = os.path.join(args.runs_dir, "sweep_logs")
 
+    for name, least in (("slurm_cpus", 1), ("slurm_gpus", 0), ("slurm_max_parallel", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise SweepError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     runs = build_runs(args, extra)
     plans = plan_runs(runs, args)
+    check_new_runs(plans)
     counts = {a: sum(p.action == a for p in plans) for a in ("new", "resume", "skip")}
     summary = f"{len(plans)} runs: {counts['new']} new, {counts['resume']} to resume, {counts['skip']} complete (skipped)"
     if args.slurm:

@@ -95,12 +95,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the method registry and the training scripts' Args, from any working directory
 
 import baselines  # noqa: E402
-from protocol import RESUME_OVERRIDABLE  # noqa: E402
+import protocol  # noqa: E402
 
 PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
 SCRIPT_MODULES = {"metaworld": "nbsp_sac_metaworld", "atari": "nbsp_sac_atari"}
 
-BOOKKEEPING = {"seed", "exp_name", "runs_dir", "torch_deterministic", *RESUME_OVERRIDABLE}
+BOOKKEEPING = set(protocol.BOOKKEEPING)
 SETTING_FLAGS = {"method", "no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio"}
 LABEL_MODS = ("identify", "apply_to", "skill_ratio")
 TASK_KEYS = {"tasks", "games"}
@@ -230,7 +230,10 @@ def _read_run(metrics_path: str) -> Run:
     H = len(stage_tasks) or len(metrics.get("sr") or [])
     done = sum(1 for row in metrics.get("sr") or [] if row and row[0] is not None)
     complete = metrics.get("complete", done == H and H > 0)
-    if not complete:
+    if metrics.get("diverged"):
+        where = metrics["diverged"]
+        run.problem = f"diverged at stage {where['stage']}, global step {where['global_step']} ({where['quantity']})"
+    elif not complete:
         run.problem = f"incomplete ({done}/{H} stages)"
     elif run.scores.get(names[0]) is None or run.scores.get("FWT") is None:
         run.problem = f"metrics.json has no {names[0]}/FWT"
@@ -849,7 +852,7 @@ def main(argv=None) -> int:
     parser.add_argument("paths", nargs="+", help="folders holding runs/{run_name}/ (searched recursively)")
     parser.add_argument("--table", nargs="+", metavar="T", help=f"one or more of {', '.join(TABLE_CHOICES)}")
     parser.add_argument("--format", nargs="+", default=["markdown"], metavar="F", help="markdown and/or latex")
-    parser.add_argument("--out", help="write here instead of stdout (two formats: OUT.md and OUT.tex)")
+    parser.add_argument("--out", help="write here instead of stdout (OUT.md and/or OUT.tex when OUT has no extension)")
     parser.add_argument("--iqm", action="store_true", help="add rliable's IQM with 95%% bootstrap CIs per setting")
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions of --iqm")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the --iqm bootstrap")
@@ -859,6 +862,15 @@ def main(argv=None) -> int:
         tables = expand_tables(args.table) if args.table else None
         if args.reps < 1:
             raise TablesError(f"--reps must be a positive integer, got {args.reps}")
+        if not 0 <= args.seed < 2**32:
+            raise TablesError(f"--seed must be in [0, 2**32), got {args.seed}")
+        if args.out:
+            folder = os.path.dirname(os.path.abspath(args.out))
+            existing = folder
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+                raise TablesError(f"--out {args.out!r}: {existing!r} is not a writable folder")
         runs = load_runs(args.paths)
     except TablesError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -874,10 +886,9 @@ def main(argv=None) -> int:
         print("\n".join(outputs.values()), end="")
         return 0
     for f, text in outputs.items():
-        path = args.out
-        if len(outputs) > 1:
-            stem, ext = os.path.splitext(args.out)
-            path = (stem if ext in (".md", ".tex") else args.out) + (".md" if f == "markdown" else ".tex")
+        stem, ext = os.path.splitext(args.out)
+        suffix = ".md" if f == "markdown" else ".tex"
+        path = args.out if len(outputs) == 1 and ext else (stem if ext in (".md", ".tex") else args.out) + suffix
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as fh:
             fh.write(text)

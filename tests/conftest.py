@@ -27,7 +27,9 @@ def kill_after_stage_1(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             script.main(args)
         monkeypatch.setattr(protocol, "atomic_write_json", original)
-        return os.path.dirname(written[0])
+        run_dir = os.path.dirname(written[0])
+        protocol.release_run_folder(run_dir)  # a killed process holds no lock
+        return run_dir
 
     return run
 

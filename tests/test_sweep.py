@@ -174,7 +174,7 @@ def test_slurm_script_runs_its_command(tmp_path):
     out_sh, log_dir = str(tmp_path / "a.sh"), tmp_path / "logs"
     res = run_sweep("--sequences", "reach", "--settings", "nbsp", "sac", "--seeds", "3", "--runs-dir",
                     str(tmp_path / "runs"), "--log-dir", str(log_dir), "--python", fake_python(tmp_path),
-                    "--slurm", out_sh, "--slurm-gpus", "0", "--", "--hidden", "8 8")
+                    "--slurm", out_sh, "--slurm-gpus", "0", "--", "--hidden", "8", "8")
     assert res.returncode == 0 and "--gres" not in open(out_sh).read()
     sel = subprocess.run(["bash", out_sh], capture_output=True, text=True,
                          env=dict(os.environ, SLURM_ARRAY_TASK_ID="1", SLURM_CPUS_PER_TASK="3"))
@@ -254,13 +254,15 @@ def test_killed_run_is_resumed(finished_sweep, tmp_path):
 
 
 def test_failed_run_is_reported(tmp_path):
+    # a command line the sweep's own check accepts (--skill-ratio 2 is refused before any run:
+    # tests/test_reliability.py) but the run refuses once it knows the replay memory it needs
     res = run_sweep("--sequences", "reach", "--seeds", "1", "--runs-dir", str(tmp_path), "--",
-                    *TINY, "--skill-ratio", "2")
+                    *TINY, "--buffer-size", "1000000000000")
     log = os.path.join(str(tmp_path), "sweep_logs", "reach__nbsp__1.log")
     assert res.returncode == 1
     assert "FAILED" in res.stdout and "0 ok, 1 failed" in res.stdout and f"exit 2): {log}" in res.stdout
-    assert "error: --skill-ratio must be in (0, 1]" in res.stdout  # the log's last line, shown
-    assert "error: --skill-ratio" in open(log).read()
+    assert "error: D (--buffer-size 1000000000000)" in res.stdout  # the log's last line, shown
+    assert "error: D (--buffer-size" in open(log).read()
 
 
 def test_stopping_the_sweep_stops_its_runs(tmp_path):
