@@ -101,8 +101,8 @@ PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
 SCRIPT_MODULES = {"metaworld": "nbsp_sac_metaworld", "atari": "nbsp_sac_atari"}
 
 BOOKKEEPING = set(protocol.BOOKKEEPING)
-SETTING_FLAGS = {"method", "no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio"}
-LABEL_MODS = ("identify", "apply_to", "skill_ratio")
+SETTING_FLAGS = {"method", "no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio", "goal_score"}
+LABEL_MODS = ("identify", "apply_to", "skill_ratio", "goal_score")
 TASK_KEYS = {"tasks", "games"}
 BASELINES = {name: baselines.LABELS[name] for name in baselines.BASELINES}
 ABLATION = ["vanilla SAC", "only experience replay", "only gradient masking", "NBSP with hard gradient masking", "NBSP"]
@@ -170,7 +170,7 @@ def setting_label(config: dict) -> str:
     else:
         base = "NBSP with hard gradient masking" if hard else "NBSP"
     defaults = script_defaults("metaworld")
-    fallback = {"identify": "goal", "apply_to": "both", "skill_ratio": 0.2}
+    fallback = {"identify": "goal", "apply_to": "both", "skill_ratio": 0.2, "goal_score": "paper"}
     mods = [f"{k}={fmt_value(config[k])}" for k in LABEL_MODS
             if k in config and config[k] != defaults.get(k, fallback[k])]
     return f"{base} ({', '.join(mods)})" if mods else base

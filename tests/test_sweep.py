@@ -57,7 +57,8 @@ METHODS = {*baselines.BASELINES, "nbsp"}  # the registry's methods: Tables 1 and
     ("table4", 3, {"actor-only", "critic-only", "nbsp"}),
     ("table5", 2, METHODS),
     ("figure4", 1, {"ratio0.05", "ratio0.1", "nbsp", "ratio0.3", "ratio0.4", "ratio0.5"}),
-    ("mini", 1, {"sac", "only-replay", "only-mask", "nbsp"}),
+    ("mini", 1, {"sac", "only-replay", "only-mask", "hard-mask", "nbsp", "identify-random", "identify-activation",
+                 "identify-weight", "goal-balanced"}),
 ])
 def test_preset_grid(preset, n_seq, names):
     runs = runs_of(["--preset", preset])
