@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Literal
 
@@ -19,8 +19,6 @@ import torch
 import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 import baselines
 import protocol
@@ -53,6 +51,8 @@ class Args:
     """folder in which the run folder `{run_name}` is created"""
     resume: str | None = None
     """run folder of a killed run to continue from its last finished stage (takes its config.json)"""
+    progress_every: float = 60.0
+    """seconds between plain progress lines when stderr is not a terminal (log file, nohup, Slurm); 0: none"""
 
     # Cycling protocol (paper Section 4.3, Tables 5-7)
     games: list[str] = field(default_factory=lambda: ["Pong", "Bowling"])
@@ -71,6 +71,8 @@ class Args:
     """environments stepped together (one batched policy call) in evaluation and identification"""
     eval_every: int = 100_000
     """evaluate every game of the run every this many environment steps (0: only after stages)"""
+    dormant_threshold: float = 0.025
+    """plasticity diagnostics: a neuron is dormant when its mean |activation| on the probe batch is at most this fraction of its layer's mean (ReDo's tau)"""
     sticky_actions: bool = False
     """repeat the previous action with probability 0.25 (ALE v5 default); off as in CleanRL"""
     game_scores: list[str] = field(default_factory=list)
@@ -151,7 +153,8 @@ GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
 # random score reads 227.5 there). Other games need --game-scores.
 PAPER_SCORES = {"Alien": (227.5, 6875.0), "BankHeist": (14.2, 734.4), "Bowling": (23.1, 154.8), "Pong": (-20.7, 9.3)}
 FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
-MAX_EVAL_ENVS = 64  # env copies per game played side by side in evaluation
+MAX_EVAL_ENVS = 64
+PLASTICITY_PROBE = 512  # observations of the fixed batch the plasticity diagnostics are measured on  # env copies per game played side by side in evaluation
 CONV_OUT = 7  # spatial size after the convolutions: 84 -> 20 -> 9 -> 7
 
 
@@ -912,6 +915,18 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, games, identify_
 # ------------------------------------------------------------------------------------------
 # Evaluation and the main loop
 # ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
+    """Plasticity diagnostics of the actor and both critics on the probe batch: dormant ratio,
+    feature rank of the last hidden layer, mean absolute weight."""
+    names = ["actor", "qf1", "qf2"]
+    with sn.ActivationRecorder([layer for name in names for layer in networks[name]]) as recorder:
+        for net in (sac.actor, sac.qf1, sac.qf2):
+            net(probe_obs.to(sac.device))
+    activations = sn.split_recorded(recorder.activations(), networks, names)
+    return {name: sn.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
+
+
 def evaluate_all(eval_envs, actor, method, normalization, args, device):
     """Raw and normalized (Eq. 12) return of every game of the run: the mean over the games
     finished within --eval-steps (if none finished, the unfinished games' returns so far), and
@@ -992,25 +1007,13 @@ def main(args: Args) -> dict:
         if use_mask:  # NBSP masks; a baseline installs its own in setup
             masks.install()
 
-    protocol.hold_run_folder(run_dir)  # from here on the run writes: its folder is locked to this process
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    # drop what a killed run logged after its last checkpoint (the stage-boundary step itself is kept)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        protocol.atomic_write_json(os.path.join(run_dir, "config.json"), {
-            "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
-            "normalization": {game: normalization[game] for game in unique_games},
-            "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}})
-
+    writer = protocol.open_run(args, run_dir, run_name, checkpoint, device, {
+        "stage_tasks": stage_tasks, "device": str(device), "normalization": {game: normalization[game] for game in unique_games},
+        "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}})
 
     def stop_if_diverged(values, stage):
         """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
-        losses reach the host anyway, and before every end-of-stage evaluation."""
+        losses reach the host anyway, and before every evaluation."""
         problem = protocol.first_non_finite(values, sac.watched_tensors())
         if problem:
             writer.close()
@@ -1019,16 +1022,30 @@ def main(args: Args) -> dict:
             protocol.stop_diverged(run_dir, metrics, {"stage": stage + 1, "task": stage_tasks[stage],
                                                       "global_step": global_step}, problem)
 
-    def evaluate(step):
+    plasticity_probe = checkpoint.get("plasticity_probe") if checkpoint else None
+
+    def evaluate(step, stage):
+        """Every game's return, and the plasticity diagnostics on a fixed batch (the newest
+        observations of D at the run's first evaluation)."""
+        nonlocal plasticity_probe
+        stop_if_diverged({}, stage)  # a diverged policy would make the simulator and the diagnostics fail first
         returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
         for game in returns:
             writer.add_scalar(f"eval/{game}/return", returns[game], step)
             writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
             writer.add_scalar(f"eval/{game}/finished_games", float(finished[game]), step)
-        return returns, normalized
+        if plasticity_probe is None:
+            n = min(rb.size, PLASTICITY_PROBE)
+            plasticity_probe = rb.observations((rb.end - n + torch.arange(n, device=device)) % rb.capacity).clone()
+        plasticity = measure_plasticity(sac, masks.networks, plasticity_probe, args.dormant_threshold)
+        for name, values in plasticity.items():
+            for key, value in values.items():
+                writer.add_scalar(f"plasticity/{name}/{key}", value, step)
+        return returns, normalized, plasticity
 
-    progress = tqdm(total=H * args.steps_per_task, initial=sum(r["budget_steps"] for r in stage_records),
-                    dynamic_ncols=True, mininterval=1.0, disable=None)
+    progress = protocol.Progress(H * args.steps_per_task, sum(r["budget_steps"] for r in stage_records),
+                                 args.progress_every, upper_bound=False)
+    last_eval = "n/a"
     for stage in range(start_stage, H):
         game = stage_tasks[stage]
         stage_seed = args.seed + 1000 * (stage + 1)
@@ -1036,7 +1053,7 @@ def main(args: Args) -> dict:
         env = make_env(game, stage_seed, True, args.sticky_actions)
         if not args.keep_buffer:
             rb.clear()
-        progress.set_description(f"stage {stage + 1}/{H} {game}")
+        progress.begin_stage(f"stage {stage + 1}/{H} {game}")
         method.begin_stage(stage, game)
         obs, _ = env.reset(seed=stage_seed)
         game_start, game_id = 0, global_step + 1  # a game's id: its first global step
@@ -1086,21 +1103,24 @@ def main(args: Args) -> dict:
                     sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the steps since the last log
                     sps_time, sps_step = time.time(), step + 1
                     writer.add_scalar("charts/SPS", sps, global_step)
-                    progress.set_postfix(SPS=sps, refresh=False)
+            if step == args.learning_starts:
+                progress.learning_started(step)
             if step % 100 == 99:
-                progress.update(100)
+                recent = [g["return"] for g in stage_games[-10:]]
+                progress.advance(100, step, global_step, eval=last_eval,
+                                 returns=f"{np.mean(recent):.1f}" if recent else "n/a")
 
             if args.eval_every and global_step % args.eval_every == 0:
-                returns, normalized = evaluate(global_step)
+                returns, normalized, _ = evaluate(global_step, stage)
+                last_eval = "/".join(f"{v:.2f}" for v in normalized.values())
                 print(f"step {global_step}: eval return " + " ".join(f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items()))
                 sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
         env.close()
         stage_steps = step + 1
-        progress.update(args.steps_per_task - (stage_steps - stage_steps % 100))
+        progress.skip(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every game (row of sr), identify skill neurons, fill Dpre
-        stop_if_diverged({}, stage)
-        returns, normalized = evaluate(global_step)
+        returns, normalized, plasticity = evaluate(global_step, stage)
         task_success_rows.append(normalized)
         task_return_rows.append(returns)
         sr.append([normalized[stage_tasks[j]] for j in range(stage + 1)])
@@ -1108,7 +1128,8 @@ def main(args: Args) -> dict:
         # one actor step on the critic's batch per update (CleanRL's sac_atari): both follow Dpre's schedule
         record = {"stage": stage + 1, "task": game, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "critic_updates": updates, "critic_dpre_updates": dpre_updates, "actor_updates": updates,
-                  "actor_dpre_updates": dpre_updates, "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "actor_dpre_updates": dpre_updates, "plasticity": plasticity,
+                  "wall_seconds": round(time.time() - stage_start_time, 2)}
         scores = {}
         if use_mask:
             label = f"stage {stage + 1} ({game})"
@@ -1135,18 +1156,17 @@ def main(args: Args) -> dict:
         protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
             **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected, "dpre": dpre.state_dict(),
             "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
-            "task_success": task_success_rows, "task_return": task_return_rows, "global_step": global_step})
+            "task_success": task_success_rows, "task_return": task_return_rows, "global_step": global_step,
+            "plasticity_probe": plasticity_probe.cpu()})
         metrics = protocol.write_metrics(run_dir, run_name, stage_tasks, sr, "AR", task_success=task_success_rows,
                                          task_return=task_return_rows, stages=stage_records)
     progress.close()
-    writer.close()
-    protocol.release_run_folder(run_dir)
+    protocol.close_run(args, run_dir, writer)
     for pool in (eval_envs, identify_envs):
         for envs in pool.values():
             for e in envs:
                 e.close()
-    if args.track:
-        wandb.finish()
+    print(protocol.matrix_table(stage_tasks, sr))
     print(f"AR={metrics['AR']:.3f} FM={metrics['FM'] if metrics['FM'] is None else round(metrics['FM'], 3)} "
           f"FWT={metrics['FWT']:.3f} -> {os.path.join(run_dir, 'metrics.json')}")
     return metrics

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Literal
 
@@ -18,8 +18,6 @@ import numpy as np
 import torch
 import torch._inductor.config
 import torch.nn as nn
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 import baselines
 import protocol
@@ -50,6 +48,8 @@ class Args:
     """folder in which the run folder `{run_name}` is created"""
     resume: str | None = None
     """run folder of a killed run to continue from its last finished stage (takes its config.json)"""
+    progress_every: float = 60.0
+    """seconds between plain progress lines when stderr is not a terminal (log file, nohup, Slurm); 0: none"""
 
     # Cycling protocol (paper Section 4 and Table 6)
     tasks: list[str] = field(default_factory=lambda: ["window-open", "window-close"])
@@ -68,6 +68,8 @@ class Args:
     """episodes per task of each evaluation (deterministic policy, success at any step)"""
     eval_every: int = 20_000
     """evaluate every task of the run every this many environment steps (0: only after stages)"""
+    dormant_threshold: float = 0.025
+    """plasticity diagnostics: a neuron is dormant when its mean |activation| on the probe batch is at most this fraction of its layer's mean (ReDo's tau)"""
 
     # SAC (CleanRL's defaults, paper Table 6)
     hidden: list[int] = field(default_factory=lambda: [768, 768, 768])
@@ -137,6 +139,7 @@ class Args:
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
 EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
 GOAL_METRICS = ("success", "return")  # the paper's goal metric; the return when a stage has one outcome
+PLASTICITY_PROBE = 512  # observations of the fixed batch the plasticity diagnostics are measured on
 MAX_ROLLOUT_ENVS = 20  # env copies per task for evaluation and rollouts (about 23 MB each); more episodes run in waves
 
 
@@ -676,6 +679,18 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, episodes, envs, 
 # ------------------------------------------------------------------------------------------
 # Evaluation and the main loop
 # ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def measure_plasticity(sac, networks, probe, dormant_threshold):
+    """Plasticity diagnostics of the actor and both critics on the probe batch (critics at its
+    stored actions): dormant ratio, feature rank of the last hidden layer, mean absolute weight."""
+    names = ["actor", "qf1", "qf2"]
+    with sn.ActivationRecorder([layer for name in names for layer in networks[name]]) as recorder:
+        sac.actor(probe["obs"])
+        sac.qf(probe["obs"], probe["actions"])
+    activations = sn.split_recorded(recorder.activations(), networks, names)
+    return {name: sn.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
+
+
 def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device):
     """Deterministic success rate of every task of the run, on its fixed goal configurations."""
     rates = {}
@@ -747,24 +762,14 @@ def main(args: Args) -> dict:
         if use_mask:  # NBSP masks; a baseline installs its own in setup
             masks.install()
 
-    protocol.hold_run_folder(run_dir)  # from here on the run writes: its folder is locked to this process
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    # drop what a killed run logged after its last checkpoint (the stage-boundary step itself is kept)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        protocol.atomic_write_json(os.path.join(run_dir, "config.json"), {
-            "run_name": run_name, "args": asdict(args), "stage_tasks": stage_tasks, "device": str(device),
-            "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
+    writer = protocol.open_run(args, run_dir, run_name, checkpoint, device, {
+        "stage_tasks": stage_tasks, "device": str(device),
+        "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
     mujoco_warnings = MujocoWarnings()
 
     def stop_if_diverged(values, stage):
         """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
-        losses reach the host anyway, and before every end-of-stage evaluation."""
+        losses reach the host anyway, and before every evaluation."""
         problem = protocol.first_non_finite(values, sac.watched_tensors())
         if problem:
             writer.close()
@@ -773,14 +778,28 @@ def main(args: Args) -> dict:
             protocol.stop_diverged(run_dir, metrics, {"stage": stage + 1, "task": stage_tasks[stage],
                                                       "global_step": global_step}, problem)
 
-    def evaluate(step):
+    plasticity_probe = checkpoint.get("plasticity_probe") if checkpoint else None
+
+    def evaluate(step, stage):
+        """Every task's success rate, and the plasticity diagnostics on a fixed batch (the newest
+        transitions of D at the run's first evaluation)."""
+        nonlocal plasticity_probe
+        stop_if_diverged({}, stage)  # a diverged policy would make the simulator and the diagnostics fail first
         rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device)
         for task, rate in rates.items():
             writer.add_scalar(f"eval/{task}/success_rate", rate, step)
-        return rates
+        if plasticity_probe is None:
+            rows = rb.latest(PLASTICITY_PROBE)
+            plasticity_probe = {"obs": rows[:, :obs_dim].clone(), "actions": rows[:, obs_dim : obs_dim + act_dim].clone()}
+        plasticity = measure_plasticity(sac, masks.networks, plasticity_probe, args.dormant_threshold)
+        for name, values in plasticity.items():
+            for key, value in values.items():
+                writer.add_scalar(f"plasticity/{name}/{key}", value, step)
+        return rates, plasticity
 
-    progress = tqdm(total=H * args.steps_per_task, initial=sum(r["budget_steps"] for r in stage_records),
-                    dynamic_ncols=True, mininterval=1.0, disable=None)
+    progress = protocol.Progress(H * args.steps_per_task, sum(r["budget_steps"] for r in stage_records),
+                                 args.progress_every, upper_bound=args.early_stop_success > 0)
+    last_eval = "n/a"
     for stage in range(start_stage, H):
         task = stage_tasks[stage]
         stage_seed = args.seed + 1000 * (stage + 1)
@@ -789,7 +808,7 @@ def main(args: Args) -> dict:
         env.action_space.seed(stage_seed)
         if not args.keep_buffer:
             rb.clear()
-        progress.set_description(f"stage {stage + 1}/{H} {task}")
+        progress.begin_stage(f"stage {stage + 1}/{H} {task}")
         method.begin_stage(stage, task)
         obs, _ = env.reset(seed=stage_seed)
         episode_success, episode_start, episode_id = False, 0, global_step + 1  # an episode's id: its first global step
@@ -851,12 +870,15 @@ def main(args: Args) -> dict:
                     sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the last 100 steps
                     sps_time, sps_step = time.time(), step + 1
                     writer.add_scalar("charts/SPS", sps, global_step)
-                    progress.set_postfix(SPS=sps, refresh=False)
+            if step == args.learning_starts:
+                progress.learning_started(step)
             if step % 100 == 99:
-                progress.update(100)
+                progress.advance(100, step, global_step, eval=last_eval,
+                                 success=f"{np.mean(recent_success):.2f}" if recent_success else "n/a")
 
             if args.eval_every and global_step % args.eval_every == 0:
-                rates = evaluate(global_step)
+                rates, _ = evaluate(global_step, stage)
+                last_eval = "/".join(f"{r:.2f}" for r in rates.values())
                 print(f"step {global_step}: eval success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
                 sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
 
@@ -866,17 +888,16 @@ def main(args: Args) -> dict:
                 break
         env.close()
         stage_steps = step + 1
-        progress.update(args.steps_per_task - (stage_steps - stage_steps % 100))
+        progress.skip(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every task (row of sr), identify skill neurons, fill Dpre
-        stop_if_diverged({}, stage)
-        rates = evaluate(global_step)
+        rates, plasticity = evaluate(global_step, stage)
         task_success_rows.append(rates)
         sr.append([rates[stage_tasks[j]] for j in range(stage + 1)])
         writer.add_scalar("eval/ASR", protocol.continual_metrics(sr)["ASR"], global_step)
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "early_stopped": early_stopped, **counts, "env_warnings": mujoco_warnings.take(),
-                  "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "plasticity": plasticity, "wall_seconds": round(time.time() - stage_start_time, 2)}
         scores = {}
         if use_mask:
             label = f"stage {stage + 1} ({task})"
@@ -906,14 +927,13 @@ def main(args: Args) -> dict:
         protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
             **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected,
             "dpre": dpre.state_dict(), "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr,
-            "stages": stage_records, "task_success": task_success_rows, "global_step": global_step})
+            "stages": stage_records, "task_success": task_success_rows, "global_step": global_step,
+            "plasticity_probe": {k: v.cpu() for k, v in plasticity_probe.items()}})
         metrics = protocol.write_metrics(run_dir, run_name, stage_tasks, sr, "ASR", task_success=task_success_rows,
                                          stages=stage_records)
     progress.close()
-    writer.close()
-    protocol.release_run_folder(run_dir)
-    if args.track:
-        wandb.finish()
+    protocol.close_run(args, run_dir, writer)
+    print(protocol.matrix_table(stage_tasks, sr))
     print(f"ASR={metrics['ASR']:.3f} FM={metrics['FM'] if metrics['FM'] is None else round(metrics['FM'], 3)} "
           f"FWT={metrics['FWT']:.3f} -> {os.path.join(run_dir, 'metrics.json')}")
     return metrics

@@ -13,22 +13,26 @@ import os
 import random
 import re
 import sys
+import time
 import typing
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 import baselines
 import skill_neurons as sn
 
 # What a resumed run may change: where it runs and how it is tracked, never what it computes.
-RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs")
+RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs",
+                      "progress_every")
 EVAL_SEED_OFFSET = 10_000  # evaluation env copy i of a run seeded s is seeded s + EVAL_SEED_OFFSET + i
 MAX_SEED = 2**31 - 1  # numpy and gymnasium take seeds below 2**32, the stage and evaluation offsets included
 # Flags that do not change what a run learns: runs differing only in these are seeds of one setting.
-BOOKKEEPING = ("seed", "exp_name", "runs_dir", "torch_deterministic", *RESUME_OVERRIDABLE)
+BOOKKEEPING = ("seed", "exp_name", "runs_dir", "torch_deterministic", "dormant_threshold", *RESUME_OVERRIDABLE)
 DIVERGED_EXIT = 3  # exit status of a run stopped by a non-finite loss, parameter or temperature
 error_context = ""  # prefixed to every `error:` line (set while a resumed run's saved config is checked)
 
@@ -73,6 +77,10 @@ def check_args(args, positive: list[str], non_negative: list[str]) -> None:
     for name in non_negative:
         if getattr(args, name) < 0:
             fail(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.dormant_threshold) and args.dormant_threshold >= 0):
+        fail(f"--dormant-threshold must be a finite number >= 0, got {args.dormant_threshold}")
+    if not (math.isfinite(args.progress_every) and args.progress_every >= 0):
+        fail(f"--progress-every must be a finite number of seconds >= 0, got {args.progress_every}")
     for name in ("policy_lr", "q_lr", "alpha"):  # log(alpha) is the temperature's parameter
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             fail(f"{flag(name)} must be a finite number > 0, got {getattr(args, name)}")
@@ -190,6 +198,35 @@ def hold_run_folder(run_dir: str) -> None:
             fail(f"cannot write {path!r} ({e.strerror}); the run could not save its stages")
 
 
+def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device, config: dict):
+    """From here on the run writes: lock its folder, say where it is and how to watch it, start
+    tracking (--track), open TensorBoard (dropping what a killed run logged after its last
+    checkpoint; the stage-boundary step itself is kept) and, for a new run, write config.json
+    (`run_name`, every flag, then `config`). Returns the SummaryWriter."""
+    hold_run_folder(run_dir)
+    print(f"run folder {run_dir} on {device} ({torch.get_num_threads()} threads); watch it with: tensorboard --logdir "
+          f"{run_dir if args.resume else args.runs_dir}", flush=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        atomic_write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": asdict(args), **config})
+    return writer
+
+
+def close_run(args, run_dir: str, writer) -> None:
+    writer.close()
+    release_run_folder(run_dir)
+    if args.track:
+        import wandb
+
+        wandb.finish()
+
+
 def release_run_folder(run_dir: str) -> None:
     lock = _held_locks.pop(run_dir, None)
     if lock is not None:
@@ -218,6 +255,80 @@ def stop_diverged(run_dir: str, metrics: dict, where: dict, quantity: str) -> ty
           f"{where['global_step']}; {os.path.join(run_dir, 'metrics.json')} marks it diverged, with no result",
           file=sys.stderr)
     sys.exit(DIVERGED_EXIT)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def eta_seconds(remaining_steps: int, steps_per_second: float | None) -> float | None:
+    """Time left at the measured rate (env steps/s after learning starts, evaluation included);
+    None before any rate is measured."""
+    return remaining_steps / steps_per_second if steps_per_second else None
+
+
+class Progress:
+    """The run's progress: tqdm's bar on a terminal, or, when stderr is a log file (nohup, Slurm),
+    one plain line every `every` seconds. Both show the stage, the global step, env steps/s, the
+    ETA, recent training results and the last evaluation. The rate behind the ETA is measured
+    from the first update of each stage (the random-action phase before it is much faster), over
+    wall time including evaluations; with early stopping the ETA is an upper bound (`<=`)."""
+
+    def __init__(self, total_steps: int, done_steps: int, every: float, upper_bound: bool):
+        self.total, self.done, self.every, self.upper_bound = total_steps, done_steps, every, upper_bound
+        self.terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=done_steps, dynamic_ncols=True, mininterval=1.0,
+                        disable=not self.terminal)
+        self.rate, self.label, self.fields = None, "", {}
+        self.rate_start = None
+        self.last_print = time.time()
+
+    def begin_stage(self, label: str) -> None:
+        self.label, self.rate_start = label, None
+        self.bar.set_description(label)
+
+    def learning_started(self, step: int) -> None:
+        self.rate_start = (time.time(), step)
+
+    def advance(self, steps: int, stage_step: int, global_step: int, **fields) -> None:
+        """`steps` more env steps done (called every 100 steps); `fields`: what to show besides."""
+        self.done += steps
+        self.bar.update(steps)
+        now = time.time()
+        if self.rate_start is not None and stage_step > self.rate_start[1] and now > self.rate_start[0]:
+            self.rate = (stage_step - self.rate_start[1]) / (now - self.rate_start[0])
+        self.fields = {"step": global_step, "SPS": f"{self.rate:.0f}" if self.rate else "n/a",
+                       "ETA": self.eta(), **fields}
+        if self.terminal:
+            self.bar.set_postfix({k: v for k, v in self.fields.items() if k != "step"}, refresh=False)
+        elif self.every and now - self.last_print >= self.every:
+            self.last_print = now
+            print(f"[{time.strftime('%H:%M:%S')}] {self.label} " + " ".join(f"{k}={v}" for k, v in self.fields.items()),
+                  flush=True)
+
+    def skip(self, steps: int) -> None:
+        """A stage's unused budget (early stop): counted as done."""
+        self.done += steps
+        self.bar.update(steps)
+
+    def eta(self) -> str:
+        seconds = eta_seconds(self.total - self.done, self.rate)
+        if seconds is None:
+            return "n/a"
+        return ("<=" if self.upper_bound else "") + format_duration(seconds)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def matrix_table(stage_tasks: list[str], sr: list[list[float]]) -> str:
+    """The matrix sr as a small text table: a row after each stage, a column per stage's task."""
+    width = max(len(t) for t in stage_tasks)
+    head = " " * (width + 10) + " ".join(f"{t[:8]:>8}" for t in stage_tasks)
+    rows = [f"after {i + 1:>2}: {stage_tasks[i]:<{width}} " + " ".join(f"{v:8.2f}" for v in row) for i, row in enumerate(sr)]
+    return "\n".join([head, *rows])
 
 
 def continual_metrics(sr: list[list[float]], average: str = "ASR") -> dict:

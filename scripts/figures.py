@@ -57,6 +57,9 @@ sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # scripts/ and the training 
 
 from protocol import BOOKKEEPING  # noqa: E402
 EVAL_TAG = re.compile(r"eval/(.+)/success_rate")
+PLASTICITY_TAG = re.compile(r"plasticity/(actor|qf1|qf2)/(dormant_ratio|feature_rank|weight_magnitude)")
+PLASTICITY_NAMES = {"dormant_ratio": "dormant neurons (ReDo)", "feature_rank": "feature rank (srank, last hidden layer)",
+                    "weight_magnitude": "mean |weight|"}
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -175,9 +178,10 @@ def save(fig, out: str) -> list[str]:
 # ------------------------------------------------------------------------------------------
 # Training curves (paper Fig. 3, 9-12)
 # ------------------------------------------------------------------------------------------
-def read_eval_curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{task: (steps, success rates)} of `eval/{task}/success_rate`; one value per step (the last
-    logged: a periodic evaluation that falls on a stage end repeats the same evaluation)."""
+def read_eval_curves(run_dir: str, pattern: re.Pattern = EVAL_TAG) -> dict:
+    """{task: (steps, success rates)} of `eval/{task}/success_rate` (or {match groups: curve} of
+    the scalar tags matching `pattern`); one value per step (the last logged: a periodic
+    evaluation that falls on a stage end repeats the same evaluation)."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     guidance = {ea.SCALARS: 0, ea.HISTOGRAMS: 1, ea.COMPRESSED_HISTOGRAMS: 1, ea.TENSORS: 1, ea.IMAGES: 1, ea.AUDIO: 1}
@@ -185,11 +189,12 @@ def read_eval_curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     accumulator.Reload()
     curves = {}
     for tag in accumulator.Tags()["scalars"]:
-        match = EVAL_TAG.fullmatch(tag)
+        match = pattern.fullmatch(tag)
         if match:
             by_step = {e.step: e.value for e in accumulator.Scalars(tag)}
             steps = np.array(sorted(by_step), dtype=float)
-            curves[match.group(1)] = (steps, np.array([by_step[s] for s in sorted(by_step)], dtype=float))
+            key = match.group(1) if len(match.groups()) == 1 else match.groups()
+            curves[key] = (steps, np.array([by_step[s] for s in sorted(by_step)], dtype=float))
     return curves
 
 
@@ -312,6 +317,44 @@ def plot_curves(run_dirs, out_path: str, align: str = "step", title: str | None 
     sequence = " → ".join(reference.stage_tasks[: len(reference.args.get("tasks", reference.stage_tasks))])
     fig.suptitle(title or f"{sequence}, {reference.args.get('cycles', 1)} cycles: evaluation success "
                  "(mean ± s.e. over seeds)", fontsize=10)
+    return save(fig, out_path)
+
+
+def plot_plasticity(run_dirs, out_path: str, title: str | None = None) -> list[str]:
+    """The plasticity diagnostics logged at every evaluation (`plasticity/{network}/{metric}`): one
+    row per diagnostic, one column per network, a line per setting (mean ± s.e. over seeds)."""
+    runs = find_runs(run_dirs)
+    groups = group_runs(runs)
+    labels = setting_labels(groups)
+    order = sorted(groups, key=lambda k: labels[k])
+    colors = {k: COLORS[i % len(COLORS)] for i, k in enumerate(order)}
+    curves = {run.path: read_eval_curves(run.path, PLASTICITY_TAG) for run in runs}
+    if not any(curves.values()):
+        raise FigureError("no plasticity/{network}/{metric} scalars in the TensorBoard events of "
+                          + ", ".join(r.path for r in runs) + " (runs from before the diagnostics existed)")
+    networks = ["actor", "qf1", "qf2"]
+    fig, axes = plt.subplots(len(PLASTICITY_NAMES), len(networks), figsize=(4.4 * len(networks), 2.6 * len(PLASTICITY_NAMES) + 0.6),
+                             squeeze=False, layout="constrained", sharex=True)
+    for row, metric in enumerate(PLASTICITY_NAMES):
+        for col, network in enumerate(networks):
+            ax = axes[row][col]
+            for k in order:
+                seeds = [curves[run.path][(network, metric)] for run in groups[k] if (network, metric) in curves[run.path]]
+                if seeds:
+                    x, mean, se, _ = mean_and_se(seeds)
+                    ax.plot(x, mean, color=colors[k], lw=1.6)
+                    ax.fill_between(x, mean - se, mean + se, color=colors[k], alpha=0.22, lw=0)
+            for boundary in groups[order[0]][0].inner_boundaries():
+                ax.axvline(boundary, color="0.45", ls="--", lw=0.9)
+            ax.set_title(f"{network}: {PLASTICITY_NAMES[metric]}", fontsize=9)
+            ax.grid(alpha=0.3, lw=0.5)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+    for ax in axes[-1]:
+        ax.set_xlabel("environment steps")
+    handles = [Line2D([], [], color=colors[k], lw=2, label=f"{labels[k]} (n={len(groups[k])})") for k in order]
+    handles.append(Line2D([], [], color="0.45", ls="--", lw=0.9, label="stage boundary (first seed)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
+    fig.suptitle(title or "plasticity diagnostics at every evaluation (mean ± s.e. over seeds)", fontsize=10)
     return save(fig, out_path)
 
 
@@ -494,6 +537,10 @@ def main(argv=None) -> list[str]:
     curves.add_argument("--align", choices=("step", "stage"), default="step",
                         help="x axis: global env step, or stage index + fraction (aligns seeds that stopped early)")
     curves.add_argument("--title", default=None)
+    plasticity = sub.add_parser("plasticity", help="dormant neurons, feature rank and weight magnitude across training")
+    plasticity.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
+    plasticity.add_argument("--out", default="figs/plasticity")
+    plasticity.add_argument("--title", default=None)
     ratio = sub.add_parser("skill-ratio", help="ASR against the proportion of skill neurons (paper Fig. 4)")
     ratio.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
     ratio.add_argument("--out", default="figs/skill_ratio")
@@ -515,6 +562,8 @@ def main(argv=None) -> list[str]:
     try:
         if options.figure == "curves":
             paths = plot_curves(options.runs, options.out, options.align, options.title)
+        elif options.figure == "plasticity":
+            paths = plot_plasticity(options.runs, options.out, options.title)
         elif options.figure == "skill-ratio":
             paths = plot_skill_ratio(options.runs, options.out, options.metric, options.title)
         else:

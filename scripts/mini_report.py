@@ -74,6 +74,27 @@ def per_run_table(runs) -> list[str]:
     return lines
 
 
+def identification_table(runs, label) -> list[str]:
+    """Per setting, what identification had to work with: windows whose goal metric was constant
+    (no goal information), dead units among the selected skill neurons, and the share of the
+    window's steps that belong to successful episodes."""
+    lines = ["| setting | runs | windows with a constant goal metric | selected units dead over the window | "
+             "steps in successful episodes (mean) |", "|---|---:|---:|---:|---:|"]
+    groups = {}
+    for run in runs:
+        groups.setdefault(label(run.args), []).append(run)
+    for name, group in sorted(groups.items()):
+        stages = [stage for run in group for stage in run.metrics["stages"] if "selection" in stage]
+        if not stages:
+            continue
+        constant = sum(bool(stage["goal_constant"]) for stage in stages)
+        dead = sum(sel["selected_dead"] for stage in stages for sel in stage["selection"].values())
+        selected = sum(stage["skill_neurons"][net] for stage in stages for net in stage["selection"])
+        share = np.mean([stage["identify_success_share"] for stage in stages])
+        lines.append(f"| {name} | {len(group)} | {constant} of {len(stages)} | {dead} of {selected} | {share:.2f} |")
+    return lines
+
+
 def wall_time(runs) -> float:
     return sum(stage["wall_seconds"] for run in runs for stage in run.metrics["stages"])
 
@@ -123,6 +144,10 @@ def main(argv=None) -> int:
             tables.settings_table(runs, "markdown", title=None), "",
             tables.iqm_table(runs, "markdown"), ""]
     doc += ["Every run (`*`: the stage stopped early at 0.9 training success):", ""] + per_run_table(counted) + [""]
+    identification = identification_table(counted, tables.setting_label)
+    if len(identification) > 2:
+        doc += ["## What identification had to work with", "",
+                "Over every stage of every run of a setting (4 identification windows per run):", ""] + identification + [""]
     doc += ["## Curves", "", "Evaluation success of each task (deterministic policy, 10 episodes; mean and standard error "
             "over seeds) against the stage, each seed's steps scaled to its own stage lengths (stages that stop early "
             "differ between seeds); shaded spans are the stages that train the panel's task.", "",
@@ -141,7 +166,7 @@ def main(argv=None) -> int:
     if args.pilot:
         lines, figure = pilot_section(args.pilot, args.threshold, out_dir)
         doc += ["## How the task pair was chosen", "",
-                "Single-task SAC runs (`python scripts/sweep.py --preset mini-pilot --seeds 1`) of the candidate "
+                "Single-task SAC runs (`python scripts/sweep.py --preset mini-pilot`, seeds 1, 2, 3) of the candidate "
                 "tasks; the pair had to be learned within the stage budget by SAC alone.", ""] + lines + [""]
         if figure:
             doc += [f"![pilot]({os.path.basename(figure[0])})", ""]

@@ -126,7 +126,7 @@ PRESETS = {
         settings=["sac"],
         flags=["--cycles", "1", "--hidden", "128", "128", "--batch-size", "128", "--steps-per-task", "30000",
                "--learning-starts", "2000", "--eval-every", "2500", "--eval-episodes", "10",
-               "--buffer-size", "100000", "--no-cuda"],
+               "--buffer-size", "100000", "--no-cuda", "--compile"],
     ),
 }
 
@@ -408,7 +408,7 @@ def run_local(plans: list[Plan], jobs: int, threads: int, runs_dir: str) -> int:
                # PyTorch starts one thread per core in every process: N processes on C cores then
                # fight over them (seen: >10x slower); give each process its share instead
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t0, running = time.time(), {}
+    t0, running, read_to = time.time(), {}, {}
     print(f"{total} runs to do ({len(plans) - total} complete, skipped), {jobs} at a time, "
           f"{threads} thread(s) each; logs in {os.path.dirname(plans[0].log) if plans else '-'}", flush=True)
 
@@ -427,10 +427,20 @@ def run_local(plans: list[Plan], jobs: int, threads: int, runs_dir: str) -> int:
                 proc = subprocess.Popen(plan.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
                 running[proc] = (plan, time.time(), log)
+                read_to[proc] = os.path.getsize(plan.log)
                 started += 1
                 what = f"resume {plan.run_dir}" if plan.action == "resume" else "new"
                 print(f"{stamp()} started  {started}/{total} {plan.run.label} ({what}; log {plan.log})", flush=True)
             time.sleep(0.2)
+            for proc, (plan, _, _) in running.items():  # the runs' progress lines, with their names
+                with open(plan.log, "rb") as f:
+                    f.seek(read_to[proc])
+                    lines = f.readlines()
+                complete = lines if not lines or lines[-1].endswith(b"\n") else lines[:-1]
+                read_to[proc] += sum(map(len, complete))
+                for line in (raw.decode(errors="replace") for raw in complete):
+                    if line.startswith("[") and " ETA=" in line:
+                        print(f"{stamp()} {plan.run.label} {line.split('] ', 1)[-1].rstrip()}", flush=True)
             for proc in [p for p in running if p.poll() is not None]:
                 plan, start, log = running.pop(proc)
                 log.close()

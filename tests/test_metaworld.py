@@ -69,7 +69,7 @@ def track_writers(mp):
             super().__init__(*args, **kwargs)
             opened.append(self)
 
-    mp.setattr(mw, "SummaryWriter", TrackedWriter)
+    mp.setattr(protocol, "SummaryWriter", TrackedWriter)
     return opened
 
 

@@ -40,3 +40,19 @@ def test_report_from_runs(tmp_path):
     for name in ("results-mini-curves", "results-mini-pilot", "results-mini-supplement-curves"):
         for ext in ("png", "pdf"):
             assert os.path.getsize(out.parent / f"{name}.{ext}") > 0
+
+
+def test_identification_table_by_hand():
+    """Per setting: constant-goal windows, dead units among the selected, mean success share."""
+    class Run:
+        def __init__(self, name, stages):
+            self.args, self.metrics = {"exp_name": name}, {"stages": stages}
+
+    def stage(constant, dead, share):
+        return {"goal_constant": constant, "identify_success_share": share, "skill_neurons": {"actor": 10, "qf1": 10},
+                "selection": {"actor": {"selected_dead": dead}, "qf1": {"selected_dead": 0}}}
+
+    runs = [Run("nbsp", [stage(True, 4, 0.0), stage(False, 0, 0.5)]), Run("nbsp", [stage(False, 2, 1.0)]),
+            Run("sac", [{"env_steps": 5}])]  # no identification: no row
+    lines = mini_report.identification_table(runs, lambda args: args["exp_name"])
+    assert lines[2:] == ["| nbsp | 2 | 1 of 3 | 6 of 60 | 0.50 |"]

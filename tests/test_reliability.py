@@ -250,6 +250,7 @@ def test_readme_commands_run_from_any_folder(tmp_path):
         [script("tables.py"), "runs/", "--iqm", "--format", "markdown", "latex", "--out", "results/tables"],
         [script("figures.py"), "curves", "runs/", "--out", "results/curves"],
         [script("figures.py"), "histogram", run_dir, "--out", "results/fig1"],
+        [script("figures.py"), "plasticity", "runs/", "--out", "results/plasticity"],
         [script("neuron_analysis.py"), run_dir],
         [script("mini_report.py"), "--help"],
         [script("benchmark.py"), "--help"],
@@ -257,7 +258,7 @@ def test_readme_commands_run_from_any_folder(tmp_path):
     for command in commands:
         result = run(*command)
         assert result.returncode == 0, (command, result.stderr[-1500:])
-    for written in ("fig1.png", "fig1.pdf", "curves.png", "tables.md", "tables.tex"):
+    for written in ("fig1.png", "fig1.pdf", "curves.png", "plasticity.png", "tables.md", "tables.tex"):
         assert os.path.isfile(tmp_path / "results" / written), written
 
 
