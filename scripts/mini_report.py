@@ -46,8 +46,9 @@ def pilot_section(pilot_dir: str, threshold: float, out_dir: str) -> list[str]:
              f"{flags['steps_per_task']:,} steps, {flags['learning_starts']:,} random steps first, evaluation every "
              f"{flags['eval_every']:,} steps ({flags['eval_episodes']} episodes). Runs marked \"stopped by hand\" were "
              f"ended before their budget to free the CPU for the benchmark itself.")
-    lines = [intro, "", f"| task | evaluations (step: success) | steps to {threshold} | run length |", "|---|---|---:|---:|"]
-    for run in sorted(runs, key=lambda r: r.args["tasks"][0]):
+    lines = [intro, "", f"| task | seed | evaluations (step: success) | steps to {threshold} | run length |",
+             "|---|---:|---|---:|---:|"]
+    for run in sorted(runs, key=lambda r: (r.args["tasks"][0], r.args["seed"])):
         task = run.args["tasks"][0]
         curve = figures.read_eval_curves(run.path).get(task)
         if curve is None:
@@ -57,7 +58,7 @@ def pilot_section(pilot_dir: str, threshold: float, out_dir: str) -> list[str]:
         evaluations = ", ".join(f"{s / 1000:g}k: {v:.2f}" for s, v in zip(steps, values))
         reached = f"{first:,}" if first is not None else f"not by {int(steps[-1]):,}"
         finished = "complete" if run.metrics and run.metrics.get("complete") else "stopped by hand"
-        lines.append(f"| {task} | {evaluations} | {reached} | {int(steps[-1]):,} ({finished}) |")
+        lines.append(f"| {task} | {run.args['seed']} | {evaluations} | {reached} | {int(steps[-1]):,} ({finished}) |")
     figure = figures.plot_curves([r.path for r in runs], os.path.join(out_dir, "results-mini-pilot"),
                                  title="single-task SAC (pilot)") if runs else []
     return lines, figure
