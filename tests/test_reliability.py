@@ -90,6 +90,7 @@ MW_BAD = {
     "exp-name escape": dict(exp_name="../../escape"),
     "ewc-lambda nan": dict(method="ewc", ewc_lambda=float("nan")), "ewc-lambda inf": dict(method="ewc", ewc_lambda=float("inf")),
     "npc-scale nan": dict(method="npc", npc_scale=float("nan")),
+    "dormant-threshold -1": dict(dormant_threshold=-1.0), "progress-every nan": dict(progress_every=float("nan")),
 }
 NBSP_ONLY = ("identify_episodes", "dpre_per_task")
 
