@@ -928,18 +928,28 @@ def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
 
 
 def evaluate_all(eval_envs, actor, method, normalization, args, device):
-    """Raw and normalized (Eq. 12) return of every game of the run: the mean over the games
-    finished within --eval-steps (if none finished, the unfinished games' returns so far), and
-    the number of finished games."""
+    """Raw and normalized (Eq. 12) return of every game of the run, the mean over the games
+    finished within --eval-steps, and the number of finished games. A game with none finished
+    has no score (None): a game cut off by the budget is not scored from its partial return."""
     returns, normalized, finished = {}, {}, {}
     for game, envs in eval_envs.items():
         with method.acting(game):
             result = rollout(envs, stochastic_policy(actor, args.seed, device), args.seed, device, args.eval_steps)
         done = result["return"][result["finished"]]
-        returns[game] = float(done.mean() if len(done) else result["return"].mean())
-        normalized[game] = normalized_score(returns[game], normalization[game])
+        returns[game] = float(done.mean()) if len(done) else None
+        normalized[game] = normalized_score(returns[game], normalization[game]) if len(done) else None
         finished[game] = len(done)
+    unscored = [game for game in returns if returns[game] is None]
+    if unscored:
+        print(f"warning: no {'/'.join(unscored)} game finished within --eval-steps {args.eval_steps} "
+              f"({args.eval_envs} envs): score missing (null in metrics.json, n/a in the tables); raise --eval-steps")
     return returns, normalized, finished
+
+
+def scores_text(returns, normalized) -> str:
+    """`Pong=-20.0 (0.02) Bowling=n/a` for the console."""
+    return " ".join(f"{g}={protocol.format_score(r, 1)} ({protocol.format_score(normalized[g])})" if r is not None
+                    else f"{g}=n/a" for g, r in returns.items())
 
 
 def main(args: Args) -> dict:
@@ -1031,9 +1041,10 @@ def main(args: Args) -> dict:
         stop_if_diverged({}, stage)  # a diverged policy would make the simulator and the diagnostics fail first
         returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
         for game in returns:
-            writer.add_scalar(f"eval/{game}/return", returns[game], step)
-            writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
             writer.add_scalar(f"eval/{game}/finished_games", float(finished[game]), step)
+            if returns[game] is not None:
+                writer.add_scalar(f"eval/{game}/return", returns[game], step)
+                writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
         if plasticity_probe is None:
             n = min(rb.size, PLASTICITY_PROBE)
             plasticity_probe = rb.observations((rb.end - n + torch.arange(n, device=device)) % rb.capacity).clone()
@@ -1112,8 +1123,8 @@ def main(args: Args) -> dict:
 
             if args.eval_every and global_step % args.eval_every == 0:
                 returns, normalized, _ = evaluate(global_step, stage)
-                last_eval = "/".join(f"{v:.2f}" for v in normalized.values())
-                print(f"step {global_step}: eval return " + " ".join(f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items()))
+                last_eval = "/".join(protocol.format_score(v) for v in normalized.values())
+                print(f"step {global_step}: eval return {scores_text(returns, normalized)}")
                 sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
         env.close()
         stage_steps = step + 1
@@ -1124,11 +1135,14 @@ def main(args: Args) -> dict:
         task_success_rows.append(normalized)
         task_return_rows.append(returns)
         sr.append([normalized[stage_tasks[j]] for j in range(stage + 1)])
-        writer.add_scalar("eval/AR", protocol.continual_metrics(sr, "AR")["AR"], global_step)
+        average_return = protocol.continual_metrics(sr, "AR")["AR"]
+        if average_return is not None:
+            writer.add_scalar("eval/AR", average_return, global_step)
         # one actor step on the critic's batch per update (CleanRL's sac_atari): both follow Dpre's schedule
         record = {"stage": stage + 1, "task": game, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "critic_updates": updates, "critic_dpre_updates": dpre_updates, "actor_updates": updates,
                   "actor_dpre_updates": dpre_updates, "plasticity": plasticity,
+                  "eval_unscored": [g for g, r in returns.items() if r is None],  # no game finished: no score
                   "wall_seconds": round(time.time() - stage_start_time, 2)}
         scores = {}
         if use_mask:
@@ -1146,8 +1160,8 @@ def main(args: Args) -> dict:
             method.end_stage(stage, game, rb)  # a task switch follows
         record["wall_seconds"] = round(time.time() - stage_start_time, 2)
         stage_records.append(record)
-        print(f"stage {stage + 1}/{H} {game}: {stage_steps} steps, {record['wall_seconds']:.0f}s, return "
-              + " ".join(f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items()))
+        print(f"stage {stage + 1}/{H} {game}: {stage_steps} steps, {record['wall_seconds']:.0f}s, "
+              f"return {scores_text(returns, normalized)}")
 
         model = {"run_name": run_name, "stage": stage + 1, "task": game, "actor": sac.actor.state_dict(),
                  "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "neuron_masks": masks.neuron_masks,
@@ -1167,8 +1181,7 @@ def main(args: Args) -> dict:
             for e in envs:
                 e.close()
     print(protocol.matrix_table(stage_tasks, sr))
-    print(f"AR={metrics['AR']:.3f} FM={metrics['FM'] if metrics['FM'] is None else round(metrics['FM'], 3)} "
-          f"FWT={metrics['FWT']:.3f} -> {os.path.join(run_dir, 'metrics.json')}")
+    print(protocol.summary_line(metrics, "AR", os.path.join(run_dir, "metrics.json")))
     return metrics
 
 

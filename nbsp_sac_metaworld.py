@@ -934,8 +934,7 @@ def main(args: Args) -> dict:
     progress.close()
     protocol.close_run(args, run_dir, writer)
     print(protocol.matrix_table(stage_tasks, sr))
-    print(f"ASR={metrics['ASR']:.3f} FM={metrics['FM'] if metrics['FM'] is None else round(metrics['FM'], 3)} "
-          f"FWT={metrics['FWT']:.3f} -> {os.path.join(run_dir, 'metrics.json')}")
+    print(protocol.summary_line(metrics, "ASR", os.path.join(run_dir, "metrics.json")))
     return metrics
 
 

@@ -323,24 +323,38 @@ class Progress:
         self.bar.close()
 
 
-def matrix_table(stage_tasks: list[str], sr: list[list[float]]) -> str:
+def format_score(value, digits: int = 2) -> str:
+    """A score for the console; `n/a` where it is missing (an Atari evaluation that finished no game)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def matrix_table(stage_tasks: list[str], sr: list[list[float | None]]) -> str:
     """The matrix sr as a small text table: a row after each stage, a column per stage's task."""
     width = max(len(t) for t in stage_tasks)
     head = " " * (width + 10) + " ".join(f"{t[:8]:>8}" for t in stage_tasks)
-    rows = [f"after {i + 1:>2}: {stage_tasks[i]:<{width}} " + " ".join(f"{v:8.2f}" for v in row) for i, row in enumerate(sr)]
+    rows = [f"after {i + 1:>2}: {stage_tasks[i]:<{width}} " + " ".join(f"{format_score(v):>8}" for v in row)
+            for i, row in enumerate(sr)]
     return "\n".join([head, *rows])
 
 
-def continual_metrics(sr: list[list[float]], average: str = "ASR") -> dict:
+def summary_line(metrics: dict, average: str, path: str) -> str:
+    """The run's last line: its continual metrics and where metrics.json is."""
+    return " ".join(f"{name}={format_score(metrics[name], 3)}" for name in (average, "FM", "FWT")) + f" -> {path}"
+
+
+def continual_metrics(sr: list[list[float | None]], average: str = "ASR") -> dict:
     """Paper Eq. 9-11 (13 on Atari, where the average is called AR) of the lower-triangular matrix
     sr[i][j] (task j evaluated after stage i) over its rows: the average over stages of the mean
     over the tasks seen so far, FM the mean drop from each task's best earlier value, FWT the mean
-    of the diagonal."""
+    of the diagonal. A metric that reads a missing entry (None: an Atari evaluation that finished
+    no game) is missing too, rather than computed from part of the matrix."""
     H = len(sr)
-    mean_seen = sum(sum(sr[i][: i + 1]) / (i + 1) for i in range(H)) / H
-    fwt = sum(sr[i][i] for i in range(H)) / H
+    seen = [sr[i][: i + 1] for i in range(H)]
+    missing = {(i, j) for i in range(H) for j in range(i + 1) if sr[i][j] is None}
+    mean_seen = sum(sum(row) / len(row) for row in seen) / H if not missing else None
+    fwt = sum(sr[i][i] for i in range(H)) / H if not any(i == j for i, j in missing) else None
     fm = None
-    if H > 1:
+    if H > 1 and not missing - {(H - 1, H - 1)}:  # FM reads every entry but the last task's first score
         fm = sum(
             sum(max(sr[l][j] - sr[i][j] for l in range(j, i)) for j in range(i)) / i for i in range(1, H)
         ) / (H - 1)

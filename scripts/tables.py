@@ -228,13 +228,15 @@ def _read_run(metrics_path: str) -> Run:
     names = METRICS[run.env]
     run.scores = {m: metrics.get(m) for m in names}
     H = len(stage_tasks) or len(metrics.get("sr") or [])
-    done = sum(1 for row in metrics.get("sr") or [] if row and row[0] is not None)
+    done = len(metrics.get("stages") or [row for row in metrics.get("sr") or [] if row and row[0] is not None])
     complete = metrics.get("complete", done == H and H > 0)
     if metrics.get("diverged"):
         where = metrics["diverged"]
         run.problem = f"diverged at stage {where['stage']}, global step {where['global_step']} ({where['quantity']})"
     elif not complete:
         run.problem = f"incomplete ({done}/{H} stages)"
+    elif unscored := sorted({g for s in metrics.get("stages") or [] for g in s.get("eval_unscored", [])}):
+        run.problem = f"{names[0]} missing: no {'/'.join(unscored)} game finished within an evaluation (raise --eval-steps)"
     elif run.scores.get(names[0]) is None or run.scores.get("FWT") is None:
         run.problem = f"metrics.json has no {names[0]}/FWT"
     return run

@@ -1,11 +1,32 @@
 """Shared test fixtures."""
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
 import protocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script_module(name: str):
+    """scripts/<name>.py as a module, loaded by path: `import tables` could find PyTables (also
+    named `tables`) where it is installed."""
+    spec = importlib.util.spec_from_file_location(f"nbsp_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = sys.modules[f"nbsp_{name}"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluated(metrics: dict, stage: int) -> bool:
+    """Whether the evaluation after `stage` (0-based) scored every task seen so far, counting an
+    Atari game that finished no evaluation game (listed in the stage's `eval_unscored`) as scored."""
+    unscored = metrics["stages"][stage].get("eval_unscored", [])
+    return all(value is not None or metrics["stage_tasks"][j] in unscored
+               for j, value in enumerate(metrics["sr"][stage][: stage + 1]))
 
 
 @pytest.fixture

@@ -20,6 +20,9 @@ from torch._dynamo.utils import counters
 import nbsp_sac_atari as atari
 import protocol
 import skill_neurons as sn
+from conftest import script_module
+
+tables = script_module("tables")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_atari.py")
 
@@ -51,6 +54,19 @@ def test_continual_metrics_average_return():
     assert metrics["FWT"] == pytest.approx((0.8 + 0.6 + 0.9) / 3)
     # i=1: j=0: 0.8-0.2=0.6; i=2: j=0: max(0.8,0.2)-0.5=0.3, j=1: 0.6-0.1=0.5 -> (0.6 + 0.8/2) / 2
     assert metrics["FM"] == pytest.approx((0.6 + (0.3 + 0.5) / 2) / 2)
+
+
+def test_continual_metrics_with_a_missing_score():
+    """A missing entry (no game finished) makes every metric that reads it missing: the last
+    diagonal entry is read by AR and FWT, not by FM; an earlier one by all three."""
+    last_missing = protocol.continual_metrics([[0.8], [0.2, None]], "AR")
+    assert last_missing["AR"] is None and last_missing["FWT"] is None
+    assert last_missing["FM"] == pytest.approx(0.8 - 0.2)
+    assert protocol.continual_metrics([[None], [0.2, 0.6]], "AR") == {"AR": None, "FM": None, "FWT": None}
+    assert protocol.continual_metrics([[0.8], [None, 0.6]], "AR") == {"AR": None, "FM": None, "FWT": pytest.approx(0.7)}
+    table = protocol.matrix_table(["Pong", "Bowling"], [[0.8], [0.2, None]])
+    assert table.splitlines()[2].split()[-2:] == ["0.20", "n/a"]
+    assert protocol.summary_line(last_missing, "AR", "m.json") == "AR=n/a FM=0.600 FWT=n/a -> m.json"
 
 
 # ------------------------------------------------------------------------------------------
@@ -496,27 +512,49 @@ def test_compile_run_has_no_graph_breaks_with_masks_and_dpre(tmp_path):
     assert counters["stats"]["unique_graphs"] == 5
 
 
-def test_end_to_end_metrics(tiny_run):
+def test_end_to_end_metrics_without_a_finished_evaluation_game(tiny_run):
+    """--eval-steps 120 over 2 envs finishes no Pong or Bowling game: no score is made up from
+    the partial returns; every entry and metric is missing, and the stages say which games."""
     metrics, run_dir = tiny_run
     assert metrics == json.load(open(os.path.join(run_dir, "metrics.json")))
     assert set(metrics) >= {"run_name", "stage_tasks", "complete", "sr", "AR", "FM", "FWT", "task_success", "stages"}
     assert metrics["complete"] and metrics["stage_tasks"] == ["Pong", "Bowling", "Pong", "Bowling"]
-    sr = metrics["sr"]
-    assert len(sr) == 4 and all(len(row) == 4 for row in sr)
-    for i in range(4):
-        for j in range(4):
-            assert (sr[i][j] is None) == (j > i)
-            if j <= i:
-                game = metrics["stage_tasks"][j]
-                assert sr[i][j] == metrics["task_success"][i][game]
-                raw = metrics["task_return"][i][game]
-                assert sr[i][j] == pytest.approx(atari.normalized_score(raw, atari.PAPER_SCORES[game]))
-    rows = [row[: i + 1] for i, row in enumerate(sr)]
-    assert metrics["AR"] == pytest.approx(sum(sum(r) / len(r) for r in rows) / 4)
-    assert metrics["FWT"] == pytest.approx(sum(sr[i][i] for i in range(4)) / 4)
-    assert metrics["FM"] is not None and math.isfinite(metrics["FM"])
+    assert metrics["sr"] == [[None] * 4] * 4
+    assert metrics["task_return"] == metrics["task_success"] == [{"Pong": None, "Bowling": None}] * 4
+    assert metrics["AR"] is None and metrics["FM"] is None and metrics["FWT"] is None
+    assert [s["eval_unscored"] for s in metrics["stages"]] == [["Pong", "Bowling"]] * 4
     config = json.load(open(os.path.join(run_dir, "config.json")))
     assert config["normalization"] == {"Pong": [-20.7, 9.3], "Bowling": [23.1, 154.8]}
+    run = tables.load_runs([run_dir])[0]
+    assert run.problem == "AR missing: no Bowling/Pong game finished within an evaluation (raise --eval-steps)"
+
+
+def test_end_to_end_scores_only_finished_games(tmp_path, capsys):
+    """Breakout's games finish within the budget, Pong's do not: Breakout is scored from its
+    finished games' full returns, Pong is missing, and so are the metrics that read its score."""
+    args = atari.Args(**{**TINY, "games": ["Breakout", "Pong"], "cycles": 1, "steps_per_task": 150, "eval_every": 0,
+                         "eval_steps": 600, "game_scores": ["Breakout=1.7,31.8"]}, runs_dir=str(tmp_path))
+    metrics = atari.main(args)
+    out = capsys.readouterr().out
+    sr, returns = metrics["sr"], metrics["task_return"]
+    assert sr[0][0] == pytest.approx(atari.normalized_score(returns[0]["Breakout"], (1.7, 31.8)))
+    assert sr[1][0] == pytest.approx(atari.normalized_score(returns[1]["Breakout"], (1.7, 31.8)))
+    assert sr[0][1] is None and sr[1][1] is None and returns[1]["Pong"] is None
+    assert [s["eval_unscored"] for s in metrics["stages"]] == [["Pong"], ["Pong"]]
+    assert metrics["AR"] is None and metrics["FWT"] is None
+    assert metrics["FM"] == pytest.approx(sr[0][0] - sr[1][0])  # FM does not read the last diagonal entry
+    warning = "warning: no Pong game finished within --eval-steps 600 (2 envs): score missing"
+    assert out.count(warning) == 2
+    assert "AR=n/a FM=" in out and "FWT=n/a ->" in out
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(str(tmp_path), metrics["run_name"]), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"eval/Breakout/return", "eval/Breakout/normalized_return", "eval/Pong/finished_games"} <= tags
+    assert "eval/Pong/return" not in tags and "eval/Pong/normalized_return" not in tags
+    assert [e.value for e in events.Scalars("eval/Pong/finished_games")] == [0.0, 0.0]
+    assert all(e.value >= 1 for e in events.Scalars("eval/Breakout/finished_games"))
 
 
 def test_end_to_end_updates_identification_and_dpre(tiny_run):
@@ -570,10 +608,11 @@ def test_end_to_end_tensorboard_has_eval_and_losses(tiny_run):
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"eval/Pong/normalized_return", "eval/Bowling/return", "eval/AR", "losses/qf1_loss",
+    assert {"eval/Pong/finished_games", "eval/Bowling/finished_games", "losses/qf1_loss",
             "losses/actor_loss", "losses/alpha", "charts/SPS", "neurons/actor/protected"} <= tags
+    assert not {"eval/Pong/return", "eval/Bowling/normalized_return", "eval/AR"} & tags  # no game finished
     # periodic evaluation (every 250 steps) plus one after each of the 4 stages
-    assert len(events.Scalars("eval/Pong/return")) == 1200 // 250 + 4
+    assert len(events.Scalars("eval/Pong/finished_games")) == 1200 // 250 + 4
 
 
 def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):
@@ -596,7 +635,7 @@ def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(protocol, "atomic_write_json", original)
     run_dir = os.path.dirname(writes[0])
     partial = json.load(open(os.path.join(run_dir, "metrics.json")))
-    assert not partial["complete"] and partial["sr"][2] == [None] * 4
+    assert not partial["complete"] and len(partial["stages"]) == 2 and partial["sr"][2] == [None] * 4
 
     resumed = atari.main(atari.Args(resume=run_dir, cuda=False))
     assert resumed["complete"]
@@ -659,7 +698,6 @@ def test_end_to_end_goal_identification_on_finished_games(tmp_path):
     assert stage["identify_episodes"] == 2 and stage["identify_unfinished_games"] == 0
     assert stage["goal_constant"] is False  # the two games scored differently
     assert metrics["FM"] is None and len(metrics["sr"]) == 1
-    assert metrics["sr"][0][0] == pytest.approx((metrics["task_return"][0]["Breakout"] - 1.7) / 30.1)
 
 
 # ------------------------------------------------------------------------------------------

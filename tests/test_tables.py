@@ -3,19 +3,16 @@
 Every expected number is written out literally and computed by hand: mean and standard error
 (sample std, ddof=1, over sqrt(n)) of the fixture values below, rounded to two decimals.
 """
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from conftest import script_module
 
-# by path: `import tables` could find PyTables (also named `tables`) where it is installed
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "tables.py")
-_spec = importlib.util.spec_from_file_location("nbsp_tables", SCRIPT)
-tables = sys.modules["nbsp_tables"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tables)
+tables = script_module("tables")
+SCRIPT = tables.__file__
 
 WINDOW = ["window-open", "window-close"]
 STAMP = [1_700_000_000]
