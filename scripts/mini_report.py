@@ -44,8 +44,9 @@ def pilot_section(pilot_dir: str, threshold: float, out_dir: str) -> list[str]:
     flags = runs[0].args
     intro = (f"Each pilot run: hidden {' '.join(map(str, flags['hidden']))}, batch {flags['batch_size']}, up to "
              f"{flags['steps_per_task']:,} steps, {flags['learning_starts']:,} random steps first, evaluation every "
-             f"{flags['eval_every']:,} steps ({flags['eval_episodes']} episodes). Runs marked \"stopped by hand\" were "
-             f"ended before their budget to free the CPU for the benchmark itself.")
+             f"{flags['eval_every']:,} steps ({flags['eval_episodes']} episodes).")
+    if any(not (r.metrics and r.metrics.get("complete")) for r in runs):
+        intro += " Runs marked \"stopped by hand\" were ended before their budget to free the CPU for the benchmark itself."
     lines = [intro, "", f"| task | seed | evaluations (step: success) | steps to {threshold} | run length |",
              "|---|---:|---|---:|---:|"]
     for run in sorted(runs, key=lambda r: (r.args["tasks"][0], r.args["seed"])):
