@@ -76,7 +76,7 @@ class Args:
     e2e_hidden: list[int] = field(default_factory=lambda: list(PAPER_HIDDEN))
     """hidden widths of the end-to-end runs"""
     e2e_batch: int = PAPER_BATCH
-    """batch size of the end-to-end runs (the `mini` sweep preset: --e2e-hidden 64 64 --e2e-batch 64)"""
+    """batch size of the end-to-end runs (the `mini` sweep preset: --e2e-hidden 128 128 --e2e-batch 128)"""
     e2e_learning_starts: int = 300
     """random-action steps before learning starts in the end-to-end runs"""
     e2e_steps: int = 500
