@@ -948,8 +948,7 @@ def evaluate_all(eval_envs, actor, method, normalization, args, device):
 
 def scores_text(returns, normalized) -> str:
     """`Pong=-20.0 (0.02) Bowling=n/a` for the console."""
-    return " ".join(f"{g}={protocol.format_score(r, 1)} ({protocol.format_score(normalized[g])})" if r is not None
-                    else f"{g}=n/a" for g, r in returns.items())
+    return " ".join(f"{g}=n/a" if r is None else f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items())
 
 
 def main(args: Args) -> dict:
