@@ -235,10 +235,11 @@ def _read_run(metrics_path: str) -> Run:
         run.problem = f"diverged at stage {where['stage']}, global step {where['global_step']} ({where['quantity']})"
     elif not complete:
         run.problem = f"incomplete ({done}/{H} stages)"
-    elif unscored := sorted({g for s in metrics.get("stages") or [] for g in s.get("eval_unscored", [])}):
-        run.problem = f"{names[0]} missing: no {'/'.join(unscored)} game finished within an evaluation (raise --eval-steps)"
     elif run.scores.get(names[0]) is None or run.scores.get("FWT") is None:
-        run.problem = f"metrics.json has no {names[0]}/FWT"
+        # an Atari game can be unscored at a stage before it is trained without touching the metrics
+        unscored = sorted({g for s in metrics.get("stages") or [] for g in s.get("eval_unscored", [])})
+        run.problem = (f"{names[0]} missing: no {'/'.join(unscored)} game finished within an evaluation (raise --eval-steps)"
+                       if unscored else f"metrics.json has no {names[0]}/FWT")
     return run
 
 

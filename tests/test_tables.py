@@ -253,3 +253,18 @@ def test_cli_writes_both_formats(runs_dir, tmp_path):
     md, tex = (tmp_path / "docs" / "results.md").read_text(), (tmp_path / "docs" / "results.tex").read_text()
     assert "| vanilla SAC | 3 | 0.60 ± 0.06 |" in md and "All settings (Meta-World)" in md
     assert "\\begin{tabular}" in tex and "0.60 $\\pm$ 0.06" in tex
+
+
+def test_atari_game_unscored_before_it_is_trained_does_not_drop_the_run(tmp_path):
+    """eval_unscored lists every unscored game of a stage's evaluation, unseen ones included: a run
+    is dropped only when a metric is actually missing, and then the unscored games say why."""
+    kept = write_run(tmp_path, 1, (0.3, 0.1, 0.4), tasks=["Pong", "Bowling"], env="atari", games=["Pong", "Bowling"])
+    dropped = write_run(tmp_path, 2, (None, 0.1, None), tasks=["Pong", "Bowling"], env="atari", games=["Pong", "Bowling"])
+    for folder, unscored in ((kept, ["Bowling"]), (dropped, ["Pong"])):
+        path = os.path.join(folder, "metrics.json")
+        metrics = json.load(open(path))
+        metrics["stages"] = [{"eval_unscored": unscored}] + [{"eval_unscored": []}] * 3
+        json.dump(metrics, open(path, "w"))
+    runs = {run.seed: run for run in tables.load_runs([str(tmp_path)])}
+    assert runs[1].problem is None
+    assert runs[2].problem == "AR missing: no Pong game finished within an evaluation (raise --eval-steps)"
