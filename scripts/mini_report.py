@@ -97,6 +97,25 @@ def identification_table(runs, label) -> list[str]:
     return lines
 
 
+def plasticity_table(runs, label) -> list[str]:
+    """Per setting and stage, the means over runs of the actor's dormant share and the first critic's
+    feature rank, as each run measured them at the end of the stage."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(label(run.args), []).append(run)
+    stages = max(len(run.metrics["stages"]) for run in runs)
+    lines = ["| setting | runs | " + " | ".join(f"after stage {i + 1}" for i in range(stages)) + " |",
+             "|---|---:|" + "---:|" * stages]
+    for name, group in sorted(groups.items()):
+        cells = []
+        for i in range(stages):
+            measured = [run.metrics["stages"][i]["plasticity"] for run in group if len(run.metrics["stages"]) > i]
+            cells.append(f"{np.mean([m['actor']['dormant_ratio'] for m in measured]):.2f} / "
+                         f"{np.mean([m['qf1']['feature_rank'] for m in measured]):.1f}")
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def wall_time(runs) -> float:
     return sum(stage["wall_seconds"] for run in runs for stage in run.metrics["stages"])
 
@@ -150,6 +169,11 @@ def main(argv=None) -> int:
     if len(identification) > 2:
         doc += ["## What identification had to work with", "",
                 "Over every stage of every run of a setting (4 identification windows per run):", ""] + identification + [""]
+    doc += ["## Plasticity", "", "Actor's dormant share / first critic's feature rank at the end of each stage, mean over "
+            "runs: a neuron is dormant when its mean |activation| is at most "
+            f"{counted[0].args['dormant_threshold']} of its layer's mean (ReDo); the rank is srank (delta 0.01) of the last "
+            "hidden layer, out of its width. Both on one fixed batch of the first task's transitions.", ""]
+    doc += plasticity_table(counted, tables.setting_label) + [""]
     doc += ["## Curves", "", "Evaluation success of each task (deterministic policy, 10 episodes; mean and standard error "
             "over seeds) against the stage, each seed's steps scaled to its own stage lengths (stages that stop early "
             "differ between seeds); shaded spans are the stages that train the panel's task.", "",

@@ -47,7 +47,7 @@ def write_run(runs_dir, method, seed, stage_lengths=(BUDGET,) * 4, skill_ratio=0
     os.makedirs(run_dir)
     args = {"seed": seed, "exp_name": f"{method}_r{skill_ratio}", "runs_dir": str(runs_dir), "cuda": False,
             "tasks": TASKS, "cycles": 2, "steps_per_task": BUDGET, "eval_every": EVAL_EVERY, "hidden": [8, 8],
-            "method": method, "skill_ratio": skill_ratio}
+            "method": method, "skill_ratio": skill_ratio, "dormant_threshold": 0.025}
     write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": args, "stage_tasks": STAGE_TASKS})
     writer = SummaryWriter(run_dir)
     step, stages = 0, []
@@ -59,7 +59,9 @@ def write_run(runs_dir, method, seed, stage_lengths=(BUDGET,) * 4, skill_ratio=0
                     value = success_curve(method, task, stage_task, (step - start) / length, seed)
                     writer.add_scalar(f"eval/{task}/success_rate", value, step)
         stages.append({"stage": stage + 1, "task": stage_task, "env_steps": length, "budget_steps": BUDGET,
-                       "early_stopped": length < BUDGET, "wall_seconds": 1.0})
+                       "early_stopped": length < BUDGET, "wall_seconds": 1.0,
+                       "plasticity": {net: {"dormant_ratio": 0.25, "feature_rank": 3, "weight_magnitude": 0.1}
+                                      for net in ("actor", "qf1", "qf2")}})
     writer.close()
     metrics = {"run_name": run_name, "stage_tasks": STAGE_TASKS, "complete": complete, "sr": [], "stages": stages,
                "ASR": asr if asr is not None else (0.6 if method == "sac" else 0.85), "FM": 0.1, "FWT": 0.9}

@@ -37,6 +37,7 @@ def test_report_from_runs(tmp_path):
     assert "Hand-written finding." in doc and "python wide.py" in doc
     assert "Sweep wall time (`time`): 1m2.5s" in doc
     assert "## How the task pair was chosen" in doc and "| reach |" in doc
+    assert "| vanilla SAC | 2 | 0.25 / 3.0 | 0.25 / 3.0 | 0.25 / 3.0 | 0.25 / 3.0 |" in doc  # the plasticity table
     for name in ("results-mini-curves", "results-mini-pilot", "results-mini-supplement-curves"):
         for ext in ("png", "pdf"):
             assert os.path.getsize(out.parent / f"{name}.{ext}") > 0
@@ -56,3 +57,17 @@ def test_identification_table_by_hand():
             Run("sac", [{"env_steps": 5}])]  # no identification: no row
     lines = mini_report.identification_table(runs, lambda args: args["exp_name"])
     assert lines[2:] == ["| nbsp | 2 | 1 of 3 | 6 of 60 | 0.50 |"]
+
+
+def test_plasticity_table_by_hand():
+    """Per setting and stage: mean actor dormant share / mean qf1 feature rank over runs."""
+    class Run:
+        def __init__(self, name, measured):
+            self.args = {"exp_name": name}
+            self.metrics = {"stages": [{"plasticity": {"actor": {"dormant_ratio": d}, "qf1": {"feature_rank": r}}}
+                                       for d, r in measured]}
+
+    runs = [Run("sac", [(0.5, 2), (0.6, 3)]), Run("sac", [(0.3, 5), (0.2, 4)]), Run("nbsp", [(0.1, 9), (0.0, 8)])]
+    lines = mini_report.plasticity_table(runs, lambda args: args["exp_name"])
+    assert lines[0] == "| setting | runs | after stage 1 | after stage 2 |"
+    assert lines[2:] == ["| nbsp | 1 | 0.10 / 9.0 | 0.00 / 8.0 |", "| sac | 2 | 0.40 / 3.5 | 0.40 / 3.5 |"]
