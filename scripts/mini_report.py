@@ -76,16 +76,21 @@ def per_run_table(runs) -> list[str]:
     return lines
 
 
+def by_setting(runs, label):
+    """(setting label, its runs), sorted by label."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(label(run.args), []).append(run)
+    return sorted(groups.items())
+
+
 def identification_table(runs, label) -> list[str]:
     """Per setting, what identification had to work with: windows whose goal metric was constant
     (no goal information), dead units among the selected skill neurons, and the share of the
     window's steps that belong to successful episodes."""
     lines = ["| setting | runs | windows with a constant goal metric | selected units dead over the window | "
              "steps in successful episodes (mean) |", "|---|---:|---:|---:|---:|"]
-    groups = {}
-    for run in runs:
-        groups.setdefault(label(run.args), []).append(run)
-    for name, group in sorted(groups.items()):
+    for name, group in by_setting(runs, label):
         stages = [stage for run in group for stage in run.metrics["stages"] if "selection" in stage]
         if not stages:
             continue
@@ -100,13 +105,10 @@ def identification_table(runs, label) -> list[str]:
 def plasticity_table(runs, label) -> list[str]:
     """Per setting and stage, the means over runs of the actor's dormant share and the first critic's
     feature rank, as each run measured them at the end of the stage."""
-    groups = {}
-    for run in runs:
-        groups.setdefault(label(run.args), []).append(run)
     stages = max(len(run.metrics["stages"]) for run in runs)
     lines = ["| setting | runs | " + " | ".join(f"after stage {i + 1}" for i in range(stages)) + " |",
              "|---|---:|" + "---:|" * stages]
-    for name, group in sorted(groups.items()):
+    for name, group in by_setting(runs, label):
         cells = []
         for i in range(stages):
             measured = [run.metrics["stages"][i]["plasticity"] for run in group if len(run.metrics["stages"]) > i]
