@@ -36,6 +36,7 @@ def test_report_from_runs(tmp_path):
     assert doc.count("| sac_r0.2 seed ") == 2 and doc.count("| nbsp_r0.2 seed ") == 3  # the further try's run too
     assert "Hand-written finding." in doc and "python wide.py" in doc
     assert "Sweep wall time (`time`): 1m2.5s" in doc
+    assert f"python scripts/mini_report.py --runs {tmp_path / 'mini'} --pilot" in doc and f"--out {out}" in doc  # as run
     assert "## How the task pair was chosen" in doc and "| reach |" in doc
     assert "| vanilla SAC | 2 | 0.25 / 3.0 | 0.25 / 3.0 | 0.25 / 3.0 | 0.25 / 3.0 |" in doc  # the plasticity table
     for name in ("results-mini-curves", "results-mini-pilot", "results-mini-supplement-curves"):
