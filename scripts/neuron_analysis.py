@@ -203,7 +203,8 @@ def analyse(run_dir: str, stage: int | None = None, network: str = "actor", task
         success[task] = {}
         for condition in CONDITIONS:
             with zero_neurons(layers, sets[condition]):
-                result = mw.rollout(envs[task], episodes, actor.deterministic_action, args.seed, torch.device(device))
+                result = mw.rollout(envs[task], episodes, actor.deterministic_action, args.seed, torch.device(device),
+                                    until_success=True)
             success[task][condition] = float(result["success"].mean())
         for env in envs[task]:
             env.close()

@@ -1051,6 +1051,32 @@ class AlwaysSucceeds(mw.gym.Wrapper):
         return obs, reward, terminated, self.steps >= 20, info
 
 
+class SucceedsInFirstEpisode(mw.gym.Wrapper):
+    """Reports success from the 5th step of its first episode on, never after; counts the steps."""
+
+    def reset(self, **kwargs):
+        self.episodes, self.steps_in_episode = getattr(self, "episodes", 0) + 1, 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps_in_episode += 1
+        self.total_steps = getattr(self, "total_steps", 0) + 1
+        return obs, reward, terminated, truncated, {**info, "success": self.episodes == 1 and self.steps_in_episode >= 5}
+
+
+def test_evaluation_rollout_ends_an_episode_at_its_first_success():
+    def run(until_success):
+        envs = [SucceedsInFirstEpisode(mw.make_env("reach", 0)) for _ in range(2)]
+        result = mw.rollout(envs, 4, lambda obs: torch.zeros(len(obs), ACT_DIM), 0, torch.device("cpu"),
+                            until_success=until_success)
+        return result["success"].tolist(), sum(env.total_steps for env in envs)
+
+    # waves of 2: episodes 0 and 1 are each env's first (success at step 5), episodes 2 and 3 fail
+    assert run(until_success=False) == ([1.0, 1.0, 0.0, 0.0], 4 * 500)
+    assert run(until_success=True) == ([1.0, 1.0, 0.0, 0.0], 5 + 5 + 500 + 500)
+
+
 def test_early_stop_after_ten_successful_policy_episodes(tmp_path, monkeypatch):
     real_make_env = mw.make_env
     monkeypatch.setattr(mw, "make_env", lambda task, seed: AlwaysSucceeds(real_make_env(task, seed)))
