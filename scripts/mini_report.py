@@ -119,6 +119,22 @@ def plasticity_table(runs, label) -> list[str]:
     return lines
 
 
+def more_seeds_section(tables, grid_runs, more_dir: str, command: str | None) -> list[str]:
+    """The settings that have runs in `more_dir` (same preset, further seeds), tabled over the
+    grid's seeds and those together, with the further runs themselves and their cost."""
+    extra = tables.load_runs([more_dir])
+    settings = {run.label for run in extra}
+    pooled = [run for run in grid_runs if run.label in settings] + extra
+    seeds = sorted({run.seed for run in pooled if run.ok})
+    extra_counted = [r for r in figures.find_runs([more_dir]) if r.metrics and r.metrics.get("complete")]
+    return ["## More seeds for some settings", "", "```bash", command or f"(runs in {more_dir})", "```", "",
+            f"The same pair and flags as the grid; each of these settings pooled over the grid's runs and these "
+            f"(seeds {', '.join(map(str, seeds))}):", "",
+            tables.settings_table(pooled, "markdown", title=None), "", tables.iqm_table(pooled, "markdown"), "",
+            f"The further runs (training wall time summed over them: {wall_time(extra_counted) / 60:.1f} min):", ""] \
+        + per_run_table(extra_counted) + [""]
+
+
 def wall_time(runs) -> float:
     return sum(stage["wall_seconds"] for run in runs for stage in run.metrics["stages"])
 
@@ -131,6 +147,10 @@ def main(argv=None) -> int:
     parser.add_argument("--notes", default=None, help="Markdown file of findings written after reading the numbers")
     parser.add_argument("--supplement", default=None, help="runs of a further try (another size, say), reported after the main grid")
     parser.add_argument("--supplement-command", default=None, help="the command that made the --supplement runs")
+    parser.add_argument("--more-seeds", default=None,
+                        help="runs of the same preset with further seeds (sweep.py --preset mini --seeds 4 5 --settings ...); "
+                             "their settings are tabled again over the grid's seeds and these")
+    parser.add_argument("--more-seeds-command", default=None, help="the command that made the --more-seeds runs")
     parser.add_argument("--threshold", type=float, default=0.8, help="success that counts as learned in the pilot")
     parser.add_argument("--out", default="docs/results-mini.md")
     args = parser.parse_args(argv)
@@ -189,6 +209,8 @@ def main(argv=None) -> int:
                 tables.settings_table(tables.load_runs([args.supplement]), "markdown", title=None), "",
                 f"Training wall time summed over runs: {wall_time(extra) / 60:.1f} min.", ""]
         doc += per_run_table(extra) + ["", f"![supplement]({os.path.basename(wide[0])})", ""]
+    if args.more_seeds:
+        doc += more_seeds_section(tables, runs, args.more_seeds, args.more_seeds_command)
     if args.notes:
         with open(args.notes) as f:
             doc += ["## What the numbers say", "", f.read().strip(), ""]

@@ -23,17 +23,23 @@ def test_report_from_runs(tmp_path):
     with open(os.path.join(pilot, "config.json"), "w") as f:
         json.dump(config, f)
     write_run(tmp_path / "wide", "nbsp", 1)
+    write_run(tmp_path / "more", "sac", 3, asr=0.9)  # pooled with the grid's sac seeds: ASR 0.6, 0.7, 0.9
     (tmp_path / "notes.md").write_text("Hand-written finding.")
     (tmp_path / "sweep.out").write_text("start line\nreal\t1m2.5s\nend line\n")
     out = tmp_path / "docs" / "results-mini.md"
     assert mini_report.main(["--runs", str(tmp_path / "mini"), "--pilot", str(tmp_path / "pilot"),
                              "--supplement", str(tmp_path / "wide"), "--supplement-command", "python wide.py",
+                             "--more-seeds", str(tmp_path / "more"), "--more-seeds-command", "python more.py",
                              "--notes", str(tmp_path / "notes.md"), "--sweep-log", str(tmp_path / "sweep.out"),
                              "--out", str(out)]) == 0
     doc = out.read_text()
     assert "| vanilla SAC | 2 | 0.65 ± 0.05 |" in doc  # mean of 0.6, 0.7; s.e. 0.0707 / sqrt(2) = 0.05
     assert "| NBSP | 2 | 0.85 ± 0.00 |" in doc
-    assert doc.count("| sac_r0.2 seed ") == 2 and doc.count("| nbsp_r0.2 seed ") == 3  # the further try's run too
+    assert doc.count("| sac_r0.2 seed ") == 3 and doc.count("| nbsp_r0.2 seed ") == 3  # the further try and more seeds too
+    more = doc.split("## More seeds for some settings")[1].split("\n## ")[0]
+    assert "python more.py" in more and "(seeds 1, 2, 3)" in more
+    assert "| vanilla SAC | 3 | 0.73 ± 0.09 |" in more and "NBSP" not in more  # mean 0.7333; s.e. 0.1528 / sqrt(3) = 0.088
+    assert "| sac_r0.2 seed 3 |" in more
     assert "Hand-written finding." in doc and "python wide.py" in doc
     assert "Sweep wall time (`time`): 1m2.5s" in doc
     assert f"python scripts/mini_report.py --runs {tmp_path / 'mini'} --pilot" in doc and f"--out {out}" in doc  # as run
