@@ -1068,7 +1068,7 @@ def main(args: Args) -> dict:
         obs, _ = env.reset(seed=stage_seed)
         game_start, game_id = 0, global_step + 1  # a game's id: its first global step
         stage_games = []  # finished games: id, raw return, played by the policy
-        logs, updates, dpre_updates = {}, 0, 0
+        logs, updates, dpre_updates, log_due = {}, 0, 0, False
         stage_start_time = sps_time = time.time()
         sps_step = 0
         for step in range(args.steps_per_task):
@@ -1103,7 +1103,12 @@ def main(args: Args) -> dict:
                 logs = sac.update(data, update_policy=True, update_target=update_target)
                 method.after_update(data, True, update_target)
                 updates, dpre_updates = updates + 1, dpre_updates + from_dpre
-                if update_index % 100 == 0:  # the only host synchronisation of the update path
+                # log every 100 updates (the only host synchronisation of the update path), at the first
+                # update since then that trains on D: Dpre's batches (the 0th, 10th, ...) would show only
+                # the old tasks' losses and values
+                log_due |= update_index % 100 == 0
+                if log_due and (not from_dpre or args.replay_interval == 1):
+                    log_due = False
                     values = {name: value.item() for name, value in logs.items()}
                     for name, value in values.items():
                         writer.add_scalar(f"losses/{name}", value, global_step)

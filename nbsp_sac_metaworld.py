@@ -442,6 +442,7 @@ class SACLearner:
     replays that graph as a CUDA graph (mode "reduce-overhead", capturable Adam)."""
 
     discrete = False
+    critic_logs = ("qf1_values", "qf2_values", "qf1_loss", "qf2_loss", "qf_loss")  # critic_step's logged values
 
     def __init__(self, obs_dim, act_dim, action_low, action_high, args: Args, device, compile=False, cudagraphs=False,
                  method: Method | None = None):
@@ -485,8 +486,8 @@ class SACLearner:
         if update_target:
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.args.tau)
-        return {"qf1_values": qf_a_values[0].mean().detach(), "qf2_values": qf_a_values[1].mean().detach(),
-                "qf1_loss": qf_losses[0].detach(), "qf2_loss": qf_losses[1].detach(), "qf_loss": qf_loss.detach() / 2.0}
+        values = qf_a_values[0].mean(), qf_a_values[1].mean(), qf_losses[0], qf_losses[1], qf_loss / 2.0
+        return {name: value.detach() for name, value in zip(self.critic_logs, values)}
 
     def actor_step(self, obs):
         pi, log_pi, _ = self.actor.get_action(obs)
@@ -818,7 +819,7 @@ def main(args: Args) -> dict:
         recent_success = deque(maxlen=EARLY_STOP_WINDOW)
         stage_episodes = []  # finished episodes: id, success, return, played by the policy
         counts = dict.fromkeys(["critic_updates", "critic_dpre_updates", "actor_updates", "actor_dpre_updates"], 0)
-        early_stopped, logs = False, {}
+        early_stopped, logs, critic_log_due = False, {}, False
         stage_start_time = sps_time = time.time()
         sps_step = 0
         for step in range(args.steps_per_task):
@@ -863,11 +864,20 @@ def main(args: Args) -> dict:
                 counts["actor_updates"] += args.policy_frequency if update_policy else 0
                 logs = sac.update(data, update_policy, update_target, actor_obs)
                 method.after_update(data, update_policy, update_target)
-                if update_index % 100 == 0:  # the only host synchronisation of the update path
-                    values = {name: value.item() for name, value in logs.items()}
+                # log every 100 updates (the only host synchronisations of the update path); the critic's
+                # values from the first update since then that trains on D, as Dpre's batches (the 0th,
+                # 10th, ...) would show only the old tasks' values
+                log_rest = update_index % 100 == 0
+                critic_log_due |= log_rest
+                log_critic = critic_log_due and (not from_dpre or args.replay_interval == 1)
+                if log_rest or log_critic:
+                    critic_log_due &= not log_critic
+                    values = {name: value.item() for name, value in logs.items()
+                              if (log_critic if name in SACLearner.critic_logs else log_rest)}
                     for name, value in values.items():
                         writer.add_scalar(f"losses/{name}", value, global_step)
                     stop_if_diverged(values, stage)
+                if log_rest:
                     for name, value in method.logs().items():
                         writer.add_scalar(f"method/{name}", float(value), global_step)
                     sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the last 100 steps

@@ -613,6 +613,10 @@ def test_end_to_end_tensorboard_has_eval_and_losses(tiny_run):
     assert not {"eval/Pong/return", "eval/Bowling/normalized_return", "eval/AR"} & tags  # no game finished
     # periodic evaluation (every 250 steps) plus one after each of the 4 stages
     assert len(events.Scalars("eval/Pong/finished_games")) == 1200 // 250 + 4
+    # 50 updates a stage, logged once: at the first update (step 100), and from stage 2 on at the
+    # first that trains on D, 4 steps later (the 0th trains on Dpre, replay_interval 3)
+    for tag in ("losses/qf1_loss", "losses/actor_loss"):
+        assert [e.step for e in events.Scalars(tag)] == [101, 300 + 105, 600 + 105, 900 + 105]
 
 
 def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):

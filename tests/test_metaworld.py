@@ -441,10 +441,13 @@ def test_e2e_tensorboard(nbsp_run):
     assert [step for step, _ in tags["eval/ASR"]] == [500, 1000, 1500, 2000]
     for k, (_, value) in enumerate(tags["eval/ASR"]):
         assert value == pytest.approx(continual_metrics(sr[: k + 1])["ASR"], abs=1e-6)
-    # losses are logged in every stage, after learning_starts
-    for k in range(H):
-        steps = [step for step, _ in tags["losses/qf1_loss"] if k * 500 + 100 < step <= (k + 1) * 500]
-        assert steps, f"no critic loss logged in stage {k + 1}"
+    # losses every 100 updates from each stage's first (global step k * 500 + 101); from stage 2 on the
+    # 0th, 100th, ... update trains on Dpre (replay_interval 2), so the critic's come from the next
+    # update, on D, and the actor's stay with the policy update (the even ones: policy_frequency 2)
+    firsts = [k * 500 + 101 for k in range(H)]
+    assert [step for step, _ in tags["losses/actor_loss"]] == [f + j for f in firsts for j in (0, 100, 200, 300)]
+    assert [step for step, _ in tags["losses/qf1_loss"]] == [f + j + (k > 0) for k, f in enumerate(firsts)
+                                                               for j in (0, 100, 200, 300)]
     assert all(np.isfinite(value) for _, value in tags["losses/qf1_loss"] + tags["losses/actor_loss"])
     # the goal-constant flag of each stage is logged as it is recorded
     goal_constant = [bool(value) for _, value in tags["neurons/goal_constant"]]
