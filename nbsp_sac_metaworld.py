@@ -700,7 +700,8 @@ def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device):
     rates = {}
     for task, envs in rollout_envs.items():
         with method.acting(task):
-            rates[task] = float(rollout(envs, num_episodes, actor.deterministic_action, eval_seed, device, until_success=True)["success"].mean())
+            result = rollout(envs, num_episodes, actor.deterministic_action, eval_seed, device, until_success=True)
+            rates[task] = float(result["success"].mean())
     return rates
 
 

@@ -2,7 +2,7 @@
 # machine (N processes side by side) or as a Slurm job array.
 #
 #   python scripts/sweep.py --list                          # presets and their run counts
-#   python scripts/sweep.py --preset mini --jobs 2          # laptop-scale ablation, 27 runs (about 90 min on 2 cores)
+#   python scripts/sweep.py --preset mini --jobs 2          # laptop-scale ablation, 27 runs (78 min on 2 cores)
 #   python scripts/sweep.py --preset table1 --dry-run       # print the 120 command lines
 #   python scripts/sweep.py --preset table1 table2 --slurm table12.sh --slurm-partition gpu
 #   python scripts/sweep.py --script metaworld --sequences window-open,window-close \
