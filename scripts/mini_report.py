@@ -139,8 +139,44 @@ def wall_time(runs) -> float:
     return sum(stage["wall_seconds"] for run in runs for stage in run.metrics["stages"])
 
 
+class ReportError(Exception):
+    """Bad input: reported in one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like the other scripts, instead of usage + error
+        raise ReportError(message)
+
+
+def input_problem(args) -> str | None:
+    """What is wrong with the command line before anything is read, or None."""
+    for flag, path in (("--runs", args.runs), ("--pilot", args.pilot), ("--sweep-log", args.sweep_log),
+                       ("--notes", args.notes), ("--supplement", args.supplement), ("--more-seeds", args.more_seeds)):
+        if path is not None and not os.path.exists(path):
+            return f"{flag} {path!r} does not exist"
+    for command, folder in (("supplement_command", "supplement"), ("more_seeds_command", "more_seeds")):
+        if getattr(args, command) is not None and getattr(args, folder) is None:
+            return f"--{command.replace('_', '-')} describes the runs of --{folder.replace('_', '-')}, which is not given"
+    if not 0 < args.threshold <= 1:
+        return f"--threshold must be in (0, 1], got {args.threshold}"
+    return None
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tables = load_tables_module()
+    try:
+        args = make_parser().parse_args(argv)
+        problem = input_problem(args)
+        if problem:
+            raise ReportError(problem)
+        return write_report(args, argv, tables)
+    except (ReportError, tables.TablesError, figures.FigureError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/mini", help="run folders of the mini preset")
     parser.add_argument("--pilot", default=None, help="single-task pilot runs that chose the task pair")
     parser.add_argument("--sweep-log", default=None, help="the sweep's console output (for its start, end and wall time)")
@@ -153,13 +189,14 @@ def main(argv=None) -> int:
     parser.add_argument("--more-seeds-command", default=None, help="the command that made the --more-seeds runs")
     parser.add_argument("--threshold", type=float, default=0.8, help="success that counts as learned in the pilot")
     parser.add_argument("--out", default="docs/results-mini.md")
-    args = parser.parse_args(argv)
+    return parser
 
-    tables = load_tables_module()
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
+
+def write_report(args, argv, tables) -> int:
     runs = tables.load_runs([args.runs])
     counted = [r for r in figures.find_runs([args.runs]) if r.metrics and r.metrics.get("complete")]
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
     preset = PRESETS["mini"]
     command = "python scripts/sweep.py --preset mini --jobs 2"
     curves = figures.plot_curves([r.path for r in counted], os.path.join(out_dir, "results-mini-curves"),

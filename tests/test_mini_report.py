@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from test_figures import write_run
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -78,3 +80,21 @@ def test_plasticity_table_by_hand():
     lines = mini_report.plasticity_table(runs, lambda args: args["exp_name"])
     assert lines[0] == "| setting | runs | after stage 1 | after stage 2 |"
     assert lines[2:] == ["| nbsp | 1 | 0.10 / 9.0 | 0.00 / 8.0 |", "| sac | 2 | 0.40 / 3.5 | 0.40 / 3.5 |"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--runs", "{tmp}/missing"], "--runs '{tmp}/missing' does not exist"),
+    (["--more-seeds", "{tmp}/missing"], "--more-seeds '{tmp}/missing' does not exist"),
+    (["--more-seeds-command", "python more.py"], "--more-seeds-command describes the runs of --more-seeds, which is not given"),
+    (["--supplement-command", "python wide.py"], "--supplement-command describes the runs of --supplement"),
+    (["--threshold", "1.5"], "--threshold must be in (0, 1], got 1.5"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--runs", "{tmp}"], "no metrics.json under '{tmp}'"),
+])
+def test_bad_input_stops_with_one_line_and_writes_nothing(argv, expected, tmp_path, capsys):
+    out = tmp_path / "docs" / "results-mini.md"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert mini_report.main([*argv, "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected.replace("{tmp}", str(tmp_path)) in lines[0]
+    assert not out.parent.exists()
