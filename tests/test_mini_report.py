@@ -84,10 +84,10 @@ def test_plasticity_table_by_hand():
 
 @pytest.mark.parametrize("argv, expected", [
     (["--runs", "{tmp}/missing"], "--runs '{tmp}/missing' does not exist"),
-    (["--more-seeds", "{tmp}/missing"], "--more-seeds '{tmp}/missing' does not exist"),
-    (["--more-seeds-command", "python more.py"], "--more-seeds-command describes the runs of --more-seeds, which is not given"),
-    (["--supplement-command", "python wide.py"], "--supplement-command describes the runs of --supplement"),
-    (["--threshold", "1.5"], "--threshold must be in (0, 1], got 1.5"),
+    (["--runs", "{tmp}", "--more-seeds", "{tmp}/missing"], "--more-seeds '{tmp}/missing' does not exist"),
+    (["--runs", "{tmp}", "--more-seeds-command", "python more.py"], "--more-seeds-command describes the runs of --more-seeds, which is not given"),
+    (["--runs", "{tmp}", "--supplement-command", "python wide.py"], "--supplement-command describes the runs of --supplement"),
+    (["--runs", "{tmp}", "--threshold", "1.5"], "--threshold must be in (0, 1], got 1.5"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--runs", "{tmp}"], "no metrics.json under '{tmp}'"),
 ])
