@@ -123,6 +123,14 @@ PRESETS = {
                "--learning-starts", "2000", "--eval-every", "10000", "--buffer-size", "100000", "--dpre-per-task", "10000",
                "--identify-episodes", "10", "--eval-episodes", "10", "--no-cuda", "--compile"],
     ),
+    "regime-pilot": dict(  # vanilla SAC on the paper's own pairs, one pass (A -> B): does SAC learn both
+        script="metaworld",  # tasks within the stage budget and forget A while it learns B (docs/results-regime.md)?
+        sequences=TWO_TASK,
+        settings=["sac"],
+        flags=["--cycles", "1", "--hidden", "256", "256", "--batch-size", "128", "--steps-per-task", "150000",
+               "--learning-starts", "5000", "--eval-every", "10000", "--eval-episodes", "10",
+               "--buffer-size", "300000", "--no-cuda", "--compile"],
+    ),
     "mini-pilot": dict(  # single-task SAC learning curves of the tasks considered for `mini`
         script="metaworld",
         sequences=["drawer-close", "window-close", "window-open", "drawer-open", "button-press-topdown",
