@@ -21,19 +21,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+import torch
+import tyro
+
+import nbsp_sac_metaworld as nbsp
+import skill_neurons as sn
+import nbsp_sac_atari as atari
+from baselines import METHODS, make_method
+from cleanrl_reference import CleanRLSAC, CleanRLSACAtari
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import tyro  # noqa: E402
-
-import nbsp_sac_metaworld as nbsp  # noqa: E402
-import skill_neurons as sn  # noqa: E402
-import nbsp_sac_atari as atari  # noqa: E402
-from baselines import METHODS, make_method  # noqa: E402
-from cleanrl_reference import CleanRLSAC, CleanRLSACAtari  # noqa: E402
 
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3 observation and action sizes
 ATARI_ACTIONS = 18  # the full ALE action space
@@ -382,13 +380,12 @@ def matmul_seconds(size, device, sync) -> float:
 # ------------------------------------------------------------------------------------------
 CHILD = """
 import json, resource, sys
-sys.path.insert(0, {root!r})
 import torch, tyro
 import nbsp_sac_metaworld
 nbsp_sac_metaworld.main(tyro.cli(nbsp_sac_metaworld.Args, args=sys.argv[1:]))
 cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-print("BENCHMARK_MEMORY " + json.dumps({{"max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                                         "cuda_max_allocated": cuda}}))
+print("BENCHMARK_MEMORY " + json.dumps({"max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                        "cuda_max_allocated": cuda}))
 """
 
 
@@ -430,7 +427,8 @@ def training_runs(args: Args, count: int, threads: int | None, compiled: bool) -
             runs_dir = os.path.join(tmp, f"runs{k}")
             log = open(os.path.join(tmp, f"log{k}.txt"), "w+")
             cli = training_args(args, runs_dir, "benchmark", seed=k + 1, compiled=compiled)
-            child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=ROOT), *cli], cwd=ROOT, env=env,
+            # `python -c` imports from its working folder: the repository root, installed or not
+            child = subprocess.Popen([sys.executable, "-c", CHILD, *cli], cwd=ROOT, env=env,
                                      stdout=log, stderr=subprocess.STDOUT)
             children.append((child, log, runs_dir))
         results = []

@@ -41,7 +41,6 @@ import os
 import re
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 
 import matplotlib
 
@@ -52,10 +51,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # scripts/ and the training scripts, from any working directory
-
 from protocol import BOOKKEEPING  # noqa: E402
+from run_folders import RunFolder, RunFolderError, find  # noqa: E402
+
 EVAL_TAG = re.compile(r"eval/(.+)/success_rate")
 PLASTICITY_TAG = re.compile(r"plasticity/(actor|qf1|qf2)/(dormant_ratio|feature_rank|weight_magnitude)")
 PLASTICITY_NAMES = {"dormant_ratio": "dormant neurons (ReDo)", "feature_rank": "feature rank (srank, last hidden layer)",
@@ -68,72 +66,13 @@ class FigureError(Exception):
 
 
 # ------------------------------------------------------------------------------------------
-# Runs
+# Settings: runs grouped by their args (scripts/run_folders.py reads the run folders)
 # ------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    path: str
-    config: dict
-    metrics: dict | None
-
-    @property
-    def args(self) -> dict:
-        return self.config["args"]
-
-    @property
-    def stage_tasks(self) -> list[str]:
-        return self.config["stage_tasks"]
-
-    def boundaries(self) -> list[int]:
-        """Global steps at which the finished stages ended (cumulative `env_steps`)."""
-        stages = (self.metrics or {}).get("stages", [])
-        return np.cumsum([s["env_steps"] for s in stages]).astype(int).tolist()
-
-    def inner_boundaries(self) -> list[int]:
-        """The boundaries between stages (the end of the last stage of a finished run left out)."""
-        ends = self.boundaries()
-        return ends[:-1] if len(ends) == len(self.stage_tasks) else ends
-
-    def stage_lengths(self) -> list[int]:
-        """Steps of every stage: finished ones as run, the others their budget."""
-        done = [s["env_steps"] for s in (self.metrics or {}).get("stages", [])]
-        return done + [self.args["steps_per_task"]] * (len(self.stage_tasks) - len(done))
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_run(path: str) -> Run:
-    metrics_path = os.path.join(path, "metrics.json")
-    return Run(path, _read_json(os.path.join(path, "config.json")),
-               _read_json(metrics_path) if os.path.isfile(metrics_path) else None)
-
-
-def find_runs(paths) -> list[Run]:
-    """Run folders among `paths` (a run folder, or a folder whose sub-folders are runs)."""
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    found = []
-    for path in paths:
-        path = str(path).rstrip("/")
-        if os.path.isfile(os.path.join(path, "config.json")):
-            found.append(path)
-        elif os.path.isdir(path):
-            found += sorted(os.path.join(path, d) for d in os.listdir(path)
-                            if os.path.isfile(os.path.join(path, d, "config.json")))
-        else:
-            raise FigureError(f"{path!r} does not exist")
-    if not found:
-        raise FigureError(f"no run folders (with config.json) in {', '.join(map(str, paths))}")
-    return [load_run(p) for p in dict.fromkeys(found)]
-
-
 def setting_key(args: dict, ignore=()) -> str:
     return json.dumps({k: v for k, v in args.items() if k not in BOOKKEEPING and k not in ignore}, sort_keys=True)
 
 
-def group_runs(runs: list[Run], ignore=()) -> dict[str, list[Run]]:
+def group_runs(runs: list[RunFolder], ignore=()) -> dict[str, list[RunFolder]]:
     """Runs grouped into settings (args minus seed, bookkeeping and `ignore`), seeds sorted."""
     groups = defaultdict(list)
     for run in runs:
@@ -224,7 +163,7 @@ def mean_and_se(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray
     return grid, mean, deviation / np.sqrt(np.maximum(count, 1)), count
 
 
-def _task_order(runs: list[Run]) -> list[str]:
+def _task_order(runs: list[RunFolder]) -> list[str]:
     return list(dict.fromkeys(t for run in runs for t in run.stage_tasks))
 
 
@@ -233,7 +172,7 @@ def plot_curves(run_dirs, out_path: str, align: str = "step", title: str | None 
     `label`, if given, names a setting from its run args (default: the args that differ)."""
     if align not in ("step", "stage"):
         raise FigureError(f"--align must be step or stage, got {align!r}")
-    runs = find_runs(run_dirs)
+    runs = find(run_dirs)
     groups = group_runs(runs)
     labels = setting_labels(groups) if label is None else {k: label(g[0].args) for k, g in groups.items()}
     order = sorted(groups, key=lambda k: labels[k])
@@ -323,7 +262,7 @@ def plot_curves(run_dirs, out_path: str, align: str = "step", title: str | None 
 def plot_plasticity(run_dirs, out_path: str, title: str | None = None) -> list[str]:
     """The plasticity diagnostics logged at every evaluation (`plasticity/{network}/{metric}`): one
     row per diagnostic, one column per network, a line per setting (mean ± s.e. over seeds)."""
-    runs = find_runs(run_dirs)
+    runs = find(run_dirs)
     groups = group_runs(runs)
     labels = setting_labels(groups)
     order = sorted(groups, key=lambda k: labels[k])
@@ -366,8 +305,8 @@ def plot_skill_ratio(run_dirs, out_path: str, metric: str = "ASR", title: str | 
     if metric not in ("ASR", "FM", "FWT"):
         raise FigureError(f"--metric must be ASR, FM or FWT, got {metric!r}")
     runs = []
-    for run in find_runs(run_dirs):
-        if run.metrics is None or not run.metrics.get("complete") or run.metrics.get(metric) is None:
+    for run in find(run_dirs):
+        if not run.complete or run.metrics.get(metric) is None:
             print(f"note: {run.path} left out (unfinished, or no {metric})", file=sys.stderr)
         else:
             runs.append(run)
@@ -574,7 +513,7 @@ def main(argv=None) -> list[str]:
             check_device(options.device)
             paths = plot_histogram(options.run.rstrip("/"), options.out, options.stage, options.network, options.neuron,
                                    options.task, options.episodes, options.seed, options.bins, options.device)
-    except FigureError as e:
+    except (FigureError, RunFolderError) as e:
         parser.exit(2, f"error: {e}\n")
     print("\n".join(paths))
     return paths

@@ -13,23 +13,12 @@ import platform
 import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import figures  # noqa: E402
-import importlib.util  # noqa: E402
-
-import numpy as np  # noqa: E402
-from sweep import PRESETS  # noqa: E402
-
-
-def load_tables_module():
-    """scripts/tables.py by path: a bare `import tables` can pick up the PyTables package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables.py")
-    spec = importlib.util.spec_from_file_location("nbsp_tables", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+import figures
+import paper_tables
+from run_folders import RunFolderError, complete_runs, find
+from sweep import PRESETS
 
 
 def steps_to(curve, threshold: float):
@@ -41,12 +30,12 @@ def steps_to(curve, threshold: float):
 
 def pilot_section(pilot_dir: str, threshold: float, out_dir: str) -> list[str]:
     """Single-task learning curves: the steps each candidate task needed to reach `threshold`."""
-    runs = figures.find_runs([pilot_dir])
+    runs = find([pilot_dir])
     flags = runs[0].args
     intro = (f"Each pilot run: hidden {' '.join(map(str, flags['hidden']))}, batch {flags['batch_size']}, up to "
              f"{flags['steps_per_task']:,} steps, {flags['learning_starts']:,} random steps first, evaluation every "
              f"{flags['eval_every']:,} steps ({flags['eval_episodes']} episodes).")
-    if any(not (r.metrics and r.metrics.get("complete")) for r in runs):
+    if any(not r.complete for r in runs):
         intro += " Runs marked \"stopped by hand\" were ended before their budget to free the CPU for the benchmark itself."
     lines = [intro, "", f"| task | seed | evaluations (step: success) | steps to {threshold} | run length |",
              "|---|---:|---|---:|---:|"]
@@ -59,7 +48,7 @@ def pilot_section(pilot_dir: str, threshold: float, out_dir: str) -> list[str]:
         first = steps_to(curve, threshold)
         evaluations = ", ".join(f"{s / 1000:g}k: {v:.2f}" for s, v in zip(steps, values))
         reached = f"{first:,}" if first is not None else f"not by {int(steps[-1]):,}"
-        finished = "complete" if run.metrics and run.metrics.get("complete") else "stopped by hand"
+        finished = "complete" if run.complete else "stopped by hand"
         lines.append(f"| {task} | {run.args['seed']} | {evaluations} | {reached} | {int(steps[-1]):,} ({finished}) |")
     figure = figures.plot_curves([r.path for r in runs], os.path.join(out_dir, "results-mini-pilot"),
                                  title="single-task SAC (pilot)") if runs else []
@@ -119,18 +108,19 @@ def plasticity_table(runs, label) -> list[str]:
     return lines
 
 
-def more_seeds_section(tables, grid_runs, more_dir: str, command: str | None) -> list[str]:
+def more_seeds_section(grid_runs, more_dir: str, command: str | None) -> list[str]:
     """The settings that have runs in `more_dir` (same preset, further seeds), tabled over the
     grid's seeds and those together, with the further runs themselves and their cost."""
-    extra = tables.load_runs([more_dir])
+    extra = paper_tables.load_runs([more_dir])
     settings = {run.label for run in extra}
     pooled = [run for run in grid_runs if run.label in settings] + extra
     seeds = sorted({run.seed for run in pooled if run.ok})
-    extra_counted = [r for r in figures.find_runs([more_dir]) if r.metrics and r.metrics.get("complete")]
+    extra_counted = complete_runs([more_dir])
     return ["## More seeds for some settings", "", "```bash", command or f"(runs in {more_dir})", "```", "",
             f"The same pair and flags as the grid; each of these settings pooled over the grid's runs and these "
             f"(seeds {', '.join(map(str, seeds))}):", "",
-            tables.settings_table(pooled, "markdown", title=None), "", tables.iqm_table(pooled, "markdown"), "",
+            paper_tables.settings_table(pooled, "markdown", title=None), "",
+            paper_tables.iqm_table(pooled, "markdown"), "",
             f"The further runs (training wall time summed over them: {wall_time(extra_counted) / 60:.1f} min):", ""] \
         + per_run_table(extra_counted) + [""]
 
@@ -163,14 +153,13 @@ def input_problem(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    tables = load_tables_module()
     try:
         args = make_parser().parse_args(argv)
         problem = input_problem(args)
         if problem:
             raise ReportError(problem)
-        return write_report(args, argv, tables)
-    except (ReportError, tables.TablesError, figures.FigureError) as e:
+        return write_report(args, argv)
+    except (ReportError, paper_tables.TablesError, figures.FigureError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -192,15 +181,16 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_report(args, argv, tables) -> int:
-    runs = tables.load_runs([args.runs])
-    counted = [r for r in figures.find_runs([args.runs]) if r.metrics and r.metrics.get("complete")]
+def write_report(args, argv) -> int:
+    runs = paper_tables.load_runs([args.runs])
+    counted = complete_runs([args.runs])
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     preset = PRESETS["mini"]
     command = "python scripts/sweep.py --preset mini --jobs 2"
     curves = figures.plot_curves([r.path for r in counted], os.path.join(out_dir, "results-mini-curves"),
-                                 align="stage", label=tables.setting_label, title="mini: " + " -> ".join(preset["sequences"][0].split(",")) + " x 2 cycles")
+                                 align="stage", label=paper_tables.setting_label,
+                                 title="mini: " + " -> ".join(preset["sequences"][0].split(",")) + " x 2 cycles")
 
     doc = ["# Laptop-scale benchmark: does SAC forget, and does NBSP keep what it learned?", "",
            "Generated by `scripts/mini_report.py` from the run folders; the numbers are as measured.", ""]
@@ -222,10 +212,10 @@ def write_report(args, argv, tables) -> int:
             doc += [f"- Sweep wall time (`time`): {real[-1].split()[1]}"]
     doc += [""]
     doc += ["## Results (layout of paper Table 2; mean ± standard error over seeds)", "",
-            tables.settings_table(runs, "markdown", title=None), "",
-            tables.iqm_table(runs, "markdown"), ""]
+            paper_tables.settings_table(runs, "markdown", title=None), "",
+            paper_tables.iqm_table(runs, "markdown"), ""]
     doc += ["Every run (`*`: the stage stopped early at 0.9 training success):", ""] + per_run_table(counted) + [""]
-    identification = identification_table(counted, tables.setting_label)
+    identification = identification_table(counted, paper_tables.setting_label)
     if len(identification) > 2:
         doc += ["## What identification had to work with", "",
                 "Over every stage of every run of a setting (4 identification windows per run):", ""] + identification + [""]
@@ -233,21 +223,21 @@ def write_report(args, argv, tables) -> int:
             "runs: a neuron is dormant when its mean |activation| is at most "
             f"{counted[0].args['dormant_threshold']} of its layer's mean (ReDo); the rank is srank (delta 0.01) of the last "
             "hidden layer, out of its width. Both on one fixed batch of the first task's transitions.", ""]
-    doc += plasticity_table(counted, tables.setting_label) + [""]
+    doc += plasticity_table(counted, paper_tables.setting_label) + [""]
     doc += ["## Curves", "", "Evaluation success of each task (deterministic policy, 10 episodes; mean and standard error "
             "over seeds) against the stage, each seed's steps scaled to its own stage lengths (stages that stop early "
             "differ between seeds); shaded spans are the stages that train the panel's task.", "",
             f"![curves]({os.path.basename(curves[0])})", ""]
     if args.supplement:
-        extra = [r for r in figures.find_runs([args.supplement]) if r.metrics and r.metrics.get("complete")]
+        extra = complete_runs([args.supplement])
         wide = figures.plot_curves([r.path for r in extra], os.path.join(out_dir, "results-mini-supplement-curves"),
-                                   align="stage", label=tables.setting_label, title="further try")
+                                   align="stage", label=paper_tables.setting_label, title="further try")
         doc += ["## A further try", "", "```bash", args.supplement_command or f"(runs in {args.supplement})", "```", "",
-                tables.settings_table(tables.load_runs([args.supplement]), "markdown", title=None), "",
+                paper_tables.settings_table(paper_tables.load_runs([args.supplement]), "markdown", title=None), "",
                 f"Training wall time summed over runs: {wall_time(extra) / 60:.1f} min.", ""]
         doc += per_run_table(extra) + ["", f"![supplement]({os.path.basename(wide[0])})", ""]
     if args.more_seeds:
-        doc += more_seeds_section(tables, runs, args.more_seeds, args.more_seeds_command)
+        doc += more_seeds_section(runs, args.more_seeds, args.more_seeds_command)
     if args.notes:
         with open(args.notes) as f:
             doc += ["## What the numbers say", "", f.read().strip(), ""]

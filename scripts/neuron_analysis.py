@@ -23,18 +23,14 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 from dataclasses import fields
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import nbsp_sac_metaworld as mw  # noqa: E402
-import skill_neurons as sn  # noqa: E402
-from baselines import make_method  # noqa: E402
+import nbsp_sac_metaworld as mw
+import skill_neurons as sn
+from baselines import make_method
 
 NETWORKS = ("actor",)  # see the header: the only network whose neurons the evaluated policy reads
 CONDITIONS = ("intersection", "A_minus_B", "B_minus_A", "none")

@@ -2,12 +2,12 @@
 
 Usage
 -----
-    python scripts/tables.py runs/                          # every paper table with a matching run
-    python scripts/tables.py runs/ --table 1 9              # chosen paper tables
-    python scripts/tables.py runs/ --table all              # every distinct setting (any task list)
-    python scripts/tables.py runs/ --table ablation --iqm   # Tables 2, 9, 10, 3, 4 and rliable's IQM
-    python scripts/tables.py runs/ other/ --format markdown latex --out docs/results
-                                                            # -> docs/results.md and docs/results.tex
+    python scripts/paper_tables.py runs/                          # every paper table with a matching run
+    python scripts/paper_tables.py runs/ --table 1 9              # chosen paper tables
+    python scripts/paper_tables.py runs/ --table all              # every distinct setting (any task list)
+    python scripts/paper_tables.py runs/ --table ablation --iqm   # Tables 2, 9, 10, 3, 4 and rliable's IQM
+    python scripts/paper_tables.py runs/ other/ --format markdown latex --out docs/results
+                                                                   # -> docs/results.md and docs/results.tex
 
 Input: every `metrics.json` under the given folders (recursively) with the `config.json` beside it,
 as the training scripts write them in `runs/{run_name}/`. Runs whose `metrics.json` says
@@ -73,32 +73,28 @@ Layout decisions where the paper leaves room
 
 Importable API (for scripts that write docs): `load_runs(paths)`, `settings_table(runs, fmt)`,
 `paper_table(runs, table_id, fmt)`, `iqm_table(runs, fmt, reps, seed)`, `skipped_list(runs, fmt)`,
-`report(runs, tables, fmt, iqm=...)`; `TablesError` is raised for bad input. Put `scripts/` on
-sys.path and `import tables`, or load this file by path (PyTables is also named `tables`).
+`report(runs, tables, fmt, iqm=...)`; `TablesError` is raised for bad input. `import paper_tables`
+with `scripts/` on the path.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
 import sys
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the method registry and the training scripts' Args, from any working directory
-
-import baselines  # noqa: E402
-import protocol  # noqa: E402
+import baselines
+import protocol
+from run_folders import ROOT, RunFolder, RunFolderError, metrics_files, read_json, script_defaults
 
 PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
-SCRIPT_MODULES = {"metaworld": "nbsp_sac_metaworld", "atari": "nbsp_sac_atari"}
 
 BOOKKEEPING = set(protocol.BOOKKEEPING)
 SETTING_FLAGS = {"method", "no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio", "goal_score"}
@@ -120,15 +116,6 @@ MISSING = object()
 
 class TablesError(Exception):
     """Bad input (no runs, unknown table or format): the CLI prints it as one `error:` line, exit 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# What the training scripts define: flag defaults (paper Table 6), from their Args
-
-@cache
-def script_defaults(env: str) -> dict:
-    """Every flag's default in the training script of `env` ("metaworld" | "atari")."""
-    return asdict(importlib.import_module(SCRIPT_MODULES[env]).Args())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,34 +178,28 @@ def _key(v) -> str:
 
 
 def _read_run(metrics_path: str) -> Run:
-    folder = os.path.dirname(metrics_path)
-    run = Run(path=folder, run_name=os.path.basename(folder))
+    run_dir = os.path.dirname(metrics_path)
+    run = Run(path=run_dir, run_name=os.path.basename(run_dir))
     try:
-        with open(metrics_path) as f:
-            metrics = json.load(f)
+        metrics = read_json(metrics_path)
     except (OSError, ValueError) as e:
         run.problem = f"unreadable metrics.json ({type(e).__name__})"
         return run
     run.run_name = metrics.get("run_name", run.run_name)
     try:
-        with open(os.path.join(folder, "config.json")) as f:
-            config = json.load(f)
-        args = config["args"]
+        folder = RunFolder(run_dir, read_json(os.path.join(run_dir, "config.json")), metrics)
+        args = folder.args
     except (OSError, ValueError, KeyError, TypeError) as e:
         run.problem = f"no readable config.json beside metrics.json ({type(e).__name__})"
         return run
-    run.env = "atari" if "games" in args or "AR" in metrics else "metaworld"
+    run.env = folder.benchmark()
     try:
         run.time = float(str(run.run_name).rsplit("__", 1)[-1])
     except ValueError:
         run.time = os.path.getmtime(metrics_path)
-    stage_tasks = metrics.get("stage_tasks") or config.get("stage_tasks") or []
+    stage_tasks = folder.stage_tasks
     defaults = script_defaults(run.env)
-    cycles = int(args.get("cycles", defaults.get("cycles", 1)) or 1)
-    if stage_tasks:
-        run.sequence = tuple(stage_tasks[: max(len(stage_tasks) // cycles, 1)])
-    else:
-        run.sequence = tuple(t.removesuffix("-v3") for t in args.get("tasks", args.get("games", [])))
+    run.sequence = folder.sequence()
     run.seed = args.get("seed")
     full = {**defaults, **args}
     method = full.get("method", "nbsp")
@@ -247,21 +228,11 @@ def load_runs(paths) -> list[Run]:
     """Every run (metrics.json + config.json) under `paths` (folders, searched recursively, or
     metrics.json files). Runs that are not counted keep a `problem` string; the others have
     `problem is None`. Raises TablesError when a path does not exist or holds no metrics.json."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files = []
-    for p in map(str, paths):
-        if os.path.isfile(p) and os.path.basename(p) == "metrics.json":
-            files.append(p)
-            continue
-        if not os.path.isdir(p):
-            raise TablesError(f"no such folder {p!r}; give folders holding runs/{{run_name}}/metrics.json")
-        found = [os.path.join(d, "metrics.json") for d, _, names in os.walk(p) if "metrics.json" in names]
-        if not found:
-            raise TablesError(f"no metrics.json under {p!r}; give folders holding runs/{{run_name}}/ folders "
-                              "with config.json and metrics.json (as the training scripts write them)")
-        files += sorted(found)
-    runs = [_read_run(f) for f in dict.fromkeys(os.path.abspath(f) for f in files)]
+    try:
+        files = metrics_files(paths)
+    except RunFolderError as e:
+        raise TablesError(str(e)) from None
+    runs = [_read_run(f) for f in files]
     # the same config and seed twice (a rerun): keep the latest, list the other
     latest = {}
     for run in sorted((r for r in runs if r.ok), key=lambda r: r.time):

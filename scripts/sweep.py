@@ -25,7 +25,6 @@ import contextlib
 import importlib
 import io
 import itertools
-import json
 import os
 import shlex
 import signal
@@ -35,14 +34,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the method registry and the protocol's facts, from any working directory
+import baselines
+import protocol
+import run_folders
+from protocol import RESUME_OVERRIDABLE
+from run_folders import ROOT, SCRIPTS
 
-import baselines  # noqa: E402
-import protocol  # noqa: E402
-from protocol import RESUME_OVERRIDABLE  # noqa: E402
-
-SCRIPTS = {"metaworld": "nbsp_sac_metaworld.py", "atari": "nbsp_sac_atari.py"}
 SEQUENCE_FLAG = {"metaworld": "--tasks", "atari": "--games"}
 DEFAULT_SEEDS = [1, 2, 3]  # the paper repeats every experiment with 3 seeds
 
@@ -271,28 +268,12 @@ def build_runs(args, extra: list[str]) -> list[Run]:
 # ---------------------------------------------------------------------------------------------
 # Existing run folders: skip complete runs, resume killed ones
 # ---------------------------------------------------------------------------------------------
-def read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def scan_runs(runs_dir: str) -> dict:
     """key -> [(run_dir, args from config.json, complete)] for every run folder in runs_dir."""
     found = {}
-    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
-        run_dir = os.path.join(runs_dir, name)
-        config = read_json(os.path.join(run_dir, "config.json"))
-        if not isinstance(config, dict) or "args" not in config:
-            continue
-        cargs = config["args"]
-        script = "atari" if "games" in cargs else "metaworld"
-        tasks = tuple(t.removesuffix("-v3") for t in cargs.get("games") or cargs.get("tasks") or [])
-        metrics = read_json(os.path.join(run_dir, "metrics.json"))
-        complete = isinstance(metrics, dict) and metrics.get("complete") is True
-        found.setdefault((script, tasks, cargs.get("exp_name"), cargs.get("seed")), []).append((run_dir, cargs, complete))
+    for run in run_folders.runs_in(runs_dir):
+        key = (run.benchmark(), run.tasks(), run.args.get("exp_name"), run.args.get("seed"))
+        found.setdefault(key, []).append((run.path, run.args, run.complete))
     return found
 
 

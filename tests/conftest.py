@@ -1,25 +1,9 @@
 """Shared test fixtures."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
 import protocol
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def script_module(name: str):
-    """scripts/<name>.py as a module, loaded by path: `import tables` could find PyTables (also
-    named `tables`) where it is installed."""
-    spec = importlib.util.spec_from_file_location(f"nbsp_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = sys.modules[f"nbsp_{name}"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def evaluated(metrics: dict, stage: int) -> bool:
     """Whether the evaluation after `stage` (0-based) scored every task seen so far, counting an

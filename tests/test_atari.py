@@ -19,10 +19,8 @@ from torch._dynamo.utils import counters
 
 import nbsp_sac_atari as atari
 import protocol
+import paper_tables
 import skill_neurons as sn
-from conftest import script_module
-
-tables = script_module("tables")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_atari.py")
 
@@ -525,7 +523,7 @@ def test_end_to_end_metrics_without_a_finished_evaluation_game(tiny_run):
     assert [s["eval_unscored"] for s in metrics["stages"]] == [["Pong", "Bowling"]] * 4
     config = json.load(open(os.path.join(run_dir, "config.json")))
     assert config["normalization"] == {"Pong": [-20.7, 9.3], "Bowling": [23.1, 154.8]}
-    run = tables.load_runs([run_dir])[0]
+    run = paper_tables.load_runs([run_dir])[0]
     assert run.problem == "AR missing: no Bowling/Pong game finished within an evaluation (raise --eval-steps)"
 
 

@@ -6,9 +6,6 @@ updates losses and parameters agree to float32 rounding (rtol 1e-4, atol 1e-5). 
 for --compile, whose update is one graph (Adam's bias corrections in float32 tensors there).
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -16,9 +13,7 @@ from torch._dynamo.utils import counters
 
 import nbsp_sac_metaworld as mw
 import skill_neurons as sn
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-from cleanrl_reference import CleanRLSAC  # noqa: E402
+from cleanrl_reference import CleanRLSAC
 
 HIDDEN, BATCH, UPDATES, REPLAY_INTERVAL = [32, 24], 16, 60, 10
 RTOL, ATOL = 1e-4, 1e-5

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import figures
+import run_folders
 
-import figures  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TASKS = ["reach", "drawer-close"]
 STAGE_TASKS = TASKS * 2
@@ -149,7 +149,7 @@ def test_read_eval_curves_one_value_per_step(synthetic_runs):
 
 
 def test_runs_grouped_into_settings_by_args_minus_seed(synthetic_runs):
-    runs = figures.find_runs([synthetic_runs / "sac", synthetic_runs / "nbsp"])
+    runs = run_folders.find([synthetic_runs / "sac", synthetic_runs / "nbsp"])
     groups = figures.group_runs(runs)
     labels = figures.setting_labels(groups)
     assert sorted(labels.values()) == ["nbsp", "sac"]
@@ -197,7 +197,7 @@ def test_skill_ratio_written(tmp_path, capsys):
     write_run(base, "sac", 1)
     write_run(base, "sac", 2)
     write_run(base, "nbsp", 3, skill_ratio=0.8, complete=False)  # unfinished: left out with a note
-    runs = figures.find_runs(base)
+    runs = run_folders.find(base)
     groups = figures.group_runs([r for r in runs if r.metrics["complete"]], ignore=("skill_ratio",))
     assert sorted(len(v) for v in groups.values()) == [2, 6]  # sac; nbsp over three ratios
     assert_figures(figures.plot_skill_ratio([base], str(tmp_path / "skill_ratio")))

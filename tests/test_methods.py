@@ -163,7 +163,7 @@ METHOD = WeightPenalty
 def test_an_eighth_method_is_one_module_and_one_line(tmp_path):
     """Adding a method touches two places: its module in baselines/ and its name in
     BASELINE_MODULES. Both scripts' --method choices and flags, the flag checks, a real run,
-    scripts/sweep.py and scripts/tables.py then know it, in a copy of the repository."""
+    scripts/sweep.py and scripts/paper_tables.py then know it, in a copy of the repository."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     repo = tmp_path / "repo"
     shutil.copytree(root, repo, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "tests"))
@@ -173,9 +173,9 @@ def test_an_eighth_method_is_one_module_and_one_line(tmp_path):
     assert registry.count(line) == 1
     (repo / "baselines" / "__init__.py").write_text(registry.replace(line, line[:-1] + ', "wpen")'))
 
-    def run(*argv):
+    def run(*argv):  # the copy's root modules first, before an installed checkout's
         return subprocess.run([sys.executable, *argv], cwd=repo, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo)))
 
     for script in ("nbsp_sac_metaworld.py", "nbsp_sac_atari.py"):
         help_text = run(script, "--help").stdout
@@ -193,5 +193,5 @@ def test_an_eighth_method_is_one_module_and_one_line(tmp_path):
               "--", "--wpen-strength", "0.5", "--skill-ratio", "0.1")
     assert dry.returncode == 0, dry.stderr
     assert "--method wpen" in dry.stdout and "--wpen-strength 0.5" in dry.stdout and "--skill-ratio" not in dry.stdout
-    table = run("scripts/tables.py", "runs", "--table", "all")
+    table = run("scripts/paper_tables.py", "runs", "--table", "all")
     assert table.returncode == 0 and "| WPen |" in table.stdout, table.stdout + table.stderr

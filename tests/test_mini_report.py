@@ -4,14 +4,11 @@ the further try, and its figures exist."""
 
 import json
 import os
-import sys
 
 import pytest
 
+import mini_report
 from test_figures import write_run
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import mini_report  # noqa: E402
 
 
 def test_report_from_runs(tmp_path):

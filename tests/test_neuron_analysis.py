@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import neuron_analysis as na
+import skill_neurons as sn
+from test_figures import shared_tiny_run
 
-import neuron_analysis as na  # noqa: E402
-import skill_neurons as sn  # noqa: E402
-from test_figures import shared_tiny_run  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,7 @@ def test_readme_commands_run_from_any_folder(tmp_path):
     script = lambda name: os.path.join(ROOT, "scripts", name)  # noqa: E731
     commands = [
         [script("sweep.py"), "--list"],
-        [script("tables.py"), "runs/", "--iqm", "--format", "markdown", "latex", "--out", "results/tables"],
+        [script("paper_tables.py"), "runs/", "--iqm", "--format", "markdown", "latex", "--out", "results/tables"],
         [script("figures.py"), "curves", "runs/", "--out", "results/curves"],
         [script("figures.py"), "histogram", run_dir, "--out", "results/fig1"],
         [script("figures.py"), "plasticity", "runs/", "--out", "results/plasticity"],
@@ -266,8 +266,8 @@ def test_readme_commands_run_from_any_folder(tmp_path):
 @pytest.mark.parametrize("argv, expected", [
     (["figures.py", "histogram", "runs/x", "--bins", "0"], "--bins must be a positive integer"),
     (["figures.py", "histogram", "runs/x", "--device", "banana"], "--device must be"),
-    (["tables.py", "runs/", "--iqm", "--seed", "-1"], "--seed must be in [0, 2**32)"),
-    (["tables.py", "runs/", "--out", "{file}/x.md"], "is not a writable folder"),
+    (["paper_tables.py", "runs/", "--iqm", "--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["paper_tables.py", "runs/", "--out", "{file}/x.md"], "is not a writable folder"),
     (["sweep.py", "--dry-run", "--sequences", "no-such-task", "--seeds", "1"], "unknown task 'no-such-task'"),
     (["sweep.py", "--dry-run", "--sequences", "reach", "--seeds", "-1"], "--seed must be in [0,"),
     (["sweep.py", "--dry-run", "--sequences", "reach", "--seeds", "1", "--set", "no_such_flag=1"], "no_such_flag"),

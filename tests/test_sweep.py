@@ -16,11 +16,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(ROOT, "scripts", "sweep.py")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import sweep  # noqa: E402
-
-import baselines  # noqa: E402  (sweep.py put the repository root on the path)
+import baselines
+import sweep
 
 # one Meta-World stage that reaches gradient updates, identification and evaluation (episodes
 # are 500 steps, so few of them)
