@@ -124,7 +124,8 @@ def hold_label(runs_dir: str, label: str):
 
 def launch(label: str, runs_dir: str, command: list[str]) -> int:
     """The job-array task's command: see the module's docstring. Returns only when nothing is run."""
-    if hold_label(runs_dir, label) is None:
+    lock = hold_label(runs_dir, label)  # kept open (referenced) until exec, then by the training process
+    if lock is None:
         return LOCKED_EXIT
     action, run = plan(label, runs_dir, command)
     restarts = os.environ.get("SLURM_RESTART_COUNT") or 0
