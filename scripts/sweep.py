@@ -478,8 +478,36 @@ def run_local(plans: list[Plan], jobs: int, threads: int, runs_dir: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # Slurm
 # ---------------------------------------------------------------------------------------------
+SLURM_TEXT_FLAGS = ("slurm_job_name", "slurm_partition", "slurm_account", "slurm_time", "slurm_mem")
+
+
+def check_slurm_args(args) -> None:
+    """The --slurm-* values: numbers in range, and no value that could break its `#SBATCH` line
+    (a space or a newline would end the option there, or start a command)."""
+    for name, least in (("slurm_cpus", 1), ("slurm_gpus", 0), ("slurm_max_parallel", 1),
+                        ("slurm_signal_grace", 1), ("slurm_max_requeues", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise SweepError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    for name in SLURM_TEXT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and (not value or any(c.isspace() or not c.isprintable() for c in value)):
+            raise SweepError(f"--{name.replace('_', '-')} must be one word without spaces or control characters, "
+                             f"got {value!r}")
+    if args.slurm and any(c.isspace() or not c.isprintable() for c in os.path.abspath(args.log_dir)):
+        raise SweepError(f"--log-dir {args.log_dir!r} has a space or a control character; "
+                         f"#SBATCH --output cannot take it")
+
+
+def comment(text: str) -> str:
+    """Text for a `#` line of the script: a newline in it would end the comment and start a command."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def write_slurm(path: str, plans: list[Plan], args, argv: list[str]) -> int:
-    """A job-array script, one index per run to do; SWEEP_DRY_RUN=1 makes it print its command."""
+    """A job-array script, one index per run to do, each bound to its run's label (slurm.py);
+    SWEEP_DRY_RUN=1 makes it print its command."""
+    import slurm  # the launcher each task execs (repository root, on the path)
+
     todo = [p for p in plans if p.action != "skip"]
     if not todo:
         print(f"nothing to do: all {len(plans)} runs are complete; {path} not written")
@@ -488,15 +516,21 @@ def write_slurm(path: str, plans: list[Plan], args, argv: list[str]) -> int:
     log_dir = os.path.abspath(args.log_dir)
     lines = [
         "#!/bin/bash",
-        f"# written by: {shlex.join(['python', 'scripts/sweep.py', *argv])}",
-        f"# {len(todo)} runs ({len(plans) - len(todo)} complete ones left out); after failures or",
-        "# time-outs, write it again with the same command: killed runs then get --resume.",
+        comment(f"# written by: {shlex.join(['python', 'scripts/sweep.py', *argv])}"),
+        f"# {len(todo)} runs ({len(plans) - len(todo)} complete ones left out); write it again for what is unfinished.",
+        "# Each index is bound to one run (its label, see docs/slurm.md): a requeued or resubmitted task resumes",
+        f"# that run's folder, a complete run ends at once, a run in progress elsewhere stops it (exit {slurm.LOCKED_EXIT}).",
+        f"# {args.slurm_signal_grace} s before the time limit SIGUSR1 goes to the training process (exec'ed: nothing",
+        f"# stands in front of it), which checkpoints and requeues itself, at most {args.slurm_max_requeues} times.",
         "# Test without Slurm: SLURM_ARRAY_TASK_ID=0 SWEEP_DRY_RUN=1 bash this.sh prints run 0's command.",
         f"#SBATCH --job-name={args.slurm_job_name}",
         f"#SBATCH --array=0-{len(todo) - 1}{throttle}",
         f"#SBATCH --cpus-per-task={args.slurm_cpus}",
         f"#SBATCH --time={args.slurm_time}",
         f"#SBATCH --output={log_dir}/slurm-%A_%a.out",
+        "#SBATCH --open-mode=append",  # a requeued task adds to its output instead of replacing it
+        "#SBATCH --requeue",  # node failure and preemption put the task back in the queue
+        f"#SBATCH --signal=B:USR1@{args.slurm_signal_grace}",
     ]
     if args.slurm_gpus:
         lines.append(f"#SBATCH --gres=gpu:{args.slurm_gpus}")
@@ -506,20 +540,34 @@ def write_slurm(path: str, plans: list[Plan], args, argv: list[str]) -> int:
         lines.append(f"#SBATCH --partition={args.slurm_partition}")
     if args.slurm_account:
         lines.append(f"#SBATCH --account={args.slurm_account}")
-    lines += ["set -euo pipefail", f"cd {shlex.quote(os.getcwd())}  # relative --runs-dir as when written", "",
-              "COMMANDS=("]
+    lines += [
+        "# a warning that comes before the training process has started must not kill this shell; the",
+        "# ignored signal stays ignored across exec until the training script installs its own handler",
+        "trap '' USR1",
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}  # relative --runs-dir as when written",
+        "",
+        "COMMANDS=(",
+    ]
     for i, plan in enumerate(todo):
-        lines += [f"  # {i}: {plan.run.label} ({plan.action})", f"  {shlex.quote(shlex.join(plan.command))}"]
-    lines += [")", "LOGS=("] + [f"  {shlex.quote(os.path.abspath(p.log))}" for p in todo] + [")", ""]
+        lines += [comment(f"  # {i}: {plan.run.label} ({plan.action} when written)"),
+                  f"  {shlex.quote(shlex.join(plan.command))}"]
+    lines += [")", "LABELS=("] + [f"  {shlex.quote(p.run.label)}" for p in todo] + [")"]
+    lines += ["LOGS=("] + [f"  {shlex.quote(os.path.abspath(p.log))}" for p in todo] + [")", ""]
+    lines += [f"LAUNCH=({shlex.join([args.python, os.path.join(ROOT, 'slurm.py'), 'launch'])})",
+              f"RUNS_DIR={shlex.quote(args.runs_dir)}", ""]
     lines += [
         'i="${SLURM_ARRAY_TASK_ID:?submit with sbatch, or set SLURM_ARRAY_TASK_ID}"',
         'CMD="${COMMANDS[$i]}"',
         'if [[ -n "${SWEEP_DRY_RUN:-}" ]]; then echo "$CMD"; exit 0; fi',
         "# one thread per allocated core (PyTorch would otherwise start one per core of the node)",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" MKL_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" PYTHONUNBUFFERED=1',
+        f"export {slurm.MAX_REQUEUES_ENV}={args.slurm_max_requeues}",
         'mkdir -p "$(dirname "${LOGS[$i]}")"',
-        'echo "# slurm job ${SLURM_JOB_ID:-?} task $i: $CMD" >> "${LOGS[$i]}"',
-        'eval "$CMD" >> "${LOGS[$i]}" 2>&1',
+        'exec >> "${LOGS[$i]}" 2>&1',
+        'echo "# slurm job ${SLURM_JOB_ID:-?} task $i, restart ${SLURM_RESTART_COUNT:-0}: $CMD"',
+        'eval "RUN=($CMD)"  # the command\'s words',
+        'exec "${LAUNCH[@]}" "${LABELS[$i]}" "$RUNS_DIR" -- "${RUN[@]}"',
     ]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     os.makedirs(log_dir, exist_ok=True)  # Slurm does not create the --output folder
@@ -574,6 +622,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--slurm-mem", default=None, help="#SBATCH --mem, e.g. 32G")
     s.add_argument("--slurm-max-parallel", type=int, default=None, help="array throttle: at most this many at once")
     s.add_argument("--slurm-job-name", default="nbsp", help="#SBATCH --job-name (default: nbsp)")
+    s.add_argument("--slurm-signal-grace", type=int, default=300, metavar="SECONDS",
+                   help="#SBATCH --signal=B:USR1@SECONDS: the warning before the time limit, in which a run "
+                        "checkpoints and requeues itself (default: 300)")
+    s.add_argument("--slurm-max-requeues", type=int, default=5,
+                   help="times a task may requeue itself after that warning (default: 5)")
     return p
 
 
@@ -601,9 +654,7 @@ def main(argv: list[str]) -> int:
     if args.log_dir is None:
         args.log_dir = os.path.join(args.runs_dir, "sweep_logs")
 
-    for name, least in (("slurm_cpus", 1), ("slurm_gpus", 0), ("slurm_max_parallel", 1)):
-        if getattr(args, name) is not None and getattr(args, name) < least:
-            raise SweepError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    check_slurm_args(args)
     runs = build_runs(args, extra)
     plans = plan_runs(runs, args)
     check_new_runs(plans)
