@@ -21,9 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import baselines
+import fast_adam
+import plasticity
 import protocol
 import skill_neurons as sn
 from baselines.method import Method
+from fast_adam import StepMask
 from protocol import fail
 from skill_neurons import Consumer, NeuronLayer
 
@@ -666,8 +669,9 @@ class SACLearner:
         self.qf2_target.load_state_dict(self.qf2.state_dict())
         self.adam = dict(eps=1e-4, capturable=cudagraphs, foreach=True)  # eps=1e-4 increases numerical stability (CleanRL)
         q_params = list(self.qf1.parameters()) + list(self.qf2.parameters())
-        self.q_optimizer = sn.MaskedOptimizer(torch.optim.Adam(q_params, lr=args.q_lr, **self.adam), args.mask_target)
-        self.actor_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
+        self.q_optimizer = torch.optim.Adam(q_params, lr=args.q_lr, **self.adam)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam)
+        self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)  # masks of their steps
         self.target_entropy = -args.target_entropy_scale * float(np.log(1.0 / num_actions))
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
@@ -693,10 +697,10 @@ class SACLearner:
         qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, next_q_value), F.mse_loss(qf2_a_values, next_q_value)
         qf_loss = qf1_loss + qf2_loss
         penalty = self.method.extra_loss("critic")
-        self.q_optimizer.zero_grad()
+        fast_adam.zero_grad_(self.q_optimizer)
         (qf_loss if penalty is None else qf_loss + penalty).backward()
         self.method.after_backward("critic")
-        self.q_optimizer.step()
+        self.masked_step(self.q_optimizer, self.q_mask)
         self.method.after_step("critic")
         if update_target:  # tau = 1: a hard copy
             # parameter lists built here: a method may have grown the critics (PI)
@@ -717,20 +721,29 @@ class SACLearner:
         # no reparameterization: the expectation over actions is computed exactly
         actor_loss = (action_probs * (self.log_alpha.exp().detach() * log_pi - min_qf_values)).mean()
         penalty = self.method.extra_loss("actor")
-        self.actor_optimizer.zero_grad()
+        fast_adam.zero_grad_(self.actor_optimizer)
         (actor_loss if penalty is None else actor_loss + penalty).backward()
         self.method.after_backward("actor")
-        self.actor_optimizer.step()
+        self.masked_step(self.actor_optimizer, self.actor_mask)
         self.method.after_step("actor")
         logs = {"actor_loss": actor_loss.detach(), "entropy": -(action_probs * log_pi).sum(1).mean().detach()}
         if self.args.autotune:
             # reuse the action probabilities for the temperature loss
             alpha_loss = (action_probs.detach() * (-self.log_alpha.exp() * (log_pi + self.target_entropy).detach())).mean()
-            sn.zero_grad_(self.a_optimizer)
+            fast_adam.zero_grad_(self.a_optimizer)
             alpha_loss.backward()
-            sn.adam_step_(self.a_optimizer)
+            fast_adam.adam_step_(self.a_optimizer)
             logs["alpha_loss"] = alpha_loss.detach()
         return logs
+
+    @staticmethod
+    def masked_step(optimizer, step_mask: StepMask):
+        """Adam's step with the step of masked rows scaled (Alg. 2, lines 13-14): p <- p_old + mask *
+        (p_adam - p_old), the mask 1 for a free neuron and Eq. 7's alpha * (1 - score) for a skill
+        neuron (--mask-target grad masks the gradient before Adam instead)."""
+        p_old = step_mask.before_step()
+        fast_adam.adam_step_(optimizer)
+        step_mask.scale_step(p_old)
 
     @torch.no_grad()
     def act(self, obs):
@@ -741,8 +754,8 @@ class SACLearner:
         """One critic step (and the target update with `update_target`); with `update_policy`,
         one actor (and alpha) step. CleanRL's sac_atari updates the actor at every update."""
         if self.compiled:  # gradients and Adam's lazily created state, made before the graph reads them
-            for optimizer in (self.q_optimizer.optimizer, self.actor_optimizer.optimizer, self.a_optimizer):
-                sn.prepare_graph_optimizer_(optimizer)
+            for optimizer in (self.q_optimizer, self.actor_optimizer, self.a_optimizer):
+                fast_adam.prepare_graph_optimizer_(optimizer)
         return self.update_step(*data, update_policy, update_target)
 
     def update_step(self, obs, actions, rewards, next_obs, dones, update_policy: bool, update_target: bool):
@@ -792,7 +805,7 @@ class SACLearner:
             qf_target.load_state_dict(fresh.state_dict())
         with torch.no_grad():
             self.log_alpha.fill_(float(np.log(self.args.alpha)))
-        self.q_optimizer.optimizer.state.clear()
+        self.q_optimizer.state.clear()
         self.a_optimizer.state.clear()
 
     def plain_copy(self) -> "SACLearner":
@@ -803,16 +816,16 @@ class SACLearner:
     def state_dict(self):
         return {"actor": self.actor.state_dict(), "qf1": self.qf1.state_dict(), "qf2": self.qf2.state_dict(),
                 "qf1_target": self.qf1_target.state_dict(), "qf2_target": self.qf2_target.state_dict(),
-                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.optimizer.state_dict(),
-                "q_optimizer": self.q_optimizer.optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
+                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.state_dict(),
+                "q_optimizer": self.q_optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
 
     def load_state_dict(self, state):
         for name in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):
             getattr(self, name).load_state_dict(state[name])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.actor_optimizer.optimizer.load_state_dict(state["actor_optimizer"])
-        self.q_optimizer.optimizer.load_state_dict(state["q_optimizer"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.q_optimizer.load_state_dict(state["q_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
 
 
@@ -924,7 +937,7 @@ def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
         for net in (sac.actor, sac.qf1, sac.qf2):
             net(probe_obs.to(sac.device))
     activations = sn.split_recorded(recorder.activations(), networks, names)
-    return {name: sn.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
+    return {name: plasticity.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
 
 
 def evaluate_all(eval_envs, actor, method, normalization, args, device):
@@ -996,7 +1009,7 @@ def main(args: Args) -> dict:
     masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()},
         masked={"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to],
-        optimizers=[(sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])],
+        step_masks=[(sac.actor_mask, ["actor"]), (sac.q_mask, ["qf1", "qf2"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, device)
     dpre = ReplayBuffer(dpre_capacity, device)
@@ -1153,7 +1166,7 @@ def main(args: Args) -> dict:
             label = f"stage {stage + 1} ({game})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_games, identify_envs[game], args, label,
                                                           stage_seed, device)
-            protocol.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
+            sn.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
             writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record

@@ -20,9 +20,12 @@ import torch._inductor.config
 import torch.nn as nn
 
 import baselines
+import fast_adam
+import plasticity
 import protocol
 import skill_neurons as sn
 from baselines.method import Method
+from fast_adam import StepMask
 from protocol import fail
 from skill_neurons import Consumer, NeuronLayer
 
@@ -454,8 +457,9 @@ class SACLearner:
         self.qf_target = self.new_critic()
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.adam = dict(capturable=cudagraphs, foreach=True)
-        self.q_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam), args.mask_target)
-        self.actor_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
+        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam)
+        self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)  # masks of their steps
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
@@ -478,10 +482,10 @@ class SACLearner:
         qf_losses = ((qf_a_values - next_q_value) ** 2).mean(1)
         qf_loss = qf_losses.sum()
         penalty = self.method.extra_loss("critic")
-        self.q_optimizer.zero_grad()
+        fast_adam.zero_grad_(self.q_optimizer)
         (qf_loss if penalty is None else qf_loss + penalty).backward()
         self.method.after_backward("critic")
-        self.q_optimizer.step()
+        self.masked_step(self.q_optimizer, self.q_mask)
         self.method.after_step("critic")
         if update_target:
             with torch.no_grad():
@@ -495,21 +499,30 @@ class SACLearner:
         min_qf_pi = torch.func.functional_call(self.qf, self.frozen_qf_params(), (obs, pi)).min(0).values
         actor_loss = (self.log_alpha.exp().detach() * log_pi - min_qf_pi).mean()
         penalty = self.method.extra_loss("actor")
-        self.actor_optimizer.zero_grad()
+        fast_adam.zero_grad_(self.actor_optimizer)
         (actor_loss if penalty is None else actor_loss + penalty).backward()
         self.method.after_backward("actor")
-        self.actor_optimizer.step()
+        self.masked_step(self.actor_optimizer, self.actor_mask)
         self.method.after_step("actor")
         logs = {"actor_loss": actor_loss.detach()}
         if self.args.autotune:
             with torch.no_grad():
                 _, log_pi, _ = self.actor.get_action(obs)
             alpha_loss = (-self.log_alpha.exp() * (log_pi + self.target_entropy)).mean()
-            sn.zero_grad_(self.a_optimizer)
+            fast_adam.zero_grad_(self.a_optimizer)
             alpha_loss.backward()
-            sn.adam_step_(self.a_optimizer)
+            fast_adam.adam_step_(self.a_optimizer)
             logs["alpha_loss"] = alpha_loss.detach()
         return logs
+
+    @staticmethod
+    def masked_step(optimizer, step_mask: StepMask):
+        """Adam's step with the step of masked rows scaled (Alg. 2, lines 13-14): p <- p_old + mask *
+        (p_adam - p_old), the mask 1 for a free neuron and Eq. 7's alpha * (1 - score) for a skill
+        neuron (--mask-target grad masks the gradient before Adam instead)."""
+        p_old = step_mask.before_step()
+        fast_adam.adam_step_(optimizer)
+        step_mask.scale_step(p_old)
 
     @torch.no_grad()
     def act(self, obs):
@@ -522,8 +535,8 @@ class SACLearner:
         if update_policy:  # one stacked tensor: the same graph whichever batches alias each other
             actor_obs = torch.stack(actor_obs if actor_obs is not None else [data[0]] * self.args.policy_frequency)
         if self.compiled:  # gradients and Adam's lazily created state, made before the graph reads them
-            for optimizer in (self.q_optimizer.optimizer, self.actor_optimizer.optimizer, self.a_optimizer):
-                sn.prepare_graph_optimizer_(optimizer)
+            for optimizer in (self.q_optimizer, self.actor_optimizer, self.a_optimizer):
+                fast_adam.prepare_graph_optimizer_(optimizer)
         return self.update_step(*data, update_target, actor_obs if update_policy else None)
 
     def update_step(self, obs, actions, rewards, next_obs, dones, update_target: bool, actor_obs):
@@ -576,7 +589,7 @@ class SACLearner:
         self.qf_target.load_state_dict(fresh.state_dict())
         with torch.no_grad():
             self.log_alpha.fill_(float(np.log(self.args.alpha)))
-        self.q_optimizer.optimizer.state.clear()
+        self.q_optimizer.state.clear()
         self.a_optimizer.state.clear()
 
     def plain_copy(self) -> "SACLearner":
@@ -586,8 +599,8 @@ class SACLearner:
 
     def state_dict(self):
         return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
-                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.optimizer.state_dict(),
-                "q_optimizer": self.q_optimizer.optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
+                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.state_dict(),
+                "q_optimizer": self.q_optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
 
     def load_state_dict(self, state):
         self.actor.load_state_dict(state["actor"])
@@ -595,8 +608,8 @@ class SACLearner:
         self.qf_target.load_state_dict(state["qf_target"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.actor_optimizer.optimizer.load_state_dict(state["actor_optimizer"])
-        self.q_optimizer.optimizer.load_state_dict(state["q_optimizer"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.q_optimizer.load_state_dict(state["q_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
 
 
@@ -692,7 +705,7 @@ def measure_plasticity(sac, networks, probe, dormant_threshold):
         sac.actor(probe["obs"])
         sac.qf(probe["obs"], probe["actions"])
     activations = sn.split_recorded(recorder.activations(), networks, names)
-    return {name: sn.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
+    return {name: plasticity.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
 
 
 def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device):
@@ -748,7 +761,7 @@ def main(args: Args) -> dict:
     masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf.hidden_layers(0), "qf2": sac.qf.hidden_layers(1)},
         masked={"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to],
-        optimizers=[(sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])],
+        step_masks=[(sac.actor_mask, ["actor"]), (sac.q_mask, ["qf1", "qf2"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     dpre = ReplayBuffer(dpre_capacity, obs_dim, act_dim, device)
@@ -917,7 +930,7 @@ def main(args: Args) -> dict:
             label = f"stage {stage + 1} ({task})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_episodes, rollout_envs[task], args, label,
                                                           stage_seed, device)
-            protocol.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
+            sn.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
             writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], global_step)
             writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), global_step)
             scores = {name: identified.scores for name, identified in found.items()}

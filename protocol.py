@@ -24,7 +24,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import baselines
-import skill_neurons as sn
 
 # What a resumed run may change: where it runs and how it is tracked, never what it computes.
 RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs",
@@ -374,22 +373,6 @@ def write_metrics(run_dir: str, run_name: str, stage_tasks: list[str], sr, avera
     metrics = metrics_of(run_name, stage_tasks, sr, average, **rows)
     atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
     return metrics
-
-
-def report_selection(writer, record: dict, found: dict, label: str, goal_score: str, step: int) -> None:
-    """TensorBoard `neurons/...` of a stage's identification (per network: the goal scores, the
-    skill neurons' mask scores, the selection statistics), and a warning on selected dead units."""
-    for name, identified in found.items():
-        writer.add_histogram(f"neurons/{name}/scores", identified.goal, step)
-        writer.add_histogram(f"neurons/{name}/skill_scores", identified.scores[identified.selected], step)
-        for key, value in record["selection"][name].items():
-            if value is not None:
-                writer.add_scalar(f"neurons/{name}/{key}", value, step)
-    for key in ("goal_constant", "identify_episodes", "identify_steps"):
-        writer.add_scalar(f"neurons/{key}", float(record[key]), step)
-    warning = sn.dead_selection_warning(record, goal_score)
-    if warning:
-        print(f"warning: {label}: {warning}", file=sys.stderr)
 
 
 def atomic_write_json(path: str, data) -> None:
