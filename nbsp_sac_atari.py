@@ -7,7 +7,6 @@
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Literal
@@ -964,34 +963,47 @@ def scores_text(returns, normalized) -> str:
     return " ".join(f"{g}=n/a" if r is None else f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items())
 
 
+def evaluation(run, sac, method, rb, masks, eval_envs, normalization, args, device) -> protocol.Evaluation:
+    """Every game's return, and the plasticity diagnostics on a fixed batch (the newest
+    observations of D at the run's first evaluation). Scores: (returns, normalized, finished)."""
+
+    def score(step):
+        returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
+        for game in returns:
+            run.writer.add_scalar(f"eval/{game}/finished_games", float(finished[game]), step)
+            if returns[game] is not None:
+                run.writer.add_scalar(f"eval/{game}/return", returns[game], step)
+                run.writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
+        return returns, normalized, finished
+
+    def probe():
+        n = min(rb.size, PLASTICITY_PROBE)
+        return rb.observations((rb.end - n + torch.arange(n, device=device)) % rb.capacity).clone()
+
+    return protocol.Evaluation(
+        score, brief=lambda scores: "/".join(protocol.format_score(v) for v in scores[1].values()),
+        text=lambda scores: f"return {scores_text(*scores[:2])}", probe=probe,
+        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold))
+
+
 def main(args: Args) -> dict:
     validate(args)
-    checkpoint = None
-    if args.resume:
-        args, run_name, checkpoint = protocol.load_resume(args, validate)
-    else:
-        run_name = f"{'+'.join(args.games)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
-    if not args.resume and os.path.exists(run_dir):
-        fail(f"run folder {run_dir!r} already exists; pick another --exp-name or --runs-dir")
-
+    args, checkpoint = protocol.load_resume(args, validate)
     stage_tasks = [canonical_game(g) for g in args.games] * args.cycles
     unique_games = list(dict.fromkeys(stage_tasks))
     normalization = parse_game_scores(args.game_scores)
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
+    run = protocol.Run(args, "+".join(args.games), stage_tasks, "AR", ("task_success", "task_return"), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
     dpre_capacity = args.dpre_per_task * max(H - 1, 1)
     protocol.check_memory(ReplayBuffer.nbytes(args.buffer_size) + ReplayBuffer.nbytes(dpre_capacity), device,
                           f"D (--buffer-size {args.buffer_size}) and Dpre (--dpre-per-task {args.dpre_per_task} x {max(H - 1, 1)})")
-    if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
-        print(f"{run_dir}: all {H} stages are finished; nothing to resume")
-        return protocol.write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], "AR",
-                                      task_success=checkpoint["task_success"], task_return=checkpoint["task_return"],
-                                      stages=checkpoint["stages"])
+    if run.all_stages_done():  # killed between the last checkpoint and metrics.json?
+        return run.write_metrics()
 
     # one fixed pool of env copies per game: evaluation (full games, raw rewards) and
     # identification (training wrappers, so the states are those the agent trains on)
@@ -1013,79 +1025,26 @@ def main(args: Args) -> dict:
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, device)
     dpre = ReplayBuffer(dpre_capacity, device)
-    sr, stage_records, task_success_rows, task_return_rows = [], [], [], []
-    start_stage, global_step = 0, 0
-    if checkpoint is not None:
-        with protocol.restoring(run_dir):
-            method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
-            sac.load_state_dict(checkpoint)
-            masks.load_state_dict(checkpoint)
-            dpre.load_state_dict(checkpoint["dpre"])
-            if args.keep_buffer:
-                rb.load_state_dict(checkpoint["rb"])
-        sr, stage_records = checkpoint["sr"], checkpoint["stages"]
-        task_success_rows, task_return_rows = checkpoint["task_success"], checkpoint["task_return"]
-        start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
-        if use_mask:  # NBSP masks; a baseline installs its own in setup
-            masks.install()
+    run.restore(method, sac, masks, dpre, rb, install_masks=use_mask)
+    run.open(device, {"stage_tasks": stage_tasks, "device": str(device),
+                      "normalization": {game: normalization[game] for game in unique_games},
+                      "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}},
+             sac.watched_tensors, evaluation(run, sac, method, rb, masks, eval_envs, normalization, args, device),
+             upper_bound=False)
 
-    writer = protocol.open_run(args, run_dir, run_name, checkpoint, device, {
-        "stage_tasks": stage_tasks, "device": str(device), "normalization": {game: normalization[game] for game in unique_games},
-        "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}})
-
-    def stop_if_diverged(values, stage):
-        """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
-        losses reach the host anyway, and before every evaluation."""
-        problem = protocol.first_non_finite(values, sac.watched_tensors())
-        if problem:
-            writer.close()
-            metrics = protocol.metrics_of(run_name, stage_tasks, sr, "AR", task_success=task_success_rows,
-                                          task_return=task_return_rows, stages=stage_records)
-            protocol.stop_diverged(run_dir, metrics, {"stage": stage + 1, "task": stage_tasks[stage],
-                                                      "global_step": global_step}, problem)
-
-    plasticity_probe = checkpoint.get("plasticity_probe") if checkpoint else None
-
-    def evaluate(step, stage):
-        """Every game's return, and the plasticity diagnostics on a fixed batch (the newest
-        observations of D at the run's first evaluation)."""
-        nonlocal plasticity_probe
-        stop_if_diverged({}, stage)  # a diverged policy would make the simulator and the diagnostics fail first
-        returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
-        for game in returns:
-            writer.add_scalar(f"eval/{game}/finished_games", float(finished[game]), step)
-            if returns[game] is not None:
-                writer.add_scalar(f"eval/{game}/return", returns[game], step)
-                writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
-        if plasticity_probe is None:
-            n = min(rb.size, PLASTICITY_PROBE)
-            plasticity_probe = rb.observations((rb.end - n + torch.arange(n, device=device)) % rb.capacity).clone()
-        plasticity = measure_plasticity(sac, masks.networks, plasticity_probe, args.dormant_threshold)
-        for name, values in plasticity.items():
-            for key, value in values.items():
-                writer.add_scalar(f"plasticity/{name}/{key}", value, step)
-        return returns, normalized, plasticity
-
-    progress = protocol.Progress(H * args.steps_per_task, sum(r["budget_steps"] for r in stage_records),
-                                 args.progress_every, upper_bound=False)
-    last_eval = "n/a"
-    for stage in range(start_stage, H):
+    for stage in range(run.start_stage, H):
         game = stage_tasks[stage]
-        stage_seed = args.seed + 1000 * (stage + 1)
-        protocol.seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
+        stage_seed = run.begin_stage(stage)
         env = make_env(game, stage_seed, True, args.sticky_actions)
         if not args.keep_buffer:
             rb.clear()
-        progress.begin_stage(f"stage {stage + 1}/{H} {game}")
         method.begin_stage(stage, game)
         obs, _ = env.reset(seed=stage_seed)
-        game_start, game_id = 0, global_step + 1  # a game's id: its first global step
+        game_start, game_id = 0, run.global_step + 1  # a game's id: its first global step
         stage_games = []  # finished games: id, raw return, played by the policy
-        logs, updates, dpre_updates, log_due = {}, 0, 0, False
-        stage_start_time = sps_time = time.time()
-        sps_step = 0
+        updates, dpre_updates, log_due = 0, 0, False
         for step in range(args.steps_per_task):
-            global_step += 1
+            global_step = run.next_step()
             # ALGO LOGIC: act, store the transition in D
             if step < args.learning_starts:
                 action = env.action_space.sample()
@@ -1097,9 +1056,9 @@ def main(args: Args) -> dict:
             obs = next_obs
             if terminated or truncated:
                 if "episode" in info:  # the full game is over: its raw return, all lives, unclipped
-                    writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-                    writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                    writer.add_scalar("charts/normalized_return", normalized_score(info["episode"]["r"], normalization[game]), global_step)
+                    run.writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                    run.writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                    run.writer.add_scalar("charts/normalized_return", normalized_score(info["episode"]["r"], normalization[game]), global_step)
                     # random-action games say nothing of the policy
                     stage_games.append({"id": game_id, "return": float(info["episode"]["r"]),
                                         "policy": game_start >= args.learning_starts})
@@ -1122,52 +1081,31 @@ def main(args: Args) -> dict:
                 log_due |= update_index % 100 == 0
                 if log_due and (not from_dpre or args.replay_interval == 1):
                     log_due = False
-                    values = {name: value.item() for name, value in logs.items()}
-                    for name, value in values.items():
-                        writer.add_scalar(f"losses/{name}", value, global_step)
-                    stop_if_diverged(values, stage)
-                    for name, value in method.logs().items():
-                        writer.add_scalar(f"method/{name}", float(value), global_step)
-                    sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the steps since the last log
-                    sps_time, sps_step = time.time(), step + 1
-                    writer.add_scalar("charts/SPS", sps, global_step)
-            if step == args.learning_starts:
-                progress.learning_started(step)
-            if step % 100 == 99:
-                recent = [g["return"] for g in stage_games[-10:]]
-                progress.advance(100, step, global_step, eval=last_eval,
-                                 returns=f"{np.mean(recent):.1f}" if recent else "n/a")
-
-            if args.eval_every and global_step % args.eval_every == 0:
-                returns, normalized, _ = evaluate(global_step, stage)
-                last_eval = "/".join(protocol.format_score(v) for v in normalized.values())
-                print(f"step {global_step}: eval return {scores_text(returns, normalized)}")
-                sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
+                    run.log_losses({name: value.item() for name, value in logs.items()})
+                    run.log_method_and_sps(method, step)
+            run.advance(step, args.learning_starts, lambda: {
+                "returns": f"{np.mean([g['return'] for g in stage_games[-10:]]):.1f}" if stage_games else "n/a"})
+            run.evaluate_if_due(step)
         env.close()
         stage_steps = step + 1
-        progress.skip(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every game (row of sr), identify skill neurons, fill Dpre
-        returns, normalized, plasticity = evaluate(global_step, stage)
-        task_success_rows.append(normalized)
-        task_return_rows.append(returns)
-        sr.append([normalized[stage_tasks[j]] for j in range(stage + 1)])
-        average_return = protocol.continual_metrics(sr, "AR")["AR"]
-        if average_return is not None:
-            writer.add_scalar("eval/AR", average_return, global_step)
+        (returns, normalized, _), plasticity = run.evaluate_stage(
+            stage_steps, row=lambda scores: scores[1], task_success=lambda scores: scores[1],
+            task_return=lambda scores: scores[0])
         # one actor step on the critic's batch per update (CleanRL's sac_atari): both follow Dpre's schedule
         record = {"stage": stage + 1, "task": game, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "critic_updates": updates, "critic_dpre_updates": dpre_updates, "actor_updates": updates,
                   "actor_dpre_updates": dpre_updates, "plasticity": plasticity,
                   "eval_unscored": [g for g, r in returns.items() if r is None],  # no game finished: no score
-                  "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "wall_seconds": None}
         scores = {}
         if use_mask:
             label = f"stage {stage + 1} ({game})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_games, identify_envs[game], args, label,
                                                           stage_seed, device)
-            sn.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
-            writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], global_step)
+            sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, global_step)
+            run.writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
         if use_replay and stage < H - 1:  # Dpre: the stage's last transitions played by the policy
@@ -1175,31 +1113,13 @@ def main(args: Args) -> dict:
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
             method.end_stage(stage, game, rb)  # a task switch follows
-        record["wall_seconds"] = round(time.time() - stage_start_time, 2)
-        stage_records.append(record)
-        print(f"stage {stage + 1}/{H} {game}: {stage_steps} steps, {record['wall_seconds']:.0f}s, "
-              f"return {scores_text(returns, normalized)}")
-
-        model = {"run_name": run_name, "stage": stage + 1, "task": game, "actor": sac.actor.state_dict(),
-                 "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "neuron_masks": masks.neuron_masks,
-                 "scores": scores, "selected": dict(masks.last_selected)}
-        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
-        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected, "dpre": dpre.state_dict(),
-            "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
-            "task_success": task_success_rows, "task_return": task_return_rows, "global_step": global_step,
-            "plasticity_probe": plasticity_probe.cpu()})
-        metrics = protocol.write_metrics(run_dir, run_name, stage_tasks, sr, "AR", task_success=task_success_rows,
-                                         task_return=task_return_rows, stages=stage_records)
-    progress.close()
-    protocol.close_run(args, run_dir, writer)
-    for pool in (eval_envs, identify_envs):
-        for envs in pool.values():
-            for e in envs:
-                e.close()
-    print(protocol.matrix_table(stage_tasks, sr))
-    print(protocol.summary_line(metrics, "AR", os.path.join(run_dir, "metrics.json")))
-    return metrics
+        run.end_stage(record, (returns, normalized))
+        metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf1": sac.qf1.state_dict(),
+                                       "qf2": sac.qf2.state_dict()}, scores, sac, masks, method, dpre, rb)
+    for envs in [*eval_envs.values(), *identify_envs.values()]:
+        for e in envs:
+            e.close()
+    return run.close(metrics)
 
 
 if __name__ == "__main__":

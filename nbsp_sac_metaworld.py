@@ -5,7 +5,6 @@
 # Dpre, SAC, NBSP's identification, the main loop (`# ALGO LOGIC` marks the algorithm).
 import os
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -718,29 +717,40 @@ def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device):
     return rates
 
 
+def evaluation(run, sac, method, rb, masks, rollout_envs, args, device) -> protocol.Evaluation:
+    """Every task's success rate, and the plasticity diagnostics on a fixed batch (the newest
+    transitions of D at the run's first evaluation)."""
+
+    def score(step):
+        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device)
+        for task, rate in rates.items():
+            run.writer.add_scalar(f"eval/{task}/success_rate", rate, step)
+        return rates
+
+    def probe():
+        rows = rb.latest(PLASTICITY_PROBE)
+        return {"obs": rows[:, : rb.obs_dim].clone(), "actions": rows[:, rb.obs_dim : rb.obs_dim + rb.act_dim].clone()}
+
+    return protocol.Evaluation(
+        score, brief=lambda rates: "/".join(f"{r:.2f}" for r in rates.values()),
+        text=lambda rates: "success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()), probe=probe,
+        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold))
+
+
 def main(args: Args) -> dict:
     validate(args)
-    checkpoint = None
-    if args.resume:
-        args, run_name, checkpoint = protocol.load_resume(args, validate)
-    else:
-        run_name = f"{'+'.join(args.tasks)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
-    if not args.resume and os.path.exists(run_dir):
-        fail(f"run folder {run_dir!r} already exists; pick another --exp-name or --runs-dir")
-
+    args, checkpoint = protocol.load_resume(args, validate)
     stage_tasks = [t.removesuffix("-v3") for t in args.tasks] * args.cycles
     unique_tasks = list(dict.fromkeys(stage_tasks))
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
+    run = protocol.Run(args, "+".join(args.tasks), stage_tasks, "ASR", ("task_success",), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
-    if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
-        print(f"{run_dir}: all {H} stages are finished; nothing to resume")
-        return protocol.write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], "ASR",
-                                      task_success=checkpoint["task_success"], stages=checkpoint["stages"])
+    if run.all_stages_done():  # killed between the last checkpoint and metrics.json?
+        return run.write_metrics()
 
     # one fixed pool of env copies per task, for evaluation and identification rollouts (in waves beyond the pool)
     pool_size = min(MAX_ROLLOUT_ENVS, max(args.eval_episodes, args.identify_episodes if use_mask else 0))
@@ -765,79 +775,28 @@ def main(args: Args) -> dict:
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     dpre = ReplayBuffer(dpre_capacity, obs_dim, act_dim, device)
-    sr, stage_records, task_success_rows = [], [], []
-    start_stage, global_step = 0, 0
-    if checkpoint is not None:
-        with protocol.restoring(run_dir):
-            method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
-            sac.load_state_dict(checkpoint)
-            masks.load_state_dict(checkpoint)
-            dpre.load_state_dict(checkpoint["dpre"])
-            if args.keep_buffer:
-                rb.load_state_dict(checkpoint["rb"])
-        sr, stage_records, task_success_rows = checkpoint["sr"], checkpoint["stages"], checkpoint["task_success"]
-        start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
-        if use_mask:  # NBSP masks; a baseline installs its own in setup
-            masks.install()
-
-    writer = protocol.open_run(args, run_dir, run_name, checkpoint, device, {
-        "stage_tasks": stage_tasks, "device": str(device),
-        "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
+    run.restore(method, sac, masks, dpre, rb, install_masks=use_mask)
+    run.open(device, {"stage_tasks": stage_tasks, "device": str(device), "versions": {
+        name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}}, sac.watched_tensors,
+        evaluation(run, sac, method, rb, masks, rollout_envs, args, device), upper_bound=args.early_stop_success > 0)
     mujoco_warnings = MujocoWarnings()
 
-    def stop_if_diverged(values, stage):
-        """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
-        losses reach the host anyway, and before every evaluation."""
-        problem = protocol.first_non_finite(values, sac.watched_tensors())
-        if problem:
-            writer.close()
-            metrics = protocol.metrics_of(run_name, stage_tasks, sr, "ASR", task_success=task_success_rows,
-                                          stages=stage_records)
-            protocol.stop_diverged(run_dir, metrics, {"stage": stage + 1, "task": stage_tasks[stage],
-                                                      "global_step": global_step}, problem)
-
-    plasticity_probe = checkpoint.get("plasticity_probe") if checkpoint else None
-
-    def evaluate(step, stage):
-        """Every task's success rate, and the plasticity diagnostics on a fixed batch (the newest
-        transitions of D at the run's first evaluation)."""
-        nonlocal plasticity_probe
-        stop_if_diverged({}, stage)  # a diverged policy would make the simulator and the diagnostics fail first
-        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device)
-        for task, rate in rates.items():
-            writer.add_scalar(f"eval/{task}/success_rate", rate, step)
-        if plasticity_probe is None:
-            rows = rb.latest(PLASTICITY_PROBE)
-            plasticity_probe = {"obs": rows[:, :obs_dim].clone(), "actions": rows[:, obs_dim : obs_dim + act_dim].clone()}
-        plasticity = measure_plasticity(sac, masks.networks, plasticity_probe, args.dormant_threshold)
-        for name, values in plasticity.items():
-            for key, value in values.items():
-                writer.add_scalar(f"plasticity/{name}/{key}", value, step)
-        return rates, plasticity
-
-    progress = protocol.Progress(H * args.steps_per_task, sum(r["budget_steps"] for r in stage_records),
-                                 args.progress_every, upper_bound=args.early_stop_success > 0)
-    last_eval = "n/a"
-    for stage in range(start_stage, H):
+    for stage in range(run.start_stage, H):
         task = stage_tasks[stage]
-        stage_seed = args.seed + 1000 * (stage + 1)
-        protocol.seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
+        stage_seed = run.begin_stage(stage)
         env = make_env(task, stage_seed)
         env.action_space.seed(stage_seed)
         if not args.keep_buffer:
             rb.clear()
-        progress.begin_stage(f"stage {stage + 1}/{H} {task}")
         method.begin_stage(stage, task)
         obs, _ = env.reset(seed=stage_seed)
-        episode_success, episode_start, episode_id = False, 0, global_step + 1  # an episode's id: its first global step
+        episode_success, episode_start, episode_id = False, 0, run.global_step + 1  # an episode's id: its first global step
         recent_success = deque(maxlen=EARLY_STOP_WINDOW)
         stage_episodes = []  # finished episodes: id, success, return, played by the policy
         counts = dict.fromkeys(["critic_updates", "critic_dpre_updates", "actor_updates", "actor_dpre_updates"], 0)
-        early_stopped, logs, critic_log_due = False, {}, False
-        stage_start_time = sps_time = time.time()
-        sps_step = 0
+        early_stopped, critic_log_due = False, False
         for step in range(args.steps_per_task):
-            global_step += 1
+            global_step = run.next_step()
             # ALGO LOGIC: act, store the transition in D
             if step < args.learning_starts:
                 action = env.action_space.sample()
@@ -848,9 +807,9 @@ def main(args: Args) -> dict:
             rb.add(obs, action, reward, next_obs, terminated, episode_id)  # Meta-World never terminates: truncation still bootstraps
             obs = next_obs
             if terminated or truncated:
-                writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                writer.add_scalar("charts/success", float(episode_success), global_step)
+                run.writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                run.writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                run.writer.add_scalar("charts/success", float(episode_success), global_step)
                 played_by_policy = episode_start >= args.learning_starts  # random-action episodes say nothing of the policy
                 if played_by_policy:
                     recent_success.append(episode_success)
@@ -886,53 +845,33 @@ def main(args: Args) -> dict:
                 log_critic = critic_log_due and (not from_dpre or args.replay_interval == 1)
                 if log_rest or log_critic:
                     critic_log_due &= not log_critic
-                    values = {name: value.item() for name, value in logs.items()
-                              if (log_critic if name in SACLearner.critic_logs else log_rest)}
-                    for name, value in values.items():
-                        writer.add_scalar(f"losses/{name}", value, global_step)
-                    stop_if_diverged(values, stage)
+                    run.log_losses({name: value.item() for name, value in logs.items()
+                                    if (log_critic if name in SACLearner.critic_logs else log_rest)})
                 if log_rest:
-                    for name, value in method.logs().items():
-                        writer.add_scalar(f"method/{name}", float(value), global_step)
-                    sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the last 100 steps
-                    sps_time, sps_step = time.time(), step + 1
-                    writer.add_scalar("charts/SPS", sps, global_step)
-            if step == args.learning_starts:
-                progress.learning_started(step)
-            if step % 100 == 99:
-                progress.advance(100, step, global_step, eval=last_eval,
-                                 success=f"{np.mean(recent_success):.2f}" if recent_success else "n/a")
-
-            if args.eval_every and global_step % args.eval_every == 0:
-                rates, _ = evaluate(global_step, stage)
-                last_eval = "/".join(f"{r:.2f}" for r in rates.values())
-                print(f"step {global_step}: eval success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
-                sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
-
+                    run.log_method_and_sps(method, step)
+            run.advance(step, args.learning_starts,
+                        lambda: {"success": f"{np.mean(recent_success):.2f}" if recent_success else "n/a"})
+            run.evaluate_if_due(step)
             if (args.early_stop_success > 0 and len(recent_success) == EARLY_STOP_WINDOW
                     and np.mean(recent_success) >= args.early_stop_success):
                 early_stopped = True
                 break
         env.close()
         stage_steps = step + 1
-        progress.skip(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every task (row of sr), identify skill neurons, fill Dpre
-        rates, plasticity = evaluate(global_step, stage)
-        task_success_rows.append(rates)
-        sr.append([rates[stage_tasks[j]] for j in range(stage + 1)])
-        writer.add_scalar("eval/ASR", protocol.continual_metrics(sr)["ASR"], global_step)
+        rates, plasticity = run.evaluate_stage(stage_steps, row=lambda rates: rates, task_success=lambda rates: rates)
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "early_stopped": early_stopped, **counts, "env_warnings": mujoco_warnings.take(),
-                  "plasticity": plasticity, "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "plasticity": plasticity, "wall_seconds": None}
         scores = {}
         if use_mask:
             label = f"stage {stage + 1} ({task})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_episodes, rollout_envs[task], args, label,
                                                           stage_seed, device)
-            sn.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
-            writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], global_step)
-            writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), global_step)
+            sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, global_step)
+            run.writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], global_step)
+            run.writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
         if use_replay and stage < H - 1:  # Dpre: the stage's last transitions played by the policy
@@ -940,29 +879,12 @@ def main(args: Args) -> dict:
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
             method.end_stage(stage, task, rb)  # a task switch follows
-        record["wall_seconds"] = round(time.time() - stage_start_time, 2)
-        stage_records.append(record)
-        writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
-        print(f"stage {stage + 1}/{H} {task}: {stage_steps} steps{' (early stop)' if early_stopped else ''}, "
-              f"{record['wall_seconds']:.0f}s, success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items())
-              + (f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})" if record["env_warnings"] else ""))
-
-        model = {"run_name": run_name, "stage": stage + 1, "task": task, "actor": sac.actor.state_dict(),
-                 "qf": sac.qf.state_dict(), "neuron_masks": masks.neuron_masks, "scores": scores,
-                 "selected": dict(masks.last_selected)}
-        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
-        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected,
-            "dpre": dpre.state_dict(), "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr,
-            "stages": stage_records, "task_success": task_success_rows, "global_step": global_step,
-            "plasticity_probe": {k: v.cpu() for k, v in plasticity_probe.items()}})
-        metrics = protocol.write_metrics(run_dir, run_name, stage_tasks, sr, "ASR", task_success=task_success_rows,
-                                         stages=stage_records)
-    progress.close()
-    protocol.close_run(args, run_dir, writer)
-    print(protocol.matrix_table(stage_tasks, sr))
-    print(protocol.summary_line(metrics, "ASR", os.path.join(run_dir, "metrics.json")))
-    return metrics
+        run.writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
+        run.end_stage(record, rates, f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})"
+                      if record["env_warnings"] else "")
+        metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, scores,
+                                      sac, masks, method, dpre, rb)
+    return run.close(metrics)
 
 
 if __name__ == "__main__":
