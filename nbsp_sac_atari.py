@@ -1100,7 +1100,7 @@ def main(args: Args) -> dict:
                   "eval_unscored": [g for g, r in returns.items() if r is None],  # no game finished: no score
                   "wall_seconds": None}
         scores = {}
-        if use_mask:
+        if use_mask:  # ALGO LOGIC: identify the stage's skill neurons (Alg. 1), combine their Eq. 7 masks
             label = f"stage {stage + 1} ({game})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_games, identify_envs[game], args, label,
                                                           stage_seed, device)
@@ -1108,7 +1108,7 @@ def main(args: Args) -> dict:
             run.writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
-        if use_replay and stage < H - 1:  # Dpre: the stage's last transitions played by the policy
+        if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
             record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:

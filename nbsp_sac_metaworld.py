@@ -865,7 +865,7 @@ def main(args: Args) -> dict:
                   "early_stopped": early_stopped, **counts, "env_warnings": mujoco_warnings.take(),
                   "plasticity": plasticity, "wall_seconds": None}
         scores = {}
-        if use_mask:
+        if use_mask:  # ALGO LOGIC: identify the stage's skill neurons (Alg. 1), combine their Eq. 7 masks
             label = f"stage {stage + 1} ({task})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_episodes, rollout_envs[task], args, label,
                                                           stage_seed, device)
@@ -874,7 +874,7 @@ def main(args: Args) -> dict:
             run.writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
-        if use_replay and stage < H - 1:  # Dpre: the stage's last transitions played by the policy
+        if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
             record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
