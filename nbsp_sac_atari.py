@@ -7,7 +7,6 @@
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Literal
@@ -21,9 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import baselines
+import fast_adam
+import plasticity
 import protocol
 import skill_neurons as sn
 from baselines.method import Method
+from fast_adam import StepMask
 from protocol import fail
 from skill_neurons import Consumer, NeuronLayer
 
@@ -666,8 +668,9 @@ class SACLearner:
         self.qf2_target.load_state_dict(self.qf2.state_dict())
         self.adam = dict(eps=1e-4, capturable=cudagraphs, foreach=True)  # eps=1e-4 increases numerical stability (CleanRL)
         q_params = list(self.qf1.parameters()) + list(self.qf2.parameters())
-        self.q_optimizer = sn.MaskedOptimizer(torch.optim.Adam(q_params, lr=args.q_lr, **self.adam), args.mask_target)
-        self.actor_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
+        self.q_optimizer = torch.optim.Adam(q_params, lr=args.q_lr, **self.adam)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam)
+        self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)  # masks of their steps
         self.target_entropy = -args.target_entropy_scale * float(np.log(1.0 / num_actions))
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
@@ -693,10 +696,10 @@ class SACLearner:
         qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, next_q_value), F.mse_loss(qf2_a_values, next_q_value)
         qf_loss = qf1_loss + qf2_loss
         penalty = self.method.extra_loss("critic")
-        self.q_optimizer.zero_grad()
+        fast_adam.zero_grad_(self.q_optimizer)
         (qf_loss if penalty is None else qf_loss + penalty).backward()
         self.method.after_backward("critic")
-        self.q_optimizer.step()
+        self.masked_step(self.q_optimizer, self.q_mask)
         self.method.after_step("critic")
         if update_target:  # tau = 1: a hard copy
             # parameter lists built here: a method may have grown the critics (PI)
@@ -717,20 +720,29 @@ class SACLearner:
         # no reparameterization: the expectation over actions is computed exactly
         actor_loss = (action_probs * (self.log_alpha.exp().detach() * log_pi - min_qf_values)).mean()
         penalty = self.method.extra_loss("actor")
-        self.actor_optimizer.zero_grad()
+        fast_adam.zero_grad_(self.actor_optimizer)
         (actor_loss if penalty is None else actor_loss + penalty).backward()
         self.method.after_backward("actor")
-        self.actor_optimizer.step()
+        self.masked_step(self.actor_optimizer, self.actor_mask)
         self.method.after_step("actor")
         logs = {"actor_loss": actor_loss.detach(), "entropy": -(action_probs * log_pi).sum(1).mean().detach()}
         if self.args.autotune:
             # reuse the action probabilities for the temperature loss
             alpha_loss = (action_probs.detach() * (-self.log_alpha.exp() * (log_pi + self.target_entropy).detach())).mean()
-            sn.zero_grad_(self.a_optimizer)
+            fast_adam.zero_grad_(self.a_optimizer)
             alpha_loss.backward()
-            sn.adam_step_(self.a_optimizer)
+            fast_adam.adam_step_(self.a_optimizer)
             logs["alpha_loss"] = alpha_loss.detach()
         return logs
+
+    @staticmethod
+    def masked_step(optimizer, step_mask: StepMask):
+        """Adam's step with the step of masked rows scaled (Alg. 2, lines 13-14): p <- p_old + mask *
+        (p_adam - p_old), the mask 1 for a free neuron and Eq. 7's alpha * (1 - score) for a skill
+        neuron (--mask-target grad masks the gradient before Adam instead)."""
+        p_old = step_mask.before_step()
+        fast_adam.adam_step_(optimizer)
+        step_mask.scale_step(p_old)
 
     @torch.no_grad()
     def act(self, obs):
@@ -741,8 +753,8 @@ class SACLearner:
         """One critic step (and the target update with `update_target`); with `update_policy`,
         one actor (and alpha) step. CleanRL's sac_atari updates the actor at every update."""
         if self.compiled:  # gradients and Adam's lazily created state, made before the graph reads them
-            for optimizer in (self.q_optimizer.optimizer, self.actor_optimizer.optimizer, self.a_optimizer):
-                sn.prepare_graph_optimizer_(optimizer)
+            for optimizer in (self.q_optimizer, self.actor_optimizer, self.a_optimizer):
+                fast_adam.prepare_graph_optimizer_(optimizer)
         return self.update_step(*data, update_policy, update_target)
 
     def update_step(self, obs, actions, rewards, next_obs, dones, update_policy: bool, update_target: bool):
@@ -792,7 +804,7 @@ class SACLearner:
             qf_target.load_state_dict(fresh.state_dict())
         with torch.no_grad():
             self.log_alpha.fill_(float(np.log(self.args.alpha)))
-        self.q_optimizer.optimizer.state.clear()
+        self.q_optimizer.state.clear()
         self.a_optimizer.state.clear()
 
     def plain_copy(self) -> "SACLearner":
@@ -803,16 +815,16 @@ class SACLearner:
     def state_dict(self):
         return {"actor": self.actor.state_dict(), "qf1": self.qf1.state_dict(), "qf2": self.qf2.state_dict(),
                 "qf1_target": self.qf1_target.state_dict(), "qf2_target": self.qf2_target.state_dict(),
-                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.optimizer.state_dict(),
-                "q_optimizer": self.q_optimizer.optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
+                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.state_dict(),
+                "q_optimizer": self.q_optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
 
     def load_state_dict(self, state):
         for name in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):
             getattr(self, name).load_state_dict(state[name])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.actor_optimizer.optimizer.load_state_dict(state["actor_optimizer"])
-        self.q_optimizer.optimizer.load_state_dict(state["q_optimizer"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.q_optimizer.load_state_dict(state["q_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
 
 
@@ -924,7 +936,7 @@ def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
         for net in (sac.actor, sac.qf1, sac.qf2):
             net(probe_obs.to(sac.device))
     activations = sn.split_recorded(recorder.activations(), networks, names)
-    return {name: sn.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
+    return {name: plasticity.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
 
 
 def evaluate_all(eval_envs, actor, method, normalization, args, device):
@@ -951,34 +963,47 @@ def scores_text(returns, normalized) -> str:
     return " ".join(f"{g}=n/a" if r is None else f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items())
 
 
+def evaluation(run, sac, method, rb, masks, eval_envs, normalization, args, device) -> protocol.Evaluation:
+    """Every game's return, and the plasticity diagnostics on a fixed batch (the newest
+    observations of D at the run's first evaluation). Scores: (returns, normalized, finished)."""
+
+    def score(step):
+        returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
+        for game in returns:
+            run.writer.add_scalar(f"eval/{game}/finished_games", float(finished[game]), step)
+            if returns[game] is not None:
+                run.writer.add_scalar(f"eval/{game}/return", returns[game], step)
+                run.writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
+        return returns, normalized, finished
+
+    def probe():
+        n = min(rb.size, PLASTICITY_PROBE)
+        return rb.observations((rb.end - n + torch.arange(n, device=device)) % rb.capacity).clone()
+
+    return protocol.Evaluation(
+        score, brief=lambda scores: "/".join(protocol.format_score(v) for v in scores[1].values()),
+        text=lambda scores: f"return {scores_text(*scores[:2])}", probe=probe,
+        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold))
+
+
 def main(args: Args) -> dict:
     validate(args)
-    checkpoint = None
-    if args.resume:
-        args, run_name, checkpoint = protocol.load_resume(args, validate)
-    else:
-        run_name = f"{'+'.join(args.games)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
-    if not args.resume and os.path.exists(run_dir):
-        fail(f"run folder {run_dir!r} already exists; pick another --exp-name or --runs-dir")
-
+    args, checkpoint = protocol.load_resume(args, validate)
     stage_tasks = [canonical_game(g) for g in args.games] * args.cycles
     unique_games = list(dict.fromkeys(stage_tasks))
     normalization = parse_game_scores(args.game_scores)
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
+    run = protocol.Run(args, "+".join(args.games), stage_tasks, "AR", ("task_success", "task_return"), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
     dpre_capacity = args.dpre_per_task * max(H - 1, 1)
     protocol.check_memory(ReplayBuffer.nbytes(args.buffer_size) + ReplayBuffer.nbytes(dpre_capacity), device,
                           f"D (--buffer-size {args.buffer_size}) and Dpre (--dpre-per-task {args.dpre_per_task} x {max(H - 1, 1)})")
-    if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
-        print(f"{run_dir}: all {H} stages are finished; nothing to resume")
-        return protocol.write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], "AR",
-                                      task_success=checkpoint["task_success"], task_return=checkpoint["task_return"],
-                                      stages=checkpoint["stages"])
+    if run.all_stages_done():  # killed between the last checkpoint and metrics.json?
+        return run.write_metrics()
 
     # one fixed pool of env copies per game: evaluation (full games, raw rewards) and
     # identification (training wrappers, so the states are those the agent trains on)
@@ -996,83 +1021,30 @@ def main(args: Args) -> dict:
     masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()},
         masked={"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to],
-        optimizers=[(sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])],
+        step_masks=[(sac.actor_mask, ["actor"]), (sac.q_mask, ["qf1", "qf2"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, device)
     dpre = ReplayBuffer(dpre_capacity, device)
-    sr, stage_records, task_success_rows, task_return_rows = [], [], [], []
-    start_stage, global_step = 0, 0
-    if checkpoint is not None:
-        with protocol.restoring(run_dir):
-            method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
-            sac.load_state_dict(checkpoint)
-            masks.load_state_dict(checkpoint)
-            dpre.load_state_dict(checkpoint["dpre"])
-            if args.keep_buffer:
-                rb.load_state_dict(checkpoint["rb"])
-        sr, stage_records = checkpoint["sr"], checkpoint["stages"]
-        task_success_rows, task_return_rows = checkpoint["task_success"], checkpoint["task_return"]
-        start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
-        if use_mask:  # NBSP masks; a baseline installs its own in setup
-            masks.install()
+    run.restore(method, sac, masks, dpre, rb, install_masks=use_mask)
+    run.open(device, {"stage_tasks": stage_tasks, "device": str(device),
+                      "normalization": {game: normalization[game] for game in unique_games},
+                      "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}},
+             sac.watched_tensors, evaluation(run, sac, method, rb, masks, eval_envs, normalization, args, device),
+             upper_bound=False)
 
-    writer = protocol.open_run(args, run_dir, run_name, checkpoint, device, {
-        "stage_tasks": stage_tasks, "device": str(device), "normalization": {game: normalization[game] for game in unique_games},
-        "versions": {name: version(name) for name in ("torch", "ale-py", "gymnasium", "numpy")}})
-
-    def stop_if_diverged(values, stage):
-        """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
-        losses reach the host anyway, and before every evaluation."""
-        problem = protocol.first_non_finite(values, sac.watched_tensors())
-        if problem:
-            writer.close()
-            metrics = protocol.metrics_of(run_name, stage_tasks, sr, "AR", task_success=task_success_rows,
-                                          task_return=task_return_rows, stages=stage_records)
-            protocol.stop_diverged(run_dir, metrics, {"stage": stage + 1, "task": stage_tasks[stage],
-                                                      "global_step": global_step}, problem)
-
-    plasticity_probe = checkpoint.get("plasticity_probe") if checkpoint else None
-
-    def evaluate(step, stage):
-        """Every game's return, and the plasticity diagnostics on a fixed batch (the newest
-        observations of D at the run's first evaluation)."""
-        nonlocal plasticity_probe
-        stop_if_diverged({}, stage)  # a diverged policy would make the simulator and the diagnostics fail first
-        returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
-        for game in returns:
-            writer.add_scalar(f"eval/{game}/finished_games", float(finished[game]), step)
-            if returns[game] is not None:
-                writer.add_scalar(f"eval/{game}/return", returns[game], step)
-                writer.add_scalar(f"eval/{game}/normalized_return", normalized[game], step)
-        if plasticity_probe is None:
-            n = min(rb.size, PLASTICITY_PROBE)
-            plasticity_probe = rb.observations((rb.end - n + torch.arange(n, device=device)) % rb.capacity).clone()
-        plasticity = measure_plasticity(sac, masks.networks, plasticity_probe, args.dormant_threshold)
-        for name, values in plasticity.items():
-            for key, value in values.items():
-                writer.add_scalar(f"plasticity/{name}/{key}", value, step)
-        return returns, normalized, plasticity
-
-    progress = protocol.Progress(H * args.steps_per_task, sum(r["budget_steps"] for r in stage_records),
-                                 args.progress_every, upper_bound=False)
-    last_eval = "n/a"
-    for stage in range(start_stage, H):
+    for stage in range(run.start_stage, H):
         game = stage_tasks[stage]
-        stage_seed = args.seed + 1000 * (stage + 1)
-        protocol.seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
+        stage_seed = run.begin_stage(stage)
         env = make_env(game, stage_seed, True, args.sticky_actions)
         if not args.keep_buffer:
             rb.clear()
-        progress.begin_stage(f"stage {stage + 1}/{H} {game}")
         method.begin_stage(stage, game)
         obs, _ = env.reset(seed=stage_seed)
-        game_start, game_id = 0, global_step + 1  # a game's id: its first global step
+        game_start, game_id = 0, run.global_step + 1  # a game's id: its first global step
         stage_games = []  # finished games: id, raw return, played by the policy
-        logs, updates, dpre_updates, log_due = {}, 0, 0, False
-        stage_start_time = sps_time = time.time()
-        sps_step = 0
+        updates, dpre_updates, log_due = 0, 0, False
         for step in range(args.steps_per_task):
-            global_step += 1
+            global_step = run.next_step()
             # ALGO LOGIC: act, store the transition in D
             if step < args.learning_starts:
                 action = env.action_space.sample()
@@ -1084,9 +1056,9 @@ def main(args: Args) -> dict:
             obs = next_obs
             if terminated or truncated:
                 if "episode" in info:  # the full game is over: its raw return, all lives, unclipped
-                    writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-                    writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                    writer.add_scalar("charts/normalized_return", normalized_score(info["episode"]["r"], normalization[game]), global_step)
+                    run.writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                    run.writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                    run.writer.add_scalar("charts/normalized_return", normalized_score(info["episode"]["r"], normalization[game]), global_step)
                     # random-action games say nothing of the policy
                     stage_games.append({"id": game_id, "return": float(info["episode"]["r"]),
                                         "policy": game_start >= args.learning_starts})
@@ -1109,84 +1081,45 @@ def main(args: Args) -> dict:
                 log_due |= update_index % 100 == 0
                 if log_due and (not from_dpre or args.replay_interval == 1):
                     log_due = False
-                    values = {name: value.item() for name, value in logs.items()}
-                    for name, value in values.items():
-                        writer.add_scalar(f"losses/{name}", value, global_step)
-                    stop_if_diverged(values, stage)
-                    for name, value in method.logs().items():
-                        writer.add_scalar(f"method/{name}", float(value), global_step)
-                    sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the steps since the last log
-                    sps_time, sps_step = time.time(), step + 1
-                    writer.add_scalar("charts/SPS", sps, global_step)
-            if step == args.learning_starts:
-                progress.learning_started(step)
-            if step % 100 == 99:
-                recent = [g["return"] for g in stage_games[-10:]]
-                progress.advance(100, step, global_step, eval=last_eval,
-                                 returns=f"{np.mean(recent):.1f}" if recent else "n/a")
-
-            if args.eval_every and global_step % args.eval_every == 0:
-                returns, normalized, _ = evaluate(global_step, stage)
-                last_eval = "/".join(protocol.format_score(v) for v in normalized.values())
-                print(f"step {global_step}: eval return {scores_text(returns, normalized)}")
-                sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
+                    run.log_losses({name: value.item() for name, value in logs.items()})
+                    run.log_method_and_sps(method, step)
+            run.advance(step, args.learning_starts, lambda: {
+                "returns": f"{np.mean([g['return'] for g in stage_games[-10:]]):.1f}" if stage_games else "n/a"})
+            run.evaluate_if_due(step)
         env.close()
         stage_steps = step + 1
-        progress.skip(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every game (row of sr), identify skill neurons, fill Dpre
-        returns, normalized, plasticity = evaluate(global_step, stage)
-        task_success_rows.append(normalized)
-        task_return_rows.append(returns)
-        sr.append([normalized[stage_tasks[j]] for j in range(stage + 1)])
-        average_return = protocol.continual_metrics(sr, "AR")["AR"]
-        if average_return is not None:
-            writer.add_scalar("eval/AR", average_return, global_step)
+        (returns, normalized, _), plasticity = run.evaluate_stage(
+            stage_steps, row=lambda scores: scores[1], task_success=lambda scores: scores[1],
+            task_return=lambda scores: scores[0])
         # one actor step on the critic's batch per update (CleanRL's sac_atari): both follow Dpre's schedule
         record = {"stage": stage + 1, "task": game, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "critic_updates": updates, "critic_dpre_updates": dpre_updates, "actor_updates": updates,
                   "actor_dpre_updates": dpre_updates, "plasticity": plasticity,
                   "eval_unscored": [g for g, r in returns.items() if r is None],  # no game finished: no score
-                  "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "wall_seconds": None}
         scores = {}
-        if use_mask:
+        if use_mask:  # ALGO LOGIC: identify the stage's skill neurons (Alg. 1), combine their Eq. 7 masks
             label = f"stage {stage + 1} ({game})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_games, identify_envs[game], args, label,
                                                           stage_seed, device)
-            protocol.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
-            writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], global_step)
+            sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, global_step)
+            run.writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
-        if use_replay and stage < H - 1:  # Dpre: the stage's last transitions played by the policy
+        if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
             record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
             method.end_stage(stage, game, rb)  # a task switch follows
-        record["wall_seconds"] = round(time.time() - stage_start_time, 2)
-        stage_records.append(record)
-        print(f"stage {stage + 1}/{H} {game}: {stage_steps} steps, {record['wall_seconds']:.0f}s, "
-              f"return {scores_text(returns, normalized)}")
-
-        model = {"run_name": run_name, "stage": stage + 1, "task": game, "actor": sac.actor.state_dict(),
-                 "qf1": sac.qf1.state_dict(), "qf2": sac.qf2.state_dict(), "neuron_masks": masks.neuron_masks,
-                 "scores": scores, "selected": dict(masks.last_selected)}
-        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
-        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected, "dpre": dpre.state_dict(),
-            "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr, "stages": stage_records,
-            "task_success": task_success_rows, "task_return": task_return_rows, "global_step": global_step,
-            "plasticity_probe": plasticity_probe.cpu()})
-        metrics = protocol.write_metrics(run_dir, run_name, stage_tasks, sr, "AR", task_success=task_success_rows,
-                                         task_return=task_return_rows, stages=stage_records)
-    progress.close()
-    protocol.close_run(args, run_dir, writer)
-    for pool in (eval_envs, identify_envs):
-        for envs in pool.values():
-            for e in envs:
-                e.close()
-    print(protocol.matrix_table(stage_tasks, sr))
-    print(protocol.summary_line(metrics, "AR", os.path.join(run_dir, "metrics.json")))
-    return metrics
+        run.end_stage(record, (returns, normalized))
+        metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf1": sac.qf1.state_dict(),
+                                       "qf2": sac.qf2.state_dict()}, scores, sac, masks, method, dpre, rb)
+    for envs in [*eval_envs.values(), *identify_envs.values()]:
+        for e in envs:
+            e.close()
+    return run.close(metrics)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
 # Dpre, SAC, NBSP's identification, the main loop (`# ALGO LOGIC` marks the algorithm).
 import os
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -20,9 +19,12 @@ import torch._inductor.config
 import torch.nn as nn
 
 import baselines
+import fast_adam
+import plasticity
 import protocol
 import skill_neurons as sn
 from baselines.method import Method
+from fast_adam import StepMask
 from protocol import fail
 from skill_neurons import Consumer, NeuronLayer
 
@@ -454,8 +456,9 @@ class SACLearner:
         self.qf_target = self.new_critic()
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.adam = dict(capturable=cudagraphs, foreach=True)
-        self.q_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam), args.mask_target)
-        self.actor_optimizer = sn.MaskedOptimizer(torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam), args.mask_target)
+        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam)
+        self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)  # masks of their steps
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
@@ -478,10 +481,10 @@ class SACLearner:
         qf_losses = ((qf_a_values - next_q_value) ** 2).mean(1)
         qf_loss = qf_losses.sum()
         penalty = self.method.extra_loss("critic")
-        self.q_optimizer.zero_grad()
+        fast_adam.zero_grad_(self.q_optimizer)
         (qf_loss if penalty is None else qf_loss + penalty).backward()
         self.method.after_backward("critic")
-        self.q_optimizer.step()
+        self.masked_step(self.q_optimizer, self.q_mask)
         self.method.after_step("critic")
         if update_target:
             with torch.no_grad():
@@ -495,21 +498,30 @@ class SACLearner:
         min_qf_pi = torch.func.functional_call(self.qf, self.frozen_qf_params(), (obs, pi)).min(0).values
         actor_loss = (self.log_alpha.exp().detach() * log_pi - min_qf_pi).mean()
         penalty = self.method.extra_loss("actor")
-        self.actor_optimizer.zero_grad()
+        fast_adam.zero_grad_(self.actor_optimizer)
         (actor_loss if penalty is None else actor_loss + penalty).backward()
         self.method.after_backward("actor")
-        self.actor_optimizer.step()
+        self.masked_step(self.actor_optimizer, self.actor_mask)
         self.method.after_step("actor")
         logs = {"actor_loss": actor_loss.detach()}
         if self.args.autotune:
             with torch.no_grad():
                 _, log_pi, _ = self.actor.get_action(obs)
             alpha_loss = (-self.log_alpha.exp() * (log_pi + self.target_entropy)).mean()
-            sn.zero_grad_(self.a_optimizer)
+            fast_adam.zero_grad_(self.a_optimizer)
             alpha_loss.backward()
-            sn.adam_step_(self.a_optimizer)
+            fast_adam.adam_step_(self.a_optimizer)
             logs["alpha_loss"] = alpha_loss.detach()
         return logs
+
+    @staticmethod
+    def masked_step(optimizer, step_mask: StepMask):
+        """Adam's step with the step of masked rows scaled (Alg. 2, lines 13-14): p <- p_old + mask *
+        (p_adam - p_old), the mask 1 for a free neuron and Eq. 7's alpha * (1 - score) for a skill
+        neuron (--mask-target grad masks the gradient before Adam instead)."""
+        p_old = step_mask.before_step()
+        fast_adam.adam_step_(optimizer)
+        step_mask.scale_step(p_old)
 
     @torch.no_grad()
     def act(self, obs):
@@ -522,8 +534,8 @@ class SACLearner:
         if update_policy:  # one stacked tensor: the same graph whichever batches alias each other
             actor_obs = torch.stack(actor_obs if actor_obs is not None else [data[0]] * self.args.policy_frequency)
         if self.compiled:  # gradients and Adam's lazily created state, made before the graph reads them
-            for optimizer in (self.q_optimizer.optimizer, self.actor_optimizer.optimizer, self.a_optimizer):
-                sn.prepare_graph_optimizer_(optimizer)
+            for optimizer in (self.q_optimizer, self.actor_optimizer, self.a_optimizer):
+                fast_adam.prepare_graph_optimizer_(optimizer)
         return self.update_step(*data, update_target, actor_obs if update_policy else None)
 
     def update_step(self, obs, actions, rewards, next_obs, dones, update_target: bool, actor_obs):
@@ -576,7 +588,7 @@ class SACLearner:
         self.qf_target.load_state_dict(fresh.state_dict())
         with torch.no_grad():
             self.log_alpha.fill_(float(np.log(self.args.alpha)))
-        self.q_optimizer.optimizer.state.clear()
+        self.q_optimizer.state.clear()
         self.a_optimizer.state.clear()
 
     def plain_copy(self) -> "SACLearner":
@@ -586,8 +598,8 @@ class SACLearner:
 
     def state_dict(self):
         return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
-                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.optimizer.state_dict(),
-                "q_optimizer": self.q_optimizer.optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
+                "log_alpha": self.log_alpha.detach().cpu(), "actor_optimizer": self.actor_optimizer.state_dict(),
+                "q_optimizer": self.q_optimizer.state_dict(), "a_optimizer": self.a_optimizer.state_dict()}
 
     def load_state_dict(self, state):
         self.actor.load_state_dict(state["actor"])
@@ -595,8 +607,8 @@ class SACLearner:
         self.qf_target.load_state_dict(state["qf_target"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.actor_optimizer.optimizer.load_state_dict(state["actor_optimizer"])
-        self.q_optimizer.optimizer.load_state_dict(state["q_optimizer"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.q_optimizer.load_state_dict(state["q_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
 
 
@@ -692,7 +704,7 @@ def measure_plasticity(sac, networks, probe, dormant_threshold):
         sac.actor(probe["obs"])
         sac.qf(probe["obs"], probe["actions"])
     activations = sn.split_recorded(recorder.activations(), networks, names)
-    return {name: sn.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
+    return {name: plasticity.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
 
 
 def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device):
@@ -705,29 +717,40 @@ def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device):
     return rates
 
 
+def evaluation(run, sac, method, rb, masks, rollout_envs, args, device) -> protocol.Evaluation:
+    """Every task's success rate, and the plasticity diagnostics on a fixed batch (the newest
+    transitions of D at the run's first evaluation)."""
+
+    def score(step):
+        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device)
+        for task, rate in rates.items():
+            run.writer.add_scalar(f"eval/{task}/success_rate", rate, step)
+        return rates
+
+    def probe():
+        rows = rb.latest(PLASTICITY_PROBE)
+        return {"obs": rows[:, : rb.obs_dim].clone(), "actions": rows[:, rb.obs_dim : rb.obs_dim + rb.act_dim].clone()}
+
+    return protocol.Evaluation(
+        score, brief=lambda rates: "/".join(f"{r:.2f}" for r in rates.values()),
+        text=lambda rates: "success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()), probe=probe,
+        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold))
+
+
 def main(args: Args) -> dict:
     validate(args)
-    checkpoint = None
-    if args.resume:
-        args, run_name, checkpoint = protocol.load_resume(args, validate)
-    else:
-        run_name = f"{'+'.join(args.tasks)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name) if not args.resume else args.resume
-    if not args.resume and os.path.exists(run_dir):
-        fail(f"run folder {run_dir!r} already exists; pick another --exp-name or --runs-dir")
-
+    args, checkpoint = protocol.load_resume(args, validate)
     stage_tasks = [t.removesuffix("-v3") for t in args.tasks] * args.cycles
     unique_tasks = list(dict.fromkeys(stage_tasks))
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
+    run = protocol.Run(args, "+".join(args.tasks), stage_tasks, "ASR", ("task_success",), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
-    if checkpoint is not None and checkpoint["stage"] >= H:  # killed between the last checkpoint and metrics.json?
-        print(f"{run_dir}: all {H} stages are finished; nothing to resume")
-        return protocol.write_metrics(run_dir, run_name, stage_tasks, checkpoint["sr"], "ASR",
-                                      task_success=checkpoint["task_success"], stages=checkpoint["stages"])
+    if run.all_stages_done():  # killed between the last checkpoint and metrics.json?
+        return run.write_metrics()
 
     # one fixed pool of env copies per task, for evaluation and identification rollouts (in waves beyond the pool)
     pool_size = min(MAX_ROLLOUT_ENVS, max(args.eval_episodes, args.identify_episodes if use_mask else 0))
@@ -748,83 +771,32 @@ def main(args: Args) -> dict:
     masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf.hidden_layers(0), "qf2": sac.qf.hidden_layers(1)},
         masked={"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to],
-        optimizers=[(sac.actor_optimizer, ["actor"]), (sac.q_optimizer, ["qf1", "qf2"])],
+        step_masks=[(sac.actor_mask, ["actor"]), (sac.q_mask, ["qf1", "qf2"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     dpre = ReplayBuffer(dpre_capacity, obs_dim, act_dim, device)
-    sr, stage_records, task_success_rows = [], [], []
-    start_stage, global_step = 0, 0
-    if checkpoint is not None:
-        with protocol.restoring(run_dir):
-            method.load_state_dict(checkpoint["method"])  # first: a method may have grown the networks
-            sac.load_state_dict(checkpoint)
-            masks.load_state_dict(checkpoint)
-            dpre.load_state_dict(checkpoint["dpre"])
-            if args.keep_buffer:
-                rb.load_state_dict(checkpoint["rb"])
-        sr, stage_records, task_success_rows = checkpoint["sr"], checkpoint["stages"], checkpoint["task_success"]
-        start_stage, global_step = checkpoint["stage"], checkpoint["global_step"]
-        if use_mask:  # NBSP masks; a baseline installs its own in setup
-            masks.install()
-
-    writer = protocol.open_run(args, run_dir, run_name, checkpoint, device, {
-        "stage_tasks": stage_tasks, "device": str(device),
-        "versions": {name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}})
+    run.restore(method, sac, masks, dpre, rb, install_masks=use_mask)
+    run.open(device, {"stage_tasks": stage_tasks, "device": str(device), "versions": {
+        name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}}, sac.watched_tensors,
+        evaluation(run, sac, method, rb, masks, rollout_envs, args, device), upper_bound=args.early_stop_success > 0)
     mujoco_warnings = MujocoWarnings()
 
-    def stop_if_diverged(values, stage):
-        """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
-        losses reach the host anyway, and before every evaluation."""
-        problem = protocol.first_non_finite(values, sac.watched_tensors())
-        if problem:
-            writer.close()
-            metrics = protocol.metrics_of(run_name, stage_tasks, sr, "ASR", task_success=task_success_rows,
-                                          stages=stage_records)
-            protocol.stop_diverged(run_dir, metrics, {"stage": stage + 1, "task": stage_tasks[stage],
-                                                      "global_step": global_step}, problem)
-
-    plasticity_probe = checkpoint.get("plasticity_probe") if checkpoint else None
-
-    def evaluate(step, stage):
-        """Every task's success rate, and the plasticity diagnostics on a fixed batch (the newest
-        transitions of D at the run's first evaluation)."""
-        nonlocal plasticity_probe
-        stop_if_diverged({}, stage)  # a diverged policy would make the simulator and the diagnostics fail first
-        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device)
-        for task, rate in rates.items():
-            writer.add_scalar(f"eval/{task}/success_rate", rate, step)
-        if plasticity_probe is None:
-            rows = rb.latest(PLASTICITY_PROBE)
-            plasticity_probe = {"obs": rows[:, :obs_dim].clone(), "actions": rows[:, obs_dim : obs_dim + act_dim].clone()}
-        plasticity = measure_plasticity(sac, masks.networks, plasticity_probe, args.dormant_threshold)
-        for name, values in plasticity.items():
-            for key, value in values.items():
-                writer.add_scalar(f"plasticity/{name}/{key}", value, step)
-        return rates, plasticity
-
-    progress = protocol.Progress(H * args.steps_per_task, sum(r["budget_steps"] for r in stage_records),
-                                 args.progress_every, upper_bound=args.early_stop_success > 0)
-    last_eval = "n/a"
-    for stage in range(start_stage, H):
+    for stage in range(run.start_stage, H):
         task = stage_tasks[stage]
-        stage_seed = args.seed + 1000 * (stage + 1)
-        protocol.seed_everything(stage_seed, args.torch_deterministic)  # every stage restarts its randomness: resume is exact
+        stage_seed = run.begin_stage(stage)
         env = make_env(task, stage_seed)
         env.action_space.seed(stage_seed)
         if not args.keep_buffer:
             rb.clear()
-        progress.begin_stage(f"stage {stage + 1}/{H} {task}")
         method.begin_stage(stage, task)
         obs, _ = env.reset(seed=stage_seed)
-        episode_success, episode_start, episode_id = False, 0, global_step + 1  # an episode's id: its first global step
+        episode_success, episode_start, episode_id = False, 0, run.global_step + 1  # an episode's id: its first global step
         recent_success = deque(maxlen=EARLY_STOP_WINDOW)
         stage_episodes = []  # finished episodes: id, success, return, played by the policy
         counts = dict.fromkeys(["critic_updates", "critic_dpre_updates", "actor_updates", "actor_dpre_updates"], 0)
-        early_stopped, logs, critic_log_due = False, {}, False
-        stage_start_time = sps_time = time.time()
-        sps_step = 0
+        early_stopped, critic_log_due = False, False
         for step in range(args.steps_per_task):
-            global_step += 1
+            global_step = run.next_step()
             # ALGO LOGIC: act, store the transition in D
             if step < args.learning_starts:
                 action = env.action_space.sample()
@@ -835,9 +807,9 @@ def main(args: Args) -> dict:
             rb.add(obs, action, reward, next_obs, terminated, episode_id)  # Meta-World never terminates: truncation still bootstraps
             obs = next_obs
             if terminated or truncated:
-                writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                writer.add_scalar("charts/success", float(episode_success), global_step)
+                run.writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                run.writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                run.writer.add_scalar("charts/success", float(episode_success), global_step)
                 played_by_policy = episode_start >= args.learning_starts  # random-action episodes say nothing of the policy
                 if played_by_policy:
                     recent_success.append(episode_success)
@@ -873,83 +845,46 @@ def main(args: Args) -> dict:
                 log_critic = critic_log_due and (not from_dpre or args.replay_interval == 1)
                 if log_rest or log_critic:
                     critic_log_due &= not log_critic
-                    values = {name: value.item() for name, value in logs.items()
-                              if (log_critic if name in SACLearner.critic_logs else log_rest)}
-                    for name, value in values.items():
-                        writer.add_scalar(f"losses/{name}", value, global_step)
-                    stop_if_diverged(values, stage)
+                    run.log_losses({name: value.item() for name, value in logs.items()
+                                    if (log_critic if name in SACLearner.critic_logs else log_rest)})
                 if log_rest:
-                    for name, value in method.logs().items():
-                        writer.add_scalar(f"method/{name}", float(value), global_step)
-                    sps = int((step + 1 - sps_step) / (time.time() - sps_time))  # over the last 100 steps
-                    sps_time, sps_step = time.time(), step + 1
-                    writer.add_scalar("charts/SPS", sps, global_step)
-            if step == args.learning_starts:
-                progress.learning_started(step)
-            if step % 100 == 99:
-                progress.advance(100, step, global_step, eval=last_eval,
-                                 success=f"{np.mean(recent_success):.2f}" if recent_success else "n/a")
-
-            if args.eval_every and global_step % args.eval_every == 0:
-                rates, _ = evaluate(global_step, stage)
-                last_eval = "/".join(f"{r:.2f}" for r in rates.values())
-                print(f"step {global_step}: eval success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()))
-                sps_time, sps_step = time.time(), step + 1  # keep evaluation out of SPS
-
+                    run.log_method_and_sps(method, step)
+            run.advance(step, args.learning_starts,
+                        lambda: {"success": f"{np.mean(recent_success):.2f}" if recent_success else "n/a"})
+            run.evaluate_if_due(step)
             if (args.early_stop_success > 0 and len(recent_success) == EARLY_STOP_WINDOW
                     and np.mean(recent_success) >= args.early_stop_success):
                 early_stopped = True
                 break
         env.close()
         stage_steps = step + 1
-        progress.skip(args.steps_per_task - (stage_steps - stage_steps % 100))
 
         # end of stage: evaluate every task (row of sr), identify skill neurons, fill Dpre
-        rates, plasticity = evaluate(global_step, stage)
-        task_success_rows.append(rates)
-        sr.append([rates[stage_tasks[j]] for j in range(stage + 1)])
-        writer.add_scalar("eval/ASR", protocol.continual_metrics(sr)["ASR"], global_step)
+        rates, plasticity = run.evaluate_stage(stage_steps, row=lambda rates: rates, task_success=lambda rates: rates)
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "early_stopped": early_stopped, **counts, "env_warnings": mujoco_warnings.take(),
-                  "plasticity": plasticity, "wall_seconds": round(time.time() - stage_start_time, 2)}
+                  "plasticity": plasticity, "wall_seconds": None}
         scores = {}
-        if use_mask:
+        if use_mask:  # ALGO LOGIC: identify the stage's skill neurons (Alg. 1), combine their Eq. 7 masks
             label = f"stage {stage + 1} ({task})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_episodes, rollout_envs[task], args, label,
                                                           stage_seed, device)
-            protocol.report_selection(writer, neuron_record, found, label, args.goal_score, global_step)
-            writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], global_step)
-            writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), global_step)
+            sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, global_step)
+            run.writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], global_step)
+            run.writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
-        if use_replay and stage < H - 1:  # Dpre: the stage's last transitions played by the policy
+        if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
             record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
             method.end_stage(stage, task, rb)  # a task switch follows
-        record["wall_seconds"] = round(time.time() - stage_start_time, 2)
-        stage_records.append(record)
-        writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
-        print(f"stage {stage + 1}/{H} {task}: {stage_steps} steps{' (early stop)' if early_stopped else ''}, "
-              f"{record['wall_seconds']:.0f}s, success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items())
-              + (f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})" if record["env_warnings"] else ""))
-
-        model = {"run_name": run_name, "stage": stage + 1, "task": task, "actor": sac.actor.state_dict(),
-                 "qf": sac.qf.state_dict(), "neuron_masks": masks.neuron_masks, "scores": scores,
-                 "selected": dict(masks.last_selected)}
-        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoints", f"stage_{stage + 1}.pt"), model)
-        protocol.atomic_torch_save(os.path.join(run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected,
-            "dpre": dpre.state_dict(), "rb": rb.state_dict() if args.keep_buffer else {}, "sr": sr,
-            "stages": stage_records, "task_success": task_success_rows, "global_step": global_step,
-            "plasticity_probe": {k: v.cpu() for k, v in plasticity_probe.items()}})
-        metrics = protocol.write_metrics(run_dir, run_name, stage_tasks, sr, "ASR", task_success=task_success_rows,
-                                         stages=stage_records)
-    progress.close()
-    protocol.close_run(args, run_dir, writer)
-    print(protocol.matrix_table(stage_tasks, sr))
-    print(protocol.summary_line(metrics, "ASR", os.path.join(run_dir, "metrics.json")))
-    return metrics
+        run.writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
+        run.end_stage(record, rates, f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})"
+                      if record["env_warnings"] else "")
+        metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, scores,
+                                      sac, masks, method, dpre, rb)
+    return run.close(metrics)
 
 
 if __name__ == "__main__":

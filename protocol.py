@@ -1,6 +1,8 @@
 """The bookkeeping of the cycling protocol that both training scripts share and that is not the
-algorithm: the command line and its checks, resuming a killed run, the paper's continual metrics
-(Eq. 9-11) and the run's files. SAC, the scorer, the mask and Dpre stay in each script."""
+algorithm: the command line and its checks, resuming a killed run, the run's lifecycle (`Run`:
+logging, progress, the divergence stop, evaluations, stage records, checkpoints), the paper's
+continual metrics (Eq. 9-11) and the run's files. SAC, the scorer, the mask and Dpre stay in each
+script."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import re
 import sys
 import time
 import typing
-from dataclasses import asdict, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -24,7 +27,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import baselines
-import skill_neurons as sn
 
 # What a resumed run may change: where it runs and how it is tracked, never what it computes.
 RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs",
@@ -112,11 +114,13 @@ def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
         fail(f"{what} need {needed_bytes / 2**30:.1f} GiB on {device.type}, more than its {total / 2**30:.1f} GiB")
 
 
-def load_resume(args, validate) -> tuple[object, str, dict]:
+def load_resume(args, validate) -> tuple[object, dict | None]:
     """Config and latest checkpoint of the run folder `args.resume`; stops with one line if either
     is unusable or the saved config fails `validate` (the script's own checks of a command line).
-    Returns the saved Args (with this command line's RESUME_OVERRIDABLE flags), the run name and
-    the checkpoint."""
+    Returns the saved Args (with this command line's RESUME_OVERRIDABLE flags) and the checkpoint;
+    without --resume, `args` and None."""
+    if not args.resume:
+        return args, None
     args_class, run_dir = type(args), args.resume.rstrip("/")
     defaults = args_class()
     changed = [f.name for f in fields(args_class) if f.name not in RESUME_OVERRIDABLE
@@ -146,7 +150,7 @@ def load_resume(args, validate) -> tuple[object, str, dict]:
         validate(saved)
     finally:
         error_context = ""
-    return saved, config["run_name"], checkpoint
+    return saved, checkpoint
 
 
 @contextlib.contextmanager
@@ -323,6 +327,191 @@ class Progress:
         self.bar.close()
 
 
+@dataclass
+class Evaluation:
+    """What an evaluation of every task of the run is in a script: `score(step)` plays the
+    evaluation episodes and writes their TensorBoard values; `brief(scores)` shows them in the
+    progress line, `text(scores)` on the console; `probe()` takes the fixed batch the plasticity
+    diagnostics are measured on (at the run's first evaluation), `plasticity(probe)` measures them."""
+
+    score: Callable[[int], object]
+    brief: Callable[[object], str]
+    text: Callable[[object], str]
+    probe: Callable[[], object]
+    plasticity: Callable[[object], dict]
+
+
+class Run:
+    """The lifecycle of one training run, the same in both scripts: its name and folder, what a
+    resumed run restores, TensorBoard, progress and SPS, the divergence stop, evaluations with
+    the plasticity diagnostics, the success matrix sr with its per-task rows, stage records,
+    checkpoints and metrics.json. `average` names the continual average (ASR or AR); `rows` the
+    per-task rows that metrics.json and the checkpoint keep besides sr."""
+
+    def __init__(self, args, label: str, stage_tasks: list[str], average: str, rows: tuple[str, ...],
+                 checkpoint: dict | None):
+        self.args, self.stage_tasks, self.average, self.checkpoint = args, stage_tasks, average, checkpoint
+        if args.resume:
+            self.run_name, self.run_dir = checkpoint["run_name"], args.resume
+        else:
+            self.run_name = f"{label}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.run_dir = os.path.join(args.runs_dir, self.run_name)
+            if os.path.exists(self.run_dir):
+                fail(f"run folder {self.run_dir!r} already exists; pick another --exp-name or --runs-dir")
+        self.sr, self.stages, self.rows = [], [], {name: [] for name in rows}
+        self.start_stage, self.global_step, self.plasticity_probe = 0, 0, None
+        if checkpoint is not None:
+            self.sr, self.stages = checkpoint["sr"], checkpoint["stages"]
+            self.rows = {name: checkpoint[name] for name in rows}
+            self.start_stage, self.global_step = checkpoint["stage"], checkpoint["global_step"]
+            self.plasticity_probe = checkpoint.get("plasticity_probe")
+        self.last_eval = "n/a"
+
+    def all_stages_done(self) -> bool:
+        """A resumed run killed between its last checkpoint and metrics.json: nothing to train."""
+        done = self.checkpoint is not None and self.checkpoint["stage"] >= len(self.stage_tasks)
+        if done:
+            print(f"{self.run_dir}: all {len(self.stage_tasks)} stages are finished; nothing to resume")
+        return done
+
+    def restore(self, method, sac, masks, dpre, rb, install_masks: bool) -> None:
+        """A resumed run's method state, learner, NBSP masks (installed with `install_masks`; a
+        baseline installs its own in setup), Dpre and, with --keep-buffer, D."""
+        if self.checkpoint is None:
+            return
+        with restoring(self.run_dir):
+            method.load_state_dict(self.checkpoint["method"])  # first: a method may have grown the networks
+            sac.load_state_dict(self.checkpoint)
+            masks.load_state_dict(self.checkpoint)
+            dpre.load_state_dict(self.checkpoint["dpre"])
+            if self.args.keep_buffer:
+                rb.load_state_dict(self.checkpoint["rb"])
+        if install_masks:
+            masks.install()
+
+    def open(self, device, config: dict, watched: Callable[[], dict], evaluation: Evaluation, upper_bound: bool) -> None:
+        """From here on the run writes (open_run); `watched()`: the tensors that must stay finite."""
+        self.writer = open_run(self.args, self.run_dir, self.run_name, self.checkpoint, device, config)
+        self.watched, self.evaluation = watched, evaluation
+        self.progress = Progress(len(self.stage_tasks) * self.args.steps_per_task,
+                                 sum(r["budget_steps"] for r in self.stages), self.args.progress_every, upper_bound)
+
+    def begin_stage(self, stage: int) -> int:
+        """Every stage restarts its randomness (resume is exact); returns the stage's seed."""
+        stage_seed = self.args.seed + 1000 * (stage + 1)
+        seed_everything(stage_seed, self.args.torch_deterministic)
+        self.stage, self.stage_start_time = stage, time.time()
+        self.sps_time, self.sps_step = self.stage_start_time, 0
+        self.progress.begin_stage(f"stage {stage + 1}/{len(self.stage_tasks)} {self.stage_tasks[stage]}")
+        return stage_seed
+
+    def next_step(self) -> int:
+        self.global_step += 1
+        return self.global_step
+
+    def metrics(self) -> dict:
+        return metrics_of(self.run_name, self.stage_tasks, self.sr, self.average, **self.rows, stages=self.stages)
+
+    def write_metrics(self) -> dict:
+        metrics = self.metrics()
+        atomic_write_json(os.path.join(self.run_dir, "metrics.json"), metrics)
+        return metrics
+
+    def stop_if_diverged(self, values: dict) -> None:
+        """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
+        losses reach the host anyway, and before every evaluation."""
+        problem = first_non_finite(values, self.watched())
+        if problem:
+            self.writer.close()
+            stop_diverged(self.run_dir, self.metrics(), {"stage": self.stage + 1, "task": self.stage_tasks[self.stage],
+                                                         "global_step": self.global_step}, problem)
+
+    def log_losses(self, values: dict) -> None:
+        """The update's values, already on the host, as `losses/...`; then the divergence check."""
+        for name, value in values.items():
+            self.writer.add_scalar(f"losses/{name}", value, self.global_step)
+        self.stop_if_diverged(values)
+
+    def log_method_and_sps(self, method, step: int) -> None:
+        """The method's own values, and env steps per second since the last time."""
+        for name, value in method.logs().items():
+            self.writer.add_scalar(f"method/{name}", float(value), self.global_step)
+        sps = int((step + 1 - self.sps_step) / (time.time() - self.sps_time))
+        self.sps_time, self.sps_step = time.time(), step + 1
+        self.writer.add_scalar("charts/SPS", sps, self.global_step)
+
+    def advance(self, step: int, learning_starts: int, recent: Callable[[], dict]) -> None:
+        """Progress after stage step `step`; `recent()`: the training results to show."""
+        if step == learning_starts:
+            self.progress.learning_started(step)
+        if step % 100 == 99:
+            self.progress.advance(100, step, self.global_step, eval=self.last_eval, **recent())
+
+    def evaluate(self) -> tuple[object, dict]:
+        """Every task's scores and the plasticity diagnostics, in TensorBoard at the global step."""
+        self.stop_if_diverged({})  # a diverged policy would make the simulator and the diagnostics fail first
+        scores = self.evaluation.score(self.global_step)
+        if self.plasticity_probe is None:
+            self.plasticity_probe = self.evaluation.probe()
+        plasticity = self.evaluation.plasticity(self.plasticity_probe)
+        for name, values in plasticity.items():
+            for key, value in values.items():
+                self.writer.add_scalar(f"plasticity/{name}/{key}", value, self.global_step)
+        return scores, plasticity
+
+    def evaluate_if_due(self, step: int) -> None:
+        """The evaluation every --eval-every global steps, kept out of SPS."""
+        if self.args.eval_every and self.global_step % self.args.eval_every == 0:
+            scores, _ = self.evaluate()
+            self.last_eval = self.evaluation.brief(scores)
+            print(f"step {self.global_step}: eval {self.evaluation.text(scores)}")
+            self.sps_time, self.sps_step = time.time(), step + 1
+
+    def evaluate_stage(self, stage_steps: int, row: Callable[[object], dict], **rows: Callable[[object], dict]):
+        """The evaluation after a stage: sr's next row from `row(scores)` (task -> score), each of
+        `rows` (name -> the per-task values of the scores) appended to its row, the continual average.
+        Returns the scores and the plasticity diagnostics."""
+        self.progress.skip(self.args.steps_per_task - (stage_steps - stage_steps % 100))  # unused budget
+        scores, plasticity = self.evaluate()
+        for name, values in rows.items():
+            self.rows[name].append(values(scores))
+        self.sr.append([row(scores)[self.stage_tasks[j]] for j in range(self.stage + 1)])
+        average = continual_metrics(self.sr, self.average)[self.average]
+        if average is not None:
+            self.writer.add_scalar(f"eval/{self.average}", average, self.global_step)
+        return scores, plasticity
+
+    def end_stage(self, record: dict, scores, note: str = "") -> None:
+        """The stage's record, with its wall time, and its console line (`note` appended)."""
+        record["wall_seconds"] = round(time.time() - self.stage_start_time, 2)
+        self.stages.append(record)
+        print(f"stage {self.stage + 1}/{len(self.stage_tasks)} {record['task']}: {record['env_steps']} steps"
+              f"{' (early stop)' if record.get('early_stopped') else ''}, {record['wall_seconds']:.0f}s, "
+              f"{self.evaluation.text(scores)}{note}")
+
+    def save_checkpoint(self, networks: dict, scores: dict, sac, masks, method, dpre, rb) -> dict:
+        """checkpoints/stage_<k>.pt (the stage's networks, masks and scores), checkpoint.pt
+        (everything a resumed run needs) and metrics.json, each replaced atomically."""
+        model = {"run_name": self.run_name, "stage": self.stage + 1, "task": self.stage_tasks[self.stage], **networks,
+                 "neuron_masks": masks.neuron_masks, "scores": scores, "selected": dict(masks.last_selected)}
+        atomic_torch_save(os.path.join(self.run_dir, "checkpoints", f"stage_{self.stage + 1}.pt"), model)
+        probe = self.plasticity_probe
+        atomic_torch_save(os.path.join(self.run_dir, "checkpoint.pt"), {
+            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected,
+            "dpre": dpre.state_dict(), "rb": rb.state_dict() if self.args.keep_buffer else {}, "sr": self.sr,
+            "stages": self.stages, **self.rows, "global_step": self.global_step,
+            "plasticity_probe": {k: v.cpu() for k, v in probe.items()} if isinstance(probe, dict) else probe.cpu()})
+        return self.write_metrics()
+
+    def close(self, metrics: dict) -> dict:
+        """Close TensorBoard and the run folder; the sr table and the summary line."""
+        self.progress.close()
+        close_run(self.args, self.run_dir, self.writer)
+        print(matrix_table(self.stage_tasks, self.sr))
+        print(summary_line(metrics, self.average, os.path.join(self.run_dir, "metrics.json")))
+        return metrics
+
+
 def format_score(value, digits: int = 2) -> str:
     """A score for the console; `n/a` where it is missing (an Atari evaluation that finished no game)."""
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -368,28 +557,6 @@ def metrics_of(run_name: str, stage_tasks: list[str], sr, average: str, **rows) 
     scores = continual_metrics(sr, average) if sr else {average: None, "FM": None, "FWT": None}
     return {"run_name": run_name, "stage_tasks": stage_tasks, "complete": len(sr) == H,
             "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)), **scores, **rows}
-
-
-def write_metrics(run_dir: str, run_name: str, stage_tasks: list[str], sr, average: str, **rows) -> dict:
-    metrics = metrics_of(run_name, stage_tasks, sr, average, **rows)
-    atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    return metrics
-
-
-def report_selection(writer, record: dict, found: dict, label: str, goal_score: str, step: int) -> None:
-    """TensorBoard `neurons/...` of a stage's identification (per network: the goal scores, the
-    skill neurons' mask scores, the selection statistics), and a warning on selected dead units."""
-    for name, identified in found.items():
-        writer.add_histogram(f"neurons/{name}/scores", identified.goal, step)
-        writer.add_histogram(f"neurons/{name}/skill_scores", identified.scores[identified.selected], step)
-        for key, value in record["selection"][name].items():
-            if value is not None:
-                writer.add_scalar(f"neurons/{name}/{key}", value, step)
-    for key in ("goal_constant", "identify_episodes", "identify_steps"):
-        writer.add_scalar(f"neurons/{key}", float(record[key]), step)
-    warning = sn.dead_selection_warning(record, goal_score)
-    if warning:
-        print(f"warning: {label}: {warning}", file=sys.stderr)
 
 
 def atomic_write_json(path: str, data) -> None:

@@ -1,4 +1,4 @@
-"""RL skill neurons: recording, scoring (NBSP Alg. 1, Eq. 1-5), masks (Eq. 7) and masked updates.
+"""RL skill neurons: recording, scoring (NBSP Alg. 1, Eq. 1-5), selection and masks (Eq. 7).
 
 A *neuron* is one output unit of a hidden layer after its activation function; for a
 convolutional layer it is one channel, its activation being the spatial mean. A
@@ -10,11 +10,16 @@ no change to the network's code. Ensembles (both critics in one module, paramete
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fast_adam import StepMask
 
 IDENTIFY_RULES = ("goal", "activation", "weight", "random")
 GOAL_SCORES = ("paper", "balanced")
@@ -287,7 +292,7 @@ def identification_window(episodes: Sequence[dict], num_episodes: int, metrics: 
 
 
 # --------------------------------------------------------------------------------------------
-# Applying masks to parameters
+# Masks of parameters (applied to the optimizers' steps by fast_adam.StepMask)
 # --------------------------------------------------------------------------------------------
 def parameter_masks(
     layers: Sequence[HiddenLayer], neuron_masks: Sequence[Tensor]
@@ -313,88 +318,6 @@ def parameter_masks(
     return masks
 
 
-@torch.no_grad()
-def mask_update_(params: Sequence[Tensor], old_params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """p <- p_old + mask * (p - p_old): scales the optimizer's step by the mask (default target)."""
-    if params:
-        torch._foreach_lerp_(list(old_params), list(params), list(masks))
-        torch._foreach_copy_(list(params), list(old_params))
-
-
-@torch.no_grad()
-def mask_gradients_(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """grad <- mask * grad: the literal gradient masking (Adam largely undoes it; see SPEC)."""
-    grads = [p.grad for p in params]
-    if grads:
-        torch._foreach_mul_(grads, list(masks))
-
-
-# The optimizer steps of an update that torch.compile traces into one graph: Optimizer.step and
-# Optimizer.zero_grad break a compiled graph on purpose, the two functions below do not.
-def zero_grad_(optimizer: torch.optim.Optimizer) -> None:
-    """optimizer.zero_grad() in eager mode; under torch.compile the gradients are zeroed in place
-    (`prepare_graph_optimizer_` creates them): a gradient set to None between two backward calls
-    of one graph loses the second one's gradient (torch 2.13). Call it between the forward pass
-    and backward(), as CleanRL does: in torch 2.13 a graph that reads the optimizer before its
-    first forward pass with gradients loses that backward's gradients."""
-    if not torch.compiler.is_compiling():
-        optimizer.zero_grad()
-        return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad.zero_()
-
-
-def prepare_graph_optimizer_(optimizer: torch.optim.Adam) -> None:
-    """Outside the compiled graph, before it runs: zero gradients, and the state torch.optim.Adam
-    would create at its first step (same keys, devices and dtypes, so checkpoints load either way),
-    for `zero_grad_` and `adam_step_` to find; a no-op once they exist. With capturable Adam (CUDA
-    graphs) their addresses are marked static: a CUDA graph updates them in place, and one that
-    mutates other inputs is not captured."""
-    for group in optimizer.param_groups:
-        if group["amsgrad"] or group["maximize"] or group["weight_decay"] or group["fused"]:
-            raise ValueError("adam_step_ implements Adam without amsgrad, maximize, weight decay or fused")
-        for p in group["params"]:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if not optimizer.state[p]:
-                device = p.device if group["capturable"] else "cpu"
-                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=device),
-                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-            if group["capturable"]:  # --cudagraphs; every call: a loaded checkpoint brings new state tensors
-                for tensor in (p.grad, *optimizer.state[p].values()):
-                    torch._dynamo.mark_static_address(tensor)
-
-
-@torch.no_grad()
-def adam_step_(optimizer: torch.optim.Adam) -> None:
-    """optimizer.step() in eager mode; under torch.compile, the same Adam update (torch's
-    _multi_tensor_adam) in foreach ops on the optimizer's own state (`prepare_graph_optimizer_` first).
-    The bias corrections are float32 tensors there, host doubles in eager Adam: the two agree to
-    float32 rounding."""
-    if not torch.compiler.is_compiling():
-        optimizer.step()
-        return
-    for group in optimizer.param_groups:
-        params = group["params"]
-        grads = [p.grad for p in params]
-        states = [optimizer.state[p] for p in params]
-        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        steps = [s["step"] for s in states]
-        beta1, beta2 = group["betas"]
-        torch._foreach_add_(steps, 1)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        step = steps[0].to(params[0].device)  # a group's parameters step together
-        denom = torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), (1 - beta2**step).sqrt())
-        torch._foreach_add_(denom, group["eps"])
-        updates = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(updates, -group["lr"] / (1 - beta1**step))
-        torch._foreach_add_(params, updates)
-
-
 def combine_masks(previous: Iterable[Tensor] | None, new: Sequence[Tensor], rule: str) -> list[Tensor]:
     """Across stages: element-wise minimum (protection accumulates) or only the latest."""
     if previous is None or rule == "latest":
@@ -404,45 +327,17 @@ def combine_masks(previous: Iterable[Tensor] | None, new: Sequence[Tensor], rule
     raise ValueError(f"unknown mask combination {rule!r}; valid: min, latest")
 
 
-class MaskedOptimizer:
-    """An optimizer whose step on masked parameters is scaled by the mask (Alg. 2, lines 13-14):
-    p <- p_old + mask * (p_adam - p_old); with target "grad", the gradient is masked instead."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, target: str):
-        self.optimizer, self.target = optimizer, target
-        self.params, self.masks, self.snapshot = [], [], []
-
-    def set_masks(self, masks: dict):
-        self.params, self.masks = list(masks), list(masks.values())
-        self.snapshot = [p.detach().clone() for p in self.params]
-        for buffer in self.snapshot:  # updated in place by a CUDA graph (--cudagraphs)
-            torch._dynamo.mark_static_address(buffer)
-
-    def zero_grad(self):
-        zero_grad_(self.optimizer)
-
-    def step(self):
-        if self.target == "grad":
-            mask_gradients_(self.params, self.masks)
-            adam_step_(self.optimizer)
-            return
-        if self.params:
-            torch._foreach_copy_(self.snapshot, [p.detach() for p in self.params])
-        adam_step_(self.optimizer)
-        mask_update_(self.params, self.snapshot, self.masks)
-
-
 class SkillNeuronMasks:
     """NBSP's mask state: for each masked network ("actor", "qf1", "qf2"), the Eq. 7 neuron masks
     combined over the stages so far and the latest selection; `install` turns them into the
-    parameter masks of the optimizers that step those networks.
+    parameter masks of the optimizer steps of those networks.
 
     networks: every network's hidden layers; masked: the networks NBSP masks (--apply-to);
-    optimizers: each MaskedOptimizer with the networks whose parameters it steps."""
+    step_masks: each optimizer's fast_adam.StepMask with the networks whose parameters it steps."""
 
     def __init__(self, networks: dict[str, list[HiddenLayer]], masked: Sequence[str],
-                 optimizers: Sequence[tuple[MaskedOptimizer, Sequence[str]]], alpha: float, hard: bool, combine: str):
-        self.networks, self.masked, self.optimizers = networks, list(masked), optimizers
+                 step_masks: Sequence[tuple[StepMask, Sequence[str]]], alpha: float, hard: bool, combine: str):
+        self.networks, self.masked, self.step_masks = networks, list(masked), step_masks
         self.alpha, self.hard, self.combine = alpha, hard, combine
         self.neuron_masks: dict[str, list[Tensor]] = {}
         self.last_selected: dict[str, Tensor] = {}
@@ -463,9 +358,9 @@ class SkillNeuronMasks:
         return record
 
     def install(self) -> None:
-        for optimizer, names in self.optimizers:
+        for step_mask, names in self.step_masks:
             names = [name for name in names if name in self.neuron_masks]
-            optimizer.set_masks(parameter_masks([layer for name in names for layer in self.networks[name]],
+            step_mask.set(parameter_masks([layer for name in names for layer in self.networks[name]],
                                                 [mask for name in names for mask in self.neuron_masks[name]]))
 
     def state_dict(self) -> dict:
@@ -496,42 +391,17 @@ def dead_selection_warning(record: dict, goal_score: str) -> str | None:
                "gives it 0.5" if goal_score == "paper" else ""))
 
 
-# --------------------------------------------------------------------------------------------
-# Plasticity diagnostics (measured on a fixed batch at every evaluation, for every method)
-# --------------------------------------------------------------------------------------------
-def dormant_ratio(activations: Sequence[Tensor], threshold: float) -> float:
-    """ReDo's tau-dormant neurons (Sokar et al. 2023, arXiv 2302.12902, Def. 3.1): neuron i of a
-    layer scores s_i = E|h_i| / mean_k E|h_k| over the batch, the mean taken over the layer's
-    neurons; it is dormant when s_i <= threshold. Returns the dormant share of all the network's
-    hidden neurons (conv channels by their spatial mean, as recorded)."""
-    dormant = total = 0
-    for layer in activations:
-        mean_abs = layer.abs().mean(0)
-        score = mean_abs / mean_abs.mean().clamp_min(1e-12)
-        dormant += int((score <= threshold).sum())
-        total += mean_abs.numel()
-    return dormant / total
-
-
-def feature_rank(features: Tensor, delta: float = 0.01) -> int:
-    """Effective rank srank_delta of a feature matrix [B, N] (Kumar et al. 2021, arXiv 2010.14498):
-    the fewest singular values whose sum reaches 1 - delta of the total."""
-    singular = torch.linalg.svdvals(features.double())
-    if singular.sum() == 0:
-        return 0
-    cumulative = singular.cumsum(0) / singular.sum()
-    return int((cumulative < 1 - delta).sum()) + 1
-
-
-def weight_magnitude(layers: Sequence[HiddenLayer]) -> float:
-    """Mean absolute incoming weight of the network's hidden neurons (its member's slice in an ensemble)."""
-    weights = [(layer.weight if layer.member is None else layer.weight[layer.member]).detach().abs().flatten()
-               for layer in layers]
-    return float(torch.cat(weights).mean())
-
-
-def plasticity_stats(layers: Sequence[HiddenLayer], activations: Sequence[Tensor], dormant_threshold: float) -> dict:
-    """One network's diagnostics on a batch: dormant ratio, feature rank of the last hidden layer,
-    mean absolute weight."""
-    return {"dormant_ratio": dormant_ratio(activations, dormant_threshold),
-            "feature_rank": feature_rank(activations[-1]), "weight_magnitude": weight_magnitude(layers)}
+def report_selection(writer, record: dict, found: dict, label: str, goal_score: str, step: int) -> None:
+    """TensorBoard `neurons/...` of a stage's identification (per network: the goal scores, the
+    skill neurons' mask scores, the selection statistics), and a warning on selected dead units."""
+    for name, identified in found.items():
+        writer.add_histogram(f"neurons/{name}/scores", identified.goal, step)
+        writer.add_histogram(f"neurons/{name}/skill_scores", identified.scores[identified.selected], step)
+        for key, value in record["selection"][name].items():
+            if value is not None:
+                writer.add_scalar(f"neurons/{name}/{key}", value, step)
+    for key in ("goal_constant", "identify_episodes", "identify_steps"):
+        writer.add_scalar(f"neurons/{key}", float(record[key]), step)
+    warning = dead_selection_warning(record, goal_score)
+    if warning:
+        print(f"warning: {label}: {warning}", file=sys.stderr)

@@ -38,8 +38,9 @@ What a method may use of the learner (both scripts' `SACLearner`):
     critics, critic_targets       lists of critic modules (Meta-World: [qf], one module holding
                                   both critics; Atari: [qf1, qf2]) and their targets
     q_values(obs, actions)        [num_critics, B]: Q of the given actions for every critic
-    actor_optimizer, q_optimizer  `MaskedOptimizer`s: `.optimizer` is the Adam, `set_masks(...)`
-                                  scales the steps of chosen parameters
+    actor_optimizer, q_optimizer  the Adam optimizers of the actor and of the critics
+    actor_mask, q_mask            `fast_adam.StepMask`s of their steps: `set(...)` scales the
+                                  steps of chosen parameters
     neuron_layers()               {"actor"|"qf1"|"qf2": [NeuronLayer]} hidden layers with the
                                   layers that consume their output
     heads()                       [(network, start, outputs)] for the actor, the critics and the

@@ -134,8 +134,8 @@ class ContinualBackprop(Method):
 
     def setup(self, learner) -> None:
         super().setup(learner)
-        self.optimizers = {"actor": learner.actor_optimizer.optimizer, "qf1": learner.q_optimizer.optimizer,
-                           "qf2": learner.q_optimizer.optimizer}
+        self.optimizers = {"actor": learner.actor_optimizer, "qf1": learner.q_optimizer,
+                           "qf2": learner.q_optimizer}
         self.units: dict[str, list[UnitLayer]] = {}
         for name, layers in learner.neuron_layers().items():
             self.units[name] = []

@@ -256,7 +256,7 @@ class CoTASP(Method):
         self.active_masks = self.masks_of(task)
         used = self.used_by_others(task)
         others_trained = any(other != task for other in self.trained)
-        self.learner.actor_optimizer.set_masks(self.step_masks(used) if others_trained else {})
+        self.learner.actor_mask.set(self.step_masks(used) if others_trained else {})
         self.frozen_fraction = float(torch.cat(used).mean())
 
     @contextlib.contextmanager
@@ -297,7 +297,7 @@ class CoTASP(Method):
             for index, (d, c) in enumerate(zip(self.dictionaries, codes))]
         self.untrained_codes.clear()  # they were codes against the old dictionaries
         self.learner.reset_critics()
-        self.learner.actor_optimizer.optimizer.state.clear()
+        self.learner.actor_optimizer.state.clear()
 
     def logs(self) -> dict[str, Tensor | float]:
         return {"active_units": torch.cat([m.flatten() for m in self.active_masks]).mean(),

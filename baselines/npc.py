@@ -39,7 +39,7 @@ this port's, named as choices, and their values are flags.
   three times the layer average; never 0 (no neuron freezes for good, no upper bound to tune).
   NPC lowers the learning rate of important neurons under plain SGD; SAC trains with Adam, whose
   step does not depend on the gradient's scale, so the scale multiplies Adam's step instead (the
-  learner's `MaskedOptimizer`: p <- p_old + scale * (p_adam - p_old)), which is what a per-neuron
+  learner's `actor_mask`/`q_mask`: p <- p_old + scale * (p_adam - p_old)), which is what a per-neuron
   learning rate does.
 - The current task's own importance does not slow its training: NPC consolidates what earlier
   tasks need while the new task is learned. (The scales change only at task switches.)
@@ -134,8 +134,8 @@ class NeuronLevelPlasticityControl(Method):
         return scale.view(-1)
 
     def install_masks(self) -> None:
-        self.learner.actor_optimizer.set_masks(self.masks["actor"])
-        self.learner.q_optimizer.set_masks(self.masks["critic"])
+        self.learner.actor_mask.set(self.masks["actor"])
+        self.learner.q_mask.set(self.masks["critic"])
 
     def _recorder(self, name: str, index: int, member: int | None):
         def forward_hook(_module: nn.Module, _inputs, output: Tensor) -> None:

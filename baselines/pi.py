@@ -160,8 +160,8 @@ class PlasticityInjection(Method):
         the actor and every critic of `learner.heads()`; a target's head goes with its critic's."""
         learner = self.learner
         target_of = {id(qf): target for qf, target in zip(learner.critics, learner.critic_targets)}
-        optimizer_of = {id(learner.actor): learner.actor_optimizer.optimizer}
-        optimizer_of |= {id(qf): learner.q_optimizer.optimizer for qf in learner.critics}
+        optimizer_of = {id(learner.actor): learner.actor_optimizer}
+        optimizer_of |= {id(qf): learner.q_optimizer for qf in learner.critics}
         return [(net, start, tuple(outputs), target_of.get(id(net)), optimizer_of[id(net)])
                 for net, start, outputs in learner.heads() if id(net) in optimizer_of]
 

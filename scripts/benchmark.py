@@ -189,9 +189,9 @@ class ProjectPath:
                                        compile=args.compile, cudagraphs=args.cudagraphs)
         actor_layers = self.learner.actor.hidden_layers()
         q_layers = self.learner.qf.hidden_layers(0), self.learner.qf.hidden_layers(1)
-        self.learner.actor_optimizer.set_masks(sn.parameter_masks(actor_layers, random_neuron_masks(actor_layers, generator)))
+        self.learner.actor_mask.set(sn.parameter_masks(actor_layers, random_neuron_masks(actor_layers, generator)))
         q_masks = random_neuron_masks(q_layers[0], generator) + random_neuron_masks(q_layers[1], generator)
-        self.learner.q_optimizer.set_masks(sn.parameter_masks(q_layers[0] + q_layers[1], q_masks))
+        self.learner.q_mask.set(sn.parameter_masks(q_layers[0] + q_layers[1], q_masks))
         self.D, self.Dpre, self.batch, self.index = D, Dpre, batch, 0
 
     def step(self):
@@ -223,10 +223,10 @@ class AtariProjectPath:
         self.learner = atari.SACLearner(ATARI_ACTIONS, config, device, compile=args.compile, cudagraphs=args.cudagraphs)
         actor_layers = self.learner.actor.hidden_layers()
         q_layers = self.learner.qf1.hidden_layers() + self.learner.qf2.hidden_layers()
-        self.learner.actor_optimizer.set_masks(sn.parameter_masks(actor_layers, random_neuron_masks(actor_layers, generator)))
+        self.learner.actor_mask.set(sn.parameter_masks(actor_layers, random_neuron_masks(actor_layers, generator)))
         q_masks = random_neuron_masks(self.learner.qf1.hidden_layers(), generator) + random_neuron_masks(
             self.learner.qf2.hidden_layers(), generator)
-        self.learner.q_optimizer.set_masks(sn.parameter_masks(q_layers, q_masks))
+        self.learner.q_mask.set(sn.parameter_masks(q_layers, q_masks))
         self.D, self.Dpre, self.index = D, Dpre, 0
 
     def step(self):

@@ -21,6 +21,7 @@ import nbsp_sac_atari as atari
 import protocol
 import paper_tables
 import skill_neurons as sn
+from fast_adam import StepMask
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_atari.py")
 
@@ -229,15 +230,15 @@ def test_masked_update_scales_the_step_of_conv_channels():
     reference = copy.deepcopy(qf)
     layers = qf.hidden_layers()
     neuron_masks = [torch.tensor([0.0, 0.5, 1.0, 1.0]), torch.ones(6), torch.tensor([1, 1, 1, 1, 0.25]), torch.ones(7)]
-    optimizer = sn.MaskedOptimizer(torch.optim.Adam(qf.parameters(), lr=1e-2, eps=1e-4), "update")
-    optimizer.set_masks(sn.parameter_masks(layers, neuron_masks))
+    optimizer, step_mask = torch.optim.Adam(qf.parameters(), lr=1e-2, eps=1e-4), StepMask("update")
+    step_mask.set(sn.parameter_masks(layers, neuron_masks))
     reference_optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2, eps=1e-4)
     x = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
     before = copy.deepcopy(qf.state_dict())
     for net, opt in ((qf, optimizer), (reference, reference_optimizer)):
         opt.zero_grad()
         (net(x) ** 2).mean().backward()
-        opt.step()
+        atari.SACLearner.masked_step(opt, step_mask) if opt is optimizer else opt.step()
     step = {k: qf.state_dict()[k] - before[k] for k in before}
     full = {k: reference.state_dict()[k] - before[k] for k in before}
     for name, channel_masks in (("trunk.0", [0.0, 0.5, 1.0, 1.0]), ("trunk.4", [1, 1, 1, 1, 0.25])):
@@ -338,15 +339,15 @@ def test_update_equals_cleanrl_sac_atari_with_masks_and_dpre(compile):
                   torch.optim.Adam([log_alpha], lr=args.q_lr, eps=1e-4))
     generator = torch.Generator().manual_seed(1)
     reference_masks = {}
-    for optimizer, fast_nets, reference_nets in ((sac.actor_optimizer, [sac.actor], [nets[0]]),
-                                                 (sac.q_optimizer, [sac.qf1, sac.qf2], nets[1:3])):
+    for step_mask, fast_nets, reference_nets in ((sac.actor_mask, [sac.actor], [nets[0]]),
+                                                 (sac.q_mask, [sac.qf1, sac.qf2], nets[1:3])):
         layers = [layer for net in fast_nets for layer in net.hidden_layers()]
         neuron_masks = []
         for layer in layers:
             scores = 0.5 + 0.5 * torch.rand(layer.num_neurons, generator=generator)
             neuron_masks.append(sn.neuron_mask(scores, sn.select_top(scores, 0.3), alpha=0.2))
         masks = sn.parameter_masks(layers, neuron_masks)
-        optimizer.set_masks(masks)
+        step_mask.set(masks)
         fast_params = [p for net in fast_nets for p in net.parameters()]
         reference_params = [p for net in reference_nets for p in net.parameters()]
         reference_masks |= {ref: masks[p] for p, ref in zip(fast_params, reference_params) if p in masks}

@@ -34,8 +34,8 @@ class TinyLearner:
     def __init__(self, width=3, lr=0.0, **flags):
         torch.manual_seed(0)
         self.actor = nn.Sequential(nn.Linear(2, width), nn.ReLU(), nn.Linear(width, 1))
-        self.actor_optimizer = SimpleNamespace(optimizer=torch.optim.Adam(self.actor.parameters(), lr=lr))
-        self.q_optimizer = SimpleNamespace(optimizer=None)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=lr)
+        self.q_optimizer = None
         self.method = make_method(SimpleNamespace(method="cbp", **flags))
         self.method.setup(self)
 
@@ -45,9 +45,9 @@ class TinyLearner:
         return {"actor": [NeuronLayer(hidden, (Consumer(head.weight, head.bias, 1),))]}
 
     def train_step(self, x):
-        self.actor_optimizer.optimizer.zero_grad()
+        self.actor_optimizer.zero_grad()
         self.actor(x).sum().backward()
-        self.actor_optimizer.optimizer.step()
+        self.actor_optimizer.step()
         self.method.after_step("actor")
 
 
@@ -89,7 +89,7 @@ def test_mature_unit_of_lowest_utility_is_replaced():
     learner = tiny(rr=1 / 3, mt=1, decay=0.9)
     set_tiny_weights(learner)
     first, _, head = learner.actor
-    adam = learner.actor_optimizer.optimizer.state
+    adam = learner.actor_optimizer.state
     learner.train_step(X)  # ages 1: none older than mt = 1
     assert learner.method.replaced["actor"] == 0
     outputs_before = learner.actor(X).detach()

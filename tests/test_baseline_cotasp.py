@@ -208,7 +208,7 @@ def test_cotasp_is_not_plain_sac(side_by_side):
     method.end_stage(0, "reach", None)
     method.begin_stage(1, "drawer-close")
     plain = learner.plain_copy()
-    assert learner.actor_optimizer.optimizer.state == {} and plain.actor_optimizer.optimizer.state == {}
+    assert learner.actor_optimizer.state == {} and plain.actor_optimizer.state == {}
     before = snapshot(learner.actor)
     side_by_side(learner, plain, [metaworld_batch(generator) for _ in range(12)])
     used = used_units(method.prompts["reach"])
@@ -226,7 +226,7 @@ def test_step_masks_free_what_task_1_does_not_use():
     method.end_stage(0, "reach", None)
     method.begin_stage(1, "drawer-close")
     used = [u.float() for u in used_units(method.prompts["reach"])]
-    masks = dict(zip(learner.actor_optimizer.params, learner.actor_optimizer.masks))
+    masks = dict(zip(learner.actor_mask.params, learner.actor_mask.masks))
     trunk0, trunk2 = learner.actor.trunk[0], learner.actor.trunk[2]
     assert torch.equal(masks[trunk0.weight], (1 - used[0])[:, None].expand(16, 39))
     assert torch.equal(masks[trunk0.bias], 1 - used[0])
@@ -241,7 +241,7 @@ def test_first_task_trains_everything_and_a_revisited_task_reuses_its_prompt():
     learner, method = metaworld_learner(batch_size=4)
     generator = torch.Generator().manual_seed(1)
     method.begin_stage(0, "reach")
-    assert learner.actor_optimizer.params == []  # nothing to protect yet
+    assert learner.actor_mask.params == []  # nothing to protect yet
     learner.update(metaworld_batch(generator, 4), True, True)
     method.end_stage(0, "reach", None)
     method.begin_stage(1, "drawer-close")
@@ -251,7 +251,7 @@ def test_first_task_trains_everything_and_a_revisited_task_reuses_its_prompt():
     assert all(torch.equal(a, b) for a, b in zip(method.prompts["reach"], reach_prompt))
     assert method.trained == ["reach", "drawer-close"]
     # protected: the units of the OTHER task only; reach's own units train again
-    masks = dict(zip(learner.actor_optimizer.params, learner.actor_optimizer.masks))
+    masks = dict(zip(learner.actor_mask.params, learner.actor_mask.masks))
     drawer = [u.float() for u in used_units(method.prompts["drawer-close"])]
     assert torch.equal(masks[learner.actor.trunk[0].bias], 1 - drawer[0])
     own_only = used_units(reach_prompt)[0] & ~drawer[0].bool()
@@ -292,7 +292,7 @@ def test_alternation_is_weight_steps_then_prompt_steps():
         phases.append("W" if weights_moved else "P")
     assert "".join(phases) == "WWWPPWWWPP"
     # the actor's Adam took only the weight updates
-    assert all(int(state["step"]) == 6 for state in learner.actor_optimizer.optimizer.state.values())
+    assert all(int(state["step"]) == 6 for state in learner.actor_optimizer.state.values())
     assert method.actor_updates == 10 and not method.prompt_phase
 
 
@@ -348,7 +348,7 @@ def test_end_stage_resets_critics_and_temperature_and_updates_the_dictionaries()
     assert not torch.equal(critic["head.weight"], learner.qf.state_dict()["head.weight"])
     assert torch.equal(learner.qf.state_dict()["head.weight"], learner.qf_target.state_dict()["head.weight"])
     assert float(learner.log_alpha.detach()) == pytest.approx(np.log(learner.args.alpha))
-    assert not learner.q_optimizer.optimizer.state and not learner.actor_optimizer.optimizer.state
+    assert not learner.q_optimizer.state and not learner.actor_optimizer.state
     codes = [method.prompts["reach"][i].detach().double()[None] for i in range(2)]
     for index, (old, new, code) in enumerate(zip(dictionaries, method.dictionaries, codes)):
         expected = cotasp.update_dictionary(old, code, task_embedding("reach")[None], task_embedding("reach"),

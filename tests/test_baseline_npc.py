@@ -211,9 +211,9 @@ def test_state_round_trip_restores_importance_and_scales():
         for a, b in zip(method.neuron_scales[name], other.neuron_scales[name], strict=True):
             assert torch.equal(a, b)
     # the scales act through the learner's optimizers after a stage starts (also after a resume)
-    other_learner.q_optimizer.set_masks({})
+    other_learner.q_mask.set({})
     other.begin_stage(1, "task")
-    assert any(m.min() < 1 for m in other_learner.q_optimizer.masks)
+    assert any(m.min() < 1 for m in other_learner.q_mask.masks)
 
 
 # --------------------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ def pi_against_plain_sac(make_learner, make_batch, outputs, affine, updates=20):
                    for net, start, names in trained_networks(sac)]
     for params, optimizer in zip(plain_heads, [sac.actor_optimizer, *[sac.q_optimizer] * len(sac.critics)]):
         for p in params:
-            optimizer.optimizer.state.pop(p)  # fresh moments (and step count) for the plain head, as for the injected one
+            optimizer.state.pop(p)  # fresh moments (and step count) for the plain head, as for the injected one
     at_switch = [[p.detach().clone() for p in params] for params in plain_heads]
     batches, probe = [make_batch() for _ in range(updates)], make_batch()
     for learner in (pi, sac):
@@ -386,7 +386,7 @@ def test_only_the_injected_heads_and_the_encoders_learn(script):
     assert original == [[id(p) for p in layer.pieces[0].parameters()] for layer in layers.values()]
     # the trainable pieces form one new group of the actor's and one of the critics' Adam
     actor_heads, critic_heads = pieces_params(learner, 1, [learner.actor]), pieces_params(learner, 1, learner.critics)
-    optimizers = learner.actor_optimizer.optimizer, learner.q_optimizer.optimizer
+    optimizers = learner.actor_optimizer, learner.q_optimizer
     for optimizer, expected in zip(optimizers, (actor_heads, critic_heads)):
         assert len(optimizer.param_groups) == 2
         assert [id(p) for p in optimizer.param_groups[1]["params"]] == [id(p) for p in expected]
@@ -482,7 +482,7 @@ def test_resume_round_trip(script, injections):
         model_method.end_stage(injections, "task", None)
     assert_same_networks(learner, resumed)
     for optimizer in ("actor_optimizer", "q_optimizer"):
-        groups = [getattr(model, optimizer).optimizer.param_groups for model in (learner, resumed)]
+        groups = [getattr(model, optimizer).param_groups for model in (learner, resumed)]
         assert [[p.shape for p in g["params"]] for g in groups[0]] == [[p.shape for p in g["params"]] for g in groups[1]]
 
 
@@ -499,7 +499,7 @@ def test_no_injection_leaves_the_networks_alone(script):
     learner, method = make_learner()
     method.load_state_dict({"injections": 0})
     assert not any(isinstance(m, (InjectedLayer, PerPiece)) for net, _, _ in learner.heads() for m in net.modules())
-    assert len(learner.actor_optimizer.optimizer.param_groups) == 1
+    assert len(learner.actor_optimizer.param_groups) == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,8 +53,8 @@ def build_pair(compile=False):
     critic_layers = fast.qf.hidden_layers(0) + fast.qf.hidden_layers(1)
     actor_masks = sn.parameter_masks(actor_layers, random_eq7_masks(actor_layers, generator))
     critic_masks = sn.parameter_masks(critic_layers, random_eq7_masks(critic_layers, generator))
-    fast.actor_optimizer.set_masks(actor_masks)
-    fast.q_optimizer.set_masks(critic_masks)
+    fast.actor_mask.set(actor_masks)
+    fast.q_mask.set(critic_masks)
 
     ref_actor_masks = {}
     for ref_fc, fc in zip(ref.actor.fcs, fast_linears):
@@ -135,7 +135,7 @@ def test_fast_update_equals_cleanrl_with_masks_and_dpre():
 def test_comparison_detects_a_wrong_mask():
     """The side-by-side check is sharp: a different mask on the reference breaks agreement."""
     fast, ref, _ = build_pair()
-    fast.q_optimizer.masks = [torch.ones_like(m) for m in fast.q_optimizer.masks]
+    fast.q_mask.masks = [torch.ones_like(m) for m in fast.q_mask.masks]
     history = run_side_by_side(fast, ref)
     with pytest.raises(AssertionError):
         assert_same_learning(fast, ref, history)
@@ -164,7 +164,7 @@ def test_compiled_update_equals_eager(compiled_run):
     for module in ("actor", "qf", "qf_target"):
         for p_e, p_c in zip(getattr(eager, module).parameters(), getattr(compiled, module).parameters()):
             torch.testing.assert_close(p_c, p_e, rtol=RTOL, atol=ATOL)
-    for opt_e, opt_c in ((eager.q_optimizer.optimizer, compiled.q_optimizer.optimizer), (eager.a_optimizer, compiled.a_optimizer)):
+    for opt_e, opt_c in ((eager.q_optimizer, compiled.q_optimizer), (eager.a_optimizer, compiled.a_optimizer)):
         for s_e, s_c in zip(opt_e.state_dict()["state"].values(), opt_c.state_dict()["state"].values(), strict=True):
             assert s_c.keys() == s_e.keys() and s_c["step"] == s_e["step"]  # Adam's own state: checkpoints load either way
             torch.testing.assert_close(s_c["exp_avg_sq"], s_e["exp_avg_sq"], rtol=RTOL, atol=ATOL)

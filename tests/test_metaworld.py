@@ -23,10 +23,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 import nbsp_sac_metaworld as mw
 import protocol
+import fast_adam
 import skill_neurons as sn
 from nbsp_sac_metaworld import Args, ReplayBuffer, SACLearner, main
 from protocol import continual_metrics
-from skill_neurons import MaskedOptimizer
+from fast_adam import StepMask
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_metaworld.py")
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3
@@ -102,9 +103,9 @@ class Spy:
 
 def spied_main(args):
     with pytest.MonkeyPatch.context() as mp:
-        spies = {"update": Spy(sn.mask_update_), "grad": Spy(sn.mask_gradients_)}
-        mp.setattr(sn, "mask_update_", spies["update"])
-        mp.setattr(sn, "mask_gradients_", spies["grad"])
+        spies = {"update": Spy(fast_adam.mask_update_), "grad": Spy(fast_adam.mask_gradients_)}
+        mp.setattr(fast_adam, "mask_update_", spies["update"])
+        mp.setattr(fast_adam, "mask_gradients_", spies["grad"])
         metrics = main(args)
     return metrics, spies
 
@@ -223,7 +224,7 @@ def test_replay_buffer_extend_clear_state_dict(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# MaskedOptimizer and SACLearner
+# SACLearner.masked_step (StepMask) and SACLearner
 # --------------------------------------------------------------------------------------------
 NEURON_MASK = [1.0, 0.05, 0.0, 0.5]
 
@@ -232,10 +233,10 @@ def masked_pair(target, lr=0.1):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     ref = copy.deepcopy(net)
-    optimizer = MaskedOptimizer(torch.optim.Adam(net.parameters(), lr=lr), target)
+    adam, step_mask = torch.optim.Adam(net.parameters(), lr=lr), StepMask(target)
     layers = [sn.HiddenLayer(net[1], net[0].weight, net[0].bias, 0)]
-    optimizer.set_masks(sn.parameter_masks(layers, [t(NEURON_MASK)]))
-    return net, ref, optimizer, torch.optim.Adam(ref.parameters(), lr=lr)
+    step_mask.set(sn.parameter_masks(layers, [t(NEURON_MASK)]))
+    return net, ref, lambda: SACLearner.masked_step(adam, step_mask), torch.optim.Adam(ref.parameters(), lr=lr)
 
 
 def set_grads(generator, *nets):
@@ -246,11 +247,11 @@ def set_grads(generator, *nets):
 
 
 def test_masked_optimizer_update_first_step_hand_computed():
-    net, _, optimizer, _ = masked_pair("update")
+    net, _, masked_step, _ = masked_pair("update")
     before = [p.detach().clone() for p in net.parameters()]
     for p in net.parameters():
         p.grad = torch.ones_like(p)
-    optimizer.step()
+    masked_step()
     delta = [p.detach() - b for p, b in zip(net.parameters(), before)]
     # Adam's first step is -lr * g / (|g| + eps) = -0.1 for g = 1; the update mask scales it per row:
     # rows [1, 0.05, 0, 0.5] -> [-0.1, -0.005, 0, -0.05]
@@ -263,11 +264,11 @@ def test_masked_optimizer_update_first_step_hand_computed():
 
 
 def test_masked_optimizer_grad_first_step_hand_computed():
-    net, _, optimizer, _ = masked_pair("grad")
+    net, _, masked_step, _ = masked_pair("grad")
     before = [p.detach().clone() for p in net.parameters()]
     for p in net.parameters():
         p.grad = torch.ones_like(p)
-    optimizer.step()
+    masked_step()
     # the gradient itself is masked ...
     torch.testing.assert_close(net[0].bias.grad, t(NEURON_MASK))
     delta = [p.detach() - b for p, b in zip(net.parameters(), before)]
@@ -280,14 +281,14 @@ def test_masked_optimizer_grad_first_step_hand_computed():
 
 @pytest.mark.parametrize("target", ["update", "grad"])
 def test_masked_optimizer_steps_versus_plain_adam(target):
-    net, ref, optimizer, ref_optimizer = masked_pair(target, lr=1e-3)
+    net, ref, masked_step, ref_optimizer = masked_pair(target, lr=1e-3)
     generator = torch.Generator().manual_seed(1)
     mask_rows = t(NEURON_MASK)
     for _ in range(300):
         before = [p.detach().clone() for p in net.parameters()]
         ref_before = [p.detach().clone() for p in ref.parameters()]
         set_grads(generator, net, ref)
-        optimizer.step()
+        masked_step()
         ref_optimizer.step()
         delta = [p.detach() - b for p, b in zip(net.parameters(), before)]
         ref_delta = [p.detach() - b for p, b in zip(ref.parameters(), ref_before)]
@@ -309,13 +310,13 @@ def test_masked_optimizer_without_masks_is_plain_adam():
     for target in ("update", "grad"):
         net = nn.Linear(3, 2)
         ref = copy.deepcopy(net)
-        optimizer = MaskedOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), target)
+        adam, step_mask = torch.optim.Adam(net.parameters(), lr=0.01), StepMask(target)
         ref_optimizer = torch.optim.Adam(ref.parameters(), lr=0.01)
-        optimizer.set_masks({})
+        step_mask.set({})
         generator = torch.Generator().manual_seed(2)
         for _ in range(20):
             set_grads(generator, net, ref)
-            optimizer.step()
+            SACLearner.masked_step(adam, step_mask)
             ref_optimizer.step()
         assert torch.equal(net.weight, ref.weight) and torch.equal(net.bias, ref.bias)
 
@@ -327,8 +328,8 @@ def test_sac_learner_hard_masks_freeze_protected_rows_and_member_slices():
     actor_masks = [t([0.0] + [1.0] * 7), torch.ones(8)]
     critic_masks = [torch.ones(8), torch.ones(8),  # qf1 (member 0): nothing protected
                     torch.ones(8), t([1.0] * 3 + [0.0] + [1.0] * 4)]  # qf2 (member 1), layer 2, neuron 3
-    sac.actor_optimizer.set_masks(sn.parameter_masks(sac.actor.hidden_layers(), actor_masks))
-    sac.q_optimizer.set_masks(sn.parameter_masks(sac.qf.hidden_layers(0) + sac.qf.hidden_layers(1), critic_masks))
+    sac.actor_mask.set(sn.parameter_masks(sac.actor.hidden_layers(), actor_masks))
+    sac.q_mask.set(sn.parameter_masks(sac.qf.hidden_layers(0) + sac.qf.hidden_layers(1), critic_masks))
     actor_w0, actor_b0 = sac.actor.trunk[0].weight.detach().clone(), sac.actor.trunk[0].bias.detach().clone()
     q_w1, q_b1 = sac.qf.trunk[2].weight.detach().clone(), sac.qf.trunk[2].bias.detach().clone()
     generator = torch.Generator().manual_seed(3)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import nbsp_sac_metaworld as mw
+import plasticity
 import protocol
 import skill_neurons as sn
 
@@ -59,10 +60,10 @@ def test_eta_from_a_made_up_rate():
 def test_dormant_ratio_by_hand():
     # mean |a| per unit: 0, 2, 4 -> layer mean 2 -> scores 0, 1, 2: only the unit that never fires is dormant
     layer = torch.tensor([[0.0, 1.0, 4.0], [0.0, 3.0, 4.0]])
-    assert sn.dormant_ratio([layer], 0.025) == pytest.approx(1 / 3)
-    assert sn.dormant_ratio([layer], 0.5) == pytest.approx(1 / 3)
-    assert sn.dormant_ratio([layer], 1.0) == pytest.approx(2 / 3)  # s <= tau
-    assert sn.dormant_ratio([layer, torch.ones(2, 2)], 0.025) == pytest.approx(1 / 5)  # per layer, over all units
+    assert plasticity.dormant_ratio([layer], 0.025) == pytest.approx(1 / 3)
+    assert plasticity.dormant_ratio([layer], 0.5) == pytest.approx(1 / 3)
+    assert plasticity.dormant_ratio([layer], 1.0) == pytest.approx(2 / 3)  # s <= tau
+    assert plasticity.dormant_ratio([layer, torch.ones(2, 2)], 0.025) == pytest.approx(1 / 5)  # per layer, over all units
 
 
 def test_a_unit_that_never_fires_is_dormant_in_a_network():
@@ -73,7 +74,7 @@ def test_a_unit_that_never_fires_is_dormant_in_a_network():
     layers = [sn.HiddenLayer(relu, linear.weight, linear.bias, neuron_dim=0)]
     with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
         relu(linear(torch.tensor([[1.0, 2.0], [3.0, 1.0]])))
-    stats = sn.plasticity_stats(layers, recorder.activations(), 0.025)
+    stats = plasticity.plasticity_stats(layers, recorder.activations(), 0.025)
     assert stats["dormant_ratio"] == pytest.approx(1 / 3)
     assert stats["weight_magnitude"] == pytest.approx(2 / 6)
     assert stats["feature_rank"] == 2  # features [[1, 2, 0], [3, 1, 0]]: rank 2
@@ -82,9 +83,9 @@ def test_a_unit_that_never_fires_is_dormant_in_a_network():
 def test_feature_rank_by_hand():
     # singular values 3, 1, 0.02: cumulative shares 0.745, 0.995, 1 -> 2 reach 1 - 0.01
     features = torch.diag(torch.tensor([3.0, 1.0, 0.02]))
-    assert sn.feature_rank(features, 0.01) == 2
-    assert sn.feature_rank(features, 0.001) == 3
-    assert sn.feature_rank(torch.zeros(4, 3)) == 0
+    assert plasticity.feature_rank(features, 0.01) == 2
+    assert plasticity.feature_rank(features, 0.001) == 3
+    assert plasticity.feature_rank(torch.zeros(4, 3)) == 0
 
 
 @pytest.mark.parametrize("method", ["nbsp", "pi"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import fast_adam
 import skill_neurons as sn
 from nbsp_sac_metaworld import TwinQNetwork
 
@@ -456,13 +457,13 @@ def test_parameter_masks_ensemble_members_share_one_tensor():
 def test_mask_update_and_mask_gradients_hand_computed():
     p = nn.Parameter(t([1.0, 2.0]))
     old = t([0.0, 4.0])
-    sn.mask_update_([p], [old], [t([0.5, 0.25])])
+    fast_adam.mask_update_([p], [old], [t([0.5, 0.25])])
     # old + m * (p - old): 0 + 0.5 * (1 - 0) = 0.5; 4 + 0.25 * (2 - 4) = 3.5
     torch.testing.assert_close(p.detach(), t([0.5, 3.5]))
 
     q = nn.Parameter(t([0.0, 0.0]))
     q.grad = t([2.0, -4.0])
-    sn.mask_gradients_([q], [t([0.5, 0.25])])
+    fast_adam.mask_gradients_([q], [t([0.5, 0.25])])
     torch.testing.assert_close(q.grad, t([1.0, -1.0]))  # 2 * 0.5, -4 * 0.25
 
 
@@ -479,10 +480,10 @@ def adam_step_sizes(mode, mask_value, warmup, masked_steps, size=64):
         old = p.detach().clone()
         masked = step >= warmup
         if masked and mode == "grad":
-            sn.mask_gradients_([p], [mask])
+            fast_adam.mask_gradients_([p], [mask])
         optimizer.step()
         if masked and mode == "update":
-            sn.mask_update_([p], [old.clone()], [mask])
+            fast_adam.mask_update_([p], [old.clone()], [mask])
         steps.append(p.detach() - old)
     return torch.stack(steps)
 
@@ -524,16 +525,16 @@ def test_compiled_adam_step_equals_torch_adam():
 
     def step(net, optimizer):
         loss = net(x).pow(2).mean()
-        sn.zero_grad_(optimizer)  # after the forward, as in the learners (see zero_grad_)
+        fast_adam.zero_grad_(optimizer)  # after the forward, as in the learners (see zero_grad_)
         loss.backward()
-        sn.adam_step_(optimizer)
+        fast_adam.adam_step_(optimizer)
 
     torch._dynamo.reset()
     torch._dynamo.config.trace_autograd_ops = True
     compiled = torch.compile(step, fullgraph=True)  # fullgraph: a graph break is an error
     for _ in range(5):
         step(nets[0], optimizers[0])
-        sn.prepare_graph_optimizer_(optimizers[1])
+        fast_adam.prepare_graph_optimizer_(optimizers[1])
         compiled(nets[1], optimizers[1])
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
