@@ -6,7 +6,7 @@ A method is a `Method` subclass (baselines/method.py) that declares its `name`, 
 `label`, its command-line `flags` (`Flag`: default, help and the check of its value) and
 overrides some of the hooks below. Both scripts call each hook at the same point. This package
 is the one registry of methods: both scripts' `--method` choices and flags, their flag checks,
-scripts/sweep.py, scripts/tables.py and the tests read it. A new method is one new module plus
+scripts/sweep.py, scripts/paper_tables.py and the tests read it. A new method is one new module plus
 its name in `BASELINE_MODULES`.
 
 Network construction
