@@ -55,6 +55,8 @@ class Args:
     """run folder of a killed run to continue from its last finished stage (takes its config.json)"""
     progress_every: float = 60.0
     """seconds between plain progress lines when stderr is not a terminal (log file, nohup, Slurm); 0: none"""
+    checkpoint_every: float = 30.0
+    """minutes between checkpoints inside a stage (besides each stage's end and a stop signal's); 0: none"""
 
     # Cycling protocol (paper Section 4.3, Tables 5-7)
     games: list[str] = field(default_factory=lambda: ["Pong", "Bowling"])
