@@ -52,9 +52,11 @@ class Args:
     runs_dir: str = "runs"
     """folder in which the run folder `{run_name}` is created"""
     resume: str | None = None
-    """run folder of a killed run to continue from its last finished stage (takes its config.json)"""
+    """run folder of a stopped or killed run to continue from its checkpoint: a stage's end or a stopped step (takes its config.json)"""
     progress_every: float = 60.0
     """seconds between plain progress lines when stderr is not a terminal (log file, nohup, Slurm); 0: none"""
+    checkpoint_every: float = 30.0
+    """minutes between checkpoints inside a stage (besides each stage's end and a stop signal's); 0: none"""
 
     # Cycling protocol (paper Section 4.3, Tables 5-7)
     games: list[str] = field(default_factory=lambda: ["Pong", "Bowling"])
@@ -345,6 +347,22 @@ def make_env(game: str, seed: int, train: bool, sticky_actions: bool = False) ->
     env = wrap_atari(env, train)
     env.action_space.seed(seed)
     return env
+
+
+def replay_stage(env: gym.Env, actions: list[int], first_obs, saved_obs: torch.Tensor):
+    """Bring a stage's env, just made and reset with the stage's seed (`first_obs`), to where a
+    stopped run left it, by replaying the stage's actions with its resets: exact, since the stage's
+    seed fixes every random draw of the env (no-op starts, sticky actions). Returns the
+    observation (the frame stack), checked against the saved one."""
+    obs = first_obs
+    for action in actions:
+        obs, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            obs, _ = env.reset()
+    if not np.array_equal(np.asarray(obs), saved_obs.numpy()):
+        fail("the stopped stage did not replay to its saved observation (another ale-py or gymnasium version?); "
+             "resume with the versions in config.json")
+    return obs
 
 
 @torch.no_grad()
@@ -995,7 +1013,7 @@ def main(args: Args) -> dict:
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
-    run = protocol.Run(args, "+".join(args.games), stage_tasks, "AR", ("task_success", "task_return"), checkpoint)
+    run = protocol.Run(args, __file__, "+".join(args.games), stage_tasks, "AR", ("task_success", "task_return"), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
@@ -1036,14 +1054,34 @@ def main(args: Args) -> dict:
         game = stage_tasks[stage]
         stage_seed = run.begin_stage(stage)
         env = make_env(game, stage_seed, True, args.sticky_actions)
-        if not args.keep_buffer:
+        resumed = run.mid_stage(stage)  # the state of the stage's steps, for a run stopped inside it
+        if not args.keep_buffer and not resumed:
             rb.clear()
         method.begin_stage(stage, game)
         obs, _ = env.reset(seed=stage_seed)
         game_start, game_id = 0, run.global_step + 1  # a game's id: its first global step
         stage_games = []  # finished games: id, raw return, played by the policy
         updates, dpre_updates, log_due = 0, 0, False
-        for step in range(args.steps_per_task):
+        stage_actions = []  # the env's actions since the stage's reset, which replay it exactly
+        if resumed:
+            stage_actions = resumed["env"]["actions"].tolist()
+            obs = replay_stage(env, stage_actions, obs, resumed["env"]["obs"])
+            env.action_space.np_random.bit_generator.state = resumed["env"]["action_space_rng"]
+            game_start, game_id, stage_games = resumed["game_start"], resumed["game_id"], resumed["stage_games"]
+            updates, dpre_updates, log_due = resumed["updates"], resumed["dpre_updates"], resumed["log_due"]
+            rb.last_history = resumed["rb_last_history"]  # D's link to the frames of the game in progress
+            rb.last_next_obs = None if resumed["rb_last_next_obs"] is None else resumed["rb_last_next_obs"].numpy()
+            protocol.set_rng_state(resumed["rng"])
+
+        def stage_state():  # what the stage's next step depends on, besides the learning state and the RNGs
+            return {"rb_last_history": rb.last_history,
+                    "rb_last_next_obs": None if rb.last_next_obs is None else torch.from_numpy(rb.last_next_obs),
+                    "env": {"actions": torch.tensor(stage_actions, dtype=torch.uint8), "obs": torch.as_tensor(np.asarray(obs)),
+                            "action_space_rng": env.action_space.np_random.bit_generator.state},
+                    "game_start": game_start, "game_id": game_id, "stage_games": stage_games, "updates": updates,
+                    "dpre_updates": dpre_updates, "log_due": log_due}
+
+        for step in range(run.resume_step() if resumed else 0, args.steps_per_task):
             global_step = run.next_step()
             # ALGO LOGIC: act, store the transition in D
             if step < args.learning_starts:
@@ -1051,6 +1089,7 @@ def main(args: Args) -> dict:
             else:
                 action = sac.act(torch.as_tensor(obs, device=device)[None])[0].item()
             next_obs, reward, terminated, truncated, info = env.step(action)
+            stage_actions.append(action)
             # done = life lost or game over (CleanRL); a truncated game bootstraps from its true final frame
             rb.add(obs, action, reward, next_obs, terminated, game_id)
             obs = next_obs
@@ -1086,6 +1125,7 @@ def main(args: Args) -> dict:
             run.advance(step, args.learning_starts, lambda: {
                 "returns": f"{np.mean([g['return'] for g in stage_games[-10:]]):.1f}" if stage_games else "n/a"})
             run.evaluate_if_due(step)
+            run.end_step(step, stage_state)
         env.close()
         stage_steps = step + 1
 
@@ -1115,7 +1155,7 @@ def main(args: Args) -> dict:
             method.end_stage(stage, game, rb)  # a task switch follows
         run.end_stage(record, (returns, normalized))
         metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf1": sac.qf1.state_dict(),
-                                       "qf2": sac.qf2.state_dict()}, scores, sac, masks, method, dpre, rb)
+                                       "qf2": sac.qf2.state_dict()}, scores)
     for envs in [*eval_envs.values(), *identify_envs.values()]:
         for e in envs:
             e.close()

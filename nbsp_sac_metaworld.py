@@ -49,9 +49,11 @@ class Args:
     runs_dir: str = "runs"
     """folder in which the run folder `{run_name}` is created"""
     resume: str | None = None
-    """run folder of a killed run to continue from its last finished stage (takes its config.json)"""
+    """run folder of a stopped or killed run to continue from its checkpoint: a stage's end or a stopped step (takes its config.json)"""
     progress_every: float = 60.0
     """seconds between plain progress lines when stderr is not a terminal (log file, nohup, Slurm); 0: none"""
+    checkpoint_every: float = 30.0
+    """minutes between checkpoints inside a stage (besides each stage's end and a stop signal's); 0: none"""
 
     # Cycling protocol (paper Section 4 and Table 6)
     tasks: list[str] = field(default_factory=lambda: ["window-open", "window-close"])
@@ -182,6 +184,24 @@ class MujocoWarnings:
     def take(self) -> int:
         count, self.count = self.count, 0
         return count
+
+
+def replay_episode(env: gym.Env, saved: dict, first_obs: np.ndarray) -> np.ndarray:
+    """Bring a stage's env, just made and reset with the stage's seed (`first_obs`), to where a
+    stopped run left it: a Meta-World env cannot be pickled, but its episode is reproduced exactly
+    by loading its state from before the episode's reset (task list, task sampler and env RNGs),
+    resetting, and replaying the episode's actions. Returns the observation, checked against the
+    saved one."""
+    obs = first_obs
+    if saved["before_reset"] is not None:  # an episode after the stage's first
+        env.get_wrapper_attr("load_checkpoint")([saved["before_reset"]])
+        obs, _ = env.reset()
+    for action in saved["actions"].numpy():
+        obs, *_ = env.step(action)
+    if not np.array_equal(obs, saved["obs"].numpy()):
+        fail("the stopped episode did not replay to its saved observation (another Meta-World or MuJoCo version?); "
+             "resume with the versions in config.json")
+    return obs
 
 
 def reset_to_configuration(env: gym.Env, index: int, seed: int) -> np.ndarray:
@@ -745,7 +765,7 @@ def main(args: Args) -> dict:
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
-    run = protocol.Run(args, "+".join(args.tasks), stage_tasks, "ASR", ("task_success",), checkpoint)
+    run = protocol.Run(args, __file__, "+".join(args.tasks), stage_tasks, "ASR", ("task_success",), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
@@ -784,18 +804,38 @@ def main(args: Args) -> dict:
     for stage in range(run.start_stage, H):
         task = stage_tasks[stage]
         stage_seed = run.begin_stage(stage)
+        resumed = run.mid_stage(stage)  # the state of the stage's steps, for a run stopped inside it
         env = make_env(task, stage_seed)
         env.action_space.seed(stage_seed)
-        if not args.keep_buffer:
+        if not args.keep_buffer and not resumed:
             rb.clear()
         method.begin_stage(stage, task)
         obs, _ = env.reset(seed=stage_seed)
         episode_success, episode_start, episode_id = False, 0, run.global_step + 1  # an episode's id: its first global step
+        before_reset, episode_actions = None, []  # the env's state before the episode's reset, and its actions since
         recent_success = deque(maxlen=EARLY_STOP_WINDOW)
         stage_episodes = []  # finished episodes: id, success, return, played by the policy
         counts = dict.fromkeys(["critic_updates", "critic_dpre_updates", "actor_updates", "actor_dpre_updates"], 0)
         early_stopped, critic_log_due = False, False
-        for step in range(args.steps_per_task):
+        if resumed:
+            obs = replay_episode(env, resumed["env"], obs)
+            episode_success, episode_start, episode_id = resumed["episode_success"], resumed["episode_start"], resumed["episode_id"]
+            before_reset, episode_actions = resumed["env"]["before_reset"], list(resumed["env"]["actions"].numpy())
+            recent_success.extend(resumed["recent_success"])
+            stage_episodes, counts, critic_log_due = resumed["stage_episodes"], resumed["counts"], resumed["critic_log_due"]
+            mujoco_warnings.count, mujoco_warnings.last = resumed["env_warnings"], resumed["last_env_warning"]
+            env.action_space.np_random.bit_generator.state = resumed["env"]["action_space_rng"]
+            protocol.set_rng_state(resumed["rng"])
+
+        def stage_state():  # what the stage's next step depends on, besides the learning state and the RNGs
+            return {"env": {"before_reset": before_reset, "actions": torch.as_tensor(np.array(episode_actions, np.float32)),
+                            "action_space_rng": env.action_space.np_random.bit_generator.state, "obs": torch.as_tensor(obs)},
+                    "episode_success": episode_success, "episode_start": episode_start, "episode_id": episode_id,
+                    "recent_success": list(recent_success), "stage_episodes": stage_episodes, "counts": counts,
+                    "critic_log_due": critic_log_due, "env_warnings": mujoco_warnings.count,
+                    "last_env_warning": mujoco_warnings.last}
+
+        for step in range(run.resume_step() if resumed else 0, args.steps_per_task):
             global_step = run.next_step()
             # ALGO LOGIC: act, store the transition in D
             if step < args.learning_starts:
@@ -803,6 +843,7 @@ def main(args: Args) -> dict:
             else:
                 action = sac.act(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
+            episode_actions.append(action)
             episode_success |= bool(info["success"])
             rb.add(obs, action, reward, next_obs, terminated, episode_id)  # Meta-World never terminates: truncation still bootstraps
             obs = next_obs
@@ -815,6 +856,7 @@ def main(args: Args) -> dict:
                     recent_success.append(episode_success)
                 stage_episodes.append({"id": episode_id, "success": episode_success, "return": float(info["episode"]["r"]),
                                        "policy": played_by_policy})
+                before_reset, episode_actions = env.get_wrapper_attr("get_checkpoint")(), []
                 obs, _ = env.reset()
                 episode_success, episode_start, episode_id = False, step + 1, global_step + 1
 
@@ -856,6 +898,7 @@ def main(args: Args) -> dict:
                     and np.mean(recent_success) >= args.early_stop_success):
                 early_stopped = True
                 break
+            run.end_step(step, stage_state)
         env.close()
         stage_steps = step + 1
 
@@ -882,8 +925,7 @@ def main(args: Args) -> dict:
         run.writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
         run.end_stage(record, rates, f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})"
                       if record["env_warnings"] else "")
-        metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, scores,
-                                      sac, masks, method, dpre, rb)
+        metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, scores)
     return run.close(metrics)
 
 

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 import typing
@@ -30,12 +31,14 @@ import baselines
 
 # What a resumed run may change: where it runs and how it is tracked, never what it computes.
 RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs",
-                      "progress_every")
+                      "progress_every", "checkpoint_every")
 EVAL_SEED_OFFSET = 10_000  # evaluation env copy i of a run seeded s is seeded s + EVAL_SEED_OFFSET + i
 MAX_SEED = 2**31 - 1  # numpy and gymnasium take seeds below 2**32, the stage and evaluation offsets included
 # Flags that do not change what a run learns: runs differing only in these are seeds of one setting.
 BOOKKEEPING = ("seed", "exp_name", "runs_dir", "torch_deterministic", "dormant_threshold", *RESUME_OVERRIDABLE)
 DIVERGED_EXIT = 3  # exit status of a run stopped by a non-finite loss, parameter or temperature
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing its step; --resume continues it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 error_context = ""  # prefixed to every `error:` line (set while a resumed run's saved config is checked)
 
 
@@ -83,6 +86,8 @@ def check_args(args, positive: list[str], non_negative: list[str]) -> None:
         fail(f"--dormant-threshold must be a finite number >= 0, got {args.dormant_threshold}")
     if not (math.isfinite(args.progress_every) and args.progress_every >= 0):
         fail(f"--progress-every must be a finite number of seconds >= 0, got {args.progress_every}")
+    if not (math.isfinite(args.checkpoint_every) and args.checkpoint_every >= 0):
+        fail(f"--checkpoint-every must be a finite number of minutes >= 0, got {args.checkpoint_every}")
     for name in ("policy_lr", "q_lr", "alpha"):  # log(alpha) is the temperature's parameter
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             fail(f"{flag(name)} must be a finite number > 0, got {getattr(args, name)}")
@@ -341,16 +346,58 @@ class Evaluation:
     plasticity: Callable[[object], dict]
 
 
+class StopSignals:
+    """SIGTERM, SIGUSR1 (Slurm's warning before the time limit) and SIGINT (Ctrl-C) ask the run to
+    stop: the handler only notes the first of them (a second one while stopping is ignored); the
+    run stops where it looks, at the end of an env step or of a stage."""
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def install(self) -> None:
+        self.previous = {signum: signal.signal(signum, self.note) for signum in STOP_SIGNALS}
+
+    def note(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every global random generator a step draws from (Python, numpy, torch, CUDA), in the types
+    a weights-only checkpoint holds."""
+    numpy_state = np.random.get_state(legacy=False)
+    key = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return {"python": random.getstate(), "numpy": numpy_state | {"state": numpy_state["state"] | {"key": key}},
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(numpy_state | {"state": numpy_state["state"] | {"key": numpy_state["state"]["key"].numpy().astype(np.uint32)}})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Run:
     """The lifecycle of one training run, the same in both scripts: its name and folder, what a
     resumed run restores, TensorBoard, progress and SPS, the divergence stop, evaluations with
     the plasticity diagnostics, the success matrix sr with its per-task rows, stage records,
-    checkpoints and metrics.json. `average` names the continual average (ASR or AR); `rows` the
-    per-task rows that metrics.json and the checkpoint keep besides sr."""
+    checkpoints (at stage ends, on a stop signal and every --checkpoint-every minutes) and
+    metrics.json. `script`: the training script's file; `average` names the continual average (ASR
+    or AR); `rows` the per-task rows that metrics.json and the checkpoint keep besides sr."""
 
-    def __init__(self, args, label: str, stage_tasks: list[str], average: str, rows: tuple[str, ...],
+    def __init__(self, args, script: str, label: str, stage_tasks: list[str], average: str, rows: tuple[str, ...],
                  checkpoint: dict | None):
         self.args, self.stage_tasks, self.average, self.checkpoint = args, stage_tasks, average, checkpoint
+        self.script, self.stop = os.path.relpath(script), StopSignals()
         if args.resume:
             self.run_name, self.run_dir = checkpoint["run_name"], args.resume
         else:
@@ -375,8 +422,10 @@ class Run:
         return done
 
     def restore(self, method, sac, masks, dpre, rb, install_masks: bool) -> None:
-        """A resumed run's method state, learner, NBSP masks (installed with `install_masks`; a
-        baseline installs its own in setup), Dpre and, with --keep-buffer, D."""
+        """The run's learning state, which every checkpoint saves: a resumed run's method state,
+        learner, NBSP masks (installed with `install_masks`; a baseline installs its own in setup),
+        Dpre and, with --keep-buffer or inside a stage, D."""
+        self.learning = (method, sac, masks, dpre, rb)
         if self.checkpoint is None:
             return
         with restoring(self.run_dir):
@@ -384,7 +433,7 @@ class Run:
             sac.load_state_dict(self.checkpoint)
             masks.load_state_dict(self.checkpoint)
             dpre.load_state_dict(self.checkpoint["dpre"])
-            if self.args.keep_buffer:
+            if self.args.keep_buffer or "mid_stage" in self.checkpoint:
                 rb.load_state_dict(self.checkpoint["rb"])
         if install_masks:
             masks.install()
@@ -392,9 +441,26 @@ class Run:
     def open(self, device, config: dict, watched: Callable[[], dict], evaluation: Evaluation, upper_bound: bool) -> None:
         """From here on the run writes (open_run); `watched()`: the tensors that must stay finite."""
         self.writer = open_run(self.args, self.run_dir, self.run_name, self.checkpoint, device, config)
+        self.device = device
         self.watched, self.evaluation = watched, evaluation
+        if self.checkpoint is not None:
+            print(f"resuming {self.run_dir} at stage {self.start_stage + 1}, step {self.resume_step()}", flush=True)
         self.progress = Progress(len(self.stage_tasks) * self.args.steps_per_task,
-                                 sum(r["budget_steps"] for r in self.stages), self.args.progress_every, upper_bound)
+                                 sum(r["budget_steps"] for r in self.stages) + self.resume_step(),
+                                 self.args.progress_every, upper_bound)
+        self.stop.install()
+        self.next_checkpoint = time.time() + 60 * self.args.checkpoint_every
+
+    def mid_stage(self, stage: int) -> dict | None:
+        """What a run resumed inside stage `stage` saved of its steps (the script's own state), or None."""
+        checkpoint = self.checkpoint
+        if checkpoint is None or checkpoint["stage"] != stage:
+            return None
+        return checkpoint.get("mid_stage")
+
+    def resume_step(self) -> int:
+        """The steps of its stage that a resumed run has done (0 at a stage start)."""
+        return (self.mid_stage(self.start_stage) or {}).get("step", 0)
 
     def begin_stage(self, stage: int) -> int:
         """Every stage restarts its randomness (resume is exact); returns the stage's seed."""
@@ -489,24 +555,75 @@ class Run:
               f"{' (early stop)' if record.get('early_stopped') else ''}, {record['wall_seconds']:.0f}s, "
               f"{self.evaluation.text(scores)}{note}")
 
-    def save_checkpoint(self, networks: dict, scores: dict, sac, masks, method, dpre, rb) -> dict:
-        """checkpoints/stage_<k>.pt (the stage's networks, masks and scores), checkpoint.pt
-        (everything a resumed run needs) and metrics.json, each replaced atomically."""
+    def save_checkpoint(self, networks: dict, scores: dict) -> dict:
+        """At a stage's end: checkpoints/stage_<k>.pt (the stage's networks, masks and scores),
+        checkpoint.pt (everything a resumed run needs) and metrics.json, each replaced atomically.
+        A stop signal that came during the stage's end stops the run here, before the next stage."""
+        masks = self.learning[2]
         model = {"run_name": self.run_name, "stage": self.stage + 1, "task": self.stage_tasks[self.stage], **networks,
                  "neuron_masks": masks.neuron_masks, "scores": scores, "selected": dict(masks.last_selected)}
         atomic_torch_save(os.path.join(self.run_dir, "checkpoints", f"stage_{self.stage + 1}.pt"), model)
+        atomic_torch_save(os.path.join(self.run_dir, "checkpoint.pt"), self.resume_state(model))
+        metrics = self.write_metrics()
+        if self.stop.received is not None and self.stage + 1 < len(self.stage_tasks):
+            self.stop_now(self.stage + 2, 0)
+        return metrics
+
+    def resume_state(self, model: dict, mid_stage: dict | None = None) -> dict:
+        """checkpoint.pt's content: `model` and the learning state, and inside a stage D always and
+        the script's `mid_stage` state of its steps."""
+        method, sac, masks, dpre, rb = self.learning
         probe = self.plasticity_probe
-        atomic_torch_save(os.path.join(self.run_dir, "checkpoint.pt"), {
-            **model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected,
-            "dpre": dpre.state_dict(), "rb": rb.state_dict() if self.args.keep_buffer else {}, "sr": self.sr,
-            "stages": self.stages, **self.rows, "global_step": self.global_step,
-            "plasticity_probe": {k: v.cpu() for k, v in probe.items()} if isinstance(probe, dict) else probe.cpu()})
-        return self.write_metrics()
+        state = {**model, **sac.state_dict(), "method": method.state_dict(), "last_selected": masks.last_selected,
+                 "dpre": dpre.state_dict(), "rb": rb.state_dict() if self.args.keep_buffer or mid_stage else {},
+                 "sr": self.sr, "stages": self.stages, **self.rows, "global_step": self.global_step,
+                 "plasticity_probe": {k: v.cpu() for k, v in probe.items()} if isinstance(probe, dict) else
+                 None if probe is None else probe.cpu()}
+        return state | {"mid_stage": mid_stage} if mid_stage else state
+
+    def end_step(self, step: int, stage_state: Callable[[], dict]) -> None:
+        """After stage step `step`: on a stop signal, checkpoint this step and stop; every
+        --checkpoint-every minutes, checkpoint it and go on. `stage_state()`: the script's state of
+        the stage's steps (env, episode, counters), to which the step and every RNG are added. A
+        method whose state_dict holds only what a stage's end needs (resumes_mid_stage False) is
+        checkpointed at stage ends only: stopped, it resumes at its stage's start."""
+        stopping = self.stop.received is not None
+        due = self.args.checkpoint_every and time.time() >= self.next_checkpoint
+        if not (stopping or due) or step + 1 == self.args.steps_per_task:  # the stage's end checkpoints next
+            return
+        method, _, masks, _, _ = self.learning
+        if method.resumes_mid_stage:
+            self.writer.flush()  # TensorBoard's values up to this step are on disk before the checkpoint names it
+            model = {"run_name": self.run_name, "stage": self.stage, "task": self.stage_tasks[self.stage],
+                     "neuron_masks": masks.neuron_masks, "scores": {}, "selected": dict(masks.last_selected)}
+            mid_stage = {"step": step + 1, "rng": rng_state(self.device), **stage_state()}
+            atomic_torch_save(os.path.join(self.run_dir, "checkpoint.pt"), self.resume_state(model, mid_stage))
+            self.next_checkpoint = time.time() + 60 * self.args.checkpoint_every
+        if stopping:
+            self.stop_now(self.stage + 1, step + 1 if method.resumes_mid_stage else 0)
+
+    def stop_now(self, stage_number: int, step: int) -> typing.NoReturn:
+        """The stop after the checkpoint of (1-based) stage `stage_number`, step `step` is written:
+        one line, a Slurm self-requeue on SIGUSR1, exit STOPPED_EXIT."""
+        signum = self.stop.received
+        self.progress.close()
+        close_run(self.args, self.run_dir, self.writer)
+        self.stop.uninstall()
+        resumable = os.path.isfile(os.path.join(self.run_dir, "checkpoint.pt"))
+        print(f"stopped at stage {stage_number}, step {step}; " + (
+              f"resume with: python {self.script} --resume {self.run_dir}" if resumable else
+              "nothing to resume: no stage or step was checkpointed"), flush=True)
+        if signum == signal.SIGUSR1:
+            import slurm  # slurm.py imports this module
+
+            slurm.requeue_self()
+        sys.exit(STOPPED_EXIT)
 
     def close(self, metrics: dict) -> dict:
         """Close TensorBoard and the run folder; the sr table and the summary line."""
         self.progress.close()
         close_run(self.args, self.run_dir, self.writer)
+        self.stop.uninstall()
         print(matrix_table(self.stage_tasks, self.sr))
         print(summary_line(metrics, self.average, os.path.join(self.run_dir, "metrics.json")))
         return metrics
@@ -566,7 +683,11 @@ def atomic_write_json(path: str, data) -> None:
 
 
 def atomic_torch_save(path: str, data) -> None:
-    torch.save(data, path + ".tmp")
+    """Written beside `path`, on disk, then renamed over it: `path` is the old file or the new one, whole."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(data, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 

@@ -75,6 +75,7 @@ class ANCL(Method):
         *FISHER_FLAGS,
     )
     compiles = False  # its hooks run eagerly
+    resumes_mid_stage = False  # state_dict() leaves out the auxiliary learner and its Fisher window: checkpointed at stage ends only
     aux_fisher_interval = 10_000  # main updates between estimates of the auxiliary Fisher
 
     def setup(self, learner) -> None:

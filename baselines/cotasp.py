@@ -168,6 +168,7 @@ class CoTASP(Method):
         Flag("cotasp_prompt_steps", 10, "cotasp: prompt updates of each alternation round", POSITIVE_INT),
     )
     compiles = False  # its hooks run eagerly
+    resumes_mid_stage = False  # state_dict() leaves out the prompt's optimizer and update count: checkpointed at stage ends only
 
     def setup(self, learner) -> None:
         super().setup(learner)

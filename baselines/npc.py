@@ -99,6 +99,7 @@ class NeuronLevelPlasticityControl(Method):
              NON_NEGATIVE),
     )
     compiles = False  # its hooks run eagerly
+    resumes_mid_stage = False  # state_dict() leaves out the stage's importance estimates: checkpointed at stage ends only
 
     def setup(self, learner) -> None:
         super().setup(learner)

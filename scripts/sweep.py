@@ -444,6 +444,8 @@ def run_local(plans: list[Plan], jobs: int, threads: int, runs_dir: str) -> int:
                 why = f"exit {rc}"
                 if rc == 0 and not any(f[2] for f in scan_runs(runs_dir).get(plan.run.key, [])):
                     rc, why = 1, "exit 0 but metrics.json is not complete"
+                if rc == protocol.STOPPED_EXIT:
+                    why = f"stopped by a signal (exit {rc}); it resumes where it stopped"
                 if rc == 0:
                     ok += 1
                     print(f"{stamp()} finished {finished}/{total} {plan.run.label} in {took}", flush=True)

@@ -26,7 +26,7 @@ import slurm  # noqa: E402
 # they do (on SIGUSR1: checkpoint the current step, slurm.requeue_self(), exit; on SIGTERM:
 # checkpoint and exit; docs/slurm.md), set this to True: the tests then also require a stop in the
 # middle of a stage to resume at its step, and a run warned before its time limit to requeue itself.
-MID_STAGE_STOP = False
+MID_STAGE_STOP = True
 
 # one short Meta-World stage per task (gradient updates, identification, evaluation)
 TINY = ["--cycles", "1", "--hidden", "8", "8", "--batch-size", "8", "--steps-per-task", "300",

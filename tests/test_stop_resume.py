@@ -1,0 +1,128 @@
+"""Stopping a run with a signal and resuming it: the stop flag, the stop's checkpoint and line,
+--checkpoint-every, and runs stopped at several moments that end exactly as their uninterrupted twins."""
+
+import glob
+import os
+import signal
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import nbsp_sac_atari
+import nbsp_sac_metaworld
+import protocol
+
+MW = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=300,
+          learning_starts=100, eval_every=200, eval_episodes=1, identify_episodes=1, buffer_size=1000,
+          dpre_per_task=50, replay_interval=2, cuda=False)
+ATARI = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=200, learning_starts=60, batch_size=8,
+             conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, dpre_per_task=100, eval_steps=60, eval_envs=1,
+             eval_every=150, identify_episodes=1, identify_max_steps=200, target_network_frequency=40, cuda=False)
+CASES = {  # name: script, flags, global step at whose end SIGTERM arrives
+    "nbsp-learning-starts": (nbsp_sac_metaworld, MW, 50),
+    "nbsp-stage-2": (nbsp_sac_metaworld, MW, 450),  # after stage 1's masks and Dpre exist
+    "sac": (nbsp_sac_metaworld, dict(MW, method="sac"), 250),
+    "ewc-stage-2": (nbsp_sac_metaworld, dict(MW, method="ewc", fisher_batches=2), 420),
+    "atari-stage-2": (nbsp_sac_atari, ATARI, 300),
+}
+
+
+def tensors(value, prefix=""):
+    """Every tensor of a checkpoint, by its path."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else []
+    return {k: v for key, item in items for k, v in tensors(item, f"{prefix}/{key}").items()}
+
+
+def scalars(run_dir):
+    """TensorBoard's scalars as TensorBoard reads them (a resumed run's purge applied), SPS aside."""
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag != "charts/SPS"}
+
+
+def test_stop_signals_note_the_first_signal_only():
+    stop, previous = protocol.StopSignals(), signal.getsignal(signal.SIGINT)
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal while stopping: ignored, no KeyboardInterrupt
+        assert stop.received == signal.SIGUSR1
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def stop_at(monkeypatch, global_step, signum=signal.SIGTERM):
+    original = protocol.Run.end_step
+
+    def end_step(self, step, stage_state):
+        if self.global_step == global_step:
+            os.kill(os.getpid(), signum)
+        return original(self, step, stage_state)
+
+    monkeypatch.setattr(protocol.Run, "end_step", end_step)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", CASES)
+def test_stopped_run_resumes_exactly(case, tmp_path, monkeypatch, capsys):
+    script, flags, global_step = CASES[case]
+    twin = script.main(script.Args(runs_dir=str(tmp_path / "twin"), **flags))
+    [twin_dir] = glob.glob(str(tmp_path / "twin" / "*"))
+    with monkeypatch.context() as patch:
+        stop_at(patch, global_step)
+        with pytest.raises(SystemExit) as stopped:
+            script.main(script.Args(runs_dir=str(tmp_path / "stopped"), **flags))
+    assert stopped.value.code == protocol.STOPPED_EXIT
+    [run_dir] = glob.glob(str(tmp_path / "stopped" / "*"))
+    stage, step = divmod(global_step, flags["steps_per_task"])
+    line = (f"stopped at stage {stage + 1}, step {step}; resume with: python {os.path.relpath(script.__file__)} "
+            f"--resume {run_dir}")
+    assert capsys.readouterr().out.splitlines()[-1] == line
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["mid_stage"]["step"] == step
+    resumed = script.main(script.Args(resume=run_dir))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("run folder ") and lines[1] == f"resuming {run_dir} at stage {stage + 1}, step {step}"
+    assert resumed["sr"] == twin["sr"]
+    got, want = (tensors(torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)) for d in (run_dir, twin_dir))
+    assert got.keys() == want.keys() and [k for k in want if not torch.equal(got[k], want[k])] == []
+    assert scalars(run_dir) == scalars(twin_dir)
+
+
+@pytest.mark.e2e
+def test_stop_during_a_stage_end_stops_before_the_next_stage(tmp_path, monkeypatch, capsys):
+    # the signal comes during stage 1's evaluation: the stage ends and checkpoints, then the run stops
+    flags = dict(MW, eval_every=0)
+    original = protocol.Run.evaluate_stage
+
+    def evaluate_stage(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(protocol.Run, "evaluate_stage", evaluate_stage)
+    with pytest.raises(SystemExit) as stopped:
+        nbsp_sac_metaworld.main(nbsp_sac_metaworld.Args(runs_dir=str(tmp_path), **flags))
+    assert stopped.value.code == protocol.STOPPED_EXIT
+    [run_dir] = glob.glob(str(tmp_path / "*"))
+    assert capsys.readouterr().out.splitlines()[-1].startswith("stopped at stage 2, step 0; resume with: ")
+    assert "mid_stage" not in torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+
+
+@pytest.mark.e2e
+def test_checkpoint_every_writes_mid_stage_checkpoints(tmp_path, monkeypatch):
+    written = []
+    original = protocol.atomic_torch_save
+
+    def save(path, data):
+        written.append((os.path.basename(path), data.get("mid_stage", {}).get("step")))
+        original(path, data)
+
+    monkeypatch.setattr(protocol, "atomic_torch_save", save)
+    flags = dict(MW, tasks=["reach"], steps_per_task=150, learning_starts=50, eval_every=0)
+    nbsp_sac_metaworld.main(nbsp_sac_metaworld.Args(runs_dir=str(tmp_path), checkpoint_every=1e-9, **flags))
+    mid = [step for name, step in written if name == "checkpoint.pt" and step is not None]
+    assert mid == list(range(1, 150))  # every step but the last (the stage's end checkpoints it)
+    assert written[-1] == ("checkpoint.pt", None)
