@@ -950,7 +950,7 @@ def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
     """Plasticity diagnostics of the actor and both critics on the probe batch: dormant ratio,
     feature rank of the last hidden layer, mean absolute weight."""
     names = ["actor", "qf1", "qf2"]
-    with sn.ActivationRecorder([layer for name in names for layer in networks[name]]) as recorder:
+    with sn.ActivationRecorder([sac.method.feature_layer(layer) for name in names for layer in networks[name]]) as recorder:
         for net in (sac.actor, sac.qf1, sac.qf2):
             net(probe_obs.to(sac.device))
     activations = sn.split_recorded(recorder.activations(), networks, names)

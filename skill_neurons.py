@@ -108,8 +108,9 @@ class ActivationRecorder:
     def _hook(self, index: int):
         layer = self.layers[index]
 
-        def hook(_module: nn.Module, _inputs, output: Tensor) -> None:
-            out = output.detach()
+        def hook(module: nn.Module, _inputs, output: Tensor | list[Tensor]) -> None:
+            # a module computing the layer in pieces (PI's injected heads) says what its features are
+            out = (output if isinstance(output, Tensor) else module.features(output)).detach()
             if layer.member is not None:
                 out = out[layer.member]
             if out.dim() > 2:  # conv: a channel's activation is its spatial mean
