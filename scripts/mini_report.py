@@ -35,7 +35,7 @@ REPORTS = {
 def steps_to(curve, threshold: float):
     """First evaluation step whose success reaches `threshold`, or None."""
     steps, values = curve
-    hits = np.nonzero(np.asarray(values) >= threshold)[0]
+    hits = np.nonzero(np.asarray(values) >= threshold - 1e-6)[0]  # TensorBoard's float32: 0.9 reads 0.8999999762
     return int(steps[hits[0]]) if len(hits) else None
 
 
