@@ -608,6 +608,20 @@ class ReplayBuffer:
         keep = np.isin(self.episode[positions], episodes)
         return torch.from_numpy(positions[keep]).to(self.device), self.episode[positions[keep]]
 
+    def whole_episodes(self, episodes):
+        """The games of `episodes` all of whose transitions are stored. Eviction takes the oldest
+        transitions, so only the game of the oldest stored one can be partly stored; stored
+        transitions are consecutive global steps and a game's id is its first, so that game is
+        whole when the next stored game's id lies as many steps after its own as it has stored
+        transitions (with no next game stored, it cannot be told whole and is left out)."""
+        tags = self.episode[(self.first + np.arange(self.size)) % self.capacity]
+        if not len(tags):
+            return []
+        later = np.flatnonzero(tags != tags[0])
+        oldest_whole = len(later) > 0 and tags[later[0]] - tags[0] == later[0]
+        stored = set(tags.tolist()) - (set() if oldest_whole else {tags[0]})
+        return [episode for episode in episodes if episode in stored]
+
     def observations(self, index):
         """The stacked observations of the transitions at ring positions `index`."""
         return self._stacks(self.obs_slot[index])
@@ -874,9 +888,11 @@ def probe_networks(sac, masked, obs, actor=True):
 
 def training_window(sac, masked, rb, games, args, device):
     """The stage's own last `identify_episodes` policy games, taken from D (Alg. 1 runs over
-    training steps), widened backwards while their return is constant; the networks are run
-    on the stored observations as they go. None if no policy game finished in the stage."""
-    policy = [g for g in games if g["policy"]]
+    training steps), widened backwards while their return is constant, over the games D still
+    holds whole only (D keeps far fewer steps than a stage); the networks are run on the stored
+    observations as they go. None if no policy game of the stage is whole in D."""
+    stored = set(rb.whole_episodes([g["id"] for g in games if g["policy"]]))
+    policy = [g for g in games if g["id"] in stored]
     if not policy:
         return None
     window, _, widened = sn.identification_window(policy, args.identify_episodes, ("return",))
@@ -916,8 +932,10 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, games, identify_
         window = training_window(sac, masks.masked, rb, games, args, device) if window_kind == "training" else None
         if window is None:
             if window_kind == "training":
-                window_kind, fallback = "rollout", "no policy game finished in the stage"
-                print(f"{label}: no game played by the policy finished in this stage; "
+                finished = any(g["policy"] for g in games)
+                window_kind, fallback = "rollout", ("no policy game of the stage is whole in D" if finished
+                                                    else "no policy game finished in the stage")
+                print(f"{label}: {fallback}; "
                       f"identifying on {args.identify_episodes} post-stage games instead", file=sys.stderr)
             window = rollout_window(sac, masks.masked, identify_envs, args, stage_seed, device)
     activations = sn.split_recorded([a.cpu() for a in recorder.activations()], masks.networks, masks.masked)
@@ -950,7 +968,7 @@ def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
     """Plasticity diagnostics of the actor and both critics on the probe batch: dormant ratio,
     feature rank of the last hidden layer, mean absolute weight."""
     names = ["actor", "qf1", "qf2"]
-    with sn.ActivationRecorder([layer for name in names for layer in networks[name]]) as recorder:
+    with sn.ActivationRecorder([sac.method.feature_layer(layer) for name in names for layer in networks[name]]) as recorder:
         for net in (sac.actor, sac.qf1, sac.qf2):
             net(probe_obs.to(sac.device))
     activations = sn.split_recorded(recorder.activations(), networks, names)

@@ -720,7 +720,7 @@ def measure_plasticity(sac, networks, probe, dormant_threshold):
     """Plasticity diagnostics of the actor and both critics on the probe batch (critics at its
     stored actions): dormant ratio, feature rank of the last hidden layer, mean absolute weight."""
     names = ["actor", "qf1", "qf2"]
-    with sn.ActivationRecorder([layer for name in names for layer in networks[name]]) as recorder:
+    with sn.ActivationRecorder([sac.method.feature_layer(layer) for name in names for layer in networks[name]]) as recorder:
         sac.actor(probe["obs"])
         sac.qf(probe["obs"], probe["actions"])
     activations = sn.split_recorded(recorder.activations(), networks, names)

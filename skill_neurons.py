@@ -108,8 +108,9 @@ class ActivationRecorder:
     def _hook(self, index: int):
         layer = self.layers[index]
 
-        def hook(_module: nn.Module, _inputs, output: Tensor) -> None:
-            out = output.detach()
+        def hook(module: nn.Module, _inputs, output: Tensor | list[Tensor]) -> None:
+            # a module computing the layer in pieces (PI's injected heads) says what its features are
+            out = (output if isinstance(output, Tensor) else module.features(output)).detach()
             if layer.member is not None:
                 out = out[layer.member]
             if out.dim() > 2:  # conv: a channel's activation is its spatial mean
@@ -243,17 +244,22 @@ def identify_network(
 def selection_stats(activations: Sequence[Tensor], found: Identification, combined_mask: Tensor) -> dict:
     """What was selected, for metrics.json and TensorBoard: selected neurons that were dead
     (constant) over the window (and all dead ones), the mean goal score of the window for the
-    selected and for the other neurons, and the mean combined mask of every protected neuron."""
+    selected and for the other neurons, and the mean combined mask of every protected neuron.
+    How strongly the selection protects, apart from which units it chose: the share of selected
+    units that were dead (a dead unit gets no gradient, a mask on it protects nothing) and the
+    mean combined mask over the live selected ones."""
     window = torch.cat(list(activations), 1)
     dead = window.amax(0) == window.amin(0)
-    others, protected = ~found.selected, combined_mask < 1
+    others, protected, live_selected = ~found.selected, combined_mask < 1, found.selected & ~dead
 
     def mean(values):
         return float(values.mean()) if values.numel() else None
 
     return {"selected_dead": int((dead & found.selected).sum()), "dead": int(dead.sum()),
             "selected_score_mean": mean(found.goal[found.selected]), "other_score_mean": mean(found.goal[others]),
-            "protected": int(protected.sum()), "protected_mask_mean": mean(combined_mask[protected])}
+            "protected": int(protected.sum()), "protected_mask_mean": mean(combined_mask[protected]),
+            "selected_dead_share": mean(dead[found.selected].float()),
+            "selected_live_mask_mean": mean(combined_mask[live_selected])}
 
 
 def split_by_layer(values: Tensor, layers: Sequence[HiddenLayer]) -> list[Tensor]:

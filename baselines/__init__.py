@@ -26,6 +26,9 @@ Training
     end_stage(stage, task, rb)    at a task switch, after the finished stage's evaluation; `rb`
                                   is its replay buffer (`rb.sample(n)` -> obs, actions, ...)
 Bookkeeping
+    feature_layer(layer)          the hidden layer (skill_neurons.HiddenLayer) as the plasticity
+                                  diagnostics record it: PI points it at the module that sums its
+                                  head's pieces
     logs()                        scalars written to TensorBoard as `method/{name}` with the losses
     state_dict(), load_state_dict(state)   method state saved in every checkpoint; loading runs
                                   after `setup` and before the learner's own state, so methods

@@ -8,8 +8,12 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from skill_neurons import HiddenLayer
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,10 @@ class Method:
 
     def end_stage(self, stage: int, task: str, rb) -> None:
         pass
+
+    def feature_layer(self, layer: HiddenLayer) -> HiddenLayer:
+        """`layer` as the plasticity diagnostics record it: the output of its `activation`."""
+        return layer
 
     def logs(self) -> dict[str, Tensor | float]:
         return {}

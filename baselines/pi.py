@@ -73,11 +73,22 @@ Values and adaptation choices:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import Tensor, nn
 
 from baselines.method import Method
+from skill_neurons import HiddenLayer
+
+
+def summed(outputs: list[Tensor]) -> Tensor:
+    """h_0 + sum_i (h_{2i-1} - h_{2i}) of one output per piece: what the injected head computes."""
+    out = outputs[0]
+    for i in range(1, len(outputs), 2):
+        # each difference first: the latest one is exactly zero at injection, so the sum is bit for bit the same
+        out = out + (outputs[i] - outputs[i + 1])
+    return out
 
 
 class InjectedLayer(nn.Module):
@@ -95,13 +106,7 @@ class InjectedLayer(nn.Module):
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         inputs = x if isinstance(x, list) else [x] * len(self.pieces)
         outputs = [piece(piece_input) for piece, piece_input in zip(self.pieces, inputs)]
-        if not self.sums:
-            return outputs
-        out = outputs[0]
-        for i in range(1, len(outputs), 2):
-            # each difference first: the latest one is exactly zero at injection, so the output is bit for bit the same
-            out = out + (outputs[i] - outputs[i + 1])
-        return out
+        return summed(outputs) if self.sums else outputs
 
 
 class PerPiece(nn.Module):
@@ -113,6 +118,11 @@ class PerPiece(nn.Module):
 
     def forward(self, xs: list[Tensor]) -> list[Tensor]:
         return [self.layer(x) for x in xs]
+
+    def features(self, outputs: list[Tensor]) -> Tensor:
+        """The hidden layer's features in the summed head (equal to the head's before an injection,
+        right after it): what the plasticity diagnostics measure, not one row per piece."""
+        return summed(outputs)
 
 
 def head_layers(net: nn.Module, start: int, outputs: tuple[str, ...]) -> list[tuple[nn.Module, str, bool]]:
@@ -195,6 +205,13 @@ class PlasticityInjection(Method):
     def end_stage(self, stage: int, task: str, rb) -> None:
         self.inject()
         self.injections += 1
+
+    def feature_layer(self, layer: HiddenLayer) -> HiddenLayer:
+        """A head's hidden layer is recorded at the PerPiece applying its activation to every piece
+        (the activation itself runs once per piece), which gives the summed head's features."""
+        wrappers = [module for net, _, _ in self.learner.heads() for module in net.modules()
+                    if isinstance(module, PerPiece) and module.layer is layer.activation]
+        return dataclasses.replace(layer, activation=wrappers[0]) if wrappers else layer
 
     def logs(self) -> dict[str, Tensor | float]:
         return {"injections": float(self.injections)}

@@ -1,10 +1,13 @@
-"""Writes docs/results-mini.md from the runs of `python scripts/sweep.py --preset mini` (and the
-single-task pilot runs that chose its task pair): the Table 2 layout, the IQM table, the curves
-figure, the exact commands, the machine and the wall time. Nothing in the document is typed by
-hand except the free text passed with --notes.
+"""Writes docs/results-{preset}.md from the runs of `python scripts/sweep.py --preset {preset}` (and
+the pilot runs that chose its task pair: single-task runs, or vanilla SAC on candidate pairs): the
+Table 2 layout, the IQM table, every run's success matrix, identification and plasticity
+diagnostics, the curves, the exact commands, the machine and the wall time. Nothing in the
+document is typed by hand except the free text passed with --notes.
 
     python scripts/mini_report.py --runs runs/mini --pilot runs/mini-pilot --sweep-log sweep.out \
         --notes notes.md --out docs/results-mini.md
+    python scripts/mini_report.py --preset regime --runs runs/regime --pilot runs/regime-pilot \
+        --notes notes.md     # docs/results-regime.md
 """
 
 import argparse
@@ -20,17 +23,32 @@ import paper_tables
 from run_folders import RunFolderError, complete_runs, find
 from sweep import PRESETS
 
+# per preset: the document's title, the preset of its pilot runs, and the success that counts as learned there
+REPORTS = {
+    "mini": dict(title="Laptop-scale benchmark: does SAC forget, and does NBSP keep what it learned?",
+                 pilot="mini-pilot", threshold=0.8),
+    "regime": dict(title="In the paper's regime (SAC learns each task and forgets it): what do NBSP and its parts keep?",
+                   pilot="regime-pilot", threshold=0.9),
+}
+
 
 def steps_to(curve, threshold: float):
     """First evaluation step whose success reaches `threshold`, or None."""
     steps, values = curve
-    hits = np.nonzero(np.asarray(values) >= threshold)[0]
+    hits = np.nonzero(np.asarray(values) >= threshold - 1e-6)[0]  # TensorBoard's float32: 0.9 reads 0.8999999762
     return int(steps[hits[0]]) if len(hits) else None
 
 
-def pilot_section(pilot_dir: str, threshold: float, out_dir: str) -> list[str]:
-    """Single-task learning curves: the steps each candidate task needed to reach `threshold`."""
+def pilot_section(pilot_dir: str, pilot_preset: str, threshold: float, out_dir: str, stem: str) -> tuple[list[str], list[str]]:
+    """The pilot's table and figures: single-task runs, or vanilla SAC on candidate pairs, as its preset runs."""
     runs = find([pilot_dir])
+    if any("," in sequence for sequence in PRESETS[pilot_preset]["sequences"]):
+        return pair_pilot(runs, threshold, out_dir, stem)
+    return single_task_pilot(runs, threshold, out_dir, stem)
+
+
+def single_task_pilot(runs, threshold: float, out_dir: str, stem: str) -> tuple[list[str], list[str]]:
+    """Single-task learning curves: the steps each candidate task needed to reach `threshold`."""
     flags = runs[0].args
     intro = (f"Each pilot run: hidden {' '.join(map(str, flags['hidden']))}, batch {flags['batch_size']}, up to "
              f"{flags['steps_per_task']:,} steps, {flags['learning_starts']:,} random steps first, evaluation every "
@@ -50,9 +68,59 @@ def pilot_section(pilot_dir: str, threshold: float, out_dir: str) -> list[str]:
         reached = f"{first:,}" if first is not None else f"not by {int(steps[-1]):,}"
         finished = "complete" if run.complete else "stopped by hand"
         lines.append(f"| {task} | {run.args['seed']} | {evaluations} | {reached} | {int(steps[-1]):,} ({finished}) |")
-    figure = figures.plot_curves([r.path for r in runs], os.path.join(out_dir, "results-mini-pilot"),
+    figure = figures.plot_curves([r.path for r in runs], os.path.join(out_dir, f"{stem}-pilot"),
                                  title="single-task SAC (pilot)") if runs else []
-    return lines, figure
+    return lines, figure[:1]
+
+
+def fmt_curve(steps, values) -> str:
+    return ", ".join(f"{s / 1000:g}k: {v:.2f}" for s, v in zip(steps, values))
+
+
+def pair_pilot(runs, threshold: float, out_dir: str, stem: str) -> tuple[list[str], list[str]]:
+    """Vanilla SAC on candidate pairs A -> B: per pair, how many seeds reached `threshold` on A
+    within stage 1 and on B within stage 2 (steps counted from the stage's start), A's success after
+    each stage and the run's FM and FWT; then every run's evaluation curve of each task and a figure
+    per pair."""
+    flags = runs[0].args
+    lines = [f"Each pilot run: vanilla SAC, A -> B once, hidden {' '.join(map(str, flags['hidden']))}, batch "
+             f"{flags['batch_size']}, at most {flags['steps_per_task']:,} steps per stage (a stage ends early at "
+             f"{flags['early_stop_success']} training success), evaluation every {flags['eval_every']:,} steps "
+             f"({flags['eval_episodes']} episodes). Learned: evaluation success at least {threshold} within the "
+             "task's own stage; forgetting: A's success after A minus after B.", "",
+             f"| pair A -> B | seeds | A learned in stage 1 | B learned in stage 2 | A after A | A after B | FM | FWT |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    pairs, rows, figure_paths = {}, [], []
+    for run in sorted(runs, key=lambda r: (r.args["tasks"], r.args["seed"])):
+        pairs.setdefault(tuple(run.args["tasks"]), []).append(run)
+    for (a, b), group in pairs.items():
+        learned, after = [], []
+        for run in group:
+            curves, stages = figures.read_eval_curves(run.path), run.metrics["stages"]
+            ends = np.cumsum([stage["env_steps"] for stage in stages])
+            reached = []
+            for k, task in enumerate((a, b)):  # task k is trained in stage k
+                steps, values = curves.get(task, (np.array([]), np.array([])))
+                start = ends[k - 1] if k else 0
+                inside = (steps > start) & (steps <= ends[k]) if k < len(ends) else np.zeros(len(steps), bool)
+                first = steps_to((steps[inside] - start, values[inside]), threshold)
+                reached.append(f"{first:,}" if first is not None else "no")
+            sr = run.metrics["sr"]
+            learned.append([r != "no" for r in reached])
+            after.append((sr[0][0], sr[1][0] if len(sr) > 1 else None, run.metrics.get("FM"), run.metrics.get("FWT")))
+            rows.append(f"| {a} -> {b} | {run.args['seed']} | {reached[0]} | {reached[1]} | "
+                        f"{fmt_curve(*curves.get(a, ([], [])))} | {fmt_curve(*curves.get(b, ([], [])))} |")
+        means = [np.mean([x[i] for x in after if x[i] is not None]) if any(x[i] is not None for x in after) else None
+                 for i in range(4)]
+        lines.append(f"| {a} -> {b} | {len(group)} | {sum(l[0] for l in learned)} of {len(group)} | "
+                     f"{sum(l[1] for l in learned)} of {len(group)} | "
+                     + " | ".join("n/a" if m is None else f"{m:.2f}" for m in means) + " |")
+        figure_paths += figures.plot_curves([r.path for r in group], os.path.join(out_dir, f"{stem}-pilot-{a}-{b}"),
+                                            title=f"vanilla SAC: {a} -> {b} (pilot)")[:1]
+    lines += ["", "Every pilot run (steps from the stage's start at which evaluation first reached "
+              f"{threshold}; the evaluation curves, global step: success):", "",
+              "| pair A -> B | seed | A reached | B reached | A's curve | B's curve |", "|---|---:|---:|---:|---|---|"]
+    return lines + rows, figure_paths
 
 
 def per_run_table(runs) -> list[str]:
@@ -89,6 +157,29 @@ def identification_table(runs, label) -> list[str]:
         selected = sum(stage["skill_neurons"][net] for stage in stages for net in stage["selection"])
         share = np.mean([stage["identify_success_share"] for stage in stages])
         lines.append(f"| {name} | {len(group)} | {constant} of {len(stages)} | {dead} of {selected} | {share:.2f} |")
+    return lines
+
+
+def protection_table(runs, label) -> list[str]:
+    """Per setting, how strongly its selection protected, apart from which units it chose: the share
+    of the selected skill neurons dead over the window (a dead unit gets no gradient: a mask on it
+    protects nothing) and the mean mask over the live ones (the stages' masks combined, as the
+    optimizer applies them: 1 leaves a unit free, 0 freezes it), over every stage and network."""
+    lines = ["| setting | selected units | dead share | mean mask on the live selected units |", "|---|---:|---:|---:|"]
+    for name, group in by_setting(runs, label):
+        records = [(stage["skill_neurons"][net], sel) for run in group for stage in run.metrics["stages"]
+                   if "selection" in stage for net, sel in stage["selection"].items()]
+        if not records:
+            continue
+        selected = sum(n for n, _ in records)
+        live = [(n - sel["selected_dead"], sel.get("selected_live_mask_mean")) for n, sel in records]
+        if any(count and mean is None for count, mean in live):  # runs from before the statistic was recorded
+            mask = "n/a"
+        else:
+            counted = sum(count for count, _ in live)
+            mask = f"{sum(count * mean for count, mean in live if count) / counted:.3f}" if counted else "n/a"
+        dead = sum(sel["selected_dead"] for _, sel in records)
+        lines.append(f"| {name} | {selected} | {dead / selected:.2f} | {mask} |")
     return lines
 
 
@@ -155,6 +246,11 @@ def input_problem(args) -> str | None:
 def main(argv=None) -> int:
     try:
         args = make_parser().parse_args(argv)
+        report = REPORTS[args.preset]
+        args.runs = args.runs or f"runs/{args.preset}"
+        args.out = args.out or f"docs/results-{args.preset}.md"
+        args.title = args.title or report["title"]
+        args.threshold = report["threshold"] if args.threshold is None else args.threshold
         problem = input_problem(args)
         if problem:
             raise ReportError(problem)
@@ -166,7 +262,9 @@ def main(argv=None) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="runs/mini", help="run folders of the mini preset")
+    parser.add_argument("--preset", default="mini", choices=sorted(REPORTS), help="the sweep preset the runs come from")
+    parser.add_argument("--title", default=None, help="the document's title (default: the preset's)")
+    parser.add_argument("--runs", default=None, help="run folders of the preset (default: runs/PRESET)")
     parser.add_argument("--pilot", default=None, help="single-task pilot runs that chose the task pair")
     parser.add_argument("--sweep-log", default=None, help="the sweep's console output (for its start, end and wall time)")
     parser.add_argument("--notes", default=None, help="Markdown file of findings written after reading the numbers")
@@ -176,8 +274,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="runs of the same preset with further seeds (sweep.py --preset mini --seeds 4 5 --settings ...); "
                              "their settings are tabled again over the grid's seeds and these")
     parser.add_argument("--more-seeds-command", default=None, help="the command that made the --more-seeds runs")
-    parser.add_argument("--threshold", type=float, default=0.8, help="success that counts as learned in the pilot")
-    parser.add_argument("--out", default="docs/results-mini.md")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="success that counts as learned in the pilot (default: mini 0.8, regime 0.9)")
+    parser.add_argument("--out", default=None, help="the document (default: docs/results-PRESET.md); its figures go next to it")
     return parser
 
 
@@ -186,20 +285,24 @@ def write_report(args, argv) -> int:
     counted = complete_runs([args.runs])
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
-    preset = PRESETS["mini"]
-    command = "python scripts/sweep.py --preset mini --jobs 2"
-    curves = figures.plot_curves([r.path for r in counted], os.path.join(out_dir, "results-mini-curves"),
+    stem = os.path.splitext(os.path.basename(args.out))[0]
+    preset, pilot_preset = PRESETS[args.preset], REPORTS[args.preset]["pilot"]
+    command = f"python scripts/sweep.py --preset {args.preset} --jobs 2"
+    seeds = ", ".join(map(str, sorted({run.args["seed"] for run in counted})))
+    first = counted[0].args
+    sequence, stages = " -> ".join(first["tasks"]), len(counted[0].metrics["stage_tasks"])
+    curves = figures.plot_curves([r.path for r in counted], os.path.join(out_dir, f"{stem}-curves"),
                                  align="stage", label=paper_tables.setting_label,
-                                 title="mini: " + " -> ".join(preset["sequences"][0].split(",")) + " x 2 cycles")
+                                 title=f"{args.preset}: {sequence} x {first['cycles']} cycles")
 
-    doc = ["# Laptop-scale benchmark: does SAC forget, and does NBSP keep what it learned?", "",
-           "Generated by `scripts/mini_report.py` from the run folders; the numbers are as measured.", ""]
+    doc = [f"# {args.title}", "", "Generated by `scripts/mini_report.py` from the run folders; the numbers are as measured.", ""]
     report_command = "python scripts/mini_report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     doc += ["## Command", "", "```bash", command, report_command, "```", "",
-            f"Sequence: {preset['sequences'][0].replace(',', ' -> ')}, two cycles (4 stages). Settings: "
+            f"Sequence: {sequence}, {first['cycles']} cycles ({stages} stages). Settings: "
             + ", ".join(preset["settings"]) + ". Flags of every run: `" + " ".join(preset["flags"]) + "` (NBSP-only "
-            "flags go to the settings that use them). Seeds 1, 2, 3.", ""]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, no GPU"
+            f"flags go to the settings that use them). Seeds {seeds}.", ""]
+    gpu = "GPU" if any(run.args.get("cuda") for run in counted) else "no GPU"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {gpu}"
     doc += ["## Machine and time", "", f"- Machine: {machine}; two runs at a time, one thread each.",
             f"- Training wall time summed over runs (stages, evaluation and identification included): "
             f"{wall_time(counted) / 60:.1f} min for {len(counted)} complete runs."]
@@ -214,23 +317,32 @@ def write_report(args, argv) -> int:
     doc += ["## Results (layout of paper Table 2; mean ± standard error over seeds)", "",
             paper_tables.settings_table(runs, "markdown", title=None), "",
             paper_tables.iqm_table(runs, "markdown"), ""]
-    doc += ["Every run (`*`: the stage stopped early at 0.9 training success):", ""] + per_run_table(counted) + [""]
+    early = first.get("early_stop_success", 0.9)
+    doc += [f"Every run (`*`: the stage stopped early at {early} training success):", ""] + per_run_table(counted) + [""]
     identification = identification_table(counted, paper_tables.setting_label)
     if len(identification) > 2:
+        windows = sum("selection" in stage for run in counted for stage in run.metrics["stages"])
+        with_windows = sum(any("selection" in stage for stage in run.metrics["stages"]) for run in counted)
         doc += ["## What identification had to work with", "",
-                "Over every stage of every run of a setting (4 identification windows per run):", ""] + identification + [""]
+                f"Over every stage of every run of a setting ({windows / with_windows:g} identification windows per run):",
+                ""] + identification + [""]
+        doc += ["What each setting's selection protected: the share of its skill neurons that were dead (constant) "
+                "over the window, which a mask cannot protect since they get no gradient, and the mean mask on the "
+                "live ones (1 leaves a unit free, 0 freezes it), so that the strength of the protection and the "
+                "choice of units are not confused:", ""] + protection_table(counted, paper_tables.setting_label) + [""]
     doc += ["## Plasticity", "", "Actor's dormant share / first critic's feature rank at the end of each stage, mean over "
             "runs: a neuron is dormant when its mean |activation| is at most "
-            f"{counted[0].args['dormant_threshold']} of its layer's mean (ReDo); the rank is srank (delta 0.01) of the last "
+            f"{first['dormant_threshold']} of its layer's mean (ReDo); the rank is srank (delta 0.01) of the last "
             "hidden layer, out of its width. Both on one fixed batch of the first task's transitions.", ""]
     doc += plasticity_table(counted, paper_tables.setting_label) + [""]
-    doc += ["## Curves", "", "Evaluation success of each task (deterministic policy, 10 episodes; mean and standard error "
+    episodes = f"{first['eval_episodes']} episodes; " if "eval_episodes" in first else ""
+    doc += ["## Curves", "", f"Evaluation success of each task (deterministic policy, {episodes}mean and standard error "
             "over seeds) against the stage, each seed's steps scaled to its own stage lengths (stages that stop early "
             "differ between seeds); shaded spans are the stages that train the panel's task.", "",
             f"![curves]({os.path.basename(curves[0])})", ""]
     if args.supplement:
         extra = complete_runs([args.supplement])
-        wide = figures.plot_curves([r.path for r in extra], os.path.join(out_dir, "results-mini-supplement-curves"),
+        wide = figures.plot_curves([r.path for r in extra], os.path.join(out_dir, f"{stem}-supplement-curves"),
                                    align="stage", label=paper_tables.setting_label, title="further try")
         doc += ["## A further try", "", "```bash", args.supplement_command or f"(runs in {args.supplement})", "```", "",
                 paper_tables.settings_table(paper_tables.load_runs([args.supplement]), "markdown", title=None), "",
@@ -242,12 +354,12 @@ def write_report(args, argv) -> int:
         with open(args.notes) as f:
             doc += ["## What the numbers say", "", f.read().strip(), ""]
     if args.pilot:
-        lines, figure = pilot_section(args.pilot, args.threshold, out_dir)
+        lines, pilot_figures = pilot_section(args.pilot, pilot_preset, args.threshold, out_dir, stem)
+        pilot_seeds = ", ".join(map(str, sorted({run.args["seed"] for run in find([args.pilot])})))
         doc += ["## How the task pair was chosen", "",
-                "Single-task SAC runs (`python scripts/sweep.py --preset mini-pilot`, seeds 1, 2, 3) of the candidate "
-                "tasks; the pair had to be learned within the stage budget by SAC alone.", ""] + lines + [""]
-        if figure:
-            doc += [f"![pilot]({os.path.basename(figure[0])})", ""]
+                f"Pilot runs (`python scripts/sweep.py --preset {pilot_preset}`, seeds {pilot_seeds}): the pair had to be "
+                "learned within the stage budget by SAC alone.", ""] + lines + [""]
+        doc += [f"![pilot]({os.path.basename(path)})" for path in pilot_figures] + ([""] if pilot_figures else [])
     with open(args.out, "w") as f:
         f.write("\n".join(doc))
     print(f"wrote {args.out}")

@@ -61,6 +61,9 @@ SETTINGS = {
     "identify-random": ["--identify", "random"],
     # the balanced goal score (the goal rule's scores are 0.5 for a unit constant over the window)
     "goal-balanced": ["--goal-score", "balanced"],
+    # Table 3's rules with the balanced score, whose Eq. 7 masks then fall on no dead unit either
+    "identify-activation-balanced": ["--identify", "activation", "--goal-score", "balanced"],
+    "identify-random-balanced": ["--identify", "random", "--goal-score", "balanced"],
     # Table 4: NBSP on one network only
     "actor-only": ["--apply-to", "actor"],
     "critic-only": ["--apply-to", "critic"],
@@ -73,6 +76,11 @@ SETTINGS = {
 # one cycle, spelled as in data/paper_results.json; every run cycles twice (the scripts' default).
 # ---------------------------------------------------------------------------------------------
 TWO_TASK = ["window-open,window-close", "drawer-open,drawer-close", "button-press-topdown,window-open"]
+# the paper's regime at the smallest size where SAC learns the tasks (docs/results-regime.md)
+REGIME_FLAGS = ["--hidden", "256", "256", "--batch-size", "128", "--steps-per-task", "150000",
+                "--learning-starts", "5000", "--eval-every", "10000", "--eval-episodes", "10",
+                "--early-stop-success", "1.0",  # 0.9 stopped window-open at eval 0.60: stop only at 10 of 10
+                "--buffer-size", "300000", "--no-cuda", "--compile"]
 PRESETS = {
     "table1": dict(  # Meta-World, all methods
         script="metaworld",
@@ -124,10 +132,14 @@ PRESETS = {
         script="metaworld",  # tasks within the stage budget and forget A while it learns B (docs/results-regime.md)?
         sequences=TWO_TASK,
         settings=["sac"],
-        flags=["--cycles", "1", "--hidden", "256", "256", "--batch-size", "128", "--steps-per-task", "150000",
-               "--learning-starts", "5000", "--eval-every", "10000", "--eval-episodes", "10",
-               "--early-stop-success", "1.0",  # 0.9 stopped window-open at eval 0.60: stop only at 10 of 10
-               "--buffer-size", "300000", "--no-cuda", "--compile"],
+        flags=["--cycles", "1", *REGIME_FLAGS],
+    ),
+    "regime": dict(  # Table 2's settings (A -> B -> A -> B, as the paper's Table 2), NBSP and Table 3's random and
+        script="metaworld",  # activation rules with the balanced score, at the size of `regime-pilot`
+        sequences=["window-open,window-close"],  # placeholder until regime-pilot chooses the pair
+        settings=["sac", "only-replay", "only-mask", "hard-mask", "nbsp", "goal-balanced",
+                  "identify-random-balanced", "identify-activation-balanced"],
+        flags=["--cycles", "2", *REGIME_FLAGS],
     ),
     "mini-pilot": dict(  # single-task SAC learning curves of the tasks considered for `mini`
         script="metaworld",

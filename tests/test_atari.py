@@ -481,6 +481,34 @@ def test_replay_memory_is_one_uint8_frame_per_transition():
     assert 84 * 84 < per_transition < 84 * 84 * 1.08  # vs 2 x 4 x 84 x 84 for obs + next_obs stacks
 
 
+@pytest.mark.parametrize("lengths, returns, window_ids, widened, mean_return", [
+    # 64 transitions (72 slots) of 70 steps: game 1 keeps 13 of its 20 steps (the oldest leave first,
+    # with the slots of their stacks); widening over the games D holds whole (21-58, all returning 1)
+    # never meets another return, so the window stays the last two games. Over the stage's list it
+    # would reach game 1 (return 9): window 1-58, widened, mean 2.6.
+    ([20, 15, 12, 10, 9], [9, 1, 1, 1, 1], [48, 58], False, 1.0),
+    # 68 steps, 74 slots: game 1 is gone whole (its last stack starts at slot 1 < 74 - 72) and game 6
+    # is D's oldest game, whole (its first stack starts at slot 6): widening reaches it.
+    ([5, 28, 12, 10, 9], [7, 9, 1, 1, 1], [6, 34, 46, 56], True, 3.0),
+])
+def test_training_window_widens_over_games_whole_in_the_buffer(lengths, returns, window_ids, widened, mean_return):
+    unfinished = 4  # the game still running when the stage ends
+    transitions = make_episodes(lengths + [unfinished])
+    ids = [1 + sum(lengths[:k]) for k in range(len(lengths) + 1)]  # a game's id: its first global step
+    tags = np.repeat(ids, lengths + [unfinished])
+    buffer = atari.ReplayBuffer(64, "cpu")
+    for t, tag in zip(transitions, tags):
+        buffer.add(*t, episode=int(tag))
+    games = [{"id": i, "return": float(r), "policy": True} for i, r in zip(ids, returns)]
+    args = atari.Args(identify_episodes=2, identify_max_steps=1000)
+    window = atari.training_window(None, (), buffer, games, args, "cpu")  # no masked network to probe
+    assert window["episodes"] == len(window_ids) and window["widened"] is widened
+    assert window["mean_return"] == pytest.approx(mean_return)
+    by_id = dict(zip(ids, returns))
+    expected_goal = np.concatenate([[by_id[i]] * lengths[ids.index(i)] for i in window_ids])
+    np.testing.assert_array_equal(window["goal"].numpy(), expected_goal)  # every step of the window's games
+
+
 # ------------------------------------------------------------------------------------------
 # End to end: Pong -> Bowling, two cycles, tiny budgets
 # ------------------------------------------------------------------------------------------

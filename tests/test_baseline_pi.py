@@ -503,6 +503,61 @@ def test_no_injection_leaves_the_networks_alone(script):
 
 
 # --------------------------------------------------------------------------------------------
+# Plasticity diagnostics: the summed head's features, one row per probe sample
+# --------------------------------------------------------------------------------------------
+def actor_last_hidden_by_pieces(learner, obs):
+    """The actor's last hidden features h_0 + sum_i (h_{2i-1} - h_{2i}), each piece's run by hand
+    through the head's hidden layers (Linear then ReLU; on Atari piece i reads piece i)."""
+    actor = learner.actor
+    start = actor.head_start()
+    with torch.no_grad():
+        z = actor.trunk[:start](obs if obs.is_floating_point() else obs.float() / 255.0)
+        linears = [layer.pieces if isinstance(layer, InjectedLayer) else [layer]
+                   for layer in weighted_head_layers(actor, start, ())]
+        pieces = []
+        for k in range(len(linears[0])):
+            h = z
+            for layer in linears:
+                h = torch.relu(layer[k](h))
+            pieces.append(h)
+    return pieces[0] + sum(pieces[i] - pieces[i + 1] for i in range(1, len(pieces), 2))
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_plasticity_diagnostics_measure_the_summed_head(name, monkeypatch):
+    make_learner, make_batch, _ = SCRIPTS[name]
+    script = mw if name == "metaworld" else atari
+    torch.manual_seed(0)
+    learner, method = make_learner(batch_size=32)
+    batch = make_batch(32)
+    probe = {"obs": batch[0], "actions": batch[1]} if name == "metaworld" else batch[0]
+    networks = {net: [layer.hidden for layer in layers] for net, layers in learner.neuron_layers().items()}
+    recorded = []
+    stats = script.plasticity.plasticity_stats
+    monkeypatch.setattr(script.plasticity, "plasticity_stats",
+                        lambda layers, activations, threshold: recorded.append(activations) or stats(layers, activations, threshold))
+
+    def measure():
+        """Each network's recorded hidden features on the probe batch."""
+        recorded.clear()
+        diagnostics = script.measure_plasticity(learner, networks, probe, 0.025)
+        assert 0 <= diagnostics["actor"]["dormant_ratio"] <= 1
+        return dict(zip(["actor", "qf1", "qf2"], recorded))
+
+    for injections in range(3):
+        train(learner, make_batch)  # the injected pieces learn apart from their frozen copies
+        before = measure()
+        for features in before.values():
+            assert [len(layer) for layer in features] == [32] * len(features)  # batch-many rows, not 32 (2k + 1)
+        torch.testing.assert_close(before["actor"][-1], actor_last_hidden_by_pieces(learner, batch[0]), rtol=0, atol=1e-6)
+        method.end_stage(injections, "task", None)
+        after = measure()  # right after the injection: the same features, bit for bit
+        for net in before:
+            assert all(torch.equal(a, b) for a, b in zip(before[net], after[net])), (injections, net)
+    assert len(learner.actor.trunk[-2].pieces) == 7  # three injections: 2 x 3 + 1 pieces were measured
+
+
+# --------------------------------------------------------------------------------------------
 # End to end through both scripts: a task switch injects, and a run killed after stage 1
 # resumes to exactly the uninterrupted run
 # --------------------------------------------------------------------------------------------

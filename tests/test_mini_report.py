@@ -1,6 +1,7 @@
-"""scripts/mini_report.py on synthetic run folders (the figures tests' fixture writer): the
-document has the settings table with hand-checkable means, every run, the notes, the pilot and
-the further try, and its figures exist."""
+"""scripts/mini_report.py on synthetic run folders (the figures tests' fixture writer, and a
+writer of any task sequence here): the document has the settings table with hand-checkable means,
+every run, the notes, the pilot and the further try, and its figures exist; the regime report
+has its pair pilot and what each selection protected, by hand."""
 
 import json
 import os
@@ -8,7 +9,8 @@ import os
 import pytest
 
 import mini_report
-from test_figures import write_run
+from test_figures import write_json, write_run
+from torch.utils.tensorboard import SummaryWriter
 
 
 def test_report_from_runs(tmp_path):
@@ -95,3 +97,102 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(argv, expected, tmp_pa
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected.replace("{tmp}", str(tmp_path)) in lines[0]
     assert not out.parent.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The regime report: any two-task sequence, a pilot of vanilla SAC on pairs
+# --------------------------------------------------------------------------------------------
+PAIR = ["window-open", "window-close"]
+STAGE_STEPS, EVAL_EVERY = 1000, 250
+
+
+def write_sequence_run(runs_dir, exp_name, seed, cycles, curves, sr, args=None, stage_records=None):
+    """A run folder of `PAIR` x `cycles`: `curves[task]` holds its evaluation success at every
+    EVAL_EVERY steps (4 per stage), `sr` its success matrix, `stage_records` extra keys per stage."""
+    stage_tasks = PAIR * cycles
+    run_name = f"{'+'.join(PAIR)}__{exp_name}__{seed}"
+    run_dir = os.path.join(runs_dir, run_name)
+    os.makedirs(run_dir)
+    args = {"seed": seed, "exp_name": exp_name, "runs_dir": str(runs_dir), "cuda": False, "tasks": PAIR,
+            "cycles": cycles, "steps_per_task": STAGE_STEPS, "eval_every": EVAL_EVERY, "eval_episodes": 10,
+            "hidden": [256, 256], "batch_size": 128, "early_stop_success": 1.0, "method": "sac",
+            "dormant_threshold": 0.025, **(args or {})}
+    write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": args, "stage_tasks": stage_tasks})
+    writer = SummaryWriter(run_dir)
+    for task, values in curves.items():
+        for i, value in enumerate(values):
+            writer.add_scalar(f"eval/{task}/success_rate", value, (i + 1) * EVAL_EVERY)
+    writer.close()
+    stages = [{"stage": k + 1, "task": task, "env_steps": STAGE_STEPS, "budget_steps": STAGE_STEPS,
+               "early_stopped": False, "wall_seconds": 60.0,
+               "plasticity": {net: {"dormant_ratio": 0.5, "feature_rank": 7, "weight_magnitude": 0.1}
+                              for net in ("actor", "qf1", "qf2")}, **(stage_records or {})}
+              for k, task in enumerate(stage_tasks)]
+    final = sr[-1]
+    write_json(os.path.join(run_dir, "metrics.json"),
+               {"run_name": run_name, "stage_tasks": stage_tasks, "complete": True, "sr": sr, "stages": stages,
+                "ASR": sum(final) / len(final), "FM": sr[0][0] - sr[1][0], "FWT": 0.9})
+    return run_dir
+
+
+def test_protection_table_by_hand():
+    """Dead share of the selected units and their live units' mean mask, weighted by live units."""
+    class Run:
+        def __init__(self, name, stages):
+            self.args, self.metrics = {"exp_name": name}, {"stages": stages}
+
+    stage = {"skill_neurons": {"actor": 10, "qf1": 10},
+             "selection": {"actor": {"selected_dead": 4, "selected_live_mask_mean": 0.1},
+                           "qf1": {"selected_dead": 2, "selected_live_mask_mean": 0.3}}}
+    old = {"skill_neurons": {"actor": 10}, "selection": {"actor": {"selected_dead": 1}}}  # before the statistic
+    runs = [Run("random", [stage]), Run("goal", [old]), Run("sac", [{"env_steps": 5}])]
+    lines = mini_report.protection_table(runs, lambda args: args["exp_name"])
+    # random: 6 of 20 dead; live: 6 x 0.1 + 8 x 0.3 over 14 units = 0.2143
+    assert lines[2:] == ["| goal | 10 | 0.10 | n/a |", "| random | 20 | 0.30 | 0.214 |"]
+
+
+def test_regime_report_with_a_pair_pilot(tmp_path):
+    sr = [[1.0, None], [0.2, 1.0], [1.0, 0.4], [0.0, 1.0]]  # ASR 0.5
+    forgets = {"window-open": [0.5, 1, 1, 1, 0, 0, 0, 0] * 2, "window-close": [0, 0, 0, 0, 0.5, 1, 1, 1] * 2}
+    selection = {"skill_neurons": {"actor": 10, "qf1": 10}, "goal_constant": False, "identify_success_share": 0.5,
+                 "selection": {"actor": {"selected_dead": 4, "selected_live_mask_mean": 0.1},
+                               "qf1": {"selected_dead": 2, "selected_live_mask_mean": 0.3}}}
+    for seed in (1, 2):
+        write_sequence_run(tmp_path / "regime", "sac", seed, 2, forgets, sr)
+        write_sequence_run(tmp_path / "regime", "identify-random-balanced", seed, 2, forgets, sr,
+                           {"method": "nbsp", "identify": "random", "goal_score": "balanced"}, selection)
+    # pilot: seed 1 learns A at 750 steps and B 500 steps into stage 2, then A drops 1.0 -> 0.0;
+    # seed 2 never reaches 0.9 on A in stage 1 (0.8), reaches B at 1000 and keeps A at 0.4 of 0.8
+    write_sequence_run(tmp_path / "pilot", "sac", 1, 1, {"window-open": [0.2, 0.5, 0.9, 1.0, 0.6, 0.3, 0.1, 0.0],
+                                                         "window-close": [0, 0, 0, 0, 0.3, 0.95, 1.0, 1.0]},
+                       [[1.0, None], [0.0, 1.0]])
+    write_sequence_run(tmp_path / "pilot", "sac", 2, 1, {"window-open": [0.1, 0.2, 0.5, 0.8, 0.8, 0.6, 0.5, 0.4],
+                                                         "window-close": [0, 0, 0, 0, 0.1, 0.2, 0.5, 0.9]},
+                       [[0.8, None], [0.4, 0.9]])
+    (tmp_path / "notes.md").write_text("Findings from the numbers.")
+    out = tmp_path / "docs" / "results-regime.md"
+    assert mini_report.main(["--preset", "regime", "--runs", str(tmp_path / "regime"), "--pilot", str(tmp_path / "pilot"),
+                             "--notes", str(tmp_path / "notes.md"), "--out", str(out)]) == 0
+    doc = out.read_text()
+    assert doc.startswith("# In the paper's regime") and "python scripts/sweep.py --preset regime --jobs 2" in doc
+    assert "Sequence: window-open -> window-close, 2 cycles (4 stages)" in doc and "Seeds 1, 2." in doc
+    assert "identify-random-balanced, identify-activation-balanced" in doc  # the preset's settings
+    assert "| vanilla SAC | 2 | 0.50 ± 0.00 |" in doc and "| NBSP (identify=random, goal_score=balanced) | 2 |" in doc
+    assert "Interquartile mean with 95% stratified-bootstrap CIs" in doc
+    assert "| sac seed 1 | 1.00; 0.20 1.00; 1.00 0.40; 0.00 1.00 | 0.500 | 0.800 |" in doc  # the success matrix
+    assert "(`*`: the stage stopped early at 1.0 training success)" in doc
+    assert "(4 identification windows per run)" in doc
+    assert "| NBSP (identify=random, goal_score=balanced) | 2 | 0 of 8 | 48 of 160 | 0.50 |" in doc
+    assert "| NBSP (identify=random, goal_score=balanced) | 160 | 0.30 | 0.214 |" in doc  # 8 windows, each as in the test above
+    assert "| vanilla SAC | 2 | 0.50 / 7.0 | 0.50 / 7.0 | 0.50 / 7.0 | 0.50 / 7.0 |" in doc
+    assert "Findings from the numbers." in doc and "## How the task pair was chosen" in doc
+    assert "`python scripts/sweep.py --preset regime-pilot`, seeds 1, 2" in doc
+    assert "evaluation success at least 0.9 within the task's own stage" in doc  # the regime's threshold
+    # A learned in 1 of 2, B in 2 of 2; A after A (1.0 + 0.8) / 2, after B (0.0 + 0.4) / 2, FM (1.0 + 0.4) / 2
+    assert "| window-open -> window-close | 2 | 1 of 2 | 2 of 2 | 0.90 | 0.20 | 0.70 | 0.90 |" in doc
+    assert "| window-open -> window-close | 1 | 750 | 500 | 0.25k: 0.20, 0.5k: 0.50, 0.75k: 0.90, 1k: 1.00, 1.25k: 0.60," in doc
+    assert "| window-open -> window-close | 2 | no | 1,000 |" in doc
+    assert "![pilot](results-regime-pilot-window-open-window-close.png)" in doc
+    for name in ("results-regime-curves", "results-regime-pilot-window-open-window-close"):
+        for ext in ("png", "pdf"):
+            assert os.path.getsize(out.parent / f"{name}.{ext}") > 0

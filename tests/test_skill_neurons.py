@@ -308,6 +308,11 @@ def test_selection_stats_hand_computed():
     assert stats["selected_score_mean"] == pytest.approx((0.8 + 1.0) / 2)  # goal scores of n0, n1
     assert stats["other_score_mean"] == pytest.approx((0.5 + 0.6) / 2)
     assert stats["protected"] == 3 and stats["protected_mask_mean"] == pytest.approx((0.02 + 0.06 + 0.1) / 3)
+    assert stats["selected_dead_share"] == 0.5  # n0 of n0, n1
+    assert stats["selected_live_mask_mean"] == pytest.approx(0.06)  # n1 alone: n0's 0.02 falls on a dead unit
+    all_dead = sn.Identification(torch.tensor([True, False, True, False]), t([0.9, 0.5, 0.8, 0.5]), t([0.9, 0.5, 0.8, 0.5]))
+    stats = sn.selection_stats(activations, all_dead, combined)
+    assert stats["selected_dead_share"] == 1.0 and stats["selected_live_mask_mean"] is None  # n0, n2: both dead
     everything = sn.Identification(torch.ones(4, dtype=torch.bool), t([1.0] * 4), t([1.0] * 4))
     assert sn.selection_stats(activations, everything, torch.ones(4))["other_score_mean"] is None
     assert sn.selection_stats(activations, everything, torch.ones(4))["protected_mask_mean"] is None

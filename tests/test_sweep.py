@@ -57,6 +57,8 @@ METHODS = {*baselines.BASELINES, "nbsp"}  # the registry's methods: Tables 1 and
     ("figure4", 1, {"ratio0.05", "ratio0.1", "nbsp", "ratio0.3", "ratio0.4", "ratio0.5"}),
     ("mini", 1, {"sac", "only-replay", "only-mask", "hard-mask", "nbsp", "identify-random", "identify-activation",
                  "identify-weight", "goal-balanced"}),
+    ("regime", 1, {"sac", "only-replay", "only-mask", "hard-mask", "nbsp", "goal-balanced", "identify-random-balanced",
+                   "identify-activation-balanced"}),
 ])
 def test_preset_grid(preset, n_seq, names):
     runs = runs_of(["--preset", preset])
@@ -84,6 +86,10 @@ def test_preset_flags_and_sequences():
     mini = runs_of(["--preset", "mini"], extra=["--steps-per-task", "5000"])
     assert all(r.tasks == ["drawer-close", "button-press"] and "--no-cuda" in r.flags for r in mini)
     assert all(r.flags[-2:] == ["--steps-per-task", "5000"] for r in mini)  # extras last: they win
+    pilot = {r.exp_name: r.flags for r in runs_of(["--preset", "regime-pilot", "--seeds", "1"])}
+    regime = {r.exp_name: r.flags for r in runs_of(["--preset", "regime", "--seeds", "1"])}
+    assert pilot["sac"][:2] == ["--cycles", "1"] and regime["sac"] == ["--cycles", "2", *pilot["sac"][2:]]
+    assert regime["identify-random-balanced"][-4:] == ["--identify", "random", "--goal-score", "balanced"]
 
 
 def test_shared_flags_reach_only_their_method():
