@@ -232,6 +232,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# states a job does not leave (a preempted job of a --requeue script is requeued; SIGNALING, as a
+# time-limit warning is delivered, and REQUEUED pass)
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
 class Cluster:
     """munged, slurmctld and slurmd in `folder`; clients reach them through SLURM_CONF."""
 
@@ -310,8 +315,7 @@ class Cluster:
     def wait_done(self, array_id, tasks, timeout):
         def done():
             jobs = self.jobs(array_id)
-            return len(jobs) == tasks and all(state not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING",
-                                                            "CONFIGURING") for _, state, _ in jobs.values())
+            return len(jobs) == tasks and all(state in FINAL_STATES for _, state, _ in jobs.values())
         self.wait_for(done, f"array job {array_id}", timeout)
         return self.jobs(array_id)
 
