@@ -3,6 +3,7 @@ killed after a stage, and the end-to-end runs of every method (made once per ses
 
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -85,8 +86,22 @@ def atari_batch(generator=None, n=4, num_actions=6):
         frames[1], torch.zeros(n)
 
 
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+class FixedBuffer:
+    """A replay buffer whose `sample` hands out prepared batches in order."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def sample(self, n):
+        return self.batches.pop(0)
+
+
+def saved_and_loaded(state):
+    """`state` after a checkpoint's round trip (torch.save, then torch.load with weights_only)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------
