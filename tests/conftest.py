@@ -86,6 +86,10 @@ def atari_batch(generator=None, n=4, num_actions=6):
         frames[1], torch.zeros(n)
 
 
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 class FixedBuffer:
     """A replay buffer whose `sample` hands out prepared batches in order."""
 
