@@ -72,6 +72,7 @@ def test_method_choices_match_the_scripts():
         assert typing.get_type_hints(script.Args)["method"].__args__ == METHOD_NAMES
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
 def test_sac_is_nbsp_without_mask_and_replay(script, tiny, tmp_path):
     sac = script.main(script.Args(**tiny, method="sac", runs_dir=str(tmp_path / "sac")))
@@ -122,6 +123,7 @@ class Recorder(Method):
         return {"count": torch.tensor(len(self.calls))}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
 def test_hooks_run_at_their_points(script, tiny, tmp_path, monkeypatch):
     Recorder.calls = []
@@ -172,6 +174,7 @@ def test_method_flags_are_checked(script, tiny, overrides, named, tmp_path, caps
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.e2e
 def test_config_records_the_method(tmp_path):
     metrics = mw.main(mw.Args(**{**MW_TINY, "tasks": ["reach"]}, method="sac", runs_dir=str(tmp_path)))
     with open(tmp_path / metrics["run_name"] / "config.json") as f:
@@ -199,6 +202,7 @@ METHOD = WeightPenalty
 '''
 
 
+@pytest.mark.e2e
 def test_an_eighth_method_is_one_module_and_one_line(tmp_path):
     """Adding a method touches two places: its module in baselines/ and its name in
     BASELINE_MODULES. Both scripts' --method choices and flags, the flag checks, a real run,

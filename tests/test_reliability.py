@@ -41,6 +41,7 @@ def load(path):
 # --------------------------------------------------------------------------------------------
 # A diverged run
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_a_diverged_run_stops_and_says_so(tmp_path):
     """--q-lr 1e6 (the reliability pass's case: it used to exit 0 with ASR 0.667) stops at the next
     loss log with one line naming the stage, the step and the quantity; metrics.json is marked."""
@@ -129,6 +130,7 @@ def test_runs_dir_that_is_a_file(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == ""
 
 
+@pytest.mark.e2e
 def test_the_rollout_env_pool_is_capped(tmp_path, monkeypatch):
     """--eval-episodes 100000 used to build 100000 envs per task up front; the pool stops at
     MAX_ROLLOUT_ENVS and evaluation runs in waves over it."""
@@ -143,6 +145,7 @@ def test_the_rollout_env_pool_is_capped(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # Resume: exact with a wrapped D, the saved config checked, one process per run folder
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", ["metaworld", "atari"])
 def test_keep_buffer_resume_is_exact_once_d_wraps(script, tmp_path, kill_after_stage_1):
     """D of 200 transitions over 300-step stages wraps in stage 1; killed after stage 1 and
@@ -165,6 +168,7 @@ def killed_run(tmp_path, kill_after_stage_1):
     return kill_after_stage_1(mw, mw.Args(**MW_TINY, runs_dir=str(tmp_path)))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("edit, expected", [
     (dict(skill_ratio=5.0), "its config.json: --skill-ratio must be in (0, 1], got 5.0"),
     (dict(tasks=["no-such-task", "reach"]), "its config.json: unknown task 'no-such-task'"),
@@ -184,6 +188,7 @@ def test_resume_checks_what_it_reads(edit, expected, tmp_path, kill_after_stage_
     assert exit.value.code == 2 and len(err) == 1 and expected in err[0], err
 
 
+@pytest.mark.e2e
 def test_a_second_process_on_a_run_folder_stops(tmp_path, kill_after_stage_1, capsys):
     run_dir = killed_run(tmp_path, kill_after_stage_1)
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import protocol; "
@@ -212,6 +217,7 @@ def make_unwritable(path):
     return lambda: os.chmod(path, 0o644)
 
 
+@pytest.mark.e2e
 def test_an_unwritable_checkpoint_is_found_before_training(tmp_path, kill_after_stage_1, capsys):
     run_dir = killed_run(tmp_path, kill_after_stage_1)
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
@@ -233,6 +239,7 @@ def test_an_unwritable_checkpoint_is_found_before_training(tmp_path, kill_after_
 # --------------------------------------------------------------------------------------------
 # The README's commands, from another working directory
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_readme_commands_run_from_any_folder(tmp_path):
     """The analysis commands of the README's *Reproducing the paper*, run as written (scripts/ by
     its path) from a folder that is not the repository, on a tiny two-task NBSP run."""
