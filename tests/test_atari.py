@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 import nbsp_sac_atari as atari
 import protocol
 import skill_neurons as sn
-from conftest import script_module
+from conftest import ATARI_TINY, script_module
 
 tables = script_module("tables")
 
@@ -485,10 +485,9 @@ def test_replay_memory_is_one_uint8_frame_per_transition():
 # ------------------------------------------------------------------------------------------
 # End to end: Pong -> Bowling, two cycles, tiny budgets
 # ------------------------------------------------------------------------------------------
-TINY = dict(games=["Pong", "Bowling"], cycles=2, steps_per_task=300, learning_starts=100, batch_size=16,
-            conv_channels=[8, 16, 16], hidden=[32, 32], buffer_size=1000, dpre_per_task=150,
-            eval_steps=120, eval_envs=2, eval_every=250, identify_episodes=2, identify_max_steps=400,
-            target_network_frequency=40, replay_interval=3, cuda=False)
+TINY = dict(ATARI_TINY, cycles=2, steps_per_task=300, batch_size=16, conv_channels=[8, 16, 16], hidden=[32, 32],
+            dpre_per_task=150, eval_steps=120, eval_every=250, identify_episodes=2, identify_max_steps=400,
+            replay_interval=3)
 NEURONS = 8 + 16 + 16 + 32 + 32
 
 

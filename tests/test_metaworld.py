@@ -27,6 +27,7 @@ import skill_neurons as sn
 from nbsp_sac_metaworld import Args, ReplayBuffer, SACLearner, main
 from protocol import continual_metrics
 from skill_neurons import MaskedOptimizer
+from conftest import kill_after_stage, load
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_metaworld.py")
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3
@@ -35,10 +36,6 @@ ROW = 2 * OBS_DIM + ACT_DIM + 2  # obs, action, reward, next_obs, done
 
 def t(values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def only_run_dir(runs_dir):
@@ -734,7 +731,7 @@ def test_dpre_receives_only_policy_transitions(window_run):
 
 
 @pytest.mark.e2e
-def test_training_window_resume_is_exact(tmp_path, monkeypatch, kill_after_stage_1):
+def test_training_window_resume_is_exact(tmp_path, monkeypatch):
     """Killed after stage 1 and resumed, a run identifying on its training episodes ends with the
     same weights and masks; with --keep-buffer, D's episode tags come back from the checkpoint."""
     real_make_env = mw.make_env
@@ -742,7 +739,7 @@ def test_training_window_resume_is_exact(tmp_path, monkeypatch, kill_after_stage
                         if seed - 1 in SCRIPTS else real_make_env(task, seed))
     args = {**WINDOW_ARGS, "cycles": 2, "keep_buffer": True}
     full = main(Args(**args, runs_dir=str(tmp_path / "full")))
-    killed = kill_after_stage_1(mw, Args(**args, runs_dir=str(tmp_path / "killed")))
+    killed = kill_after_stage(mw, Args(**args, runs_dir=str(tmp_path / "killed")), 1)
     resumed = main(Args(resume=killed))
     assert [s["identify_window"] for s in resumed["stages"]] == ["training", "training"]
     assert resumed["stages"][1]["identify_widened"] is True  # stage 2's window reaches back to episode 3
