@@ -73,16 +73,18 @@ def test_method_choices_match_the_scripts():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
-def test_sac_is_nbsp_without_mask_and_replay(script, tiny, tmp_path):
-    sac = script.main(script.Args(**tiny, method="sac", runs_dir=str(tmp_path / "sac")))
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_sac_is_nbsp_without_mask_and_replay(name, tmp_path, method_runs):
+    script, tiny = SCRIPTS[name]
+    runs = method_runs(name, "sac")  # a run of `tiny` with --method sac
+    sac = runs.metrics
     off = script.main(script.Args(**tiny, no_mask=True, no_replay=True, runs_dir=str(tmp_path / "off")))
     metric = "ASR" if script is mw else "AR"
     assert sac["sr"] == off["sr"] and sac[metric] == off[metric]
-    a = load(tmp_path / "sac" / sac["run_name"] / "checkpoint.pt")
+    a = load(os.path.join(runs.run_dir, "checkpoint.pt"))
     b = load(tmp_path / "off" / off["run_name"] / "checkpoint.pt")
-    for name, tensor in a["actor"].items():
-        assert torch.equal(tensor, b["actor"][name]), name
+    for tensor_name, tensor in a["actor"].items():
+        assert torch.equal(tensor, b["actor"][tensor_name]), tensor_name
     assert a["neuron_masks"] == {}
     assert all("skill_neurons" not in stage for stage in sac["stages"])  # no identification for sac
 
@@ -175,9 +177,8 @@ def test_method_flags_are_checked(script, tiny, overrides, named, tmp_path, caps
 
 
 @pytest.mark.e2e
-def test_config_records_the_method(tmp_path):
-    metrics = mw.main(mw.Args(**{**MW_TINY, "tasks": ["reach"]}, method="sac", runs_dir=str(tmp_path)))
-    with open(tmp_path / metrics["run_name"] / "config.json") as f:
+def test_config_records_the_method(method_runs):
+    with open(os.path.join(method_runs("metaworld", "sac").run_dir, "config.json")) as f:
         assert json.load(f)["args"]["method"] == "sac"
 
 
