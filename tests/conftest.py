@@ -167,8 +167,8 @@ ANCL_AUX_FISHER_INTERVAL = 10  # stage 2 has 100 (Meta-World) or 35 (Atari) upda
 
 @dataclasses.dataclass
 class MethodRuns:
-    """One method's tiny two-stage run of one script, uninterrupted (`full`) and killed after
-    stage 1 then resumed (`resumed`)."""
+    """One method's tiny two-stage run of one script, uninterrupted (`metrics`, `run_dir`), and the
+    same run killed after stage 1 (`killed_*`) then resumed (`resumed_*`)."""
 
     script: object
     args: object  # the uninterrupted run's
@@ -203,9 +203,9 @@ def method_runs(tmp_path_factory):
         make_method = baselines.make_method
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(baselines.METHODS["ancl"], "aux_fisher_interval", ANCL_AUX_FISHER_INTERVAL)
-            patch.setattr(baselines, "make_method", recorded_make_method)
-            metrics = script.main(args)
-            patch.setattr(baselines, "make_method", make_method)
+            with pytest.MonkeyPatch.context() as recording:
+                recording.setattr(baselines, "make_method", recorded_make_method)
+                metrics = script.main(args)
             killed = kill_after_stage(script, dataclasses.replace(args, runs_dir=str(folder / "killed")), 1)
             with open(os.path.join(killed, "metrics.json")) as f:
                 killed_metrics = json.load(f)
