@@ -153,12 +153,14 @@ def side_by_side():
 
 # Flags under which each method acts within a tiny run (ANCL's auxiliary Fisher interval is set below).
 METHOD_FLAGS = {
+    "nbsp": dict(identify_episodes=1, dpre_per_task=100),
     "ewc": dict(fisher_batches=2, fisher_critic=True),
     "ancl": dict(fisher_batches=2, fisher_critic=True),
     "cbp": dict(cbp_maturity_threshold=20, cbp_replacement_rate=0.05),
     "cotasp": dict(hidden=[32, 32], cotasp_weight_steps=40, cotasp_prompt_steps=10),
 }
 SCRIPT_METHOD_FLAGS = {  # CoTASP's Atari layers and CReLU's halving are tested on two hidden layers
+    ("atari", "nbsp"): dict(identify_max_steps=200),
     ("atari", "cotasp"): dict(conv_channels=[8, 16, 16]),
     ("atari", "crelu"): dict(hidden=[16, 16], crelu_halve_width=True),
 }
