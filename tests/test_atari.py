@@ -22,6 +22,7 @@ import protocol
 import paper_tables
 import skill_neurons as sn
 from fast_adam import StepMask
+from conftest import ATARI_TINY
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_atari.py")
 
@@ -512,10 +513,9 @@ def test_training_window_widens_over_games_whole_in_the_buffer(lengths, returns,
 # ------------------------------------------------------------------------------------------
 # End to end: Pong -> Bowling, two cycles, tiny budgets
 # ------------------------------------------------------------------------------------------
-TINY = dict(games=["Pong", "Bowling"], cycles=2, steps_per_task=300, learning_starts=100, batch_size=16,
-            conv_channels=[8, 16, 16], hidden=[32, 32], buffer_size=1000, dpre_per_task=150,
-            eval_steps=120, eval_envs=2, eval_every=250, identify_episodes=2, identify_max_steps=400,
-            target_network_frequency=40, replay_interval=3, cuda=False)
+TINY = dict(ATARI_TINY, cycles=2, steps_per_task=300, batch_size=16, conv_channels=[8, 16, 16], hidden=[32, 32],
+            dpre_per_task=150, eval_steps=120, eval_every=250, identify_episodes=2, identify_max_steps=400,
+            replay_interval=3)
 NEURONS = 8 + 16 + 16 + 32 + 32
 
 
@@ -526,6 +526,7 @@ def tiny_run(tmp_path_factory):
     return metrics, os.path.join(runs_dir, metrics["run_name"])
 
 
+@pytest.mark.e2e
 def test_compile_run_has_no_graph_breaks_with_masks_and_dpre(tmp_path):
     """--compile over two stages, masks and Dpre on in the second: no graph break anywhere. Graphs:
     acting, the update with and without the target copy, and those two once more when the masks
@@ -539,6 +540,7 @@ def test_compile_run_has_no_graph_breaks_with_masks_and_dpre(tmp_path):
     assert counters["stats"]["unique_graphs"] == 5
 
 
+@pytest.mark.e2e
 def test_end_to_end_metrics_without_a_finished_evaluation_game(tiny_run):
     """--eval-steps 120 over 2 envs finishes no Pong or Bowling game: no score is made up from
     the partial returns; every entry and metric is missing, and the stages say which games."""
@@ -556,6 +558,7 @@ def test_end_to_end_metrics_without_a_finished_evaluation_game(tiny_run):
     assert run.problem == "AR missing: no Bowling/Pong game finished within an evaluation (raise --eval-steps)"
 
 
+@pytest.mark.e2e
 def test_end_to_end_scores_only_finished_games(tmp_path, capsys):
     """Breakout's games finish within the budget, Pong's do not: Breakout is scored from its
     finished games' full returns, Pong is missing, and so are the metrics that read its score."""
@@ -584,6 +587,7 @@ def test_end_to_end_scores_only_finished_games(tmp_path, capsys):
     assert all(e.value >= 1 for e in events.Scalars("eval/Breakout/finished_games"))
 
 
+@pytest.mark.e2e
 def test_end_to_end_updates_identification_and_dpre(tiny_run):
     metrics, run_dir = tiny_run
     stages = metrics["stages"]
@@ -606,6 +610,7 @@ def test_end_to_end_updates_identification_and_dpre(tiny_run):
     assert len(checkpoint["dpre"]["obs_slot"]) == 3 * 150  # the last 150 transitions of stages 1-3
 
 
+@pytest.mark.e2e
 def test_end_to_end_masks_protect_conv_and_fc_neurons(tiny_run):
     _, run_dir = tiny_run
     protected = []
@@ -628,6 +633,7 @@ def test_end_to_end_masks_protect_conv_and_fc_neurons(tiny_run):
     assert not torch.equal(first["actor"]["trunk.0.weight"], last["actor"]["trunk.0.weight"])
 
 
+@pytest.mark.e2e
 def test_end_to_end_tensorboard_has_eval_and_losses(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -646,6 +652,7 @@ def test_end_to_end_tensorboard_has_eval_and_losses(tiny_run):
         assert [e.step for e in events.Scalars(tag)] == [101, 300 + 105, 600 + 105, 900 + 105]
 
 
+@pytest.mark.e2e
 def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):
     """Killed after stage 2 and resumed: the same metrics and final weights as the uninterrupted
     run (CPU, same seed), with Dpre, masks and optimizer state restored from the checkpoint."""
@@ -690,6 +697,7 @@ def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):
     assert atari.main(atari.Args(resume=run_dir, cuda=False)) == json.load(open(os.path.join(run_dir, "metrics.json")))
 
 
+@pytest.mark.e2e
 def test_end_to_end_training_window_from_the_stages_own_games(tmp_path, monkeypatch):
     """Breakout games end within a few hundred steps: the window is the stage's last policy games,
     read from D (no extra env steps), and the goal metric of a step is its game's return."""
@@ -717,6 +725,7 @@ def test_end_to_end_training_window_from_the_stages_own_games(tmp_path, monkeypa
         assert stage["selection"][name]["selected_dead"] <= stage["selection"][name]["dead"]
 
 
+@pytest.mark.e2e
 def test_end_to_end_goal_identification_on_finished_games(tmp_path):
     """Breakout (five lives, outside Table 7: scores given with --game-scores): random-policy games
     end within the window, so the goal metric is the finished games' full returns."""

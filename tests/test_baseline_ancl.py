@@ -2,76 +2,29 @@
 is equal is stated in each test), the penalty and its gradient by hand, the authors' Fisher merge,
 the auxiliary learner trained alongside on the main learner's batches with a refreshed Fisher, the
 state round trip, that ANCL is not plain SAC after a task switch (pulled towards the old anchor,
-weighted by the Fisher), and both scripts end to end with an exact resume (the auxiliary learner
-is rebuilt at the stage start, so it needs no checkpoint)."""
+weighted by the Fisher), and both scripts end to end (the exact resume, with the auxiliary learner rebuilt at the stage
+start and so not checkpointed: tests/test_methods.py)."""
 
-import io
 import os
+from functools import partial
 
-import numpy as np
 import pytest
 import torch
 
-import nbsp_sac_atari as atari
+import conftest
 import nbsp_sac_metaworld as mw
-import baselines
 from baselines import Method, make_method
 from baselines.ancl import ANCL
 from baselines.ewc import estimate_fisher, snapshot
-from conftest import evaluated
+from conftest import MW_TINY, SCRIPTS, FixedBuffer, atari_batch, load, saved_and_loaded
 from test_baseline_ewc import pulled_towards_the_anchor
 
-CPU = torch.device("cpu")
-
-
-def saved_and_loaded(state):
-    """`state` after a checkpoint's round trip (torch.save, then torch.load with weights_only)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def metaworld_learner(**flags):
-    args = mw.Args(**{"method": "ancl", "hidden": [4, 4], "batch_size": 8, "fisher_critic": True, "fisher_batches": 2,
-                      "cuda": False, **flags})
-    method = make_method(args)
-    learner = mw.SACLearner(5, 2, -np.ones(2, np.float32), np.ones(2, np.float32), args, CPU, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def atari_learner(**flags):
-    args = atari.Args(**{"method": "ancl", "conv_channels": [2, 2, 2], "hidden": [4], "batch_size": 4,
-                         "fisher_critic": True, "fisher_batches": 2, "cuda": False, **flags})
-    method = make_method(args)
-    learner = atari.SACLearner(6, args, CPU, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def metaworld_batch(generator, n=8):
-    return (torch.randn(n, 5, generator=generator), torch.rand(n, 2, generator=generator) * 2 - 1,
-            torch.randn(n, 1, generator=generator), torch.randn(n, 5, generator=generator), torch.zeros(n, 1))
-
-
-def atari_batch(generator, n=4):
-    frames = torch.randint(0, 256, (2, n, 4, 84, 84), dtype=torch.uint8, generator=generator)
-    return frames[0], torch.randint(0, 6, (n,), generator=generator), torch.randn(n, generator=generator), frames[1], \
-        torch.zeros(n)
-
-
+metaworld_learner = partial(conftest.metaworld_learner, "ancl", obs_dim=5, act_dim=2, hidden=[4, 4], batch_size=8,
+                            fisher_critic=True, fisher_batches=2)
+atari_learner = partial(conftest.atari_learner, "ancl", conv_channels=[2, 2, 2], hidden=[4], batch_size=4,
+                        fisher_critic=True, fisher_batches=2)
+metaworld_batch = partial(conftest.metaworld_batch, obs_dim=5, act_dim=2)
 LEARNERS = {"metaworld": (metaworld_learner, metaworld_batch), "atari": (atari_learner, atari_batch)}
-
-
-class FixedBuffer:
-    """A replay buffer whose `sample` hands out prepared batches in order."""
-
-    def __init__(self, batches):
-        self.batches = list(batches)
-
-    def sample(self, n):
-        return self.batches.pop(0)
 
 
 def perturb(learner, generator, scale=0.05):
@@ -150,24 +103,15 @@ def test_ancl_is_not_plain_sac(side_by_side):
     assert method.updates == 200 and not torch.equal(method.aux.actor.fc_mean.weight, learner.actor.fc_mean.weight)
 
 
-MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=150,
-               learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000, cuda=False,
-               fisher_batches=2, fisher_critic=True)
-ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=240, learning_starts=100, batch_size=8,
-                  conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=100, eval_envs=2,
-                  eval_every=0, target_network_frequency=40, cuda=False, fisher_batches=2, fisher_critic=True)
-SCRIPTS = {"metaworld": (mw, MW_TINY), "atari": (atari, ATARI_TINY)}
+MW_EWC = dict(MW_TINY, fisher_batches=2, fisher_critic=True)
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
+@pytest.mark.e2e
 def test_aux_lambda_zero_trains_exactly_as_ewc(tmp_path, monkeypatch):
     """Two tasks (one switch), a = 0 and lambda = 2 lambda_e: the same run, bit for bit."""
-    ancl = mw.main(mw.Args(**MW_TINY, method="ancl", ancl_aux_lambda=0.0, ancl_a=0.0, ancl_lambda=1e4,
+    ancl = mw.main(mw.Args(**MW_EWC, method="ancl", ancl_aux_lambda=0.0, ancl_a=0.0, ancl_lambda=1e4,
                            runs_dir=str(tmp_path / "ancl")))
-    ewc = mw.main(mw.Args(**MW_TINY, method="ewc", ewc_lambda=5e3, runs_dir=str(tmp_path / "ewc")))
+    ewc = mw.main(mw.Args(**MW_EWC, method="ewc", ewc_lambda=5e3, runs_dir=str(tmp_path / "ewc")))
     assert ancl["sr"] == ewc["sr"]
     a = load(tmp_path / "ancl" / ancl["run_name"] / "checkpoint.pt")
     b = load(tmp_path / "ewc" / ewc["run_name"] / "checkpoint.pt")
@@ -291,35 +235,17 @@ def test_state_round_trip_restores_the_old_task_penalty(script):
 # --------------------------------------------------------------------------------------------
 # Both scripts end to end, with an exact resume
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_end_to_end_aux_learner_and_exact_resume(name, tmp_path, monkeypatch, kill_after_stage_1):
-    script, tiny = SCRIPTS[name]
-    monkeypatch.setattr(ANCL, "aux_fisher_interval", 10)  # stage 2 has 100 (Meta-World) or 35 (Atari) updates
-    methods = []
-
-    def recorded_make_method(args):
-        methods.append(make_method(args))
-        return methods[-1]
-
-    monkeypatch.setattr(baselines, "make_method", recorded_make_method)
-    args = dict(tiny, method="ancl")
-    metrics = script.main(script.Args(**args, runs_dir=str(tmp_path / "full")))
-    assert len(metrics["sr"]) == 2 and metrics["sr"][0][1] is None and evaluated(metrics, 1)
-    method = methods[-1]
+def test_end_to_end_aux_learner(name, method_runs):
+    """ANCL's state in the shared tiny runs (tests/test_methods.py checks that they resume exactly;
+    there the auxiliary Fisher is re-estimated every 10 updates: stage 2 has 100 or 35)."""
+    runs = method_runs(name, "ancl")
+    method = runs.method
     assert method.aux is not None and set(method.aux_fisher) == {"actor", "critic"}  # stage 2's auxiliary term ran
     assert set(method.penalties) == {"old_actor", "aux_actor", "old_critic", "aux_critic"}
-    run_dir = tmp_path / "full" / metrics["run_name"]
-    checkpoint = load(run_dir / "checkpoint.pt")
-    stage_1 = load(run_dir / "checkpoints" / "stage_1.pt")
+    checkpoint = load(os.path.join(runs.run_dir, "checkpoint.pt"))
+    stage_1 = load(os.path.join(runs.run_dir, "checkpoints", "stage_1.pt"))
     assert set(checkpoint["method"]) == {"old_fisher", "old_anchor"}
     for key, value in checkpoint["method"]["old_anchor"]["actor"].items():
         assert torch.equal(value, stage_1["actor"][key])
-
-    killed = kill_after_stage_1(script, script.Args(**args, runs_dir=str(tmp_path / "killed")))
-    resumed = script.main(script.Args(resume=killed, cuda=False))
-    assert resumed["sr"] == metrics["sr"]
-    final = load(os.path.join(killed, "checkpoint.pt"))
-    networks = ("actor", "qf", "qf_target") if script is mw else ("actor", "qf1", "qf2", "qf1_target", "qf2_target")
-    for key in networks:
-        for k, v in checkpoint[key].items():
-            assert torch.equal(final[key][k], v), f"{key}.{k}"

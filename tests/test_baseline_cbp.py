@@ -5,26 +5,22 @@ almost unchanged, that the replaced count matches the replacement rate on averag
 plain SAC (its replacements, and ages that count each network's own optimizer steps), and
 end-to-end runs of both scripts through a killed stage and a resume."""
 
-import dataclasses
 import json
 import math
 import os
+from functools import partial
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import nbsp_sac_atari as atari
-import nbsp_sac_metaworld as mw
+import conftest
 import skill_neurons as sn
 from baselines import make_method
 from skill_neurons import Consumer, NeuronLayer
 from baselines.cbp import neuron_slices, outgoing
-from conftest import evaluated
-
-DEVICE = torch.device("cpu")
+from conftest import atari_batch, evaluated, load, metaworld_batch, seeded
 
 
 class TinyLearner:
@@ -129,32 +125,8 @@ def test_replaced_count_matches_the_rate_on_average(rate_times_width):
 # --------------------------------------------------------------------------------------------
 # The scripts' layouts
 # --------------------------------------------------------------------------------------------
-def metaworld_learner(**flags):
-    args = mw.Args(method="cbp", hidden=[8, 8], batch_size=8, cuda=False, **flags)
-    method = make_method(args)
-    learner = mw.SACLearner(39, 4, -np.ones(4), np.ones(4), args, DEVICE, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def atari_learner(**flags):
-    args = atari.Args(method="cbp", conv_channels=[4, 8, 8], hidden=[16], batch_size=4, cuda=False, **flags)
-    method = make_method(args)
-    learner = atari.SACLearner(6, args, DEVICE, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def metaworld_batch(n=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 39, generator=generator), torch.rand(n, 4, generator=generator) * 2 - 1,
-            torch.randn(n, 1, generator=generator), torch.randn(n, 39, generator=generator), torch.zeros(n, 1))
-
-
-def atari_batch(n=4, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    obs, next_obs = (torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=generator) for _ in range(2))
-    return obs, torch.randint(0, 6, (n,), generator=generator), torch.randn(n, generator=generator), next_obs, torch.zeros(n)
+metaworld_learner = partial(conftest.metaworld_learner, "cbp", hidden=[8, 8], batch_size=8)
+atari_learner = partial(conftest.atari_learner, "cbp", conv_channels=[4, 8, 8], hidden=[16], batch_size=4)
 
 
 class OutputProbe:
@@ -174,7 +146,7 @@ def test_metaworld_utilities_follow_the_authors_formula():
     learner, method = metaworld_learner(cbp_decay=0.9)
     trunk, heads = learner.actor.trunk, (learner.actor.fc_mean, learner.actor.fc_logstd)
     probe = OutputProbe([trunk[1], trunk[3], learner.qf.trunk[1]])
-    learner.actor_step(metaworld_batch()[0])
+    learner.actor_step(metaworld_batch(seeded(0))[0])
     h = probe.outputs[trunk[3]]  # last hidden layer: read by both heads
     w_out = torch.cat([head.weight for head in heads]).detach()
     torch.testing.assert_close(method.units["actor"][1].utility, 0.1 * w_out.abs().mean(0) * h.abs().mean(0))
@@ -182,7 +154,7 @@ def test_metaworld_utilities_follow_the_authors_formula():
     expected = 0.1 * trunk[2].weight.detach().abs().mean(0) * h.abs().mean(0)
     torch.testing.assert_close(method.units["actor"][0].utility, expected)
     assert all(u.utility.abs().sum() == 0 for u in method.units["qf1"])  # the actor's step leaves the critics alone
-    learner.critic_step(*metaworld_batch(), update_target=False)
+    learner.critic_step(*metaworld_batch(seeded(0)), update_target=False)
     h = probe.outputs[learner.qf.trunk[1]][1]  # member 1 of the ensemble: the second critic
     w_out = learner.qf.trunk[2].weight[1].detach()  # [in, out]
     torch.testing.assert_close(method.units["qf2"][0].utility, 0.1 * w_out.abs().mean(1) * h.abs().mean(0))
@@ -193,7 +165,7 @@ def test_atari_channel_utilities_follow_the_authors_conv_formula():
     learner, method = atari_learner(cbp_decay=0.9)
     trunk = learner.qf1.trunk  # conv relu conv relu conv relu flatten linear relu
     probe = OutputProbe([trunk[1], trunk[5]])
-    learner.critic_step(*atari_batch(), update_target=False)
+    learner.critic_step(*atari_batch(seeded(0)), update_target=False)
     h = probe.outputs[trunk[1]]  # conv 1, read by conv 2: mean over output channels and kernel positions
     expected = trunk[2].weight.detach().abs().mean((0, 2, 3)) * h.abs().mean((0, 2, 3))
     torch.testing.assert_close(method.units["qf1"][0].utility, 0.1 * expected)
@@ -214,7 +186,7 @@ def constant_unit_cases():
                          ids=["mw-actor-heads", "mw-critic-member", "atari-conv-conv", "atari-conv-flatten", "atari-linear"])
 def test_replacing_a_near_constant_unit_leaves_the_output_almost_unchanged(make, batch, name, index, unit):
     learner, method = make(cbp_decay=0.99)
-    learner.update(batch(), True, True)  # Adam moments for every parameter
+    learner.update(batch(seeded(0)), True, True)  # Adam moments for every parameter
     units = method.units[name][index]
     hidden = units.layer.hidden
     with torch.no_grad():  # the unit ignores its input: relu(0.7) everywhere, up to 1e-4 noise of the incoming weights
@@ -223,7 +195,7 @@ def test_replacing_a_near_constant_unit_leaves_the_output_almost_unchanged(make,
         neuron_slices(hidden.bias, hidden.member, hidden.neuron_dim)[unit] = 0.7
         units.utility[unit], units.mean_activation[unit], units.created[unit] = 0.0, 0.0, method.steps[name]  # born so
     def forward(seed):  # the actor's outputs (Meta-World: mean and log-std) or both critics' Q-values
-        obs, actions = batch(seed=seed)[:2]
+        obs, actions = batch(seeded(seed))[:2]
         out = learner.actor(obs) if name == "actor" else learner.q_values(obs, actions)
         return torch.cat([o.flatten() for o in (out if isinstance(out, tuple) else (out,))])
 
@@ -253,7 +225,7 @@ def test_replacing_a_near_constant_unit_leaves_the_output_almost_unchanged(make,
 def test_state_round_trip():
     learner, method = metaworld_learner(cbp_maturity_threshold=3, cbp_replacement_rate=0.2)
     for seed in range(6):
-        learner.update(metaworld_batch(seed=seed), True, True)
+        learner.update(metaworld_batch(seeded(seed)), True, True)
     assert method.replaced["qf1"] > 0
     state = method.state_dict()
     _, other = metaworld_learner(cbp_maturity_threshold=3, cbp_replacement_rate=0.2)
@@ -281,7 +253,7 @@ def test_cbp_is_not_plain_sac(side_by_side):
     on the Meta-World schedule, 101 critic steps and 102 actor steps (2 every 2nd update)."""
     learner, method = metaworld_learner(cbp_maturity_threshold=20, cbp_replacement_rate=0.05)
     plain = learner.plain_copy()
-    batches = [metaworld_batch(seed=seed) for seed in range(101)]
+    batches = [metaworld_batch(seeded(seed)) for seed in range(101)]
 
     def parameters(each):
         return [p.detach().clone() for net in (each.actor, each.qf) for p in net.parameters()]
@@ -311,58 +283,31 @@ def test_cbp_is_not_plain_sac(side_by_side):
 
 
 # --------------------------------------------------------------------------------------------
-# End to end: both scripts, killed at stage 2, then resumed
+# End to end: the shared tiny runs of both scripts, killed after stage 1 and resumed
+# (tests/test_methods.py checks that the resume is exact)
 # --------------------------------------------------------------------------------------------
-def run_killed_then_resumed(script, args, kill_after_stage_1):
-    """Runs `args` until stage 1 is saved, resumes the run folder, and returns its folder, the
-    checkpoint after stage 1 and the resumed run's metrics."""
-    run_dir = kill_after_stage_1(script, args)
-    after_stage_1 = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    metrics = script.main(script.Args(resume=run_dir, cuda=False))
-    return run_dir, after_stage_1, metrics
-
-
-def check_run(run_dir, after_stage_1, metrics, sizes, steps_per_stage):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["metaworld", "atari"])
+def test_end_to_end_replacements_and_ages(name, method_runs):
+    runs = method_runs(name, "cbp")
+    metrics, after_stage_1 = runs.resumed_metrics, runs.killed_checkpoint
+    with open(os.path.join(runs.resumed_dir, "metrics.json")) as f:
         assert json.load(f) == metrics
     assert metrics["complete"] and len(metrics["sr"]) == 2
     assert evaluated(metrics, 0) and metrics["sr"][0][1] is None and evaluated(metrics, 1)
-    final = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    if name == "metaworld":  # 100 updates per stage: 100 critic steps, 50 policy updates of 2 actor steps
+        sizes = {"actor": [8, 8], "qf1": [8, 8], "qf2": [8, 8]}
+        steps_per_stage = {"actor": 100, "qf1": 100, "qf2": 100}
+    else:
+        sizes = {network: [4, 8, 8, 16] for network in ("actor", "qf1", "qf2")}
+        updates = (runs.args.steps_per_task - runs.args.learning_starts) // runs.args.update_frequency
+        steps_per_stage = {network: updates for network in ("actor", "qf1", "qf2")}
+    final = load(os.path.join(runs.resumed_dir, "checkpoint.pt"))
     for stage, checkpoint in enumerate((after_stage_1, final), 1):
         state = checkpoint["method"]
-        assert {name: [len(u["utility"]) for u in layers] for name, layers in state["layers"].items()} == sizes
-        assert state["steps"] == {name: stage * steps for name, steps in steps_per_stage.items()}
+        assert {network: [len(u["utility"]) for u in layers] for network, layers in state["layers"].items()} == sizes
+        assert state["steps"] == {network: stage * steps for network, steps in steps_per_stage.items()}
         assert all(count > 0 for count in state["replaced"].values())
         created = torch.cat([u["created"] for layers in state["layers"].values() for u in layers])
         assert 0 < created.max() <= max(state["steps"].values())
-    assert all(final["method"]["replaced"][name] > after_stage_1["method"]["replaced"][name] for name in sizes)
-
-
-CBP_FLAGS = {"cbp_maturity_threshold": 20, "cbp_replacement_rate": 0.05}  # replacements within a tiny run
-
-
-def test_metaworld_end_to_end_with_resume(tmp_path, kill_after_stage_1):
-    args = mw.Args(method="cbp", tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8,
-                   steps_per_task=150, learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000,
-                   cuda=False, runs_dir=str(tmp_path), **CBP_FLAGS)
-    run_dir, after_stage_1, metrics = run_killed_then_resumed(mw, args, kill_after_stage_1)
-    # 100 updates per stage: 100 critic steps, 50 policy updates of 2 actor steps
-    check_run(run_dir, after_stage_1, metrics, {"actor": [8, 8], "qf1": [8, 8], "qf2": [8, 8]},
-              {"actor": 100, "qf1": 100, "qf2": 100})
-
-
-def test_atari_end_to_end_with_resume(tmp_path, kill_after_stage_1):
-    args = atari.Args(method="cbp", games=["Pong", "Bowling"], cycles=1, steps_per_task=150, learning_starts=50,
-                      batch_size=8, conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=60,
-                      eval_envs=1, eval_every=0, target_network_frequency=40, cuda=False, runs_dir=str(tmp_path / "b"),
-                      **CBP_FLAGS)
-    run_dir, after_stage_1, metrics = run_killed_then_resumed(atari, args, kill_after_stage_1)
-    uninterrupted = atari.main(dataclasses.replace(args, runs_dir=str(tmp_path / "a")))
-    assert uninterrupted["sr"] == metrics["sr"]
-    final_a = torch.load(tmp_path / "a" / uninterrupted["run_name"] / "checkpoint.pt", weights_only=True)
-    final_b = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):  # the resume is exact
-        assert all(torch.equal(final_a[key][name], final_b[key][name]) for name in final_a[key]), key
-    updates = (150 - 50) // args.update_frequency
-    check_run(run_dir, after_stage_1, metrics, {name: [4, 8, 8, 16] for name in ("actor", "qf1", "qf2")},
-              {name: updates for name in ("actor", "qf1", "qf2")})
+    assert all(final["method"]["replaced"][network] > after_stage_1["method"]["replaced"][network] for network in sizes)

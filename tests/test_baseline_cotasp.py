@@ -7,54 +7,26 @@ method state, and end-to-end runs of both scripts killed after their first stage
 import hashlib
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+import conftest
 import nbsp_sac_atari as atari
-import nbsp_sac_metaworld as mw
 from baselines import cotasp
 from baselines.cotasp import CoTASP, sparse_code, task_embedding
-from conftest import evaluated
+from conftest import evaluated, load, metaworld_batch
 
-CPU = torch.device("cpu")
 MW_LAYERS, MW_HEADS, MW_BLOCKS = ["trunk.0", "trunk.2"], ["fc_mean", "fc_logstd"], [1, 1]
 ATARI_LAYERS, ATARI_HEADS = ["trunk.0", "trunk.2", "trunk.4", "trunk.7", "trunk.9"], ["fc_logits"]
 ATARI_BLOCKS = [1, 1, atari.CONV_OUT ** 2, 1, 1]  # the last conv channel feeds 7 x 7 inputs of the first linear
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def metaworld_learner(**overrides):
-    args = mw.Args(method="cotasp", hidden=[16, 16], cuda=False, **overrides)
-    method = CoTASP(args)
-    learner = mw.SACLearner(39, 4, np.full(4, -1.0), np.full(4, 1.0), args, CPU, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def atari_learner(**overrides):
-    args = atari.Args(method="cotasp", conv_channels=[8, 16, 16], hidden=[32, 32], cuda=False, **overrides)
-    method = CoTASP(args)
-    learner = atari.SACLearner(18, args, CPU, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def metaworld_batch(generator, size=8):
-    return (torch.randn(size, 39, generator=generator), torch.rand(size, 4, generator=generator) * 2 - 1,
-            torch.randn(size, 1, generator=generator), torch.randn(size, 39, generator=generator), torch.zeros(size, 1))
-
-
-def atari_batch(generator, size=4):
-    def frames():
-        return torch.randint(0, 256, (size, 4, 84, 84), generator=generator, dtype=torch.uint8)
-
-    actions, rewards = torch.randint(0, 18, (size,), generator=generator), torch.randn(size, generator=generator)
-    return frames(), actions, rewards, frames(), torch.zeros(size)
+metaworld_learner = partial(conftest.metaworld_learner, "cotasp", hidden=[16, 16])
+atari_learner = partial(conftest.atari_learner, "cotasp", num_actions=18, conv_channels=[8, 16, 16], hidden=[32, 32])
+atari_batch = partial(conftest.atari_batch, num_actions=18)
 
 
 def used_units(prompts):
@@ -381,44 +353,22 @@ def test_state_dict_round_trips_through_a_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------------
 # End to end: each script killed after its first stage, then resumed
 # ------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("kind", ["metaworld", "atari"])
-def test_end_to_end_run_killed_after_stage_1_resumes_with_task_1_frozen(kind, tmp_path, monkeypatch, kill_after_stage_1):
-    if kind == "metaworld":
-        # the resumed run reuses the killed run's evaluation envs (same seeds; every evaluation episode
-        # resets its env to a fixed configuration and seed): Meta-World envs take about a second each
-        evaluation_envs, make_env = {}, mw.make_env
-
-        def reused_evaluation_env(task, seed):
-            if seed < 10_000:  # a stage's training env
-                return make_env(task, seed)
-            if (task, seed) not in evaluation_envs:
-                evaluation_envs[task, seed] = make_env(task, seed)
-            return evaluation_envs[task, seed]
-
-        monkeypatch.setattr(mw, "make_env", reused_evaluation_env)
-        script, layers, heads, blocks, tasks = mw, MW_LAYERS, MW_HEADS, MW_BLOCKS, ["reach", "drawer-close"]
-        args = mw.Args(method="cotasp", tasks=tasks, cycles=1, hidden=[32, 32], batch_size=8, steps_per_task=300,
-                       learning_starts=100, eval_every=0, eval_episodes=2, buffer_size=1000, cuda=False,
-                       cotasp_weight_steps=40, cotasp_prompt_steps=10, runs_dir=str(tmp_path))
-    else:
-        script, layers, heads, blocks, tasks = atari, ATARI_LAYERS, ATARI_HEADS, ATARI_BLOCKS, ["Pong", "Bowling"]
-        args = atari.Args(method="cotasp", games=tasks, cycles=1, steps_per_task=300, learning_starts=100,
-                          batch_size=16, conv_channels=[8, 16, 16], hidden=[32, 32], buffer_size=1000, eval_steps=120,
-                          eval_envs=2, eval_every=0, target_network_frequency=40, cuda=False,
-                          cotasp_weight_steps=40, cotasp_prompt_steps=10, runs_dir=str(tmp_path))
-    run_dir = kill_after_stage_1(script, args)
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        partial = json.load(f)
-    assert len(partial["stages"]) == 1 and partial["sr"][1] == [None, None]  # stage 2 never ran
-    stage_1 = load(os.path.join(run_dir, "checkpoint.pt"))
+def test_end_to_end_run_killed_after_stage_1_resumes_with_task_1_frozen(kind, method_runs):
+    """The shared tiny runs (tests/test_methods.py checks that the resume is exact)."""
+    runs = method_runs(kind, "cotasp")
+    layers, heads, blocks = (MW_LAYERS, MW_HEADS, MW_BLOCKS) if kind == "metaworld" else \
+        (ATARI_LAYERS, ATARI_HEADS, ATARI_BLOCKS)
+    tasks = runs.metrics["stage_tasks"]
+    stage_1 = runs.killed_checkpoint
     assert stage_1["stage"] == 1 and stage_1["method"]["trained"] == [tasks[0]]
 
-    metrics = script.main(script.Args(resume=run_dir, cuda=False))
-    with open(os.path.join(run_dir, "metrics.json")) as f:
+    with open(os.path.join(runs.resumed_dir, "metrics.json")) as f:
         sr = json.load(f)["sr"]
-    assert len(sr) == 2 and len(sr[0]) == 2 and sr[0][1] is None and evaluated(metrics, 1)
-    assert metrics["sr"] == sr
-    final = load(os.path.join(run_dir, "checkpoint.pt"))
+    assert len(sr) == 2 and len(sr[0]) == 2 and sr[0][1] is None and evaluated(runs.resumed_metrics, 1)
+    assert runs.resumed_metrics["sr"] == sr
+    final = load(os.path.join(runs.resumed_dir, "checkpoint.pt"))
     state = final["method"]
     assert final["stage"] == 2 and set(state["prompts"]) == set(tasks) and state["trained"] == [tasks[0]]
     assert len(state["dictionaries"]) == len(layers)

@@ -4,7 +4,6 @@ counts in both width modes, CReLU is not plain SAC (a unit that ReLU leaves dead
 and learns), and both scripts train, switch tasks and resume with it."""
 
 import os
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,11 +14,7 @@ import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
 from baselines import make_method
 from baselines.crelu import CReLU
-from conftest import evaluated
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+from conftest import load, metaworld_learner
 
 
 def count(module):
@@ -144,10 +139,7 @@ def test_crelu_is_not_plain_sac():
     features, moved = {}, {}
     for name in ("sac", "crelu"):
         torch.manual_seed(0)
-        args = mw.Args(method=name, hidden=[8, 8], batch_size=8, cuda=False)
-        method = make_method(args)
-        learner = mw.SACLearner(OBS, ACT, -np.ones(ACT), np.ones(ACT), args, torch.device("cpu"), method=method)
-        method.setup(learner)
+        learner, _ = metaworld_learner(name, obs_dim=OBS, act_dim=ACT, hidden=[8, 8], batch_size=8)
         first = learner.actor.trunk[0]
         with torch.no_grad():
             first.bias[0] = -100.0  # unit 0: a pre-activation of about -100 for every sample
@@ -164,36 +156,21 @@ def test_crelu_is_not_plain_sac():
 
 
 # --------------------------------------------------------------------------------------------
-# End to end through both scripts: training, a task switch, a checkpoint, a resume
+# End to end through both scripts: the shared tiny runs, where the Meta-World run keeps the width
+# (default) and the Atari run halves it (tests/test_methods.py: training, a task switch, a resume)
 # --------------------------------------------------------------------------------------------
-MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=150,
-               learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000, cuda=False)
-ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=200, learning_starts=100, batch_size=8,
-                  conv_channels=[4, 8, 8], hidden=[16, 16], buffer_size=1000, eval_steps=100, eval_envs=2,
-                  eval_every=0, target_network_frequency=40, cuda=False)
-RUNS = {  # the Meta-World run keeps the width (default), the Atari run halves it
-    "metaworld": (mw, mw.Args(**MW_TINY, method="crelu"),
-                  {"actor": {"trunk.2.weight": (8, 16), "fc_mean.weight": (4, 16)},
+@pytest.mark.e2e
+@pytest.mark.parametrize("name, shapes", [
+    ("metaworld", {"actor": {"trunk.2.weight": (8, 16), "fc_mean.weight": (4, 16)},
                    "qf": {"trunk.2.weight": (2, 16, 8), "head.weight": (2, 16, 1)}}),
-    "atari": (atari, atari.Args(**ATARI_TINY, method="crelu", crelu_halve_width=True),
-              {"actor": {"trunk.9.weight": (8, 16), "fc_logits.weight": (18, 16)},
+    ("atari", {"actor": {"trunk.9.weight": (8, 16), "fc_logits.weight": (18, 16)},
                "qf1": {"trunk.9.weight": (8, 16), "fc_q.weight": (18, 16)}}),
-}
-
-
-@pytest.mark.parametrize("name", list(RUNS))
-def test_end_to_end_and_resume(name, tmp_path, capsys):
-    script, args, shapes = RUNS[name]
-    metrics = script.main(replace(args, runs_dir=str(tmp_path)))
-    run_dir = tmp_path / metrics["run_name"]
-    assert os.path.isfile(run_dir / "metrics.json")
-    assert [len(row) for row in metrics["sr"]] == [2, 2] and metrics["sr"][0][1] is None
-    assert evaluated(metrics, 0) and evaluated(metrics, 1)
-    checkpoint = load(run_dir / "checkpoint.pt")
+], ids=["metaworld", "atari"])
+def test_end_to_end_network_shapes(name, shapes, method_runs):
+    runs = method_runs(name, "crelu")
+    assert runs.args.crelu_halve_width == (name == "atari")
+    checkpoint = load(os.path.join(runs.run_dir, "checkpoint.pt"))
     assert checkpoint["method"] == {}  # an architecture change: nothing to save
     for network, expected in shapes.items():
         for tensor, shape in expected.items():
             assert tuple(checkpoint[network][tensor].shape) == shape, f"{network}.{tensor}"
-    resumed = script.main(script.Args(resume=str(run_dir), cuda=False))  # a finished run: nothing to redo
-    assert "nothing to resume" in capsys.readouterr().out
-    assert resumed["sr"] == metrics["sr"]

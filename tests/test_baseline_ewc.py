@@ -3,74 +3,28 @@
 actor, categorical actor, critics), torch.func's per-sample gradients against a loop of autograd
 calls, the sum of Fishers across tasks, the state round trip, that EWC is not plain SAC after a
 task switch (its actor is pulled towards the anchor, the more the higher the Fisher), and both
-scripts end to end with a resume."""
+scripts end to end (the exact resume: tests/test_methods.py)."""
 
-import io
-import json
 import os
+from functools import partial
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
-from baselines import make_method
+import conftest
 from baselines.ewc import ACTOR_FISHER_FLOOR, estimate_fisher, fisher_targets, snapshot
-from conftest import evaluated
+from conftest import SCRIPTS, FixedBuffer, atari_batch, load, saved_and_loaded
 
 CPU = torch.device("cpu")
 LAMBDA = 1e4
-
-
-def saved_and_loaded(state):
-    """`state` after a checkpoint's round trip (torch.save, then torch.load with weights_only)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def metaworld_learner(obs_dim=5, act_dim=2, hidden=(4,), fisher_critic=True):
-    args = mw.Args(method="ewc", hidden=list(hidden), batch_size=8, fisher_critic=fisher_critic, fisher_batches=2,
-                   cuda=False)
-    method = make_method(args)
-    learner = mw.SACLearner(obs_dim, act_dim, -np.ones(act_dim, np.float32), np.ones(act_dim, np.float32), args, CPU,
-                            method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def atari_learner(num_actions=6, fisher_critic=True):
-    args = atari.Args(method="ewc", conv_channels=[2, 2, 2], hidden=[4], batch_size=4, fisher_critic=fisher_critic,
-                      fisher_batches=2, cuda=False)
-    method = make_method(args)
-    learner = atari.SACLearner(num_actions, args, CPU, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def metaworld_batch(generator, n=8, obs_dim=5, act_dim=2):
-    return (torch.randn(n, obs_dim, generator=generator), torch.rand(n, act_dim, generator=generator) * 2 - 1,
-            torch.randn(n, 1, generator=generator), torch.randn(n, obs_dim, generator=generator), torch.zeros(n, 1))
-
-
-def atari_batch(generator, n=4, num_actions=6):
-    frames = torch.randint(0, 256, (2, n, 4, 84, 84), dtype=torch.uint8, generator=generator)
-    return frames[0], torch.randint(0, num_actions, (n,), generator=generator), torch.randn(n, generator=generator), \
-        frames[1], torch.zeros(n)
-
-
-class FixedBuffer:
-    """A replay buffer whose `sample` hands out prepared batches in order."""
-
-    def __init__(self, batches):
-        self.batches = list(batches)
-
-    def sample(self, n):
-        return self.batches.pop(0)
+metaworld_learner = partial(conftest.metaworld_learner, "ewc", obs_dim=5, act_dim=2, hidden=[4], batch_size=8,
+                            fisher_critic=True, fisher_batches=2)
+atari_learner = partial(conftest.atari_learner, "ewc", conv_channels=[2, 2, 2], hidden=[4], batch_size=4,
+                        fisher_critic=True, fisher_batches=2)
+metaworld_batch = partial(conftest.metaworld_batch, obs_dim=5, act_dim=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +78,7 @@ def test_gaussian_actor_and_critic_fisher_of_linear_networks_by_hand():
     d mu_k / d W_m[k, i] = x_i and d sigma_k / d W_s[k, i] = 3.5 sigma_k (1 - tanh^2 z_k) x_i.
     Every sample has x_0 = 0: the actor Fisher of W[:, 0] is the clip floor, the critic's is 0."""
     obs_dim, act_dim = 3, 2
-    learner, method = metaworld_learner(obs_dim, act_dim, hidden=())
+    learner, method = metaworld_learner(obs_dim=obs_dim, act_dim=act_dim, hidden=[])
     generator = torch.Generator().manual_seed(2)
     obs = torch.randn(6, obs_dim, generator=generator)
     obs[:, 0] = 0.0
@@ -223,7 +177,7 @@ def test_atari_per_sample_fisher_matches_a_loop_of_autograd_calls():
 
 
 def test_metaworld_per_sample_fisher_matches_a_loop_of_autograd_calls():
-    learner, method = metaworld_learner(hidden=(4, 4))
+    learner, method = metaworld_learner(hidden=[4, 4])
     obs, actions, *_ = metaworld_batch(torch.Generator().manual_seed(5), n=5)
     fisher = estimate_fisher(method.targets, [(obs, actions)])
 
@@ -279,38 +233,21 @@ def test_state_round_trip_restores_the_penalty(make_learner, make_batch):
 
 
 # --------------------------------------------------------------------------------------------
-# Both scripts end to end, with a resume
+# Both scripts end to end
 # --------------------------------------------------------------------------------------------
-MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=150,
-               learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000, cuda=False)
-ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=240, learning_starts=100, batch_size=8,
-                  conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=100, eval_envs=2,
-                  eval_every=0, target_network_frequency=40, cuda=False)
-SCRIPTS = {"metaworld": (mw, MW_TINY), "atari": (atari, ATARI_TINY)}
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_end_to_end_fisher_anchor_and_exact_resume(name, tmp_path, kill_after_stage_1):
-    script, tiny = SCRIPTS[name]
-    args = dict(tiny, method="ewc", fisher_batches=2, fisher_critic=True)
-    metrics = script.main(script.Args(**args, runs_dir=str(tmp_path / "full")))
-    run_dir = tmp_path / "full" / metrics["run_name"]
-    with open(run_dir / "metrics.json") as f:
-        sr = json.load(f)["sr"]
-    assert len(sr) == 2 and evaluated(metrics, 0) and sr[0][1] is None and evaluated(metrics, 1)
-
-    checkpoint = load(run_dir / "checkpoint.pt")
-    stage_1 = load(run_dir / "checkpoints" / "stage_1.pt")
+def test_end_to_end_fisher_and_anchor(name, method_runs):
+    """EWC's state in the shared tiny runs (tests/test_methods.py checks that they resume exactly)."""
+    runs = method_runs(name, "ewc")
+    checkpoint = load(os.path.join(runs.run_dir, "checkpoint.pt"))
+    stage_1 = load(os.path.join(runs.run_dir, "checkpoints", "stage_1.pt"))
     state = checkpoint["method"]
     assert set(state) == {"fisher", "anchor"} and set(state["fisher"]) == {"actor", "critic"}
     # one Fisher per regularised tensor: the whole actor (heads included), every critic
     assert set(state["fisher"]["actor"]) == set(dict(stage_1["actor"]).keys() - {"action_scale", "action_bias"})
     assert all(f.min() >= ACTOR_FISHER_FLOOR for f in state["fisher"]["actor"].values())
-    critic_weights = {"critics.0." + k: v for k, v in stage_1["qf"].items()} if script is mw else \
+    critic_weights = {"critics.0." + k: v for k, v in stage_1["qf"].items()} if runs.script is mw else \
         {f"critics.{i}.{k}": v for i, qf in enumerate(("qf1", "qf2")) for k, v in stage_1[qf].items()}
     assert set(state["fisher"]["critic"]) == set(critic_weights)
     # the anchor is the end of stage 1; stage 2 trained away from it under the penalty
@@ -319,17 +256,7 @@ def test_end_to_end_fisher_anchor_and_exact_resume(name, tmp_path, kill_after_st
     for name_, value in state["anchor"]["critic"].items():
         assert torch.equal(value, critic_weights[name_])
     assert not torch.equal(checkpoint["actor"]["trunk.0.weight"], stage_1["actor"]["trunk.0.weight"])
-
-    killed = kill_after_stage_1(script, script.Args(**args, runs_dir=str(tmp_path / "killed")))
-    assert load(os.path.join(killed, "checkpoint.pt"))["method"]["fisher"]  # saved at the task switch
-    resumed = script.main(script.Args(resume=killed, cuda=False))
-    assert resumed["sr"] == metrics["sr"]
-    final = load(os.path.join(killed, "checkpoint.pt"))
-    networks = ("actor", "qf", "qf_target") if script is mw else ("actor", "qf1", "qf2", "qf1_target", "qf2_target")
-    for key in networks:
-        for k, v in checkpoint[key].items():
-            assert torch.equal(final[key][k], v), f"{key}.{k}"
-    assert torch.equal(final["log_alpha"], checkpoint["log_alpha"])
+    assert runs.killed_checkpoint["method"]["fisher"]  # saved at the task switch
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +286,7 @@ def test_ewc_is_not_plain_sac(side_by_side):
     squared distance is under 5% of plain SAC's (measured 0.3%), and the pull follows the Fisher:
     parameters of the top 10% Fisher keep under a quarter of the relative movement of those of
     the bottom half (measured 0.012 against 0.65)."""
-    learner, method = metaworld_learner(hidden=(8, 8), fisher_critic=False)
+    learner, method = metaworld_learner(hidden=[8, 8], fisher_critic=False)
     generator = torch.Generator().manual_seed(8)
     method.begin_stage(0, "first")
     side_by_side(learner, None, [metaworld_batch(generator) for _ in range(50)])

@@ -5,52 +5,20 @@ that only a loss's own networks collect importance, that NPC is not plain SAC 1,
 the second task (the first task's important neurons stay protected), and end-to-end runs of both
 scripts through a killed stage and a resume."""
 
-import dataclasses
 import json
 import os
+from functools import partial
 
-import numpy as np
 import pytest
 import torch
 
-import nbsp_sac_atari as atari
-import nbsp_sac_metaworld as mw
+import conftest
 import skill_neurons as sn
-from baselines import make_method
 from baselines.npc import normalise_per_layer, taylor_importance
-from conftest import evaluated
+from conftest import atari_batch, evaluated, load, metaworld_batch, seeded
 
-DEVICE = torch.device("cpu")
-
-
-def metaworld_learner(hidden=(8, 8), **flags):
-    args = mw.Args(method="npc", hidden=list(hidden), batch_size=8, cuda=False, **flags)
-    method = make_method(args)
-    learner = mw.SACLearner(39, 4, -np.ones(4), np.ones(4), args, DEVICE, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def atari_learner(**flags):
-    args = atari.Args(method="npc", conv_channels=[4, 8, 8], hidden=[16], batch_size=4, cuda=False, **flags)
-    method = make_method(args)
-    learner = atari.SACLearner(6, args, DEVICE, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def metaworld_batch(n=8):
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randn(n, 39, generator=generator), torch.rand(n, 4, generator=generator) * 2 - 1,
-            torch.randn(n, 1, generator=generator), torch.randn(n, 39, generator=generator), torch.zeros(n, 1))
-
-
-def atari_batch(n=4):
-    generator = torch.Generator().manual_seed(0)
-    obs, next_obs = (torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=generator) for _ in range(2))
-    return obs, torch.randint(0, 6, (n,), generator=generator), torch.randn(n, generator=generator), next_obs, torch.zeros(n)
-
-
+metaworld_learner = partial(conftest.metaworld_learner, "npc", hidden=[8, 8], batch_size=8)
+atari_learner = partial(conftest.atari_learner, "npc", conv_channels=[4, 8, 8], hidden=[16], batch_size=4)
 LEARNERS = [(metaworld_learner, metaworld_batch), (atari_learner, atari_batch)]
 
 
@@ -116,7 +84,7 @@ def test_one_critic_step_sets_the_task_average_and_the_switch_consolidates_it(ma
     method.begin_stage(0, "task")
     hidden = {name: [layer.hidden for layer in layers] for name, layers in learner.neuron_layers().items()}
     probes = {name: TaylorProbe(hidden[name]) for name in ("qf1", "qf2")}
-    learner.critic_step(*batch(), update_target=False)
+    learner.critic_step(*batch(seeded(0)), update_target=False)
     for name in ("qf1", "qf2"):
         for index, layer in enumerate(hidden[name]):
             batch_importance = probes[name].importance(index)
@@ -157,7 +125,7 @@ def test_consolidation_keeps_the_maximum_over_finished_tasks():
 def test_the_actor_loss_feeds_only_the_actor(make, batch):
     learner, method = make()
     method.begin_stage(0, "task")
-    obs = batch()[0]
+    obs = batch(seeded(0))[0]
     learner.actor_step(obs)  # Meta-World: gradients reach the critics' activations, which must not count
     assert all(c.abs().sum() > 0 for c in method.task_importance["actor"])
     assert all(c.abs().sum() == 0 for name in ("qf1", "qf2") for c in method.task_importance[name])
@@ -171,7 +139,7 @@ def test_an_important_neuron_moves_less_than_one_with_none(make, batch):
     learner, method = make(npc_scale=1.0)
     method.begin_stage(0, "task")
     plain = learner.plain_copy()
-    data = batch()
+    data = batch(seeded(0))
     with sn.ActivationRecorder([learner.neuron_layers()["qf2"][-1].hidden]) as recorder, torch.no_grad():
         learner.q_values(data[0], data[1])
     important, unimportant = torch.nonzero(recorder.activations()[0].abs().sum(0))[:2, 0]  # two live neurons
@@ -200,7 +168,7 @@ def test_state_round_trip_restores_importance_and_scales():
     learner, method = metaworld_learner()
     method.begin_stage(0, "task")
     for _ in range(3):
-        learner.update(metaworld_batch(), True, False)
+        learner.update(metaworld_batch(seeded(0)), True, False)
     method.end_stage(0, "task", None)
     state = method.state_dict()
     other_learner, other = metaworld_learner()
@@ -236,7 +204,7 @@ def test_npc_is_not_plain_sac(side_by_side):
     move about as much as under plain SAC: over the whole 1,000 updates and still over the last
     100. A single moving average through the switch (the decay 0.99 has a memory of about 100
     updates) fails this: its ratios over the 1,000 updates were 0.59 and 0.56."""
-    learner, method = metaworld_learner(hidden=(16, 16))
+    learner, method = metaworld_learner(hidden=[16, 16])
     method.begin_stage(0, "first")
     side_by_side(learner, None, task_batches(0.0, 100, seed=1))
     method.end_stage(0, "first", None)
@@ -274,48 +242,24 @@ def test_npc_is_not_plain_sac(side_by_side):
 
 
 # --------------------------------------------------------------------------------------------
-# End to end: both scripts, killed at stage 2, then resumed
+# End to end: the shared tiny runs of both scripts, killed after stage 1 and resumed
+# (tests/test_methods.py checks that the resume is exact)
 # --------------------------------------------------------------------------------------------
-def run_killed_then_resumed(script, args, kill_after_stage_1):
-    """Runs `args` until stage 1 is saved, resumes the run folder, and returns its folder, the
-    checkpoint after stage 1 and the resumed run's metrics."""
-    run_dir = kill_after_stage_1(script, args)
-    after_stage_1 = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    metrics = script.main(script.Args(resume=run_dir, cuda=False))
-    return run_dir, after_stage_1, metrics
-
-
-def check_run(run_dir, after_stage_1, metrics, sizes):
-    with open(os.path.join(run_dir, "metrics.json")) as f:
+@pytest.mark.e2e
+@pytest.mark.parametrize("name, sizes", [("metaworld", {"actor": [8, 8], "qf1": [8, 8], "qf2": [8, 8]}),
+                                         ("atari", {network: [4, 8, 8, 16] for network in ("actor", "qf1", "qf2")})],
+                         ids=["metaworld", "atari"])
+def test_end_to_end_consolidation(name, sizes, method_runs):
+    runs = method_runs(name, "npc")
+    metrics, after_stage_1 = runs.resumed_metrics, runs.killed_checkpoint
+    with open(os.path.join(runs.resumed_dir, "metrics.json")) as f:
         assert json.load(f) == metrics
     assert metrics["complete"] and len(metrics["sr"]) == 2
     assert evaluated(metrics, 0) and metrics["sr"][0][1] is None and evaluated(metrics, 1)
-    final = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    final = load(os.path.join(runs.resumed_dir, "checkpoint.pt"))
     for checkpoint in (after_stage_1, final):
         consolidated = checkpoint["method"]["consolidated"]
-        assert {name: [len(c) for c in values] for name, values in consolidated.items()} == sizes
+        assert {network: [len(c) for c in values] for network, values in consolidated.items()} == sizes
         assert all(c.sum() > 0 for values in consolidated.values() for c in values)  # the first task's, at its switch
-    for name, values in final["method"]["consolidated"].items():  # no switch after the last stage: kept as it was
-        assert all(torch.equal(a, b) for a, b in zip(values, after_stage_1["method"]["consolidated"][name], strict=True))
-
-
-def test_metaworld_end_to_end_with_resume(tmp_path, kill_after_stage_1):
-    args = mw.Args(method="npc", tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8,
-                   steps_per_task=150, learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000,
-                   cuda=False, runs_dir=str(tmp_path))
-    run_dir, after_stage_1, metrics = run_killed_then_resumed(mw, args, kill_after_stage_1)
-    check_run(run_dir, after_stage_1, metrics, {"actor": [8, 8], "qf1": [8, 8], "qf2": [8, 8]})
-
-
-def test_atari_end_to_end_with_resume(tmp_path, kill_after_stage_1):
-    args = atari.Args(method="npc", games=["Pong", "Bowling"], cycles=1, steps_per_task=150, learning_starts=50,
-                      batch_size=8, conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=60,
-                      eval_envs=1, eval_every=0, target_network_frequency=40, cuda=False, runs_dir=str(tmp_path / "b"))
-    run_dir, after_stage_1, metrics = run_killed_then_resumed(atari, args, kill_after_stage_1)
-    uninterrupted = atari.main(dataclasses.replace(args, runs_dir=str(tmp_path / "a")))
-    assert uninterrupted["sr"] == metrics["sr"]
-    final_a = torch.load(tmp_path / "a" / uninterrupted["run_name"] / "checkpoint.pt", weights_only=True)
-    final_b = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    for key in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):  # the resume is exact
-        assert all(torch.equal(final_a[key][name], final_b[key][name]) for name in final_a[key]), key
-    check_run(run_dir, after_stage_1, metrics, {name: [4, 8, 8, 16] for name in ("actor", "qf1", "qf2")})
+    for network, values in final["method"]["consolidated"].items():  # no switch after the last stage: kept as it was
+        assert all(torch.equal(a, b) for a, b in zip(values, after_stage_1["method"]["consolidated"][network], strict=True))

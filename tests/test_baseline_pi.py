@@ -8,35 +8,20 @@ the injected structure survives a resume, through the method's state alone and t
 training scripts."""
 
 import contextlib
-import dataclasses
-import io
 import os
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import nbsp_sac_atari as atari
+import conftest
 import nbsp_sac_metaworld as mw
-from baselines import make_method
 from baselines.pi import InjectedLayer, PerPiece
-from conftest import evaluated
+from conftest import load, saved_and_loaded
 
-CPU = torch.device("cpu")
 OBS_DIM, ACT_DIM, NUM_ACTIONS = 39, 4, 18  # Meta-World v3; Atari's full action space
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def saved_and_loaded(state):
-    """`state` after a checkpoint's round trip (torch.save, then torch.load with weights_only)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @contextlib.contextmanager
@@ -53,32 +38,13 @@ def default_dtype(dtype):
 # --------------------------------------------------------------------------------------------
 # Small learners of both scripts, and batches for them
 # --------------------------------------------------------------------------------------------
-def metaworld_learner(method="pi", hidden=(8, 8), batch_size=8):
-    args = mw.Args(method=method, hidden=list(hidden), batch_size=batch_size, cuda=False)
-    method = make_method(args)
-    learner = mw.SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM, np.float32), np.ones(ACT_DIM, np.float32), args, CPU,
-                            method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def atari_learner(method="pi", hidden=(16, 12), batch_size=4):
-    # two fully connected layers: the head's second hidden layer reads one tensor per piece
-    args = atari.Args(method=method, conv_channels=[4, 8, 8], hidden=list(hidden), batch_size=batch_size, cuda=False)
-    method = make_method(args)
-    learner = atari.SACLearner(NUM_ACTIONS, args, CPU, method=method)
-    method.setup(learner)
-    return learner, method
-
-
-def metaworld_batch(n=8):
-    obs, next_obs = torch.randn(n, OBS_DIM), torch.randn(n, OBS_DIM)
-    return obs, torch.rand(n, ACT_DIM) * 2 - 1, torch.randn(n, 1), next_obs, torch.zeros(n, 1)
-
-
-def atari_batch(n=4):
-    frames = torch.randint(0, 256, (2, n, 4, 84, 84), dtype=torch.uint8)
-    return frames[0], torch.randint(0, NUM_ACTIONS, (n,)), torch.randn(n), frames[1], torch.zeros(n)
+metaworld_learner = partial(conftest.metaworld_learner, method="pi", obs_dim=OBS_DIM, act_dim=ACT_DIM, hidden=[8, 8],
+                            batch_size=8)
+# two fully connected layers: the head's second hidden layer reads one tensor per piece
+atari_learner = partial(conftest.atari_learner, method="pi", num_actions=NUM_ACTIONS, conv_channels=[4, 8, 8],
+                        hidden=[16, 12], batch_size=4)
+metaworld_batch = partial(conftest.metaworld_batch, obs_dim=OBS_DIM, act_dim=ACT_DIM)
+atari_batch = partial(conftest.atari_batch, num_actions=NUM_ACTIONS)
 
 
 def metaworld_outputs(learner, batch):
@@ -187,7 +153,7 @@ def test_injected_head_by_hand():
 # --------------------------------------------------------------------------------------------
 def test_the_head_is_the_last_hidden_layer_and_the_outputs():
     torch.manual_seed(0)
-    learner, method = metaworld_learner(hidden=(8, 8, 8))  # trunk: Linear ReLU Linear ReLU Linear ReLU
+    learner, method = metaworld_learner(hidden=[8, 8, 8])  # trunk: Linear ReLU Linear ReLU Linear ReLU
     assert learner.heads() == [(learner.actor, 4, ("fc_mean", "fc_logstd")), (learner.qf, 4, ("head",)),
                                (learner.qf_target, 4, ("head",))]
     method.end_stage(0, "first", None)
@@ -283,8 +249,8 @@ def pi_against_plain_sac(make_learner, make_batch, outputs, affine, updates=20):
     same batches and random draws for both. Returns both learners, PI's head specs, the probe's
     outputs of both, and the plain head's parameters at the switch."""
     torch.manual_seed(0)
-    pi, method = make_learner("pi")
-    sac, _ = make_learner("sac")
+    pi, method = make_learner(method="pi")
+    sac, _ = make_learner(method="sac")
     if affine:
         affine_only(pi)
         affine_only(sac)
@@ -324,7 +290,7 @@ def test_injection_is_not_plain_sac_metaworld_float64():
             plain_w, plain_b = sac.actor.fc_mean.weight, sac.actor.fc_mean.bias
             w0, b0 = at_switch[0][0], at_switch[0][1]  # actor's fc_mean weight and bias at the switch
             torch.testing.assert_close(change, z @ (plain_w - w0).T + (plain_b - b0), rtol=0, atol=1e-10)
-            a, b = (pi.actor.trunk(metaworld_batch(64)[0]) for _ in range(2))
+            a, b = (pi.actor.trunk(metaworld_batch(n=64)[0]) for _ in range(2))
             middle = head_change(pi.actor, len(pi.actor.trunk), "fc_mean", (a + b) / 2)
             mean = (head_change(pi.actor, len(pi.actor.trunk), "fc_mean", a)
                     + head_change(pi.actor, len(pi.actor.trunk), "fc_mean", b)) / 2
@@ -349,9 +315,9 @@ def test_injection_is_not_plain_sac_metaworld_float64():
         with torch.no_grad():
             for net, start, names in heads:
                 if net is pi.actor:
-                    a, b = (net.trunk[:start](metaworld_batch(64)[0]) for _ in range(2))
+                    a, b = (net.trunk[:start](metaworld_batch(n=64)[0]) for _ in range(2))
                 else:
-                    obs_act = [torch.cat(metaworld_batch(64)[:2], 1).expand(2, -1, -1) for _ in range(2)]
+                    obs_act = [torch.cat(metaworld_batch(n=64)[:2], 1).expand(2, -1, -1) for _ in range(2)]
                     a, b = (net.trunk[:start](x) for x in obs_act)
                 for name in names:
                     middle = head_change(net, start, name, (a + b) / 2)
@@ -561,37 +527,17 @@ def test_plasticity_diagnostics_measure_the_summed_head(name, monkeypatch):
 # End to end through both scripts: a task switch injects, and a run killed after stage 1
 # resumes to exactly the uninterrupted run
 # --------------------------------------------------------------------------------------------
-MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=150,
-               learning_starts=50, eval_every=0, eval_episodes=1, buffer_size=1000, cuda=False)
-ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=200, learning_starts=100, batch_size=8,
-                  conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=100, eval_envs=2,
-                  eval_every=0, target_network_frequency=40, cuda=False)
-RUNS = {"metaworld": (mw, MW_TINY, ("actor", "qf", "qf_target"), "trunk.2", 6),
-        "atari": (atari, ATARI_TINY, ("actor", "qf1", "qf2", "qf1_target", "qf2_target"), "trunk.7", 4)}
-
-
-@pytest.mark.parametrize("name", list(RUNS))
-def test_end_to_end_injection_and_resume(name, tmp_path, kill_after_stage_1):
-    script, tiny, networks, hidden_head, actor_group = RUNS[name]
-    args = script.Args(**tiny, method="pi", runs_dir=str(tmp_path / "a"))
-    metrics = script.main(args)
-    run_a = tmp_path / "a" / metrics["run_name"]
-    saved = load(run_a / "checkpoint.pt")
-    assert os.path.isfile(run_a / "metrics.json")
-    assert [len(row) for row in metrics["sr"]] == [2, 2] and metrics["sr"][0][1] is None
-    assert evaluated(metrics, 0) and evaluated(metrics, 1)
+@pytest.mark.e2e
+@pytest.mark.parametrize("name, hidden_head, actor_group", [("metaworld", "trunk.2", 6), ("atari", "trunk.7", 4)],
+                         ids=["metaworld", "atari"])
+def test_end_to_end_injection(name, hidden_head, actor_group, method_runs):
+    """The shared tiny runs (tests/test_methods.py checks that the one killed after stage 1
+    resumes to exactly the uninterrupted one)."""
+    runs = method_runs(name, "pi")
+    saved = load(os.path.join(runs.run_dir, "checkpoint.pt"))
     assert saved["method"] == {"injections": 1}  # one task switch
-    output = "fc_mean" if script is mw else "fc_logits"
+    output = "fc_mean" if name == "metaworld" else "fc_logits"
     assert {f"{layer}.pieces.{i}.weight" for layer in (hidden_head, output) for i in range(3)} <= set(saved["actor"])
     assert [len(g["params"]) for g in saved["actor_optimizer"]["param_groups"]][1:] == [actor_group]
-
-    run_b = kill_after_stage_1(script, dataclasses.replace(args, runs_dir=str(tmp_path / "b")))
-    assert load(os.path.join(run_b, "checkpoint.pt"))["method"] == {"injections": 1}  # saved after the injection
-    resumed = script.main(script.Args(resume=run_b, cuda=False))
-    assert resumed["sr"] == metrics["sr"]
-    final_b = load(os.path.join(run_b, "checkpoint.pt"))
-    for key in networks:
-        assert list(saved[key]) == list(final_b[key])
-        for tensor_name, tensor in saved[key].items():
-            assert torch.equal(tensor, final_b[key][tensor_name]), f"{key}.{tensor_name}"
-    assert final_b["method"] == {"injections": 1}
+    assert runs.killed_checkpoint["method"] == {"injections": 1}  # saved after the injection
+    assert load(os.path.join(runs.resumed_dir, "checkpoint.pt"))["method"] == {"injections": 1}

@@ -204,6 +204,7 @@ def test_skill_ratio_written(tmp_path, capsys):
     assert "left out" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_histogram_from_tiny_run(tiny_run, tmp_path):
     checkpoint = torch.load(os.path.join(tiny_run, "checkpoints", "stage_1.pt"), weights_only=True)
     data = figures.neuron_activations(tiny_run, stage=1)

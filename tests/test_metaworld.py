@@ -28,6 +28,7 @@ import skill_neurons as sn
 from nbsp_sac_metaworld import Args, ReplayBuffer, SACLearner, main
 from protocol import continual_metrics
 from fast_adam import StepMask
+from conftest import kill_after_stage, load
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nbsp_sac_metaworld.py")
 OBS_DIM, ACT_DIM = 39, 4  # Meta-World v3
@@ -36,10 +37,6 @@ ROW = 2 * OBS_DIM + ACT_DIM + 2  # obs, action, reward, next_obs, done
 
 def t(values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def only_run_dir(runs_dir):
@@ -381,6 +378,7 @@ def nbsp_run(tmp_path_factory):
             "scalars": scalars(run_dir)}
 
 
+@pytest.mark.e2e
 def test_e2e_metrics_json(nbsp_run):
     metrics = read_json(os.path.join(nbsp_run["run_dir"], "metrics.json"))
     assert metrics == nbsp_run["metrics"]
@@ -409,6 +407,7 @@ def test_e2e_metrics_json(nbsp_run):
         assert stage["skill_neurons"] == {name: SKILL for name in NETWORKS}
 
 
+@pytest.mark.e2e
 def test_e2e_files_and_checkpoints(nbsp_run):
     run_dir, args = nbsp_run["run_dir"], nbsp_run["args"]
     config = read_json(os.path.join(run_dir, "config.json"))
@@ -428,6 +427,7 @@ def test_e2e_files_and_checkpoints(nbsp_run):
             assert torch.equal(value, nbsp_run["stages"][-1][key][name])
 
 
+@pytest.mark.e2e
 def test_e2e_tensorboard(nbsp_run):
     tags = nbsp_run["scalars"]
     for tag in ("charts/episodic_return", "losses/qf1_loss", "losses/actor_loss", "charts/SPS",
@@ -455,6 +455,7 @@ def test_e2e_tensorboard(nbsp_run):
     assert goal_constant == [stage["goal_constant"] for stage in nbsp_run["metrics"]["stages"]]
 
 
+@pytest.mark.e2e
 def test_e2e_updates_happened(nbsp_run):
     # the networks change within every stage after the first, and differ from a fresh initialisation
     stages = nbsp_run["stages"]
@@ -474,6 +475,7 @@ def test_e2e_updates_happened(nbsp_run):
     assert nbsp_run["spies"]["grad"].nonempty == 0
 
 
+@pytest.mark.e2e
 def test_e2e_masks_follow_eq7_and_accumulate_by_minimum(nbsp_run):
     stages, alpha = nbsp_run["stages"], 0.2
     previous = {}
@@ -501,6 +503,7 @@ def test_e2e_masks_follow_eq7_and_accumulate_by_minimum(nbsp_run):
         assert (torch.cat(final[name]) < 1).sum() >= SKILL
 
 
+@pytest.mark.e2e
 def test_e2e_dpre_holds_the_last_transitions_of_each_stage(nbsp_run):
     rows = nbsp_run["checkpoint"]["dpre"]["rows"]
     # dpre_per_task = 50 from each of the H - 1 = 3 stages before the last
@@ -538,6 +541,7 @@ def trunk_rows(state, key, layer):
     return torch.cat([weight, bias], 0).T
 
 
+@pytest.mark.e2e
 def test_ablation_no_mask(tmp_path):
     metrics, spies, run_dir, checkpoint, _ = small_run(tmp_path, no_mask=True)
     assert all(not stage.get("skill_neurons") for stage in metrics["stages"])
@@ -548,6 +552,7 @@ def test_ablation_no_mask(tmp_path):
     assert checkpoint["dpre"]["rows"].shape == (20, ROW)  # replay stays on
 
 
+@pytest.mark.e2e
 def test_ablation_no_replay_hard_mask_actor_only_weight_rule(tmp_path):
     metrics, spies, _, checkpoint, stages = small_run(tmp_path, no_replay=True, hard_mask=True, apply_to="actor",
                                                       identify="weight")
@@ -576,6 +581,7 @@ def test_ablation_no_replay_hard_mask_actor_only_weight_rule(tmp_path):
     assert spies["update"].nonempty > 0
 
 
+@pytest.mark.e2e
 def test_ablation_grad_target_random_rule_latest_combine(tmp_path):
     metrics, spies, _, checkpoint, stages = small_run(tmp_path, mask_target="grad", identify="random", hard_mask=True,
                                                       mask_combine="latest")
@@ -601,6 +607,7 @@ def test_ablation_grad_target_random_rule_latest_combine(tmp_path):
     assert all(stage["skill_neurons"] == {name: SKILL for name in NETWORKS} for stage in metrics["stages"])
 
 
+@pytest.mark.e2e
 def test_ablation_activation_rule_critic_only_ratio_alpha(tmp_path):
     metrics, _, _, checkpoint, stages = small_run(tmp_path, cycles=1, identify="activation", apply_to="critic",
                                                   skill_ratio=0.5, mask_alpha=0.5)
@@ -672,6 +679,7 @@ def window_run(tmp_path_factory):
     return metrics, windows, load(os.path.join(run_dir, "checkpoint.pt")), scalars(run_dir)
 
 
+@pytest.mark.e2e
 def test_training_window_from_the_stages_own_episodes(window_run):
     metrics, windows, _, _ = window_run
     stages = metrics["stages"]
@@ -697,6 +705,7 @@ def test_training_window_from_the_stages_own_episodes(window_run):
     assert third["identify_success_share"] == 0.0
 
 
+@pytest.mark.e2e
 def test_training_window_selection_is_recorded(window_run):
     metrics, _, _, tags = window_run
     for stage in metrics["stages"]:
@@ -714,6 +723,7 @@ def test_training_window_selection_is_recorded(window_run):
         stage["selection"]["actor"]["selected_dead"] for stage in metrics["stages"]]
 
 
+@pytest.mark.e2e
 def test_dpre_receives_only_policy_transitions(window_run):
     metrics, _, checkpoint, _ = window_run
     # 600 steps, the first 100 random: 500 policy transitions join Dpre (dpre_per_task 1000 would take more)
@@ -721,7 +731,8 @@ def test_dpre_receives_only_policy_transitions(window_run):
     assert checkpoint["dpre"]["rows"].shape == (1000, ROW)
 
 
-def test_training_window_resume_is_exact(tmp_path, monkeypatch, kill_after_stage_1):
+@pytest.mark.e2e
+def test_training_window_resume_is_exact(tmp_path, monkeypatch):
     """Killed after stage 1 and resumed, a run identifying on its training episodes ends with the
     same weights and masks; with --keep-buffer, D's episode tags come back from the checkpoint."""
     real_make_env = mw.make_env
@@ -729,7 +740,7 @@ def test_training_window_resume_is_exact(tmp_path, monkeypatch, kill_after_stage
                         if seed - 1 in SCRIPTS else real_make_env(task, seed))
     args = {**WINDOW_ARGS, "cycles": 2, "keep_buffer": True}
     full = main(Args(**args, runs_dir=str(tmp_path / "full")))
-    killed = kill_after_stage_1(mw, Args(**args, runs_dir=str(tmp_path / "killed")))
+    killed = kill_after_stage(mw, Args(**args, runs_dir=str(tmp_path / "killed")), 1)
     resumed = main(Args(resume=killed))
     assert [s["identify_window"] for s in resumed["stages"]] == ["training", "training"]
     assert resumed["stages"][1]["identify_widened"] is True  # stage 2's window reaches back to episode 3
@@ -747,6 +758,7 @@ def test_training_window_resume_is_exact(tmp_path, monkeypatch, kill_after_stage
     assert torch.equal(a["rb"]["episode"], b["rb"]["episode"]) and len(a["rb"]["episode"]) == 1200
 
 
+@pytest.mark.e2e
 def test_dpre_rate_of_critic_and_actor(tmp_path):
     """Every replay_interval-th critic step and, counted on their own, every replay_interval-th
     actor step take their batch from Dpre: 100 and 100 of 1000 at interval 10 (policy frequency 2)."""
@@ -780,12 +792,14 @@ def test_dpre_rate_of_critic_and_actor(tmp_path):
     assert len(dpre_batches) == 100  # an actor step due on Dpre at a critic Dpre step reuses its batch
 
 
+@pytest.mark.e2e
 def test_identify_max_steps_subsamples_the_window(tmp_path):
     # the window (one 500-step rollout episode, see below) is cut to 100 evenly spaced steps
     metrics, *_ = small_run(tmp_path, cycles=1, identify_max_steps=100)
     assert metrics["stages"][0]["identify_episodes"] == 1 and metrics["stages"][0]["identify_steps"] == 100
 
 
+@pytest.mark.e2e
 def test_selected_dead_neurons_are_announced(tmp_path, capsys):
     # a constant window (one rollout episode, see below): Eq. 3 scores every dead unit 1.0, so the
     # selection falls on units that carry no signal; the run says so on the console and in metrics.json
@@ -798,6 +812,7 @@ def test_selected_dead_neurons_are_announced(tmp_path, capsys):
     assert "--goal-score balanced gives it 0.5" in err
 
 
+@pytest.mark.e2e
 def test_balanced_score_on_a_constant_window_gives_no_neuron_a_hard_freeze(tmp_path):
     # 150 steps: no episode ends, so one post-stage rollout episode (announced): its success, and with one
     # episode its return too, is constant. Eq. 3 would give every dead unit 1.0 (mask 0); balanced gives 0.5.
@@ -851,6 +866,7 @@ def resume_runs(tmp_path_factory):
             "resumed": resumed}
 
 
+@pytest.mark.e2e
 def test_resume_continues_exactly(resume_runs):
     interrupted = resume_runs["interrupted"]
     assert interrupted["complete"] is False and interrupted["sr"][1] == [None, None]
@@ -875,6 +891,7 @@ def test_resume_continues_exactly(resume_runs):
             assert torch.equal(ma, mb)
 
 
+@pytest.mark.e2e
 def test_resume_keeps_the_stage_boundary_in_tensorboard(resume_runs):
     # the interrupted run logged stage 1's evaluation at global step 150; after the resume the
     # run's TensorBoard view must show the same evaluation points as the uninterrupted run
@@ -884,6 +901,7 @@ def test_resume_keeps_the_stage_boundary_in_tensorboard(resume_runs):
     assert steps_b == steps_a
 
 
+@pytest.mark.e2e
 def test_resume_of_finished_run_has_nothing_to_do(resume_runs, tmp_path, capsys):
     finished = str(tmp_path / "finished")
     shutil.copytree(resume_runs["run_a"], finished)
@@ -897,6 +915,7 @@ def test_resume_of_finished_run_has_nothing_to_do(resume_runs, tmp_path, capsys)
         assert after[name] == before[name]
 
 
+@pytest.mark.e2e
 def test_resume_of_finished_run_keeps_tensorboard(resume_runs, tmp_path, monkeypatch):
     finished = str(tmp_path / "finished")
     shutil.copytree(resume_runs["run_a"], finished)
@@ -907,6 +926,7 @@ def test_resume_of_finished_run_keeps_tensorboard(resume_runs, tmp_path, monkeyp
     assert scalars(finished)["eval/ASR"] == resume_runs["scalars_a"]["eval/ASR"]
 
 
+@pytest.mark.e2e
 def test_resume_killed_before_final_metrics_write(resume_runs, tmp_path):
     # a kill between the last stage's checkpoint.pt and its metrics.json leaves the stage-(H-1)
     # metrics.json beside a finished checkpoint; the resume must complete metrics.json
@@ -921,6 +941,7 @@ def test_resume_killed_before_final_metrics_write(resume_runs, tmp_path):
     assert read_json(os.path.join(folder, "metrics.json"))["complete"] is True
 
 
+@pytest.mark.e2e
 def test_resume_with_extra_flags_fails(resume_runs, capsys):
     before = folder_snapshot(resume_runs["run_a"])
     capsys.readouterr()
@@ -1033,6 +1054,7 @@ def test_cli_parse_errors_are_one_line(tmp_path, argv, expected):
 # --------------------------------------------------------------------------------------------
 # Flags not covered above: --keep-buffer, --early-stop-success, --policy-frequency, --cudagraphs
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_keep_buffer_carries_d_across_stages(tmp_path):
     # D holds both stages' 150 transitions at the end instead of the last stage's only
     _, _, _, checkpoint, _ = small_run(tmp_path, keep_buffer=True)
@@ -1081,6 +1103,7 @@ def test_evaluation_rollout_ends_an_episode_at_its_first_success():
     assert run(until_success=True) == ([1.0, 1.0, 0.0, 0.0], 5 + 5 + 500 + 500)
 
 
+@pytest.mark.e2e
 def test_early_stop_after_ten_successful_policy_episodes(tmp_path, monkeypatch):
     real_make_env = mw.make_env
     monkeypatch.setattr(mw, "make_env", lambda task, seed: AlwaysSucceeds(real_make_env(task, seed)))
@@ -1108,6 +1131,7 @@ def test_policy_frequency_sets_actor_updates(monkeypatch):
     assert len(calls) == 3  # three actor steps when the policy is updated, none otherwise
 
 
+@pytest.mark.e2e
 def test_compile_run_has_no_graph_breaks_with_masks_and_dpre(tmp_path):
     """--compile over two stages, masks and Dpre (critic and actor batches) on in the second: no
     graph break anywhere. Graphs: acting, the update with and without actor steps, and those two

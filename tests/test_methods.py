@@ -1,6 +1,7 @@
-"""The `--method` plumbing shared by every baseline: `sac` is NBSP with its mask and replay off,
-flags of other methods are refused, and the hooks run at the documented points of both scripts.
-Each baseline's own behaviour is tested in tests/test_baseline_<method>.py."""
+"""The `--method` plumbing shared by every baseline: every method runs both scripts end to end and
+resumes exactly, `sac` is NBSP with its mask and replay off, flags of other methods are refused,
+and the hooks run at the documented points of both scripts. Each baseline's own behaviour is
+tested in tests/test_baseline_<method>.py."""
 
 import json
 import os
@@ -16,16 +17,54 @@ import baselines
 import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
 from baselines import METHOD_NAMES, Method
-
-MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=300,
-               learning_starts=100, eval_every=0, eval_episodes=2, buffer_size=1000, cuda=False)
-ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=240, learning_starts=100, batch_size=8,
-                  conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, eval_steps=100, eval_envs=2,
-                  eval_every=0, target_network_frequency=40, cuda=False)
+from conftest import ATARI_TINY, MW_TINY, SCRIPTS, evaluated, load
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+@pytest.mark.e2e
+@pytest.mark.parametrize("name, method", [(name, method) for name in SCRIPTS for method in METHOD_NAMES],
+                         ids=lambda value: value)
+def test_every_method_runs_end_to_end_and_resumes_exactly(name, method, method_runs, capsys):
+    """A tiny two-stage run, and the same run killed after stage 1 then resumed: the resumed run
+    ends exactly as the uninterrupted one. Each method's own checks of these runs are in
+    tests/test_baseline_<method>.py."""
+    runs = method_runs(name, method)
+    metrics, script = runs.metrics, runs.script
+    with open(os.path.join(runs.run_dir, "metrics.json")) as f:
+        assert json.load(f) == metrics
+    assert metrics["complete"] and [len(row) for row in metrics["sr"]] == [2, 2] and metrics["sr"][0][1] is None
+    assert evaluated(metrics, 0) and evaluated(metrics, 1)
+
+    assert len(runs.killed_metrics["stages"]) == 1 and runs.killed_metrics["sr"][1] == [None, None]  # no stage 2
+    assert runs.killed_checkpoint["stage"] == 1
+    with open(os.path.join(runs.resumed_dir, "metrics.json")) as f:
+        assert json.load(f) == runs.resumed_metrics
+    assert runs.resumed_metrics["complete"] and runs.resumed_metrics["sr"] == metrics["sr"]
+    full = load(os.path.join(runs.run_dir, "checkpoint.pt"))
+    resumed = load(os.path.join(runs.resumed_dir, "checkpoint.pt"))
+    assert set(full) == set(resumed)
+    for key in full.keys() - {"run_name"}:
+        assert_same(full[key], resumed[key], key)
+
+    again = script.main(script.Args(resume=runs.run_dir, cuda=False))  # a finished run: nothing to redo
+    assert "nothing to resume" in capsys.readouterr().out
+    assert again["sr"] == metrics["sr"]
+
+
+def assert_same(a, b, where):
+    """`a` and `b` hold the same values, tensors bit for bit, in the same order of keys (a stage's
+    wall time aside)."""
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a.keys() - {"wall_seconds"}:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{index}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 def test_method_choices_match_the_scripts():
@@ -33,16 +72,19 @@ def test_method_choices_match_the_scripts():
         assert typing.get_type_hints(script.Args)["method"].__args__ == METHOD_NAMES
 
 
-@pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
-def test_sac_is_nbsp_without_mask_and_replay(script, tiny, tmp_path):
-    sac = script.main(script.Args(**tiny, method="sac", runs_dir=str(tmp_path / "sac")))
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_sac_is_nbsp_without_mask_and_replay(name, tmp_path, method_runs):
+    script, tiny = SCRIPTS[name]
+    runs = method_runs(name, "sac")  # a run of `tiny` with --method sac
+    sac = runs.metrics
     off = script.main(script.Args(**tiny, no_mask=True, no_replay=True, runs_dir=str(tmp_path / "off")))
     metric = "ASR" if script is mw else "AR"
     assert sac["sr"] == off["sr"] and sac[metric] == off[metric]
-    a = load(tmp_path / "sac" / sac["run_name"] / "checkpoint.pt")
+    a = load(os.path.join(runs.run_dir, "checkpoint.pt"))
     b = load(tmp_path / "off" / off["run_name"] / "checkpoint.pt")
-    for name, tensor in a["actor"].items():
-        assert torch.equal(tensor, b["actor"][name]), name
+    for tensor_name, tensor in a["actor"].items():
+        assert torch.equal(tensor, b["actor"][tensor_name]), tensor_name
     assert a["neuron_masks"] == {}
     assert all("skill_neurons" not in stage for stage in sac["stages"])  # no identification for sac
 
@@ -83,6 +125,7 @@ class Recorder(Method):
         return {"count": torch.tensor(len(self.calls))}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script, tiny", [(mw, MW_TINY), (atari, ATARI_TINY)], ids=["metaworld", "atari"])
 def test_hooks_run_at_their_points(script, tiny, tmp_path, monkeypatch):
     Recorder.calls = []
@@ -133,9 +176,9 @@ def test_method_flags_are_checked(script, tiny, overrides, named, tmp_path, caps
     assert os.listdir(tmp_path) == []
 
 
-def test_config_records_the_method(tmp_path):
-    metrics = mw.main(mw.Args(**{**MW_TINY, "tasks": ["reach"]}, method="sac", runs_dir=str(tmp_path)))
-    with open(tmp_path / metrics["run_name"] / "config.json") as f:
+@pytest.mark.e2e
+def test_config_records_the_method(method_runs):
+    with open(os.path.join(method_runs("metaworld", "sac").run_dir, "config.json")) as f:
         assert json.load(f)["args"]["method"] == "sac"
 
 
@@ -160,6 +203,7 @@ METHOD = WeightPenalty
 '''
 
 
+@pytest.mark.e2e
 def test_an_eighth_method_is_one_module_and_one_line(tmp_path):
     """Adding a method touches two places: its module in baselines/ and its name in
     BASELINE_MODULES. Both scripts' --method choices and flags, the flag checks, a real run,

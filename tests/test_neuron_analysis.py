@@ -91,6 +91,7 @@ def test_neuron_sets():
 # --------------------------------------------------------------------------------------------
 # On a real run
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_analysis_of_tiny_run(tiny_run, tmp_path, capsys):
     result = na.main([tiny_run, "--json", str(tmp_path / "table8.json")])
     with open(tmp_path / "table8.json") as f:
@@ -120,6 +121,7 @@ def test_analysis_of_tiny_run(tiny_run, tmp_path, capsys):
         assert all(0.0 <= float(v) <= 1.0 for v in row.strip("|").split("|")[1:])
 
 
+@pytest.mark.e2e
 def test_run_without_skill_neurons_fails_with_one_line(tiny_run, tmp_path):
     """A baseline run's checkpoints carry no `selected`: one error line, exit status 2."""
     run_dir = tmp_path / "baseline_run"

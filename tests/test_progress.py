@@ -20,6 +20,7 @@ import skill_neurons as sn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.e2e
 def test_progress_lines_in_a_log_file(tmp_path):
     """Output to a file (no terminal): a start line with the folder and the TensorBoard command,
     plain progress lines at the cadence, and the success matrix at the end."""
@@ -88,6 +89,7 @@ def test_feature_rank_by_hand():
     assert plasticity.feature_rank(torch.zeros(4, 3)) == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["nbsp", "pi"])
 def test_plasticity_per_stage_for_every_network(method, tmp_path):
     """metrics.json has each stage's diagnostics for the actor and both critics, and TensorBoard

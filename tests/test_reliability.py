@@ -16,31 +16,26 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
 import protocol
+from conftest import kill_after_stage, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MW_TINY = dict(tasks=["drawer-close", "reach"], cycles=1, steps_per_task=300, learning_starts=100, hidden=[16, 16],
-               batch_size=16, buffer_size=1000, eval_episodes=1, eval_every=0, identify_episodes=1, dpre_per_task=100,
-               cuda=False)
-ATARI_TINY = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=240, learning_starts=100, batch_size=8,
-                  conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, dpre_per_task=100, eval_steps=100,
-                  eval_envs=2, eval_every=0, identify_episodes=1, identify_max_steps=200, target_network_frequency=40,
-                  cuda=False)
+MW_TINY = dict(conftest.MW_TINY, tasks=["drawer-close", "reach"], steps_per_task=300, learning_starts=100,
+               hidden=[16, 16], batch_size=16, identify_episodes=1, dpre_per_task=100)
+ATARI_TINY = dict(conftest.ATARI_TINY, dpre_per_task=100, identify_episodes=1, identify_max_steps=200)
 
 
 def files_under(folder):
     return [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # --------------------------------------------------------------------------------------------
 # A diverged run
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_a_diverged_run_stops_and_says_so(tmp_path):
     """--q-lr 1e6 (the reliability pass's case: it used to exit 0 with ASR 0.667) stops at the next
     loss log with one line naming the stage, the step and the quantity; metrics.json is marked."""
@@ -129,6 +124,7 @@ def test_runs_dir_that_is_a_file(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == ""
 
 
+@pytest.mark.e2e
 def test_the_rollout_env_pool_is_capped(tmp_path, monkeypatch):
     """--eval-episodes 100000 used to build 100000 envs per task up front; the pool stops at
     MAX_ROLLOUT_ENVS and evaluation runs in waves over it."""
@@ -143,14 +139,15 @@ def test_the_rollout_env_pool_is_capped(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # Resume: exact with a wrapped D, the saved config checked, one process per run folder
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", ["metaworld", "atari"])
-def test_keep_buffer_resume_is_exact_once_d_wraps(script, tmp_path, kill_after_stage_1):
+def test_keep_buffer_resume_is_exact_once_d_wraps(script, tmp_path):
     """D of 200 transitions over 300-step stages wraps in stage 1; killed after stage 1 and
     resumed, the run ends with the uninterrupted run's weights and metrics."""
     module, tiny = (mw, MW_TINY) if script == "metaworld" else (atari, ATARI_TINY)
     args = dict(tiny, keep_buffer=True, buffer_size=200, batch_size=8)
     full = module.main(module.Args(**args, runs_dir=str(tmp_path / "full")))
-    run_dir = kill_after_stage_1(module, module.Args(**args, runs_dir=str(tmp_path / "killed")))
+    run_dir = kill_after_stage(module, module.Args(**args, runs_dir=str(tmp_path / "killed")), 1)
     saved = load(os.path.join(run_dir, "checkpoint.pt"))["rb"]
     assert (len(saved["rows"]) if script == "metaworld" else len(saved["actions"])) == 200  # D is full: it wrapped
     resumed = module.main(module.Args(resume=run_dir, cuda=False))
@@ -161,18 +158,19 @@ def test_keep_buffer_resume_is_exact_once_d_wraps(script, tmp_path, kill_after_s
         assert torch.equal(tensor, b["actor"][name]), name
 
 
-def killed_run(tmp_path, kill_after_stage_1):
-    return kill_after_stage_1(mw, mw.Args(**MW_TINY, runs_dir=str(tmp_path)))
+def killed_run(tmp_path):
+    return kill_after_stage(mw, mw.Args(**MW_TINY, runs_dir=str(tmp_path)), 1)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("edit, expected", [
     (dict(skill_ratio=5.0), "its config.json: --skill-ratio must be in (0, 1], got 5.0"),
     (dict(tasks=["no-such-task", "reach"]), "its config.json: unknown task 'no-such-task'"),
     (dict(method="banana"), "its config.json: --method must be one of"),
     (dict(hidden=[32, 32]), "checkpoint.pt does not fit its config.json"),
 ])
-def test_resume_checks_what_it_reads(edit, expected, tmp_path, kill_after_stage_1, capsys):
-    run_dir = killed_run(tmp_path, kill_after_stage_1)
+def test_resume_checks_what_it_reads(edit, expected, tmp_path, capsys):
+    run_dir = killed_run(tmp_path)
     config_path = os.path.join(run_dir, "config.json")
     config = json.load(open(config_path))
     config["args"].update(edit)
@@ -184,8 +182,9 @@ def test_resume_checks_what_it_reads(edit, expected, tmp_path, kill_after_stage_
     assert exit.value.code == 2 and len(err) == 1 and expected in err[0], err
 
 
-def test_a_second_process_on_a_run_folder_stops(tmp_path, kill_after_stage_1, capsys):
-    run_dir = killed_run(tmp_path, kill_after_stage_1)
+@pytest.mark.e2e
+def test_a_second_process_on_a_run_folder_stops(tmp_path, capsys):
+    run_dir = killed_run(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import protocol; "
                                f"protocol.hold_run_folder({run_dir!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
@@ -212,8 +211,9 @@ def make_unwritable(path):
     return lambda: os.chmod(path, 0o644)
 
 
-def test_an_unwritable_checkpoint_is_found_before_training(tmp_path, kill_after_stage_1, capsys):
-    run_dir = killed_run(tmp_path, kill_after_stage_1)
+@pytest.mark.e2e
+def test_an_unwritable_checkpoint_is_found_before_training(tmp_path, capsys):
+    run_dir = killed_run(tmp_path)
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     undo = make_unwritable(checkpoint)
     if undo is None:
@@ -233,6 +233,7 @@ def test_an_unwritable_checkpoint_is_found_before_training(tmp_path, kill_after_
 # --------------------------------------------------------------------------------------------
 # The README's commands, from another working directory
 # --------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_readme_commands_run_from_any_folder(tmp_path):
     """The analysis commands of the README's *Reproducing the paper*, run as written (scripts/ by
     its path) from a folder that is not the repository, on a tiny two-task NBSP run."""

@@ -208,6 +208,7 @@ def finished_sweep(tmp_path_factory):
     return runs_dir, res
 
 
+@pytest.mark.e2e
 def test_local_sweep_runs_both(finished_sweep):
     runs_dir, res = finished_sweep
     assert res.returncode == 0, res.stdout + res.stderr
@@ -226,6 +227,7 @@ def test_local_sweep_runs_both(finished_sweep):
     assert os.path.isfile(os.path.join(runs_dir, "sweep_logs", "reach__nbsp__1.log"))
 
 
+@pytest.mark.e2e
 def test_second_invocation_skips_complete_runs(finished_sweep):
     runs_dir, _ = finished_sweep
     res = run_sweep(*TINY_GRID, "--jobs", "2", "--runs-dir", runs_dir, "--", *TINY)
@@ -236,6 +238,7 @@ def test_second_invocation_skips_complete_runs(finished_sweep):
     assert "steps_per_task=300 (sweep: 400)" in dry.stderr  # a changed budget is pointed out
 
 
+@pytest.mark.e2e
 def test_killed_run_is_resumed(finished_sweep, tmp_path):
     runs_dir, _ = finished_sweep
     folder = next(f for f in run_folders(runs_dir) if "__nbsp__" in f)
