@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import conftest
+import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
 from baselines.pi import InjectedLayer, PerPiece
 from conftest import load, saved_and_loaded
@@ -495,7 +496,7 @@ def test_plasticity_diagnostics_measure_the_summed_head(name, monkeypatch):
     script = mw if name == "metaworld" else atari
     torch.manual_seed(0)
     learner, method = make_learner(batch_size=32)
-    batch = make_batch(32)
+    batch = make_batch(n=32)
     probe = {"obs": batch[0], "actions": batch[1]} if name == "metaworld" else batch[0]
     networks = {net: [layer.hidden for layer in layers] for net, layers in learner.neuron_layers().items()}
     recorded = []
