@@ -20,6 +20,7 @@ import numpy as np
 
 import figures
 import paper_tables
+from cli import UsageError, check_output
 from run_folders import RunFolderError, complete_runs, find
 from sweep import PRESETS
 
@@ -235,6 +236,8 @@ def input_problem(args) -> str | None:
                        ("--notes", args.notes), ("--supplement", args.supplement), ("--more-seeds", args.more_seeds)):
         if path is not None and not os.path.exists(path):
             return f"{flag} {path!r} does not exist"
+        if path is not None and flag not in ("--sweep-log", "--notes") and not os.path.isdir(path):
+            return f"{flag} {path!r} is a file; give the folder of the runs"
     for command, folder in (("supplement_command", "supplement"), ("more_seeds_command", "more_seeds")):
         if getattr(args, command) is not None and getattr(args, folder) is None:
             return f"--{command.replace('_', '-')} describes the runs of --{folder.replace('_', '-')}, which is not given"
@@ -254,8 +257,12 @@ def main(argv=None) -> int:
         problem = input_problem(args)
         if problem:
             raise ReportError(problem)
+        check_output("--out", args.out)
+        for folder in (args.pilot, args.supplement, args.more_seeds):  # read before a file is written, as --runs is
+            if folder is not None:
+                find([folder])
         return write_report(args, argv)
-    except (ReportError, paper_tables.TablesError, figures.FigureError, RunFolderError) as e:
+    except (ReportError, paper_tables.TablesError, figures.FigureError, RunFolderError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -283,6 +290,8 @@ def make_parser() -> argparse.ArgumentParser:
 def write_report(args, argv) -> int:
     runs = paper_tables.load_runs([args.runs])
     counted = complete_runs([args.runs])
+    if not counted:
+        raise ReportError(f"no complete run in --runs {args.runs!r} (metrics.json with \"complete\": true)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.out))[0]

@@ -92,7 +92,8 @@ import numpy as np
 
 import baselines
 import protocol
-from run_folders import ROOT, RunFolder, RunFolderError, metrics_files, read_json, script_defaults
+from cli import UsageError, check_output
+from run_folders import ROOT, RunFolder, RunFolderError, check_shape, metrics_files, read_json, script_defaults
 
 PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
 
@@ -185,13 +186,18 @@ def _read_run(metrics_path: str) -> Run:
     except (OSError, ValueError) as e:
         run.problem = f"unreadable metrics.json ({type(e).__name__})"
         return run
-    run.run_name = metrics.get("run_name", run.run_name)
     try:
-        folder = RunFolder(run_dir, read_json(os.path.join(run_dir, "config.json")), metrics)
-        args = folder.args
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        config = read_json(os.path.join(run_dir, "config.json"))
+    except (OSError, ValueError) as e:
         run.problem = f"no readable config.json beside metrics.json ({type(e).__name__})"
         return run
+    try:
+        check_shape(run_dir, config, metrics)
+    except RunFolderError as e:
+        raise TablesError(str(e)) from None
+    folder = RunFolder(run_dir, config, metrics)
+    args = folder.args
+    run.run_name = metrics.get("run_name", run.run_name)
     run.env = folder.benchmark()
     try:
         run.time = float(str(run.run_name).rsplit("__", 1)[-1])
@@ -815,6 +821,14 @@ def _needs(tid: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Command line
 
+def output_paths(out: str, formats: list[str]) -> dict[str, str]:
+    """{format: file} of --out: OUT itself for one format with an extension, else OUT.md / OUT.tex
+    (a .md/.tex extension of OUT replaced)."""
+    stem, ext = os.path.splitext(out)
+    return {f: out if len(formats) == 1 and ext else (stem if ext in (".md", ".tex") else out)
+            + (".md" if f == "markdown" else ".tex") for f in formats}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise TablesError(message)
@@ -838,15 +852,11 @@ def main(argv=None) -> int:
             raise TablesError(f"--reps must be a positive integer, got {args.reps}")
         if not 0 <= args.seed < 2**32:
             raise TablesError(f"--seed must be in [0, 2**32), got {args.seed}")
-        if args.out:
-            folder = os.path.dirname(os.path.abspath(args.out))
-            existing = folder
-            while not os.path.exists(existing):
-                existing = os.path.dirname(existing)
-            if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-                raise TablesError(f"--out {args.out!r}: {existing!r} is not a writable folder")
+        out_paths = output_paths(args.out, formats) if args.out else {}
+        for path in out_paths.values():
+            check_output("--out", path)
         runs = load_runs(args.paths)
-    except TablesError as e:
+    except (TablesError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not any(r.ok for r in runs):
@@ -860,9 +870,7 @@ def main(argv=None) -> int:
         print("\n".join(outputs.values()), end="")
         return 0
     for f, text in outputs.items():
-        stem, ext = os.path.splitext(args.out)
-        suffix = ".md" if f == "markdown" else ".tex"
-        path = args.out if len(outputs) == 1 and ext else (stem if ext in (".md", ".tex") else args.out) + suffix
+        path = out_paths[f]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as fh:
             fh.write(text)

@@ -35,7 +35,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import baselines
+import cli
 import protocol
+from cli import UsageError, check_folder, check_output
 import run_folders
 from protocol import RESUME_OVERRIDABLE
 from run_folders import ROOT, SCRIPTS
@@ -255,9 +257,24 @@ def expand(spec: dict, seeds: list[int], sets: list[tuple[str, list[str]]], extr
     return runs
 
 
+# Training flags that the sweep sets for every run itself, and where a user sets them instead
+SWEEP_FLAGS = {"seed": "--seeds", "exp-name": "--settings, --set and --tag (they name the run)",
+               "runs-dir": "--runs-dir", "resume": "nothing: the sweep resumes killed runs itself",
+               "tasks": "--sequences", "games": "--sequences"}
+
+
+def check_own_flags(sets: list[tuple[str, list[str]]], extra: list[str]) -> None:
+    """Refuse a training flag that the sweep sets for every run (the runs would collide on one folder)."""
+    given = [("--set", name) for name, _ in sets] + [("after `--`", name) for name, _ in flag_groups(extra) if name]
+    for where, name in given:
+        if name.replace("_", "-") in SWEEP_FLAGS:
+            raise SweepError(f"--{name} {where}: the sweep sets it for every run; use {SWEEP_FLAGS[name.replace('_', '-')]}")
+
+
 def build_runs(args, extra: list[str]) -> list[Run]:
     """Runs of every preset asked for, with command-line overrides; one run per key."""
     sets = [parse_set(s) for s in args.set]
+    check_own_flags(sets, extra)
     if args.preset:
         specs = [dict(PRESETS[p]) for p in args.preset]
     elif args.sequences:
@@ -512,6 +529,23 @@ def check_slurm_args(args) -> None:
                          f"#SBATCH --output cannot take it")
 
 
+def check_paths(args) -> None:
+    """The files and folders this sweep writes or runs, before anything is written: the Slurm script
+    and its log folder, or the runs and logs of a local sweep and the interpreter that runs them."""
+    try:
+        if args.slurm:
+            check_output("--slurm", args.slurm)
+            check_folder("--log-dir", args.log_dir)
+        elif not args.dry_run:
+            check_folder("--runs-dir", args.runs_dir)
+            check_folder("--log-dir", args.log_dir)
+            if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+                raise UsageError(f"--python {args.python!r} is not an executable file; give a Python interpreter "
+                                 f"(default: this one, {sys.executable})")
+    except UsageError as e:
+        raise SweepError(str(e)) from None
+
+
 def comment(text: str) -> str:
     """Text for a `#` line of the script: a newline in it would end the comment and start a command."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -595,7 +629,7 @@ def write_slurm(path: str, plans: list[Plan], args, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
+class Parser(cli.Parser):
     def error(self, message):  # one line, like the training scripts, instead of usage + error
         raise SweepError(message)
 
@@ -669,6 +703,7 @@ def main(argv: list[str]) -> int:
         args.log_dir = os.path.join(args.runs_dir, "sweep_logs")
 
     check_slurm_args(args)
+    check_paths(args)
     runs = build_runs(args, extra)
     plans = plan_runs(runs, args)
     check_new_runs(plans)
@@ -689,9 +724,14 @@ def main(argv: list[str]) -> int:
     return 1 if run_local(plans, args.jobs, threads, args.runs_dir) else 0
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> int:
+    """main, with bad input as one `error:` line and exit status 2."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        return main(argv)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
