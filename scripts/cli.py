@@ -18,14 +18,18 @@ class UsageError(Exception):
     """Bad input; the scripts print it as one `error:` line and exit with status 2."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description and epilog as written (examples keep their lines); each flag's default after its
-    help, unless the help already says it (a "default" in it) or there is none to show."""
+    help, unless the help already says it (a "default" in it) or there is none to show (None, an
+    off switch, an empty text or list, --help)."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return super()._get_help_string(action)
+        text, default = action.help or "", action.default
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or (isinstance(default, (str, list, tuple)) and not default)):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 class Parser(argparse.ArgumentParser):

@@ -546,23 +546,26 @@ def make_parser() -> argparse.ArgumentParser:
     parser = Parser(description=DESCRIPTION)
     sub = parser.add_subparsers(dest="figure", help="the figure to draw (each has its own --help)")
 
-    def figure(name, help, out, runs_help="run folders, or folders of run folders"):
+    def figure(name, help, out, title=None):
         command = sub.add_parser(name, help=help, description=help)
         if name == "histogram":
             command.add_argument("run", help="run folder (runs/<run_name>, with checkpoints/)")
         else:
-            command.add_argument("runs", nargs="+", help=runs_help)
+            command.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
         output = command.add_argument_group("output")
         output.add_argument("--out", default=out, help="output path; .png and .pdf are written (an extension given is dropped)")
-        output.add_argument("--title", default=None, help="figure title (default: the task sequence and what is drawn)")
+        if title:
+            output.add_argument("--title", default=None, help=title)
         return command
 
-    curves = figure("curves", "evaluation success of every task across the stages (paper Fig. 3, 9-12)", "figs/curves")
+    per_sequence = "figure title, after which the task sequence comes when there are several (default: the sequence and what is drawn)"
+    curves = figure("curves", "evaluation success of every task across the stages (paper Fig. 3, 9-12)", "figs/curves", per_sequence)
     curves.add_argument("--align", choices=("step", "stage"), default="step",
                         help="x axis: the global env step, or stage index + fraction of each seed's own stage "
                              "(aligns seeds whose stages stopped early)")
-    figure("plasticity", "dormant neurons, feature rank and weight magnitude across training", "figs/plasticity")
-    ratio = figure("skill-ratio", "a metric against the proportion of skill neurons (paper Fig. 4)", "figs/skill_ratio")
+    figure("plasticity", "dormant neurons, feature rank and weight magnitude across training", "figs/plasticity", per_sequence)
+    ratio = figure("skill-ratio", "a metric against the proportion of skill neurons (paper Fig. 4)", "figs/skill_ratio",
+                   "figure title (default: the metric against the proportion of skill neurons)")
     ratio.add_argument("--metric", choices=("ASR", "FM", "FWT"), default="ASR", help="metric of metrics.json on the y axis")
     hist = figure("histogram", "activations of one neuron, steps of successful vs failed episodes (paper Fig. 1)",
                   "figs/neuron_histogram")

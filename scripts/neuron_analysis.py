@@ -1,7 +1,5 @@
 # General and specific RL skill neurons (paper Appendix C.5, Table 8), on a two-task run.
-#
-#   python scripts/neuron_analysis.py runs/<run_name>                  # final actor, Markdown table
-#   python scripts/neuron_analysis.py runs/<run_name> --stage 2 --json table8.json
+# Examples: `--help` (DESCRIPTION).
 #
 # Task A's skill neurons are the `selected` set of the checkpoint of the stage that trained A,
 # task B's that of the stage that trained B (by default the latest such stages up to the

@@ -92,7 +92,7 @@ import numpy as np
 
 import baselines
 import protocol
-from cli import UsageError, check_output
+from cli import Parser, UsageError, check_output
 from run_folders import ROOT, RunFolder, RunFolderError, check_shape, metrics_files, read_json, script_defaults
 
 PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
@@ -829,21 +829,43 @@ def output_paths(out: str, formats: list[str]) -> dict[str, str]:
             + (".md" if f == "markdown" else ".tex") for f in formats}
 
 
-class _Parser(argparse.ArgumentParser):
+DESCRIPTION = """Result tables of NBSP runs beside the paper's own numbers (Tables 1-5, 9, 10), a generic table
+of every setting, and rliable's IQM, from every metrics.json (with the config.json beside it) under
+the given folders. Runs are grouped by their saved config, not their names; each cell is mean ±
+standard error over seeds. Incomplete, diverged and duplicate runs are listed, not counted.
+
+examples:
+  python scripts/paper_tables.py runs/                             # every paper table with a matching run
+  python scripts/paper_tables.py runs/ --table ablation --iqm      # Tables 2, 9, 10, 3, 4 and the IQM
+  python scripts/paper_tables.py runs/ --format markdown latex --out results/tables   # .md and .tex"""
+EPILOG = """--table: 1 2 3 4 5 9 10 are the paper's tables (printed when a run matches); ablation is 2 9 10 3 4;
+paper is every one of them; all is one generic table of every distinct setting (any task sequence).
+Without --table: the paper tables that have a matching run, or all when none does. How runs are
+classified, grouped and laid out: the docstring at the top of scripts/paper_tables.py."""
+
+
+class _Parser(Parser):
     def error(self, message):
         raise TablesError(message)
 
 
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("paths", nargs="+", help="folders holding runs/{run_name}/ (searched recursively), or metrics.json files")
+    tables = parser.add_argument_group("tables")
+    tables.add_argument("--table", nargs="+", metavar="T",
+                        help=f"one or more of {', '.join(TABLE_CHOICES)} (default: the paper tables with a matching run)")
+    tables.add_argument("--iqm", action="store_true", help="add rliable's interquartile mean with 95%% bootstrap CIs per setting")
+    tables.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions of --iqm")
+    tables.add_argument("--seed", type=int, default=0, help="random seed of the --iqm bootstrap")
+    output = parser.add_argument_group("output")
+    output.add_argument("--format", nargs="+", default=["markdown"], metavar="F", help="markdown and/or latex")
+    output.add_argument("--out", help="write here instead of stdout (OUT.md and/or OUT.tex when OUT has no extension)")
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = _Parser(description="NBSP result tables (paper Tables 1-5, 9, 10, all settings, IQM); "
-                                 "see the module docstring.")
-    parser.add_argument("paths", nargs="+", help="folders holding runs/{run_name}/ (searched recursively)")
-    parser.add_argument("--table", nargs="+", metavar="T", help=f"one or more of {', '.join(TABLE_CHOICES)}")
-    parser.add_argument("--format", nargs="+", default=["markdown"], metavar="F", help="markdown and/or latex")
-    parser.add_argument("--out", help="write here instead of stdout (OUT.md and/or OUT.tex when OUT has no extension)")
-    parser.add_argument("--iqm", action="store_true", help="add rliable's IQM with 95%% bootstrap CIs per setting")
-    parser.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions of --iqm")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the --iqm bootstrap")
+    parser = make_parser()
     try:
         args = parser.parse_args(argv)
         formats = list(dict.fromkeys(_fmt(f) for f in args.format))

@@ -1,12 +1,5 @@
 # Run a grid of training runs: the paper's tables as presets, or any custom grid, on this
-# machine (N processes side by side) or as a Slurm job array.
-#
-#   python scripts/sweep.py --list                          # presets and their run counts
-#   python scripts/sweep.py --preset mini --jobs 2          # laptop-scale ablation, 27 runs (78 min on 2 cores)
-#   python scripts/sweep.py --preset table1 --dry-run       # print the 120 command lines
-#   python scripts/sweep.py --preset table1 table2 --slurm table12.sh --slurm-partition gpu
-#   python scripts/sweep.py --script metaworld --sequences window-open,window-close \
-#       --settings nbsp sac --set skill-ratio=0.1,0.3 --seeds 1 -- --steps-per-task 50000
+# machine (N processes side by side) or as a Slurm job array. Examples: `--help` (DESCRIPTION).
 #
 # A run is: script x task sequence x setting (a method or an ablation, by name) x values of
 # `--set` flags x seed. Its `--exp-name` names the setting and the `--set` values
@@ -634,27 +627,40 @@ class Parser(cli.Parser):
         raise SweepError(message)
 
 
+DESCRIPTION = """Run a grid of NBSP training runs (script x task sequence x setting x --set values x seed) on
+this machine, N processes side by side, or write it as a Slurm job array. The paper's tables are
+presets. Training-script flags for every run go after `--`; flags of a method go only to the runs
+of that method. Run the same command again after a crash: complete runs are skipped, killed ones
+resumed.
+
+examples:
+  python scripts/sweep.py --list                          # presets and their run counts
+  python scripts/sweep.py --preset mini --jobs 2          # laptop-scale ablation, 27 runs (78 min on 2 cores)
+  python scripts/sweep.py --preset table1 --dry-run       # print the 120 command lines
+  python scripts/sweep.py --preset table1 table2 --slurm table12.sh --slurm-partition gpu
+  python scripts/sweep.py --script metaworld --sequences window-open,window-close \\
+      --settings nbsp sac --set skill-ratio=0.1,0.3 --seeds 1 -- --steps-per-task 50000"""
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = Parser(description="Expand a grid of NBSP runs and run it locally or write a Slurm job array. "
-                           "Training-script flags for every run go after `--`.",
-               allow_abbrev=False)  # `--seed 1` must not silently mean `--seeds 1`
+    p = Parser(description=DESCRIPTION)
     g = p.add_argument_group("grid")
     g.add_argument("--preset", nargs="+", choices=list(PRESETS), metavar="NAME",
                    help=f"one or more of the paper's grids: {', '.join(PRESETS)} (runs shared by several run once)")
-    g.add_argument("--script", choices=list(SCRIPTS), help="training script (overrides the preset's; default metaworld)")
+    g.add_argument("--script", choices=list(SCRIPTS), help="training script (default: the preset's, else metaworld)")
     g.add_argument("--sequences", nargs="+", metavar="A,B",
-                   help="task sequences of one cycle, comma-separated (overrides the preset's)")
+                   help="task sequences of one cycle, comma-separated (default: the preset's)")
     g.add_argument("--settings", "--methods", nargs="+", metavar="NAME",
-                   help=f"settings by name (overrides the preset's; default nbsp): {' '.join(SETTINGS)}")
+                   help=f"settings by name (default: the preset's, else nbsp): {' '.join(SETTINGS)}")
     g.add_argument("--set", "--grid", action="append", default=[], metavar="FLAG=V1,V2",
                    help="also sweep a training flag over values (repeatable; grids multiply); true/false toggle "
                         "a boolean flag; the values join the exp_name, e.g. nbsp_ratio0.1")
-    g.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="seeds of every cell (default: 1 2 3, as the paper)")
+    g.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="seeds of every cell (the paper has 3)")
     g.add_argument("--tag", default="", help="appended to every exp_name (a variant of a grid, e.g. with other extras)")
     r = p.add_argument_group("running")
-    r.add_argument("--runs-dir", default="runs", help="passed to every run; complete runs there are skipped (default: runs)")
+    r.add_argument("--runs-dir", default="runs", help="passed to every run; complete runs there are skipped")
     r.add_argument("--log-dir", default=None, help="one log per run (default: RUNS_DIR/sweep_logs)")
-    r.add_argument("--jobs", type=int, default=1, help="runs side by side on this machine (default: 1)")
+    r.add_argument("--jobs", type=int, default=1, help="runs side by side on this machine")
     r.add_argument("--threads", type=int, default=None,
                    help="OMP/MKL threads per run (default: max(1, cores // jobs))")
     r.add_argument("--python", default=sys.executable, help="interpreter of the runs (default: this one)")
@@ -664,17 +670,17 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--slurm", metavar="OUT.sh", help="write the job-array script here")
     s.add_argument("--slurm-partition", default=None, help="#SBATCH --partition")
     s.add_argument("--slurm-account", default=None, help="#SBATCH --account")
-    s.add_argument("--slurm-time", default="48:00:00", help="#SBATCH --time per run (default: 48:00:00)")
-    s.add_argument("--slurm-cpus", type=int, default=4, help="#SBATCH --cpus-per-task, also the runs' thread count (default: 4)")
-    s.add_argument("--slurm-gpus", type=int, default=1, help="#SBATCH --gres=gpu:N, 0 for none (default: 1)")
+    s.add_argument("--slurm-time", default="48:00:00", help="#SBATCH --time per run")
+    s.add_argument("--slurm-cpus", type=int, default=4, help="#SBATCH --cpus-per-task, also the runs' thread count")
+    s.add_argument("--slurm-gpus", type=int, default=1, help="#SBATCH --gres=gpu:N, 0 for none")
     s.add_argument("--slurm-mem", default=None, help="#SBATCH --mem, e.g. 32G")
     s.add_argument("--slurm-max-parallel", type=int, default=None, help="array throttle: at most this many at once")
-    s.add_argument("--slurm-job-name", default="nbsp", help="#SBATCH --job-name (default: nbsp)")
+    s.add_argument("--slurm-job-name", default="nbsp", help="#SBATCH --job-name")
     s.add_argument("--slurm-signal-grace", type=int, default=300, metavar="SECONDS",
                    help="#SBATCH --signal=B:USR1@SECONDS: the warning before the time limit, in which a run "
-                        "checkpoints and requeues itself (default: 300)")
+                        "checkpoints and requeues itself")
     s.add_argument("--slurm-max-requeues", type=int, default=5,
-                   help="times a task may requeue itself after that warning (default: 5)")
+                   help="times a task may requeue itself after that warning")
     return p
 
 

@@ -1,7 +1,8 @@
-"""Bad input of every script in scripts/: one `error:` line on stderr naming what is valid, exit
-status 2, and nothing written (the files under the test's folder are the same before and after).
-Each case is a row of CASES: the script, its command line, what the line must say, and how the
-input is made bad."""
+"""The command line of every script in scripts/. Bad input: one `error:` line on stderr naming what
+is valid, exit status 2, and nothing written (the files under the test's folder are the same
+before and after); each case is a row of CASES: the script, its command line, what the line must
+say, and how the input is made bad. `--help`: a description and examples first, the flags under
+topics, every flag explained and every default shown."""
 
 import json
 import math
@@ -141,3 +142,45 @@ def test_bad_input_one_error_line_exit_2_nothing_written(script, argv, expected,
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert expected in err[0]
     assert tree(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# --help: a description and examples first, flags under topics, every flag explained, every default shown
+# --------------------------------------------------------------------------------------------
+def parsers(parser):
+    """The parser and those of its subcommands."""
+    yield parser
+    for action in parser._actions:
+        for sub in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices, dict):
+                yield from parsers(action.choices[sub])
+
+
+@pytest.mark.parametrize("module", [paper_tables, figures, mini_report, sweep, neuron_analysis], ids=lambda m: m.__name__)
+def test_help_reads_by_topic(module, capsys):
+    top = module.make_parser()
+    with pytest.raises(SystemExit) as exit:
+        top.parse_args(["--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert "\nexamples:\n  python scripts/" in text and text.index("examples:") < text.index("options:")
+    for parser in parsers(top):
+        flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+        assert all(a.help for a in parser._actions if a.dest != "help"), parser.prog  # every flag explained
+        if module is not figures or parser is not top:
+            assert len(parser._action_groups) > 2 or len(flags) <= 2, parser.prog  # topics besides the defaults
+        for action in flags:
+            if action.default is not None and action.default is not False and action.default not in ("", []):
+                assert "(default:" in " ".join(parser._get_formatter()._get_help_string(action).split()), action.dest
+
+
+def test_benchmark_help_reads_by_topic():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py"), "--help"],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="120"))
+    assert result.returncode == 0 and "examples:" in result.stdout
+    for topic in ("measurement", "paper-size-update", "size-table", "end-to-end", "atari-update", "method-cost"):
+        assert f"{topic} options" in result.stdout
+    assert "--widths" in result.stdout and "--e2e-batch" in result.stdout  # the flags keep their names
