@@ -251,9 +251,9 @@ def expand(spec: dict, seeds: list[int], sets: list[tuple[str, list[str]]], extr
 
 
 # Training flags that the sweep sets for every run itself, and where a user sets them instead
-SWEEP_FLAGS = {"seed": "--seeds", "exp-name": "--settings, --set and --tag (they name the run)",
-               "runs-dir": "--runs-dir", "resume": "nothing: the sweep resumes killed runs itself",
-               "tasks": "--sequences", "games": "--sequences"}
+SWEEP_FLAGS = {"seed": "give seeds with --seeds", "exp-name": "runs are named by --settings, --set and --tag",
+               "runs-dir": "give --runs-dir to the sweep itself", "resume": "leave it out: the sweep resumes killed runs itself",
+               "tasks": "give task sequences with --sequences", "games": "give task sequences with --sequences"}
 
 
 def check_own_flags(sets: list[tuple[str, list[str]]], extra: list[str]) -> None:
@@ -261,7 +261,7 @@ def check_own_flags(sets: list[tuple[str, list[str]]], extra: list[str]) -> None
     given = [("--set", name) for name, _ in sets] + [("after `--`", name) for name, _ in flag_groups(extra) if name]
     for where, name in given:
         if name.replace("_", "-") in SWEEP_FLAGS:
-            raise SweepError(f"--{name} {where}: the sweep sets it for every run; use {SWEEP_FLAGS[name.replace('_', '-')]}")
+            raise SweepError(f"--{name} ({where}) is set by the sweep for every run; {SWEEP_FLAGS[name.replace('_', '-')]}")
 
 
 def build_runs(args, extra: list[str]) -> list[Run]:

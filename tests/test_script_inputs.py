@@ -108,9 +108,9 @@ CASES = [
     ("sweep-runs-dir-read-only", "sweep", [*GRID[:-1], "{tmp}/locked/runs"], "is not writable", read_only),
     ("sweep-slurm-under-file", "sweep", [*GRID, "--slurm", "{tmp}/file/x.sh"], "is a file, not a folder", a_file),
     ("sweep-resume-after-dashes", "sweep", [*GRID, "--dry-run", "--", "--resume", "x"],
-     "--resume after `--`: the sweep sets it for every run", None),
+     "--resume (after `--`) is set by the sweep for every run; leave it out", None),
     ("sweep-seed-in-set", "sweep", ["--sequences", "reach", "--seeds", "1", "2", "--set", "seed=5", "--dry-run"],
-     "--seed --set: the sweep sets it for every run; use --seeds", None),
+     "--seed (--set) is set by the sweep for every run; give seeds with --seeds", None),
 ]
 if not torch.cuda.is_available():
     CASES += [("neuron_analysis-cuda-on-cpu", "neuron_analysis", ["{tmp}/runs/run", "--device", "cuda"],
