@@ -30,8 +30,9 @@
 #   their band, and unfinished runs are left out (with a note on stderr).
 # histogram: per-step activations of one neuron over episodes of the stochastic policy on a task,
 #   split by whether the episode succeeded (the goal metric of identification), from a stage
-#   checkpoint; default stage: the first whose identification window held successful and failed
-#   episodes; default neuron: the top-scoring (hence selected) skill neuron of the actor.
+#   checkpoint; default stage: the first whose episodes hold a success and a failure (stages whose
+#   identification window did are tried first); default neuron: the top-scoring (hence selected)
+#   skill neuron of the actor.
 import argparse
 import json
 import math
@@ -398,25 +399,32 @@ def plot_skill_ratio(run_dirs, out_path: str, metric: str = "ASR", title: str | 
 # ------------------------------------------------------------------------------------------
 # Activation histogram of one neuron by episode success (paper Fig. 1)
 # ------------------------------------------------------------------------------------------
-def stage_with_both_outcomes(run_dir: str) -> int:
-    """The first finished stage whose identification window held successful and failed episodes
-    (metrics.json `stages[].identify_success_share` strictly between 0 and 1), or FigureError saying
-    why there is none."""
+def candidate_stages(run_dir: str) -> list[int]:
+    """The finished stages (with a checkpoint) in the order the histogram tries them: first those
+    whose identification window held successful and failed episodes (metrics.json
+    `stages[].identify_success_share` strictly between 0 and 1), then the others."""
     import neuron_analysis as na
 
+    saved = na.finished_stages(run_dir)
+    if not saved:
+        raise FigureError(f"{run_dir!r} has no stage checkpoint yet (checkpoints/stage_<i>.pt)")
     stages = (RunFolder.read(run_dir).metrics or {}).get("stages", [])
-    shares = {record["stage"]: record.get("identify_success_share") for record in stages if "stage" in record}
-    saved = set(na.finished_stages(run_dir))
-    for stage, share in shares.items():
-        if share is not None and 0 < share < 1 and stage in saved:
-            return stage
-    if not shares:
-        raise FigureError(f"{run_dir!r} has no finished stage in metrics.json; give --stage once one has finished")
-    if all(share is None for share in shares.values()):
-        raise FigureError(f"{run_dir!r} records no identification window (a run without skill neurons); give --stage")
-    found = ", ".join(f"stage {stage}: {share:.0%}" for stage, share in shares.items() if share is not None)
-    raise FigureError(f"no stage of {run_dir!r} identified on both successful and failed episodes (steps in "
-                      f"successful episodes: {found}); give --stage, and --episodes to see more episodes")
+    share = {record.get("stage"): record.get("identify_success_share") for record in stages}
+    return sorted(saved, key=lambda stage: not (share.get(stage) is not None and 0 < share[stage] < 1))
+
+
+def activations_with_both_outcomes(run_dir: str, **options) -> dict:
+    """neuron_activations of the first candidate stage whose episodes hold a success and a failure,
+    or FigureError listing what every stage's episodes gave."""
+    outcomes = []
+    for stage in candidate_stages(run_dir):
+        data = neuron_activations(run_dir, stage, **options)
+        won = int(data["episode_success"].sum())
+        if 0 < won < len(data["episode_success"]):
+            return data
+        outcomes.append(f"stage {stage}: {won}/{len(data['episode_success'])}")
+    raise FigureError(f"no stage of {run_dir!r} gave both successful and failed episodes (successes: {', '.join(outcomes)}); "
+                      "give --stage, or more --episodes")
 
 
 def neuron_activations(run_dir: str, stage: int = 1, network: str = "actor", neuron: int | None = None,
@@ -496,9 +504,10 @@ def plot_histogram(run_dir: str, out_path: str, stage: int | None = None, networ
                    task: str | None = None, episodes: int | None = None, seed: int | None = None, bins: int = 30,
                    device: str = "cpu") -> list[str]:
     """Fig. 1: histogram of one neuron's activations, steps of successful vs failed episodes; by
-    default after the first stage identified on both outcomes (stage_with_both_outcomes)."""
-    stage = stage_with_both_outcomes(run_dir) if stage is None else stage
-    data = neuron_activations(run_dir, stage, network, neuron, task, episodes, seed, device)
+    default after the first stage whose episodes hold both outcomes (activations_with_both_outcomes)."""
+    options = dict(network=network, neuron=neuron, task=task, episodes=episodes, seed=seed, device=device)
+    data = (activations_with_both_outcomes(run_dir, **options) if stage is None
+            else neuron_activations(run_dir, stage, **options))
     activation, success = data["activation"], data["success"]
     edges = np.histogram_bin_edges(activation, bins=bins)
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
@@ -571,8 +580,8 @@ def make_parser() -> argparse.ArgumentParser:
                   "figs/neuron_histogram")
     which = hist.add_argument_group("which neuron, after which stage")
     which.add_argument("--stage", type=int, default=None,
-                       help="stage checkpoint (default: the first stage whose identification window held both "
-                            "successful and failed episodes)")
+                       help="stage checkpoint (default: the first stage whose episodes hold a success and a "
+                            "failure, those whose identification window did tried first)")
     which.add_argument("--network", choices=("actor", "qf1", "qf2"), default="actor", help="network of the neuron")
     which.add_argument("--neuron", type=int, default=None,
                        help="index over the network's hidden neurons, layers concatenated (default: the top score)")

@@ -205,13 +205,22 @@ def two_sequences(tmp_path_factory):
     return base
 
 
+def overlapping_ticks(ax) -> bool:
+    """Whether two of the x tick labels of a drawn axis overlap."""
+    boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels() if t.get_text() and t.get_visible()), key=lambda b: b.x0)
+    return any(left.x1 > right.x0 for left, right in zip(boxes, boxes[1:]))
+
+
 def drawn_figures(monkeypatch) -> list[dict]:
     """What figures.save is given, one dict per figure: title, legend entries, panel titles."""
     drawn, save = [], figures.save
 
     def recording_save(fig, out):
-        drawn.append({"title": fig._suptitle.get_text(), "legend": [t.get_text() for t in fig.legends[0].get_texts()],
-                      "panels": [ax.get_title() for ax in fig.axes if ax.get_visible()], "out": out})
+        fig.canvas.draw()
+        drawn.append({"title": fig._suptitle.get_text() if fig._suptitle else None,
+                      "legend": [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else None,
+                      "panels": [ax.get_title() for ax in fig.axes if ax.get_visible()], "out": out,
+                      "overlapping_ticks": [ax.get_title() for ax in fig.axes if ax.get_visible() and overlapping_ticks(ax)]})
         return save(fig, out)
 
     monkeypatch.setattr(figures, "save", recording_save)
@@ -225,6 +234,7 @@ def test_curves_one_figure_per_sequence_labelled_by_what_differs(two_sequences, 
                                                     "curves-window-open+window-close.png",
                                                     "curves-window-open+window-close.pdf"]
     first, second = drawn
+    assert first["overlapping_ticks"] == second["overlapping_ticks"] == []
     assert first["title"] == "reach → drawer-close, 2 cycles: evaluation success (mean ± s.e. over seeds)"
     assert first["panels"] == ["reach", "drawer-close"]  # no panel of the other sequence
     assert first["legend"][:2] == ["nbsp (n=2)", "sac (n=2)"]
@@ -251,25 +261,32 @@ def test_long_setting_labels_are_wrapped():
     assert max(map(len, label.splitlines())) <= figures.LEGEND_WIDTH and label.endswith("(n=3)")
 
 
-def test_histogram_stage_with_both_outcomes(tmp_path):
+def test_histogram_default_stage_has_both_outcomes(tmp_path, monkeypatch):
     run_dir = write_run(tmp_path, "nbsp", 1)
     os.makedirs(os.path.join(run_dir, "checkpoints"))
-    for stage in (1, 2, 3):
+    for stage in (1, 2, 3):  # stage 4 has no checkpoint
         open(os.path.join(run_dir, "checkpoints", f"stage_{stage}.pt"), "wb").close()
+    path = os.path.join(run_dir, "metrics.json")
+    with open(path) as f:
+        metrics = json.load(f)
+    for record, share in zip(metrics["stages"], (1.0, 0.0, 0.4, 0.5)):
+        record["identify_success_share"] = share
+    write_json(path, metrics)
+    assert figures.candidate_stages(run_dir) == [3, 1, 2]  # identified on both outcomes first
 
-    def shares(*values):
-        path = os.path.join(run_dir, "metrics.json")
-        with open(path) as f:
-            metrics = json.load(f)
-        for record, share in zip(metrics["stages"], values):
-            record["identify_success_share"] = share
-        write_json(path, metrics)
+    episodes = {1: [1.0, 0.0], 2: [1.0, 1.0], 3: [0.0, 0.0]}  # what each stage's episodes give here
+    tried = []
 
-    shares(1.0, 0.0, 0.4, 0.5)  # stage 4 has no checkpoint here
-    assert figures.stage_with_both_outcomes(run_dir) == 3
-    shares(1.0, 0.0, 1.0, 1.0)
-    with pytest.raises(figures.FigureError, match="no stage of .* both successful and failed episodes .*stage 1: 100%"):
-        figures.stage_with_both_outcomes(run_dir)
+    def fake_activations(run_dir, stage, **options):
+        tried.append(stage)
+        return {"stage": stage, "episode_success": np.array(episodes[stage])}
+
+    monkeypatch.setattr(figures, "neuron_activations", fake_activations)
+    assert figures.activations_with_both_outcomes(run_dir)["stage"] == 1 and tried == [3, 1]
+    episodes[1] = [1.0, 1.0]
+    with pytest.raises(figures.FigureError, match=r"no stage .* both successful and failed episodes "
+                                                   r"\(successes: stage 3: 0/2, stage 1: 2/2, stage 2: 2/2\)"):
+        figures.activations_with_both_outcomes(run_dir)
 
 
 def test_skill_ratio_written(tmp_path, capsys):
@@ -287,7 +304,8 @@ def test_skill_ratio_written(tmp_path, capsys):
     assert "left out" in capsys.readouterr().err
 
 
-def test_histogram_from_tiny_run(tiny_run, tmp_path):
+def test_histogram_from_tiny_run(tiny_run, tmp_path, monkeypatch):
+    drawn = drawn_figures(monkeypatch)
     checkpoint = torch.load(os.path.join(tiny_run, "checkpoints", "stage_1.pt"), weights_only=True)
     data = figures.neuron_activations(tiny_run, stage=1)
     top = int(torch.argmax(checkpoint["scores"]["actor"]))
@@ -297,3 +315,4 @@ def test_histogram_from_tiny_run(tiny_run, tmp_path):
     assert (data["activation"] >= 0).all()  # post-ReLU
     # a chosen critic neuron on the other task
     assert_figures(figures.plot_histogram(tiny_run, str(tmp_path / "hist"), stage=2, network="qf1", neuron=3, task="reach"))
+    assert drawn[0]["overlapping_ticks"] == []
