@@ -31,8 +31,10 @@ folder. With fewer than 4 runs the IQM equals the mean (the 25% trimmed mean tri
 `--format markdown latex` (default markdown). Output goes to stdout, or with `--out PATH` to PATH;
 with two formats `--out PATH` writes PATH.md and PATH.tex (a `.md`/`.tex` suffix of PATH is
 replaced). LaTeX tables use booktabs (`\\usepackage{booktabs}`), one `table` environment each.
-Bad input (a folder without any metrics.json, an unknown table) stops with one `error:` line
-that names the valid choices, exit status 2. When no run counts (all incomplete, say) the runs
+Bad input (a folder without any metrics.json, an unknown table, a config.json or metrics.json that
+is valid JSON of another shape than the training scripts write, an --out that cannot be written)
+stops with one `error:` line that names the valid choices (or the file and field), exit status 2,
+before anything is written. When no run counts (all incomplete, say) the runs
 are listed on stderr and an `error:` line follows, exit status 1.
 
 How runs are classified and grouped
