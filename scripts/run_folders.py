@@ -6,6 +6,7 @@ defaults. The one reader of run folders of the tables, figures, sweep and report
     complete_runs(paths)   the same, only the runs whose metrics.json says "complete"
     runs_in(runs_dir)      the readable run folders directly in a --runs-dir (sweep's resume/skip)
     metrics_files(paths)   every metrics.json under the paths, searched recursively (the tables)
+    check_shape(path, config, metrics)  RunFolderError naming the file and field of a wrong-shaped file
     script_defaults(name)  every flag's default of the training script of "metaworld" or "atari"
 """
 
