@@ -3,10 +3,7 @@
 # fraction of the machine's dense matmul throughput the update reaches, end-to-end env steps/s
 # and peak memory of the training script (with --compile: also the eager script and the compile
 # warm-up), and (GPU) concurrent runs on one card.
-#
-#   python scripts/benchmark.py                     # CPU, a few minutes on 2 cores
-#   python scripts/benchmark.py --device cuda --compile --cudagraphs
-#   python scripts/benchmark.py --quick             # tiny sizes, well under a minute
+# Examples: `--help` (DESCRIPTION).
 #
 # One "update" is what the training loop does per env step after learning starts: the
 # project's `SACLearner.update` with NBSP masks installed on every hidden layer and every
@@ -19,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -40,7 +38,9 @@ SKILL_RATIO, MASK_RANGE = 0.2, (0.02, 0.1)  # Eq. 7 masks: alpha * (1 - score), 
 
 
 @dataclass
-class Args:
+class Measurement:
+    """how and where everything is measured"""
+
     device: str = "cpu"
     """device of the update benchmark and of the training runs (`cpu`, `cuda` or `cuda:N`)"""
     compile: bool = False
@@ -49,6 +49,14 @@ class Args:
     """also replay the project's compiled update as CUDA graphs (GPU only)"""
     seed: int = 1
     """seed of the networks, masks and replay rows"""
+    quick: bool = False
+    """tiny table, few updates, short end-to-end run at a small width: a smoke test, not a measurement"""
+
+
+@dataclass
+class PaperSizeUpdate:
+    """the update at paper size (hidden 768 768 768, batch 256), project against the reference"""
+
     rounds: int = 10
     """interleaved rounds (reference block, project block) at paper size; medians are reported"""
     updates_per_block: int | None = None
@@ -59,6 +67,12 @@ class Args:
     """random rows in each of D and Dpre for the update benchmark"""
     matmul_size: int | None = None
     """side of the square float32 matmul measuring dense throughput (None: 2048 on CPU, 8192 on GPU)"""
+
+
+@dataclass
+class SizeTable:
+    """the widths x batches table"""
+
     table: bool = True
     """measure the widths x batches table"""
     widths: list[int] = field(default_factory=lambda: [256, 768, 1024])
@@ -67,6 +81,12 @@ class Args:
     """batch sizes of the table"""
     table_rounds: int = 4
     """interleaved rounds per table cell"""
+
+
+@dataclass
+class EndToEnd:
+    """the training script end to end (a subprocess) against the CleanRL-style loop, and concurrent runs"""
+
     e2e: bool = True
     """measure the training script end to end (a subprocess) and the CleanRL-style loop"""
     e2e_task: str = "reach"
@@ -83,12 +103,24 @@ class Args:
     """env steps of the CleanRL-style loop, half before and half after the run (None: 100 on CPU, 1000 on GPU)"""
     concurrent: list[int] | None = None
     """numbers of training runs started at once on the device (None: 1 2 4 on GPU, none on CPU)"""
+
+
+@dataclass
+class AtariUpdate:
+    """the Atari update at paper size against CleanRL's sac_atari.py"""
+
     atari: bool = True
     """measure the Atari update at paper size (conv 32 64 64, hidden 768 768, batch 64) against CleanRL's sac_atari.py"""
     atari_rounds: int = 3
     """interleaved rounds of the Atari update"""
     atari_updates_per_block: int | None = None
     """Atari updates per timed block (None: 2 on CPU, 50 on GPU)"""
+
+
+@dataclass
+class MethodCost:
+    """the update cost of every method against plain SAC"""
+
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     """methods whose Meta-World update cost is compared with `sac` (empty: skip)"""
     method_hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
@@ -97,8 +129,26 @@ class Args:
     """interleaved rounds of the method comparison (every method once per round)"""
     method_updates_per_block: int = 20
     """updates per method and round"""
-    quick: bool = False
-    """tiny table, few updates, short end-to-end run at a small width: a smoke test, not a measurement"""
+
+
+@dataclass
+class Args(MethodCost, AtariUpdate, EndToEnd, SizeTable, PaperSizeUpdate, Measurement):
+    """Every flag of the benchmark, as one object (the groups above are its --help topics)."""
+
+
+@dataclass
+class CommandLine:
+    """The flags by topic; flag names without a group prefix."""
+
+    measurement: Annotated[Measurement, tyro.conf.OmitArgPrefixes] = field(default_factory=Measurement)
+    paper_size_update: Annotated[PaperSizeUpdate, tyro.conf.OmitArgPrefixes] = field(default_factory=PaperSizeUpdate)
+    size_table: Annotated[SizeTable, tyro.conf.OmitArgPrefixes] = field(default_factory=SizeTable)
+    end_to_end: Annotated[EndToEnd, tyro.conf.OmitArgPrefixes] = field(default_factory=EndToEnd)
+    atari_update: Annotated[AtariUpdate, tyro.conf.OmitArgPrefixes] = field(default_factory=AtariUpdate)
+    method_cost: Annotated[MethodCost, tyro.conf.OmitArgPrefixes] = field(default_factory=MethodCost)
+
+    def args(self) -> Args:
+        return Args(**{f.name: getattr(group, f.name) for group in vars(self).values() for f in fields(group)})
 
 
 QUICK = dict(rounds=2, updates_per_block=2, warmup=1, buffer_rows=2_000, matmul_size=256, widths=[32, 64],
@@ -638,5 +688,16 @@ def main(args: Args) -> None:
     print(f"\nupdate speedup vs CleanRL-style at paper size: {speedup:.2f}x ({device_name})")
 
 
+DESCRIPTION = """Speed of the project's SAC update against a fixed CleanRL-style reference, on this machine, from
+one process and the same inputs: updates/s at paper size and over widths x batches, the fraction of
+the machine's dense matmul throughput the update reaches, end-to-end env steps/s and peak memory of
+the training script, the Atari update, every method's update cost, and (GPU) concurrent runs.
+
+examples:
+  python scripts/benchmark.py                     # CPU, a few minutes on 2 cores
+  python scripts/benchmark.py --device cuda --compile --cudagraphs
+  python scripts/benchmark.py --quick             # tiny sizes, well under a minute"""
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(CommandLine, description=DESCRIPTION).args())

@@ -1,14 +1,11 @@
-# Figures of NBSP runs (matplotlib, PNG and PDF of each figure).
-#
-#   python scripts/figures.py curves runs/ --out figs/curves                 # paper Fig. 3, 9-12
-#   python scripts/figures.py curves runs/sac_* runs/nbsp_* --align stage --out figs/curves
-#   python scripts/figures.py skill-ratio runs/ratio_sweep/ --out figs/skill_ratio   # paper Fig. 4
-#   python scripts/figures.py histogram runs/<run_name> --stage 1 --out figs/neuron   # paper Fig. 1
+# Figures of NBSP runs (matplotlib, PNG and PDF of each figure); examples: `--help`.
 #
 # A run argument is a run folder (with config.json) or a folder of run folders. Runs are grouped
-# into *settings* by their config.json args minus the seed and bookkeeping (BOOKKEEPING below);
-# the runs of a setting are its seeds. Each setting is labelled by the args in which the settings
-# differ ("sac" / "nbsp" when only --method differs).
+# by task sequence and cycle count: one figure per sequence, titled with it (written to OUT when
+# there is one sequence, OUT-{task+task} when there are several). Within a sequence, runs are
+# grouped into *settings* by their config.json args minus the seed and bookkeeping (BOOKKEEPING
+# below); the runs of a setting are its seeds. Each setting is labelled by the args in which the
+# settings of its figure differ ("sac" / "nbsp" when only --method differs).
 #
 # curves: one panel per task, the deterministic evaluation success of that task (TensorBoard
 #   `eval/{task}/success_rate`, logged every --eval-every steps and at every stage end) against
@@ -33,13 +30,16 @@
 #   their band, and unfinished runs are left out (with a note on stderr).
 # histogram: per-step activations of one neuron over episodes of the stochastic policy on a task,
 #   split by whether the episode succeeded (the goal metric of identification), from a stage
-#   checkpoint; default neuron: the top-scoring (hence selected) skill neuron of the actor.
+#   checkpoint; default stage: the first whose episodes hold a success and a failure (stages whose
+#   identification window did are tried first); default neuron: the top-scoring (hence selected)
+#   skill neuron of the actor.
 import argparse
 import json
 import math
 import os
 import re
 import sys
+import textwrap
 from collections import defaultdict
 
 import matplotlib
@@ -49,8 +49,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
+from cli import Parser, UsageError, check_device, check_output  # noqa: E402
 from protocol import BOOKKEEPING  # noqa: E402
 from run_folders import RunFolder, RunFolderError, find  # noqa: E402
 
@@ -59,6 +61,7 @@ PLASTICITY_TAG = re.compile(r"plasticity/(actor|qf1|qf2)/(dormant_ratio|feature_
 PLASTICITY_NAMES = {"dormant_ratio": "dormant neurons (ReDo)", "feature_rank": "feature rank (srank, last hidden layer)",
                     "weight_magnitude": "mean |weight|"}
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+LEGEND_WIDTH = 48  # characters of a legend entry's line: the legend stays narrower than the plots
 
 
 class FigureError(Exception):
@@ -100,14 +103,42 @@ def setting_labels(keys) -> dict[str, str]:
     return labels
 
 
+def legend_label(label: str, runs: list[RunFolder]) -> str:
+    """A setting's legend entry: its label with the seed count, wrapped so that the legend stays
+    narrower than the plots."""
+    return textwrap.fill(f"{label} (n={len(runs)})", LEGEND_WIDTH, break_on_hyphens=False)
+
+
+def by_sequence(runs: list[RunFolder]) -> dict[str, list[RunFolder]]:
+    """Runs grouped by task sequence and cycle count, {"reach → drawer-close, 2 cycles": runs}, in
+    the order first seen: one figure each."""
+    sequences = defaultdict(list)
+    for run in runs:
+        cycles = len(run.stage_tasks) // max(len(run.sequence()), 1)
+        sequences[f"{' → '.join(run.sequence())}, {cycles} cycle{'s' * (cycles != 1)}"].append(run)
+    return dict(sequences)
+
+
+def sequence_outputs(out: str, sequences) -> dict[str, str]:
+    """{sequence: output path without extension}: `out` for one sequence, else `out-{tasks}` (and
+    the cycle count when two figures share the tasks)."""
+    stem = out[: -len(os.path.splitext(out)[1])] if os.path.splitext(out)[1] in (".png", ".pdf") else out
+    if len(sequences) == 1:
+        return {sequence: stem for sequence in sequences}
+    tasks = {sequence: sequence.rsplit(", ", 1)[0].replace(" → ", "+") for sequence in sequences}
+    repeated = {t for t in tasks.values() if list(tasks.values()).count(t) > 1}
+    return {sequence: f"{stem}-{t}" + (f"-{sequence.rsplit(', ', 1)[1].split()[0]}cycles" if t in repeated else "")
+            for sequence, t in tasks.items()}
+
+
 def out_paths(out: str) -> list[str]:
     stem = out[: -len(os.path.splitext(out)[1])] if os.path.splitext(out)[1] in (".png", ".pdf") else out
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     return [stem + ".png", stem + ".pdf"]
 
 
 def save(fig, out: str) -> list[str]:
     paths = out_paths(out)
+    os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
     for path in paths:
         fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
@@ -168,11 +199,20 @@ def _task_order(runs: list[RunFolder]) -> list[str]:
 
 
 def plot_curves(run_dirs, out_path: str, align: str = "step", title: str | None = None, label=None) -> list[str]:
-    """Evaluation success of every task across the stages (see the header); returns [png, pdf].
-    `label`, if given, names a setting from its run args (default: the args that differ)."""
+    """Evaluation success of every task across the stages (see the header), one figure per task
+    sequence; returns [png, pdf] of each. `label`, if given, names a setting from its run args
+    (default: the args that differ between the settings of the figure)."""
     if align not in ("step", "stage"):
         raise FigureError(f"--align must be step or stage, got {align!r}")
-    runs = find(run_dirs)
+    sequences = by_sequence(find(run_dirs))
+    outputs = sequence_outputs(out_path, sequences)
+    return [path for sequence, runs in sequences.items()
+            for path in curves_figure(runs, outputs[sequence], align, sequence, title if len(sequences) == 1 or title is None
+                                      else f"{title}: {sequence}", label)]
+
+
+def curves_figure(runs: list[RunFolder], out_path: str, align: str, sequence: str, title: str | None, label) -> list[str]:
+    """The curves figure of the runs of one task sequence."""
     groups = group_runs(runs)
     labels = setting_labels(groups) if label is None else {k: label(g[0].args) for k, g in groups.items()}
     order = sorted(groups, key=lambda k: labels[k])
@@ -237,32 +277,40 @@ def plot_curves(run_dirs, out_path: str, align: str = "step", title: str | None 
             ax.text((start + end) / 2, 0.985, f"{s + 1}", transform=transform, ha="center", va="top", fontsize=7, color="0.35")
         if align == "stage":
             ax.set_xlim(0, max(len(r.stage_tasks) for r in runs))
-            ax.set_xticks(range(max(len(r.stage_tasks) for r in runs) + 1))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))  # many stages: no overlapping labels
             ax.set_xlabel("stage (fraction of each seed's own stage length)")
         else:
             ax.set_xlim(left=0)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
             ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
             ax.set_xlabel("environment steps")
     for row in axes:
         row[0].set_ylabel("success rate (eval)")
 
-    handles = [Line2D([], [], color=colors[k], lw=2, label=f"{labels[k]} (n={len(groups[k])})") for k in order]
+    handles = [Line2D([], [], color=colors[k], lw=2, label=legend_label(labels[k], groups[k])) for k in order]
     handles += [Patch(color="0.92", label="stage trains this task"),
                 Line2D([], [], color="0.45", ls="--", lw=0.9, label="stage boundary"
                        + (" (first seed)" if align == "step" and any(len(g) > 1 for g in groups.values()) else ""))]
     if align == "step" and any(bounds[k][1] for k in order):
         handles.append(Line2D([], [], color="0.45", ls=":", lw=0.7, label="other seeds' boundaries"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
-    sequence = " → ".join(reference.stage_tasks[: len(reference.args.get("tasks", reference.stage_tasks))])
-    fig.suptitle(title or f"{sequence}, {reference.args.get('cycles', 1)} cycles: evaluation success "
-                 "(mean ± s.e. over seeds)", fontsize=10)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), max(ncols, 2)), frameon=False, fontsize=8)
+    fig.suptitle(title or f"{sequence}: evaluation success (mean ± s.e. over seeds)", fontsize=10)
     return save(fig, out_path)
 
 
 def plot_plasticity(run_dirs, out_path: str, title: str | None = None) -> list[str]:
     """The plasticity diagnostics logged at every evaluation (`plasticity/{network}/{metric}`): one
-    row per diagnostic, one column per network, a line per setting (mean ± s.e. over seeds)."""
-    runs = find(run_dirs)
+    row per diagnostic, one column per network, a line per setting (mean ± s.e. over seeds); one
+    figure per task sequence, returns [png, pdf] of each."""
+    sequences = by_sequence(find(run_dirs))
+    outputs = sequence_outputs(out_path, sequences)
+    return [path for sequence, runs in sequences.items()
+            for path in plasticity_figure(runs, outputs[sequence], sequence, title if len(sequences) == 1 or title is None
+                                          else f"{title}: {sequence}")]
+
+
+def plasticity_figure(runs: list[RunFolder], out_path: str, sequence: str, title: str | None) -> list[str]:
+    """The plasticity figure of the runs of one task sequence."""
     groups = group_runs(runs)
     labels = setting_labels(groups)
     order = sorted(groups, key=lambda k: labels[k])
@@ -287,13 +335,14 @@ def plot_plasticity(run_dirs, out_path: str, title: str | None = None) -> list[s
                 ax.axvline(boundary, color="0.45", ls="--", lw=0.9)
             ax.set_title(f"{network}: {PLASTICITY_NAMES[metric]}", fontsize=9)
             ax.grid(alpha=0.3, lw=0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
             ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
     for ax in axes[-1]:
         ax.set_xlabel("environment steps")
-    handles = [Line2D([], [], color=colors[k], lw=2, label=f"{labels[k]} (n={len(groups[k])})") for k in order]
+    handles = [Line2D([], [], color=colors[k], lw=2, label=legend_label(labels[k], groups[k])) for k in order]
     handles.append(Line2D([], [], color="0.45", ls="--", lw=0.9, label="stage boundary (first seed)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
-    fig.suptitle(title or "plasticity diagnostics at every evaluation (mean ± s.e. over seeds)", fontsize=10)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), len(networks)), frameon=False, fontsize=8)
+    fig.suptitle(title or f"{sequence}: plasticity diagnostics at every evaluation (mean ± s.e. over seeds)", fontsize=10)
     return save(fig, out_path)
 
 
@@ -350,17 +399,32 @@ def plot_skill_ratio(run_dirs, out_path: str, metric: str = "ASR", title: str | 
 # ------------------------------------------------------------------------------------------
 # Activation histogram of one neuron by episode success (paper Fig. 1)
 # ------------------------------------------------------------------------------------------
-def check_device(device: str) -> None:
-    import torch
+def candidate_stages(run_dir: str) -> list[int]:
+    """The finished stages (with a checkpoint) in the order the histogram tries them: first those
+    whose identification window held successful and failed episodes (metrics.json
+    `stages[].identify_success_share` strictly between 0 and 1), then the others."""
+    import neuron_analysis as na
 
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise FigureError(f"--device must be a torch device such as cpu or cuda, got {device!r}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise FigureError(f"--device {device}: no CUDA device is available; use --device cpu")
-    if kind not in ("cpu", "cuda"):
-        raise FigureError(f"--device must be cpu or a cuda device, got {device!r}")
+    saved = na.finished_stages(run_dir)
+    if not saved:
+        raise FigureError(f"{run_dir!r} has no stage checkpoint yet (checkpoints/stage_<i>.pt)")
+    stages = (RunFolder.read(run_dir).metrics or {}).get("stages", [])
+    share = {record.get("stage"): record.get("identify_success_share") for record in stages}
+    return sorted(saved, key=lambda stage: not (share.get(stage) is not None and 0 < share[stage] < 1))
+
+
+def activations_with_both_outcomes(run_dir: str, **options) -> dict:
+    """neuron_activations of the first candidate stage whose episodes hold a success and a failure,
+    or FigureError listing what every stage's episodes gave."""
+    outcomes = []
+    for stage in candidate_stages(run_dir):
+        data = neuron_activations(run_dir, stage, **options)
+        won = int(data["episode_success"].sum())
+        if 0 < won < len(data["episode_success"]):
+            return data
+        outcomes.append(f"stage {stage}: {won}/{len(data['episode_success'])}")
+    raise FigureError(f"no stage of {run_dir!r} gave both successful and failed episodes (successes: {', '.join(outcomes)}); "
+                      "give --stage, or more --episodes")
 
 
 def neuron_activations(run_dir: str, stage: int = 1, network: str = "actor", neuron: int | None = None,
@@ -436,11 +500,14 @@ def neuron_activations(run_dir: str, stage: int = 1, network: str = "actor", neu
             else float(sn.goal_scores(activations[:, neuron : neuron + 1], goal, args.goal_score)[0])}
 
 
-def plot_histogram(run_dir: str, out_path: str, stage: int = 1, network: str = "actor", neuron: int | None = None,
+def plot_histogram(run_dir: str, out_path: str, stage: int | None = None, network: str = "actor", neuron: int | None = None,
                    task: str | None = None, episodes: int | None = None, seed: int | None = None, bins: int = 30,
                    device: str = "cpu") -> list[str]:
-    """Fig. 1: histogram of one neuron's activations, steps of successful vs failed episodes."""
-    data = neuron_activations(run_dir, stage, network, neuron, task, episodes, seed, device)
+    """Fig. 1: histogram of one neuron's activations, steps of successful vs failed episodes; by
+    default after the first stage whose episodes hold both outcomes (activations_with_both_outcomes)."""
+    options = dict(network=network, neuron=neuron, task=task, episodes=episodes, seed=seed, device=device)
+    data = (activations_with_both_outcomes(run_dir, **options) if stage is None
+            else neuron_activations(run_dir, stage, **options))
     activation, success = data["activation"], data["success"]
     edges = np.histogram_bin_edges(activation, bins=bins)
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
@@ -451,6 +518,7 @@ def plot_histogram(run_dir: str, out_path: str, stage: int = 1, network: str = "
         else:
             ax.plot([], [], color=color, label=f"{label} (0 episodes)")
     ax.set_xlabel(f"activation of {data['network']} neuron {data['neuron']} (layer {data['layer'] + 1}, unit {data['unit']})")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # a narrow axis: few enough labels not to overlap
     ax.set_ylabel("density (per step)")
     ax.legend(fontsize=8, frameon=False)
     score = ("" if data["score"] is None else f"identification score {data['score']:.2f} on {data['stage_task']}"
@@ -467,38 +535,85 @@ def plot_histogram(run_dir: str, out_path: str, stage: int = 1, network: str = "
 # ------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------
-def main(argv=None) -> list[str]:
-    parser = argparse.ArgumentParser(description="Figures of NBSP runs (PNG and PDF).")
-    sub = parser.add_subparsers(dest="figure", required=True)
-    curves = sub.add_parser("curves", help="evaluation success of every task across stages (paper Fig. 3, 9-12)")
-    curves.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
-    curves.add_argument("--out", default="figs/curves", help="output path without extension (.png and .pdf)")
+DESCRIPTION = """Figures of NBSP runs, each written as PNG and PDF. A run argument is a run folder (with
+config.json) or a folder of run folders. Runs are grouped by task sequence (one figure each,
+titled with it; OUT-{tasks} when there are several) and, within a sequence, into settings by their
+args minus the seed; a setting is labelled by the args in which the settings of its figure differ.
+
+examples:
+  python scripts/figures.py curves runs/ --out figs/curves                  # paper Fig. 3, 9-12
+  python scripts/figures.py curves runs/sac_* runs/nbsp_* --align stage --out figs/curves
+  python scripts/figures.py plasticity runs/ --out figs/plasticity
+  python scripts/figures.py skill-ratio runs/ratio_sweep/ --out figs/skill_ratio   # paper Fig. 4
+  python scripts/figures.py histogram runs/<run_name> --out figs/neuron        # paper Fig. 1"""
+
+
+FIGURES = ("curves", "plasticity", "skill-ratio", "histogram")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="figure", help="the figure to draw (each has its own --help)")
+
+    def figure(name, help, out, title=None):
+        command = sub.add_parser(name, help=help, description=help)
+        if name == "histogram":
+            command.add_argument("run", help="run folder (runs/<run_name>, with checkpoints/)")
+        else:
+            command.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
+        output = command.add_argument_group("output")
+        output.add_argument("--out", default=out, help="output path; .png and .pdf are written (an extension given is dropped)")
+        if title:
+            output.add_argument("--title", default=None, help=title)
+        return command
+
+    per_sequence = "figure title, after which the task sequence comes when there are several (default: the sequence and what is drawn)"
+    curves = figure("curves", "evaluation success of every task across the stages (paper Fig. 3, 9-12)", "figs/curves", per_sequence)
     curves.add_argument("--align", choices=("step", "stage"), default="step",
-                        help="x axis: global env step, or stage index + fraction (aligns seeds that stopped early)")
-    curves.add_argument("--title", default=None)
-    plasticity = sub.add_parser("plasticity", help="dormant neurons, feature rank and weight magnitude across training")
-    plasticity.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
-    plasticity.add_argument("--out", default="figs/plasticity")
-    plasticity.add_argument("--title", default=None)
-    ratio = sub.add_parser("skill-ratio", help="ASR against the proportion of skill neurons (paper Fig. 4)")
-    ratio.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
-    ratio.add_argument("--out", default="figs/skill_ratio")
-    ratio.add_argument("--metric", choices=("ASR", "FM", "FWT"), default="ASR")
-    ratio.add_argument("--title", default=None)
-    hist = sub.add_parser("histogram", help="activations of a skill neuron, successful vs failed episodes (paper Fig. 1)")
-    hist.add_argument("run", help="run folder")
-    hist.add_argument("--out", default="figs/neuron_histogram")
-    hist.add_argument("--stage", type=int, default=1, help="stage checkpoint (default 1: after the first task)")
-    hist.add_argument("--network", choices=("actor", "qf1", "qf2"), default="actor")
-    hist.add_argument("--neuron", type=int, default=None,
-                      help="index over the network's hidden neurons, layers concatenated (default: top score)")
-    hist.add_argument("--task", default=None, help="task to run (default: the stage's task)")
-    hist.add_argument("--episodes", type=int, default=None, help="episodes (default: the run's --identify-episodes)")
-    hist.add_argument("--seed", type=int, default=None, help="rollout seed (default: the stage's identification seed)")
-    hist.add_argument("--bins", type=int, default=30)
-    hist.add_argument("--device", default="cpu")
+                        help="x axis: the global env step, or stage index + fraction of each seed's own stage "
+                             "(aligns seeds whose stages stopped early)")
+    figure("plasticity", "dormant neurons, feature rank and weight magnitude across training", "figs/plasticity", per_sequence)
+    ratio = figure("skill-ratio", "a metric against the proportion of skill neurons (paper Fig. 4)", "figs/skill_ratio",
+                   "figure title (default: the metric against the proportion of skill neurons)")
+    ratio.add_argument("--metric", choices=("ASR", "FM", "FWT"), default="ASR", help="metric of metrics.json on the y axis")
+    hist = figure("histogram", "activations of one neuron, steps of successful vs failed episodes (paper Fig. 1)",
+                  "figs/neuron_histogram")
+    which = hist.add_argument_group("which neuron, after which stage")
+    which.add_argument("--stage", type=int, default=None,
+                       help="stage checkpoint (default: the first stage whose episodes hold a success and a "
+                            "failure, those whose identification window did tried first)")
+    which.add_argument("--network", choices=("actor", "qf1", "qf2"), default="actor", help="network of the neuron")
+    which.add_argument("--neuron", type=int, default=None,
+                       help="index over the network's hidden neurons, layers concatenated (default: the top score)")
+    episodes = hist.add_argument_group("episodes")
+    episodes.add_argument("--task", default=None, help="task to run (default: the stage's task)")
+    episodes.add_argument("--episodes", type=int, default=None, help="episodes (default: the run's --identify-episodes)")
+    episodes.add_argument("--seed", type=int, default=None, help="rollout seed (default: the stage's identification seed)")
+    episodes.add_argument("--device", default="cpu", help="torch device of the networks: cpu, cuda or cuda:N")
+    hist.add_argument("--bins", type=int, default=30, help="histogram bins")
+    return parser
+
+
+def check_options(options) -> None:
+    """Bad values of the command line, before anything is read or written."""
+    check_output("--out", out_paths(options.out)[0])
+    if options.figure != "histogram":
+        return
+    for flag, value in (("--stage", options.stage), ("--episodes", options.episodes), ("--bins", options.bins)):
+        if value is not None and value <= 0:
+            raise FigureError(f"{flag} must be a positive integer, got {value}")
+    if options.neuron is not None and options.neuron < 0:
+        raise FigureError(f"--neuron must be >= 0, got {options.neuron}")
+    check_device("--device", options.device)
+
+
+def main(argv=None) -> list[str]:
+    parser = make_parser()
     options = parser.parse_args(argv)
+    if options.figure is None:
+        parser.error(f"give the figure to draw: {', '.join(FIGURES)} (then its run folders; --help for each)")
     try:
+        check_options(options)
         if options.figure == "curves":
             paths = plot_curves(options.runs, options.out, options.align, options.title)
         elif options.figure == "plasticity":
@@ -506,14 +621,9 @@ def main(argv=None) -> list[str]:
         elif options.figure == "skill-ratio":
             paths = plot_skill_ratio(options.runs, options.out, options.metric, options.title)
         else:
-            if options.episodes is not None and options.episodes <= 0:
-                raise FigureError(f"--episodes must be a positive integer, got {options.episodes}")
-            if options.bins <= 0:
-                raise FigureError(f"--bins must be a positive integer, got {options.bins}")
-            check_device(options.device)
             paths = plot_histogram(options.run.rstrip("/"), options.out, options.stage, options.network, options.neuron,
                                    options.task, options.episodes, options.seed, options.bins, options.device)
-    except (FigureError, RunFolderError) as e:
+    except (FigureError, RunFolderError, UsageError) as e:
         parser.exit(2, f"error: {e}\n")
     print("\n".join(paths))
     return paths

@@ -4,10 +4,9 @@ Table 2 layout, the IQM table, every run's success matrix, identification and pl
 diagnostics, the curves, the exact commands, the machine and the wall time. Nothing in the
 document is typed by hand except the free text passed with --notes.
 
-    python scripts/mini_report.py --runs runs/mini --pilot runs/mini-pilot --sweep-log sweep.out \
-        --notes notes.md --out docs/results-mini.md
-    python scripts/mini_report.py --preset regime --runs runs/regime --pilot runs/regime-pilot \
-        --notes notes.md     # docs/results-regime.md
+examples:
+  python scripts/mini_report.py --runs runs/mini --pilot runs/mini-pilot --sweep-log sweep.out --notes notes.md
+  python scripts/mini_report.py --preset regime --runs runs/regime --pilot runs/regime-pilot --notes notes.md
 """
 
 import argparse
@@ -20,6 +19,8 @@ import numpy as np
 
 import figures
 import paper_tables
+import cli
+from cli import UsageError, check_output
 from run_folders import RunFolderError, complete_runs, find
 from sweep import PRESETS
 
@@ -224,7 +225,7 @@ class ReportError(Exception):
     """Bad input: reported in one line."""
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(cli.Parser):
     def error(self, message):  # one line, like the other scripts, instead of usage + error
         raise ReportError(message)
 
@@ -235,6 +236,8 @@ def input_problem(args) -> str | None:
                        ("--notes", args.notes), ("--supplement", args.supplement), ("--more-seeds", args.more_seeds)):
         if path is not None and not os.path.exists(path):
             return f"{flag} {path!r} does not exist"
+        if path is not None and flag not in ("--sweep-log", "--notes") and not os.path.isdir(path):
+            return f"{flag} {path!r} is a file; give the folder of the runs"
     for command, folder in (("supplement_command", "supplement"), ("more_seeds_command", "more_seeds")):
         if getattr(args, command) is not None and getattr(args, folder) is None:
             return f"--{command.replace('_', '-')} describes the runs of --{folder.replace('_', '-')}, which is not given"
@@ -254,35 +257,45 @@ def main(argv=None) -> int:
         problem = input_problem(args)
         if problem:
             raise ReportError(problem)
+        check_output("--out", args.out)
+        for folder in (args.pilot, args.supplement, args.more_seeds):  # read before a file is written, as --runs is
+            if folder is not None:
+                find([folder])
         return write_report(args, argv)
-    except (ReportError, paper_tables.TablesError, figures.FigureError, RunFolderError) as e:
+    except (ReportError, paper_tables.TablesError, figures.FigureError, RunFolderError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mini", choices=sorted(REPORTS), help="the sweep preset the runs come from")
-    parser.add_argument("--title", default=None, help="the document's title (default: the preset's)")
-    parser.add_argument("--runs", default=None, help="run folders of the preset (default: runs/PRESET)")
-    parser.add_argument("--pilot", default=None, help="single-task pilot runs that chose the task pair")
-    parser.add_argument("--sweep-log", default=None, help="the sweep's console output (for its start, end and wall time)")
-    parser.add_argument("--notes", default=None, help="Markdown file of findings written after reading the numbers")
-    parser.add_argument("--supplement", default=None, help="runs of a further try (another size, say), reported after the main grid")
-    parser.add_argument("--supplement-command", default=None, help="the command that made the --supplement runs")
-    parser.add_argument("--more-seeds", default=None,
-                        help="runs of the same preset with further seeds (sweep.py --preset mini --seeds 4 5 --settings ...); "
-                             "their settings are tabled again over the grid's seeds and these")
-    parser.add_argument("--more-seeds-command", default=None, help="the command that made the --more-seeds runs")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="success that counts as learned in the pilot (default: mini 0.8, regime 0.9)")
-    parser.add_argument("--out", default=None, help="the document (default: docs/results-PRESET.md); its figures go next to it")
+    parser = Parser(description=__doc__)
+    runs = parser.add_argument_group("runs")
+    runs.add_argument("--preset", default="mini", choices=sorted(REPORTS), help="the sweep preset the runs come from")
+    runs.add_argument("--runs", default=None, help="folder of the preset's runs (default: runs/PRESET)")
+    runs.add_argument("--pilot", default=None, help="folder of the pilot runs that chose the task pair (default: no pilot section)")
+    runs.add_argument("--threshold", type=float, default=None,
+                      help="success that counts as learned in the pilot (default: mini 0.8, regime 0.9)")
+    runs.add_argument("--supplement", default=None,
+                      help="folder of the runs of a further try (another size, say), reported after the main grid")
+    runs.add_argument("--supplement-command", default=None, help="the command that made the --supplement runs")
+    runs.add_argument("--more-seeds", default=None,
+                      help="folder of runs of the same preset with further seeds (sweep.py --preset mini --seeds 4 5 "
+                           "--settings ...); their settings are tabled again over the grid's seeds and these")
+    runs.add_argument("--more-seeds-command", default=None, help="the command that made the --more-seeds runs")
+    document = parser.add_argument_group("document")
+    document.add_argument("--out", default=None,
+                          help="the document (default: docs/results-PRESET.md); its figures go next to it")
+    document.add_argument("--title", default=None, help="the document's title (default: the preset's)")
+    document.add_argument("--sweep-log", default=None, help="the sweep's console output (for its start, end and wall time)")
+    document.add_argument("--notes", default=None, help="Markdown file of findings written after reading the numbers")
     return parser
 
 
 def write_report(args, argv) -> int:
     runs = paper_tables.load_runs([args.runs])
     counted = complete_runs([args.runs])
+    if not counted:
+        raise ReportError(f"no complete run in --runs {args.runs!r} (metrics.json with \"complete\": true)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.out))[0]

@@ -1,7 +1,5 @@
 # General and specific RL skill neurons (paper Appendix C.5, Table 8), on a two-task run.
-#
-#   python scripts/neuron_analysis.py runs/<run_name>                  # final actor, Markdown table
-#   python scripts/neuron_analysis.py runs/<run_name> --stage 2 --json table8.json
+# Examples: `--help` (DESCRIPTION).
 #
 # Task A's skill neurons are the `selected` set of the checkpoint of the stage that trained A,
 # task B's that of the stage that trained B (by default the latest such stages up to the
@@ -31,7 +29,16 @@ import torch
 import nbsp_sac_metaworld as mw
 import skill_neurons as sn
 from baselines import make_method
+from cli import Parser, UsageError, check_device, check_output
 
+DESCRIPTION = """General and specific skill neurons of a two-task NBSP run (paper Table 8): the actor of a stage
+is evaluated on both tasks with the output of task A's and task B's skill neurons forced to 0 (their
+intersection A∩B, A−B, B−A, none), each task's skill neurons being the selection of the stage that
+trained it. Prints a Markdown table; --json also writes the numbers.
+
+examples:
+  python scripts/neuron_analysis.py runs/<run_name>                  # final actor
+  python scripts/neuron_analysis.py runs/<run_name> --stage 2 --json table8.json"""
 NETWORKS = ("actor",)  # see the header: the only network whose neurons the evaluated policy reads
 CONDITIONS = ("intersection", "A_minus_B", "B_minus_A", "none")
 EVAL_ENV_SEED_OFFSET = 10_000  # the training script's evaluation pool: make_env(task, seed + 10_000 + i)
@@ -165,6 +172,8 @@ def analyse(run_dir: str, stage: int | None = None, network: str = "actor", task
     if not done:
         raise AnalysisError(f"{run_dir!r} has no stage checkpoints yet (checkpoints/stage_<i>.pt)")
     stage = done[-1] if stage is None else stage
+    if stage not in done:
+        raise AnalysisError(f"--stage must be a finished stage of the run: {', '.join(map(str, done))}; got {stage}")
     run_tasks = list(dict.fromkeys(stage_tasks))
     tasks = list(tasks) if tasks else run_tasks
     if len(tasks) != 2 or len(set(tasks)) != 2 or not set(tasks) <= set(run_tasks):
@@ -229,27 +238,36 @@ def markdown_table(result: dict) -> str:
     return header + "\n" + "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="Zero out general (A∩B) and specific (A−B, B−A) skill neurons "
-                                     "of a two-task NBSP run and evaluate both tasks (paper Table 8).")
+def make_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=DESCRIPTION)
     parser.add_argument("run_dir", help="run folder runs/<run_name> with config.json and checkpoints/")
-    parser.add_argument("--stage", type=int, default=None, help="stage whose actor is evaluated (default: the last finished)")
-    parser.add_argument("--network", choices=NETWORKS, default="actor",
-                        help="network whose skill neurons are zeroed (the policy reads only the actor)")
-    parser.add_argument("--tasks", nargs=2, metavar=("A", "B"), default=None,
-                        help="the two tasks (default: the run's two tasks in order)")
-    parser.add_argument("--stage-a", type=int, default=None, help="stage whose selection is A's (default: latest of A)")
-    parser.add_argument("--stage-b", type=int, default=None, help="stage whose selection is B's (default: latest of B)")
-    parser.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the run's --eval-episodes)")
-    parser.add_argument("--device", default="cpu", help="torch device of the actor (default: cpu)")
-    parser.add_argument("--json", default=None, help="also write the result (success, set sizes, neuron indices) here")
+    which = parser.add_argument_group("which networks and neurons")
+    which.add_argument("--stage", type=int, default=None, help="stage whose actor is evaluated (default: the last finished)")
+    which.add_argument("--network", choices=NETWORKS, default="actor",
+                       help="network whose skill neurons are zeroed (the policy reads only the actor)")
+    which.add_argument("--tasks", nargs=2, metavar=("A", "B"), default=None,
+                       help="the two tasks (default: the run's two tasks in order)")
+    which.add_argument("--stage-a", type=int, default=None, help="stage whose selection is A's (default: the latest of A)")
+    which.add_argument("--stage-b", type=int, default=None, help="stage whose selection is B's (default: the latest of B)")
+    evaluation = parser.add_argument_group("evaluation and output")
+    evaluation.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the run's --eval-episodes)")
+    evaluation.add_argument("--device", default="cpu", help="torch device of the actor: cpu, cuda or cuda:N")
+    evaluation.add_argument("--json", default=None, help="also write the result (success, set sizes, neuron indices) here")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = make_parser()
     options = parser.parse_args(argv)
-    if options.episodes is not None and options.episodes <= 0:
-        parser.exit(2, f"error: --episodes must be a positive integer, got {options.episodes}\n")
     try:
+        if options.episodes is not None and options.episodes <= 0:
+            raise AnalysisError(f"--episodes must be a positive integer, got {options.episodes}")
+        check_device("--device", options.device)
+        if options.json:
+            check_output("--json", options.json)
         result = analyse(options.run_dir.rstrip("/"), options.stage, options.network, options.tasks,
                          options.stage_a, options.stage_b, options.episodes, options.device)
-    except AnalysisError as e:
+    except (AnalysisError, UsageError) as e:
         parser.exit(2, f"error: {e}\n")
     print(markdown_table(result))
     if options.json:

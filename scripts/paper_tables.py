@@ -31,8 +31,10 @@ folder. With fewer than 4 runs the IQM equals the mean (the 25% trimmed mean tri
 `--format markdown latex` (default markdown). Output goes to stdout, or with `--out PATH` to PATH;
 with two formats `--out PATH` writes PATH.md and PATH.tex (a `.md`/`.tex` suffix of PATH is
 replaced). LaTeX tables use booktabs (`\\usepackage{booktabs}`), one `table` environment each.
-Bad input (a folder without any metrics.json, an unknown table) stops with one `error:` line
-that names the valid choices, exit status 2. When no run counts (all incomplete, say) the runs
+Bad input (a folder without any metrics.json, an unknown table, a config.json or metrics.json that
+is valid JSON of another shape than the training scripts write, an --out that cannot be written)
+stops with one `error:` line that names the valid choices (or the file and field), exit status 2,
+before anything is written. When no run counts (all incomplete, say) the runs
 are listed on stderr and an `error:` line follows, exit status 1.
 
 How runs are classified and grouped
@@ -92,7 +94,8 @@ import numpy as np
 
 import baselines
 import protocol
-from run_folders import ROOT, RunFolder, RunFolderError, metrics_files, read_json, script_defaults
+from cli import Parser, UsageError, check_output
+from run_folders import ROOT, RunFolder, RunFolderError, check_shape, metrics_files, read_json, script_defaults
 
 PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
 
@@ -185,13 +188,18 @@ def _read_run(metrics_path: str) -> Run:
     except (OSError, ValueError) as e:
         run.problem = f"unreadable metrics.json ({type(e).__name__})"
         return run
-    run.run_name = metrics.get("run_name", run.run_name)
     try:
-        folder = RunFolder(run_dir, read_json(os.path.join(run_dir, "config.json")), metrics)
-        args = folder.args
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        config = read_json(os.path.join(run_dir, "config.json"))
+    except (OSError, ValueError) as e:
         run.problem = f"no readable config.json beside metrics.json ({type(e).__name__})"
         return run
+    try:
+        check_shape(run_dir, config, metrics)
+    except RunFolderError as e:
+        raise TablesError(str(e)) from None
+    folder = RunFolder(run_dir, config, metrics)
+    args = folder.args
+    run.run_name = metrics.get("run_name", run.run_name)
     run.env = folder.benchmark()
     try:
         run.time = float(str(run.run_name).rsplit("__", 1)[-1])
@@ -815,21 +823,51 @@ def _needs(tid: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-class _Parser(argparse.ArgumentParser):
+def output_paths(out: str, formats: list[str]) -> dict[str, str]:
+    """{format: file} of --out: OUT itself for one format with an extension, else OUT.md / OUT.tex
+    (a .md/.tex extension of OUT replaced)."""
+    stem, ext = os.path.splitext(out)
+    return {f: out if len(formats) == 1 and ext else (stem if ext in (".md", ".tex") else out)
+            + (".md" if f == "markdown" else ".tex") for f in formats}
+
+
+DESCRIPTION = """Result tables of NBSP runs beside the paper's own numbers (Tables 1-5, 9, 10), a generic table
+of every setting, and rliable's IQM, from every metrics.json (with the config.json beside it) under
+the given folders. Runs are grouped by their saved config, not their names; each cell is mean ±
+standard error over seeds. Incomplete, diverged and duplicate runs are listed, not counted.
+
+examples:
+  python scripts/paper_tables.py runs/                             # every paper table with a matching run
+  python scripts/paper_tables.py runs/ --table ablation --iqm      # Tables 2, 9, 10, 3, 4 and the IQM
+  python scripts/paper_tables.py runs/ --format markdown latex --out results/tables   # .md and .tex"""
+EPILOG = """--table: 1 2 3 4 5 9 10 are the paper's tables (printed when a run matches); ablation is 2 9 10 3 4;
+paper is every one of them; all is one generic table of every distinct setting (any task sequence).
+Without --table: the paper tables that have a matching run, or all when none does. How runs are
+classified, grouped and laid out: the docstring at the top of scripts/paper_tables.py."""
+
+
+class _Parser(Parser):
     def error(self, message):
         raise TablesError(message)
 
 
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("paths", nargs="+", help="folders holding runs/{run_name}/ (searched recursively), or metrics.json files")
+    tables = parser.add_argument_group("tables")
+    tables.add_argument("--table", nargs="+", metavar="T",
+                        help=f"one or more of {', '.join(TABLE_CHOICES)} (default: the paper tables with a matching run)")
+    tables.add_argument("--iqm", action="store_true", help="add rliable's interquartile mean with 95%% bootstrap CIs per setting")
+    tables.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions of --iqm")
+    tables.add_argument("--seed", type=int, default=0, help="random seed of the --iqm bootstrap")
+    output = parser.add_argument_group("output")
+    output.add_argument("--format", nargs="+", default=["markdown"], metavar="F", help="markdown and/or latex")
+    output.add_argument("--out", help="write here instead of stdout (OUT.md and/or OUT.tex when OUT has no extension)")
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = _Parser(description="NBSP result tables (paper Tables 1-5, 9, 10, all settings, IQM); "
-                                 "see the module docstring.")
-    parser.add_argument("paths", nargs="+", help="folders holding runs/{run_name}/ (searched recursively)")
-    parser.add_argument("--table", nargs="+", metavar="T", help=f"one or more of {', '.join(TABLE_CHOICES)}")
-    parser.add_argument("--format", nargs="+", default=["markdown"], metavar="F", help="markdown and/or latex")
-    parser.add_argument("--out", help="write here instead of stdout (OUT.md and/or OUT.tex when OUT has no extension)")
-    parser.add_argument("--iqm", action="store_true", help="add rliable's IQM with 95%% bootstrap CIs per setting")
-    parser.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions of --iqm")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the --iqm bootstrap")
+    parser = make_parser()
     try:
         args = parser.parse_args(argv)
         formats = list(dict.fromkeys(_fmt(f) for f in args.format))
@@ -838,15 +876,11 @@ def main(argv=None) -> int:
             raise TablesError(f"--reps must be a positive integer, got {args.reps}")
         if not 0 <= args.seed < 2**32:
             raise TablesError(f"--seed must be in [0, 2**32), got {args.seed}")
-        if args.out:
-            folder = os.path.dirname(os.path.abspath(args.out))
-            existing = folder
-            while not os.path.exists(existing):
-                existing = os.path.dirname(existing)
-            if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-                raise TablesError(f"--out {args.out!r}: {existing!r} is not a writable folder")
+        out_paths = output_paths(args.out, formats) if args.out else {}
+        for path in out_paths.values():
+            check_output("--out", path)
         runs = load_runs(args.paths)
-    except TablesError as e:
+    except (TablesError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not any(r.ok for r in runs):
@@ -860,9 +894,7 @@ def main(argv=None) -> int:
         print("\n".join(outputs.values()), end="")
         return 0
     for f, text in outputs.items():
-        stem, ext = os.path.splitext(args.out)
-        suffix = ".md" if f == "markdown" else ".tex"
-        path = args.out if len(outputs) == 1 and ext else (stem if ext in (".md", ".tex") else args.out) + suffix
+        path = out_paths[f]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as fh:
             fh.write(text)

@@ -6,6 +6,7 @@ defaults. The one reader of run folders of the tables, figures, sweep and report
     complete_runs(paths)   the same, only the runs whose metrics.json says "complete"
     runs_in(runs_dir)      the readable run folders directly in a --runs-dir (sweep's resume/skip)
     metrics_files(paths)   every metrics.json under the paths, searched recursively (the tables)
+    check_shape(path, config, metrics)  RunFolderError naming the file and field of a wrong-shaped file
     script_defaults(name)  every flag's default of the training script of "metaworld" or "atari"
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -43,10 +45,16 @@ class RunFolder:
 
     @classmethod
     def read(cls, path: str) -> RunFolder:
-        """The folder's config.json and, when there is one, its metrics.json."""
+        """The folder's config.json and, when there is one, its metrics.json (RunFolderError when one
+        is unreadable or not of the shape the training scripts write)."""
         metrics_path = os.path.join(path, "metrics.json")
-        return cls(path, read_json(os.path.join(path, "config.json")),
-                   read_json(metrics_path) if os.path.isfile(metrics_path) else None)
+        try:
+            config = read_json(os.path.join(path, "config.json"))
+            metrics = read_json(metrics_path) if os.path.isfile(metrics_path) else None
+        except (OSError, ValueError) as e:
+            raise RunFolderError(f"{path}: unreadable config.json or metrics.json ({e})") from None
+        check_shape(path, config, metrics)
+        return cls(path, config, metrics)
 
     @property
     def args(self) -> dict:
@@ -94,6 +102,59 @@ class RunFolder:
         return done + [self.args["steps_per_task"]] * (len(self.stage_tasks) - len(done))
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _words(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def check_shape(path: str, config, metrics) -> None:
+    """Raise RunFolderError naming the file and the field where config.json or metrics.json (None
+    when absent) is not of the shape the training scripts write (an edited or foreign file)."""
+    def refuse(name, field, valid, value):
+        raise RunFolderError(f"{os.path.join(path, name)}: {field} must be {valid}, got {json.dumps(value)[:60]}")
+
+    if not isinstance(config, dict):
+        refuse("config.json", "the file", "an object with run_name, args and stage_tasks", config)
+    args = config.get("args")
+    if not isinstance(args, dict):
+        refuse("config.json", '"args"', "an object of the run's flags", args)
+    for name, least in (("cycles", 1), ("seed", 0), ("steps_per_task", 1)):
+        if name in args and not _whole(args[name], least):
+            refuse("config.json", f'args "{name}"', f"an integer >= {least}", args[name])
+    for name in ("tasks", "games"):
+        if args.get(name) is not None and not _words(args[name]):
+            refuse("config.json", f'args "{name}"', "a list of names", args[name])
+    if "stage_tasks" in config and not _words(config["stage_tasks"]):
+        refuse("config.json", '"stage_tasks"', "a list of task names", config["stage_tasks"])
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict):
+        refuse("metrics.json", "the file", "an object with stage_tasks, sr, stages, complete and the metrics", metrics)
+    for name in ("ASR", "AR", "FM", "FWT"):
+        if metrics.get(name) is not None and not _number(metrics[name]):
+            refuse("metrics.json", f'"{name}"', "a finite number or null", metrics[name])
+    if "complete" in metrics and not isinstance(metrics["complete"], bool):
+        refuse("metrics.json", '"complete"', "true or false", metrics["complete"])
+    diverged = metrics.get("diverged")
+    if diverged is not None and not (isinstance(diverged, dict) and {"stage", "global_step", "quantity"} <= set(diverged)):
+        refuse("metrics.json", '"diverged"', "null or an object with stage, global_step and quantity", diverged)
+    if "stage_tasks" in metrics and not _words(metrics["stage_tasks"]):
+        refuse("metrics.json", '"stage_tasks"', "a list of task names", metrics["stage_tasks"])
+    stages = metrics.get("stages", [])
+    if not (isinstance(stages, list) and all(isinstance(s, dict) and _whole(s.get("env_steps", 0), 0) for s in stages)):
+        refuse("metrics.json", '"stages"', "a list of objects (env_steps an integer)", stages)
+    sr = metrics.get("sr", [])
+    if not (isinstance(sr, list) and all(isinstance(row, list) and all(v is None or _number(v) for v in row) for row in sr)):
+        refuse("metrics.json", '"sr"', "a matrix (list of lists) of finite numbers or null", sr)
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding run folders
 
@@ -109,6 +170,8 @@ def run_dirs(paths) -> list[str]:
         elif os.path.isdir(path):
             found += sorted(os.path.join(path, d) for d in os.listdir(path)
                             if os.path.isfile(os.path.join(path, d, "config.json")))
+        elif os.path.exists(path):
+            raise RunFolderError(f"{path!r} is a file; give a run folder (with config.json) or a folder of run folders")
         else:
             raise RunFolderError(f"{path!r} does not exist")
     if not found:

@@ -1,12 +1,5 @@
 # Run a grid of training runs: the paper's tables as presets, or any custom grid, on this
-# machine (N processes side by side) or as a Slurm job array.
-#
-#   python scripts/sweep.py --list                          # presets and their run counts
-#   python scripts/sweep.py --preset mini --jobs 2          # laptop-scale ablation, 27 runs (78 min on 2 cores)
-#   python scripts/sweep.py --preset table1 --dry-run       # print the 120 command lines
-#   python scripts/sweep.py --preset table1 table2 --slurm table12.sh --slurm-partition gpu
-#   python scripts/sweep.py --script metaworld --sequences window-open,window-close \
-#       --settings nbsp sac --set skill-ratio=0.1,0.3 --seeds 1 -- --steps-per-task 50000
+# machine (N processes side by side) or as a Slurm job array. Examples: `--help` (DESCRIPTION).
 #
 # A run is: script x task sequence x setting (a method or an ablation, by name) x values of
 # `--set` flags x seed. Its `--exp-name` names the setting and the `--set` values
@@ -35,7 +28,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import baselines
+import cli
 import protocol
+from cli import UsageError, check_folder, check_output
 import run_folders
 from protocol import RESUME_OVERRIDABLE
 from run_folders import ROOT, SCRIPTS
@@ -255,9 +250,24 @@ def expand(spec: dict, seeds: list[int], sets: list[tuple[str, list[str]]], extr
     return runs
 
 
+# Training flags that the sweep sets for every run itself, and where a user sets them instead
+SWEEP_FLAGS = {"seed": "give seeds with --seeds", "exp-name": "runs are named by --settings, --set and --tag",
+               "runs-dir": "give --runs-dir to the sweep itself", "resume": "leave it out: the sweep resumes killed runs itself",
+               "tasks": "give task sequences with --sequences", "games": "give task sequences with --sequences"}
+
+
+def check_own_flags(sets: list[tuple[str, list[str]]], extra: list[str]) -> None:
+    """Refuse a training flag that the sweep sets for every run (the runs would collide on one folder)."""
+    given = [("--set", name) for name, _ in sets] + [("after `--`", name) for name, _ in flag_groups(extra) if name]
+    for where, name in given:
+        if name.replace("_", "-") in SWEEP_FLAGS:
+            raise SweepError(f"--{name} ({where}) is set by the sweep for every run; {SWEEP_FLAGS[name.replace('_', '-')]}")
+
+
 def build_runs(args, extra: list[str]) -> list[Run]:
     """Runs of every preset asked for, with command-line overrides; one run per key."""
     sets = [parse_set(s) for s in args.set]
+    check_own_flags(sets, extra)
     if args.preset:
         specs = [dict(PRESETS[p]) for p in args.preset]
     elif args.sequences:
@@ -512,6 +522,23 @@ def check_slurm_args(args) -> None:
                          f"#SBATCH --output cannot take it")
 
 
+def check_paths(args) -> None:
+    """The files and folders this sweep writes or runs, before anything is written: the Slurm script
+    and its log folder, or the runs and logs of a local sweep and the interpreter that runs them."""
+    try:
+        if args.slurm:
+            check_output("--slurm", args.slurm)
+            check_folder("--log-dir", args.log_dir)
+        elif not args.dry_run:
+            check_folder("--runs-dir", args.runs_dir)
+            check_folder("--log-dir", args.log_dir)
+            if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+                raise UsageError(f"--python {args.python!r} is not an executable file; give a Python interpreter "
+                                 f"(default: this one, {sys.executable})")
+    except UsageError as e:
+        raise SweepError(str(e)) from None
+
+
 def comment(text: str) -> str:
     """Text for a `#` line of the script: a newline in it would end the comment and start a command."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -595,32 +622,45 @@ def write_slurm(path: str, plans: list[Plan], args, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
+class Parser(cli.Parser):
     def error(self, message):  # one line, like the training scripts, instead of usage + error
         raise SweepError(message)
 
 
+DESCRIPTION = """Run a grid of NBSP training runs (script x task sequence x setting x --set values x seed) on
+this machine, N processes side by side, or write it as a Slurm job array. The paper's tables are
+presets. Training-script flags for every run go after `--`; flags of a method go only to the runs
+of that method. Run the same command again after a crash: complete runs are skipped, killed ones
+resumed.
+
+examples:
+  python scripts/sweep.py --list                          # presets and their run counts
+  python scripts/sweep.py --preset mini --jobs 2          # laptop-scale ablation, 27 runs (78 min on 2 cores)
+  python scripts/sweep.py --preset table1 --dry-run       # print the 120 command lines
+  python scripts/sweep.py --preset table1 table2 --slurm table12.sh --slurm-partition gpu
+  python scripts/sweep.py --script metaworld --sequences window-open,window-close \\
+      --settings nbsp sac --set skill-ratio=0.1,0.3 --seeds 1 -- --steps-per-task 50000"""
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = Parser(description="Expand a grid of NBSP runs and run it locally or write a Slurm job array. "
-                           "Training-script flags for every run go after `--`.",
-               allow_abbrev=False)  # `--seed 1` must not silently mean `--seeds 1`
+    p = Parser(description=DESCRIPTION)
     g = p.add_argument_group("grid")
     g.add_argument("--preset", nargs="+", choices=list(PRESETS), metavar="NAME",
                    help=f"one or more of the paper's grids: {', '.join(PRESETS)} (runs shared by several run once)")
-    g.add_argument("--script", choices=list(SCRIPTS), help="training script (overrides the preset's; default metaworld)")
+    g.add_argument("--script", choices=list(SCRIPTS), help="training script (default: the preset's, else metaworld)")
     g.add_argument("--sequences", nargs="+", metavar="A,B",
-                   help="task sequences of one cycle, comma-separated (overrides the preset's)")
+                   help="task sequences of one cycle, comma-separated (default: the preset's)")
     g.add_argument("--settings", "--methods", nargs="+", metavar="NAME",
-                   help=f"settings by name (overrides the preset's; default nbsp): {' '.join(SETTINGS)}")
+                   help=f"settings by name (default: the preset's, else nbsp): {' '.join(SETTINGS)}")
     g.add_argument("--set", "--grid", action="append", default=[], metavar="FLAG=V1,V2",
                    help="also sweep a training flag over values (repeatable; grids multiply); true/false toggle "
                         "a boolean flag; the values join the exp_name, e.g. nbsp_ratio0.1")
-    g.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="seeds of every cell (default: 1 2 3, as the paper)")
+    g.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="seeds of every cell (the paper has 3)")
     g.add_argument("--tag", default="", help="appended to every exp_name (a variant of a grid, e.g. with other extras)")
     r = p.add_argument_group("running")
-    r.add_argument("--runs-dir", default="runs", help="passed to every run; complete runs there are skipped (default: runs)")
+    r.add_argument("--runs-dir", default="runs", help="passed to every run; complete runs there are skipped")
     r.add_argument("--log-dir", default=None, help="one log per run (default: RUNS_DIR/sweep_logs)")
-    r.add_argument("--jobs", type=int, default=1, help="runs side by side on this machine (default: 1)")
+    r.add_argument("--jobs", type=int, default=1, help="runs side by side on this machine")
     r.add_argument("--threads", type=int, default=None,
                    help="OMP/MKL threads per run (default: max(1, cores // jobs))")
     r.add_argument("--python", default=sys.executable, help="interpreter of the runs (default: this one)")
@@ -630,17 +670,17 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--slurm", metavar="OUT.sh", help="write the job-array script here")
     s.add_argument("--slurm-partition", default=None, help="#SBATCH --partition")
     s.add_argument("--slurm-account", default=None, help="#SBATCH --account")
-    s.add_argument("--slurm-time", default="48:00:00", help="#SBATCH --time per run (default: 48:00:00)")
-    s.add_argument("--slurm-cpus", type=int, default=4, help="#SBATCH --cpus-per-task, also the runs' thread count (default: 4)")
-    s.add_argument("--slurm-gpus", type=int, default=1, help="#SBATCH --gres=gpu:N, 0 for none (default: 1)")
+    s.add_argument("--slurm-time", default="48:00:00", help="#SBATCH --time per run")
+    s.add_argument("--slurm-cpus", type=int, default=4, help="#SBATCH --cpus-per-task, also the runs' thread count")
+    s.add_argument("--slurm-gpus", type=int, default=1, help="#SBATCH --gres=gpu:N, 0 for none")
     s.add_argument("--slurm-mem", default=None, help="#SBATCH --mem, e.g. 32G")
     s.add_argument("--slurm-max-parallel", type=int, default=None, help="array throttle: at most this many at once")
-    s.add_argument("--slurm-job-name", default="nbsp", help="#SBATCH --job-name (default: nbsp)")
+    s.add_argument("--slurm-job-name", default="nbsp", help="#SBATCH --job-name")
     s.add_argument("--slurm-signal-grace", type=int, default=300, metavar="SECONDS",
                    help="#SBATCH --signal=B:USR1@SECONDS: the warning before the time limit, in which a run "
-                        "checkpoints and requeues itself (default: 300)")
+                        "checkpoints and requeues itself")
     s.add_argument("--slurm-max-requeues", type=int, default=5,
-                   help="times a task may requeue itself after that warning (default: 5)")
+                   help="times a task may requeue itself after that warning")
     return p
 
 
@@ -669,6 +709,7 @@ def main(argv: list[str]) -> int:
         args.log_dir = os.path.join(args.runs_dir, "sweep_logs")
 
     check_slurm_args(args)
+    check_paths(args)
     runs = build_runs(args, extra)
     plans = plan_runs(runs, args)
     check_new_runs(plans)
@@ -689,9 +730,14 @@ def main(argv: list[str]) -> int:
     return 1 if run_local(plans, args.jobs, threads, args.runs_dir) else 0
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> int:
+    """main, with bad input as one `error:` line and exit status 2."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        return main(argv)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -38,32 +38,35 @@ def success_curve(method, task, stage_task, progress, seed):
     return 0.1 if method == "sac" else 0.8
 
 
-def write_run(runs_dir, method, seed, stage_lengths=(BUDGET,) * 4, skill_ratio=0.2, asr=None, complete=True):
+def write_run(runs_dir, method, seed, stage_lengths=(BUDGET,) * 4, skill_ratio=0.2, asr=None, complete=True, tasks=TASKS):
     """A run folder as the training script writes it: events with eval/{task}/success_rate every
     EVAL_EVERY steps and at each stage end (the same step twice where they coincide), config.json
-    and metrics.json."""
-    run_name = f"{'+'.join(TASKS)}__{method}_r{skill_ratio}__{seed}"
+    and metrics.json; two cycles of `tasks`."""
+    stage_tasks = list(tasks) * 2
+    run_name = f"{'+'.join(tasks)}__{method}_r{skill_ratio}__{seed}"
     run_dir = os.path.join(runs_dir, run_name)
     os.makedirs(run_dir)
     args = {"seed": seed, "exp_name": f"{method}_r{skill_ratio}", "runs_dir": str(runs_dir), "cuda": False,
-            "tasks": TASKS, "cycles": 2, "steps_per_task": BUDGET, "eval_every": EVAL_EVERY, "hidden": [8, 8],
+            "tasks": list(tasks), "cycles": 2, "steps_per_task": BUDGET, "eval_every": EVAL_EVERY, "hidden": [8, 8],
             "method": method, "skill_ratio": skill_ratio, "dormant_threshold": 0.025}
-    write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": args, "stage_tasks": STAGE_TASKS})
+    write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": args, "stage_tasks": stage_tasks})
     writer = SummaryWriter(run_dir)
     step, stages = 0, []
-    for stage, (stage_task, length) in enumerate(zip(STAGE_TASKS, stage_lengths)):
+    for stage, (stage_task, length) in enumerate(zip(stage_tasks, stage_lengths)):
         start = step
         for step in range(start + 1, start + length + 1):
             if step % EVAL_EVERY == 0 or step == start + length:
-                for task in TASKS:
+                for task in tasks:
                     value = success_curve(method, task, stage_task, (step - start) / length, seed)
                     writer.add_scalar(f"eval/{task}/success_rate", value, step)
+        for net in ("actor", "qf1", "qf2"):  # the diagnostics at the stage end
+            writer.add_scalar(f"plasticity/{net}/dormant_ratio", 0.25 + 0.01 * stage, start + length)
         stages.append({"stage": stage + 1, "task": stage_task, "env_steps": length, "budget_steps": BUDGET,
                        "early_stopped": length < BUDGET, "wall_seconds": 1.0,
                        "plasticity": {net: {"dormant_ratio": 0.25, "feature_rank": 3, "weight_magnitude": 0.1}
                                       for net in ("actor", "qf1", "qf2")}})
     writer.close()
-    metrics = {"run_name": run_name, "stage_tasks": STAGE_TASKS, "complete": complete, "sr": [], "stages": stages,
+    metrics = {"run_name": run_name, "stage_tasks": stage_tasks, "complete": complete, "sr": [], "stages": stages,
                "ASR": asr if asr is not None else (0.6 if method == "sac" else 0.85), "FM": 0.1, "FWT": 0.9}
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
     return run_dir
@@ -189,6 +192,103 @@ def test_bad_input_one_error_line(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
 
 
+@pytest.fixture(scope="module")
+def two_sequences(tmp_path_factory):
+    """Runs of two task sequences in one folder: reach → drawer-close with sac and nbsp;
+    window-open → window-close with sac and nbsp at two skill ratios (seeds 1, 2 each)."""
+    base = tmp_path_factory.mktemp("sequences")
+    for seed in (1, 2):
+        write_run(base, "sac", seed)
+        write_run(base, "nbsp", seed)
+        for method, ratio in (("sac", 0.2), ("nbsp", 0.2), ("nbsp", 0.1)):
+            write_run(base, method, seed, skill_ratio=ratio, tasks=["window-open", "window-close"])
+    return base
+
+
+def overlapping_ticks(ax) -> bool:
+    """Whether two of the x tick labels of a drawn axis overlap."""
+    boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels() if t.get_text() and t.get_visible()), key=lambda b: b.x0)
+    return any(left.x1 > right.x0 for left, right in zip(boxes, boxes[1:]))
+
+
+def drawn_figures(monkeypatch) -> list[dict]:
+    """What figures.save is given, one dict per figure: title, legend entries, panel titles."""
+    drawn, save = [], figures.save
+
+    def recording_save(fig, out):
+        fig.canvas.draw()
+        drawn.append({"title": fig._suptitle.get_text() if fig._suptitle else None,
+                      "legend": [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else None,
+                      "panels": [ax.get_title() for ax in fig.axes if ax.get_visible()], "out": out,
+                      "overlapping_ticks": [ax.get_title() for ax in fig.axes if ax.get_visible() and overlapping_ticks(ax)]})
+        return save(fig, out)
+
+    monkeypatch.setattr(figures, "save", recording_save)
+    return drawn
+
+
+def test_curves_one_figure_per_sequence_labelled_by_what_differs(two_sequences, tmp_path, monkeypatch):
+    drawn = drawn_figures(monkeypatch)
+    paths = figures.plot_curves([two_sequences], str(tmp_path / "curves"))
+    assert [os.path.basename(p) for p in paths] == ["curves-reach+drawer-close.png", "curves-reach+drawer-close.pdf",
+                                                    "curves-window-open+window-close.png",
+                                                    "curves-window-open+window-close.pdf"]
+    first, second = drawn
+    assert first["overlapping_ticks"] == second["overlapping_ticks"] == []
+    assert first["title"] == "reach → drawer-close, 2 cycles: evaluation success (mean ± s.e. over seeds)"
+    assert first["panels"] == ["reach", "drawer-close"]  # no panel of the other sequence
+    assert first["legend"][:2] == ["nbsp (n=2)", "sac (n=2)"]
+    assert second["title"].startswith("window-open → window-close, 2 cycles")
+    assert second["panels"] == ["window-open", "window-close"]
+    assert second["legend"][:3] == ["method=nbsp, skill-ratio=0.1 (n=2)", "method=nbsp, skill-ratio=0.2 (n=2)",
+                                    "method=sac, skill-ratio=0.2 (n=2)"]
+    from PIL import Image
+
+    for png in paths[::2]:  # two panels of 4.6 in at 150 dpi, plus margins: the legend does not widen the image
+        assert Image.open(png).size[0] < 1500
+
+
+def test_plasticity_one_figure_per_sequence(two_sequences, tmp_path, monkeypatch):
+    drawn = drawn_figures(monkeypatch)
+    paths = figures.plot_plasticity([two_sequences], str(tmp_path / "plasticity"), title="diagnostics")
+    assert len(paths) == 4 and [d["title"] for d in drawn] == ["diagnostics: reach → drawer-close, 2 cycles",
+                                                                "diagnostics: window-open → window-close, 2 cycles"]
+    assert drawn[0]["legend"][:2] == ["nbsp (n=2)", "sac (n=2)"] and len(drawn[1]["legend"]) == 4
+
+
+def test_long_setting_labels_are_wrapped():
+    label = figures.legend_label("method=nbsp, skill-ratio=0.1, steps-per-task=50000, dpre-per-task=1000", [None] * 3)
+    assert max(map(len, label.splitlines())) <= figures.LEGEND_WIDTH and label.endswith("(n=3)")
+
+
+def test_histogram_default_stage_has_both_outcomes(tmp_path, monkeypatch):
+    run_dir = write_run(tmp_path, "nbsp", 1)
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    for stage in (1, 2, 3):  # stage 4 has no checkpoint
+        open(os.path.join(run_dir, "checkpoints", f"stage_{stage}.pt"), "wb").close()
+    path = os.path.join(run_dir, "metrics.json")
+    with open(path) as f:
+        metrics = json.load(f)
+    for record, share in zip(metrics["stages"], (1.0, 0.0, 0.4, 0.5)):
+        record["identify_success_share"] = share
+    write_json(path, metrics)
+    assert figures.candidate_stages(run_dir) == [3, 1, 2]  # identified on both outcomes first
+
+    episodes = {1: [1.0, 0.0], 2: [1.0, 1.0], 3: [0.0, 0.0]}  # what each stage's episodes give here
+    tried = []
+
+    def fake_activations(run_dir, stage, **options):
+        tried.append(stage)
+        return {"stage": stage, "episode_success": np.array(episodes[stage])}
+
+    monkeypatch.setattr(figures, "neuron_activations", fake_activations)
+    assert figures.activations_with_both_outcomes(run_dir)["stage"] == 1 and tried == [3, 1]
+    episodes[1] = [1.0, 1.0]
+    with pytest.raises(figures.FigureError, match=r"no stage .* both successful and failed episodes "
+                                                   r"\(successes: stage 3: 0/2, stage 1: 2/2, stage 2: 2/2\)"):
+        figures.activations_with_both_outcomes(run_dir)
+
+
 def test_skill_ratio_written(tmp_path, capsys):
     base = tmp_path / "ratio"
     for ratio, asr in ((0.1, 0.7), (0.2, 0.9), (0.4, 0.8)):
@@ -205,7 +305,8 @@ def test_skill_ratio_written(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_histogram_from_tiny_run(tiny_run, tmp_path):
+def test_histogram_from_tiny_run(tiny_run, tmp_path, monkeypatch):
+    drawn = drawn_figures(monkeypatch)
     checkpoint = torch.load(os.path.join(tiny_run, "checkpoints", "stage_1.pt"), weights_only=True)
     data = figures.neuron_activations(tiny_run, stage=1)
     top = int(torch.argmax(checkpoint["scores"]["actor"]))
@@ -215,3 +316,4 @@ def test_histogram_from_tiny_run(tiny_run, tmp_path):
     assert (data["activation"] >= 0).all()  # post-ReLU
     # a chosen critic neuron on the other task
     assert_figures(figures.plot_histogram(tiny_run, str(tmp_path / "hist"), stage=2, network="qf1", neuron=3, task="reach"))
+    assert drawn[0]["overlapping_ticks"] == []
