@@ -712,7 +712,7 @@ def test_training_window_selection_is_recorded(window_run):
         for name in NETWORKS:
             stats = stage["selection"][name]
             assert set(stats) == {"selected_dead", "dead", "selected_score_mean", "other_score_mean", "protected",
-                                  "protected_mask_mean"}
+                                  "protected_mask_mean", "selected_dead_share", "selected_live_mask_mean"}
             assert 0 <= stats["selected_dead"] <= min(stats["dead"], SKILL)
             assert stats["selected_score_mean"] >= stats["other_score_mean"]  # the goal rule picks the best
             assert 0.0 <= stats["protected_mask_mean"] <= 0.2 * 0.5  # Eq. 7 with alpha 0.2, scores >= 0.5

@@ -19,11 +19,12 @@ MW = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8
 ATARI = dict(games=["Pong", "Bowling"], cycles=1, steps_per_task=200, learning_starts=60, batch_size=8,
              conv_channels=[4, 8, 8], hidden=[16], buffer_size=1000, dpre_per_task=100, eval_steps=60, eval_envs=1,
              eval_every=150, identify_episodes=1, identify_max_steps=200, target_network_frequency=40, cuda=False)
+BASELINE_MW = {k: v for k, v in MW.items() if k not in ("identify_episodes", "dpre_per_task", "replay_interval")}  # NBSP's own flags
 CASES = {  # name: script, flags, global step at whose end SIGTERM arrives
     "nbsp-learning-starts": (nbsp_sac_metaworld, MW, 50),
     "nbsp-stage-2": (nbsp_sac_metaworld, MW, 450),  # after stage 1's masks and Dpre exist
-    "sac": (nbsp_sac_metaworld, dict(MW, method="sac"), 250),
-    "ewc-stage-2": (nbsp_sac_metaworld, dict(MW, method="ewc", fisher_batches=2), 420),
+    "sac": (nbsp_sac_metaworld, BASELINE_MW | dict(method="sac"), 250),
+    "ewc-stage-2": (nbsp_sac_metaworld, BASELINE_MW | dict(method="ewc", fisher_batches=2), 420),
     "atari-stage-2": (nbsp_sac_atari, ATARI, 300),
 }
 
