@@ -316,9 +316,10 @@ def hold_run_folder(run_dir: str) -> None:
 def check_writable(folder: str) -> None:
     """Before a run builds anything: the folder (or, where it does not exist yet, the folder that
     will hold it) accepts new files."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
+    existing = os.path.normpath(folder)
+    while existing not in ("", os.sep) and not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    existing = existing or os.curdir
     if not os.path.isdir(existing):
         fail(f"cannot write {folder!r}: {existing!r} is a file; give a writable --runs-dir")
     if not os.access(existing, os.W_OK | os.X_OK):
