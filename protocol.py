@@ -274,6 +274,8 @@ def hold_run_folder(run_dir: str) -> None:
     folder itself (deleting run.lock, which only names the holder, does not release it; it dies
     with its process, however that ends). Also proves, before training, that every file the run
     will write or replace can be written, and loads the folder's manifest.json."""
+    for held in [d for d in _held_folders if os.path.realpath(d) == os.path.realpath(run_dir)]:
+        release_run_folder(held)  # as with POSIX locks, a process may take its own folder again
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         folder = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -330,9 +332,7 @@ def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device,
     """From here on the run writes: lock its folder, say where it is and how to watch it, start
     tracking (--track), open TensorBoard (dropping what a killed run logged after its last
     checkpoint; the stage-boundary step itself is kept) and, for a new run, write config.json
-    (`run_name`, every flag, then `config`) and its fingerprint; a resumed run appends to
-    config.json's `resumes` when and where it resumed and every flag it changed. A new run that
-    fails here (a full disk, --track without a login) leaves no folder behind. Returns the
+    (`run_name`, every flag, then `config`) and its fingerprint. A new run that fails here (a full disk, --track without a login) leaves no folder behind. Returns the
     SummaryWriter."""
     runs_dir_existed = os.path.isdir(args.runs_dir)
     try:
@@ -346,8 +346,6 @@ def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device,
             writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
             _manifests[run_dir]["fingerprint"] = fingerprint(args)
             atomic_write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": asdict(args), **config})
-        else:
-            record_resume(args, run_dir, checkpoint)
     except BaseException:
         if checkpoint is None:  # a new run's folder holds nothing yet: leave none behind
             release_run_folder(run_dir)
@@ -636,6 +634,7 @@ class Run:
         self.watched, self.evaluation = watched, evaluation
         if self.checkpoint is not None:
             print(f"resuming {self.run_dir} at stage {self.start_stage + 1}, step {self.resume_step()}", flush=True)
+            record_resume(self.args, self.run_dir, self.checkpoint)
         self.progress = Progress(len(self.stage_tasks) * self.args.steps_per_task,
                                  sum(r["budget_steps"] for r in self.stages) + self.resume_step(),
                                  self.args.progress_every, upper_bound)
