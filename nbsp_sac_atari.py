@@ -194,6 +194,12 @@ def validate(args: Args) -> None:
         if canonical_game(game) is None:
             fail(f"unknown game {game!r}; valid ALE games (the ROMs ale-py {version('ale-py')} ships; "
                  f"list them with python -c 'import ale_py.roms as r; print(r.get_all_rom_ids())'): {' '.join(GAME_NAMES)}")
+    games = [canonical_game(game) for game in args.games]
+    repeated = [game for i, game in enumerate(games) if game in games[:i]]
+    if repeated:
+        fail(f"--games lists {repeated[0]} more than once; give each game once (--cycles repeats the sequence)")
+    if len(games) * args.cycles > protocol.MAX_STAGES:
+        fail(f"--games x --cycles must be at most {protocol.MAX_STAGES} stages, got {len(games)} x {args.cycles}")
     scores = parse_game_scores(args.game_scores)
     for game in map(canonical_game, args.games):
         if game not in scores:

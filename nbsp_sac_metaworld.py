@@ -154,6 +154,12 @@ def validate(args: Args) -> None:
     for task in args.tasks:
         if task.removesuffix("-v3") not in TASK_NAMES:
             fail(f"unknown task {task!r}; valid Meta-World v3 tasks: {' '.join(TASK_NAMES)}")
+    tasks = [task.removesuffix("-v3") for task in args.tasks]
+    repeated = [task for i, task in enumerate(tasks) if task in tasks[:i]]
+    if repeated:
+        fail(f"--tasks lists {repeated[0]} more than once; give each task once (--cycles repeats the sequence)")
+    if len(tasks) * args.cycles > protocol.MAX_STAGES:
+        fail(f"--tasks x --cycles must be at most {protocol.MAX_STAGES} stages, got {len(tasks)} x {args.cycles}")
     if not 0.0 <= args.early_stop_success <= 1.0:
         fail(f"--early-stop-success must be in [0, 1] (0 disables), got {args.early_stop_success}")
     protocol.check_args(args, positive=["cycles", "steps_per_task", "batch_size", "buffer_size", "eval_episodes",
@@ -213,19 +219,22 @@ def reset_to_configuration(env: gym.Env, index: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def rollout(envs, num_episodes, policy, seed, device, record=False, until_success=False):
+def rollout(envs, num_episodes, policy, seed, device, record=False, until_success=False, warnings=None):
     """Run `num_episodes` episodes, in waves over the vector of `envs`, with one batched policy
     call per step. Returns per-episode success and return, and with `record` the visited
     observations, executed actions and, per step, the episode it belongs to (`episode`).
     `until_success` ends an episode at its first success, which already decides its success (the
     return is then the return so far): evaluations only need the success, and a task the policy
-    solves in a few dozen steps no longer costs 500 per episode."""
-    successes, returns, observations, actions, step_episode = [], [], [], [], []
+    solves in a few dozen steps no longer costs 500 per episode. With `warnings` (MujocoWarnings),
+    an episode whose simulation became unstable (a non-finite action or observation, a MuJoCo
+    warning during its step: MuJoCo then resets the simulation, which can look like a success)
+    ends there as a failure, marked in `unstable`."""
+    successes, returns, unstables, observations, actions, step_episode = [], [], [], [], [], []
     for first in range(0, num_episodes, len(envs)):
         wave = envs[: min(len(envs), num_episodes - first)]
         obs = np.stack([reset_to_configuration(env, first + i, seed) for i, env in enumerate(wave)])
         alive = np.ones(len(wave), bool)
-        success, ret = np.zeros(len(wave), bool), np.zeros(len(wave))
+        success, ret, unstable = np.zeros(len(wave), bool), np.zeros(len(wave)), np.zeros(len(wave), bool)
         wave_obs, wave_act, wave_owner = [], [], []
         while alive.any():
             live = np.flatnonzero(alive)
@@ -235,17 +244,22 @@ def rollout(envs, num_episodes, policy, seed, device, record=False, until_succes
                 wave_act.append(act)
                 wave_owner.append(live)
             for a, i in zip(act, live):
+                warned = warnings.count if warnings else 0
                 obs[i], r, terminated, truncated, info = wave[i].step(a)
+                if warnings and (warnings.count > warned or not (np.isfinite(a).all() and np.isfinite(obs[i]).all())):
+                    unstable[i], success[i], alive[i] = True, False, False
+                    continue
                 success[i] |= bool(info["success"])
                 ret[i] += r
                 alive[i] = not (terminated or truncated or (until_success and success[i]))
         successes.extend(success.tolist())
         returns.extend(ret.tolist())
+        unstables.extend(unstable.tolist())
         if record:
             observations.append(np.concatenate(wave_obs))
             actions.append(np.concatenate(wave_act))
             step_episode.append(first + np.concatenate(wave_owner))
-    result = {"success": np.array(successes, np.float32), "return": np.array(returns)}
+    result = {"success": np.array(successes, np.float32), "return": np.array(returns), "unstable": np.array(unstables)}
     if record:
         result |= {"obs": np.concatenate(observations), "actions": np.concatenate(actions),
                    "episode": np.concatenate(step_episode)}
@@ -727,22 +741,26 @@ def measure_plasticity(sac, networks, probe, dormant_threshold):
     return {name: plasticity.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
 
 
-def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device):
-    """Deterministic success rate of every task of the run, on its fixed goal configurations."""
+def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device, warnings, unstable):
+    """Deterministic success rate of every task of the run, on its fixed goal configurations; an
+    episode whose simulation became unstable is a failure, and `unstable` gets each task's count."""
     rates = {}
     for task, envs in rollout_envs.items():
         with method.acting(task):
-            result = rollout(envs, num_episodes, actor.deterministic_action, eval_seed, device, until_success=True)
+            result = rollout(envs, num_episodes, actor.deterministic_action, eval_seed, device, until_success=True,
+                             warnings=warnings)
             rates[task] = float(result["success"].mean())
+            unstable[task] = int(result["unstable"].sum())
     return rates
 
 
-def evaluation(run, sac, method, rb, masks, rollout_envs, args, device) -> protocol.Evaluation:
-    """Every task's success rate, and the plasticity diagnostics on a fixed batch (the newest
-    transitions of D at the run's first evaluation)."""
+def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, warnings, unstable) -> protocol.Evaluation:
+    """Every task's success rate (`unstable`: each task's unstable episodes in the last evaluation),
+    and the plasticity diagnostics on a fixed batch (the newest transitions of D at the run's first
+    evaluation)."""
 
     def score(step):
-        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device)
+        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device, warnings, unstable)
         for task, rate in rates.items():
             run.writer.add_scalar(f"eval/{task}/success_rate", rate, step)
         return rates
@@ -796,10 +814,11 @@ def main(args: Args) -> dict:
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     dpre = ReplayBuffer(dpre_capacity, obs_dim, act_dim, device)
     run.restore(method, sac, masks, dpre, rb, install_masks=use_mask)
+    mujoco_warnings, unstable_episodes = MujocoWarnings(), {}
     run.open(device, {"stage_tasks": stage_tasks, "device": str(device), "versions": {
         name: version(name) for name in ("torch", "metaworld", "gymnasium", "mujoco", "numpy")}}, sac.watched_tensors,
-        evaluation(run, sac, method, rb, masks, rollout_envs, args, device), upper_bound=args.early_stop_success > 0)
-    mujoco_warnings = MujocoWarnings()
+        evaluation(run, sac, method, rb, masks, rollout_envs, args, device, mujoco_warnings, unstable_episodes),
+        upper_bound=args.early_stop_success > 0)
 
     for stage in range(run.start_stage, H):
         task = stage_tasks[stage]
@@ -906,7 +925,7 @@ def main(args: Args) -> dict:
         rates, plasticity = run.evaluate_stage(stage_steps, row=lambda rates: rates, task_success=lambda rates: rates)
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "early_stopped": early_stopped, **counts, "env_warnings": mujoco_warnings.take(),
-                  "plasticity": plasticity, "wall_seconds": None}
+                  "eval_unstable_episodes": dict(unstable_episodes), "plasticity": plasticity, "wall_seconds": None}
         scores = {}
         if use_mask:  # ALGO LOGIC: identify the stage's skill neurons (Alg. 1), combine their Eq. 7 masks
             label = f"stage {stage + 1} ({task})"
@@ -923,8 +942,10 @@ def main(args: Args) -> dict:
         if stage < H - 1:
             method.end_stage(stage, task, rb)  # a task switch follows
         run.writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
-        run.end_stage(record, rates, f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})"
-                      if record["env_warnings"] else "")
+        unstable_note = (f"; {sum(unstable_episodes.values())} unstable evaluation episodes counted as failures"
+                         if any(unstable_episodes.values()) else "")
+        run.end_stage(record, rates, (f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})"
+                                      if record["env_warnings"] else "") + unstable_note)
         metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, scores)
     return run.close(metrics)
 

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -29,13 +32,20 @@ from tqdm import tqdm
 
 import baselines
 
-# What a resumed run may change: where it runs and how it is tracked, never what it computes.
-RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "compile", "cudagraphs",
-                      "progress_every", "checkpoint_every")
+# What a resumed run may change: where it runs and how it is tracked, never what it computes. Each
+# change is recorded in config.json's `resumes`. --compile and --cudagraphs are not among them: a
+# compiled update is not bit-identical to the eager one, so a resumed run keeps the run's own.
+RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "progress_every",
+                      "checkpoint_every")
 EVAL_SEED_OFFSET = 10_000  # evaluation env copy i of a run seeded s is seeded s + EVAL_SEED_OFFSET + i
 MAX_SEED = 2**31 - 1  # numpy and gymnasium take seeds below 2**32, the stage and evaluation offsets included
+MAX_INT = 2**31 - 1  # every integer flag (counts, sizes, widths, frequencies) stays below this
+MAX_STAGES = 10_000  # tasks x cycles
+MAX_NAME_BYTES = 255  # a run folder's name (NAME_MAX of Linux and macOS file systems)
+MANIFEST = "manifest.json"  # the run's fingerprint and the sha256 of every file written into its folder
 # Flags that do not change what a run learns: runs differing only in these are seeds of one setting.
-BOOKKEEPING = ("seed", "exp_name", "runs_dir", "torch_deterministic", "dormant_threshold", *RESUME_OVERRIDABLE)
+BOOKKEEPING = ("seed", "exp_name", "runs_dir", "torch_deterministic", "dormant_threshold", "compile", "cudagraphs",
+               *RESUME_OVERRIDABLE)
 DIVERGED_EXIT = 3  # exit status of a run stopped by a non-finite loss, parameter or temperature
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing its step; --resume continues it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -72,10 +82,16 @@ def check_args(args, positive: list[str], non_negative: list[str]) -> None:
     choices, SAC's and NBSP's ranges, and the method's own flags (baselines.method_flags_error)."""
     if os.path.basename(args.exp_name) != args.exp_name or args.exp_name in ("", ".", ".."):
         fail(f"--exp-name must be a plain name (it names the run folder inside --runs-dir), got {args.exp_name!r}")
+    if not args.runs_dir:
+        fail("--runs-dir must name a folder (it is created if missing), got ''")
     if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
         fail(f"--runs-dir {args.runs_dir!r} is a file; give a folder (it is created if missing)")
     if not 0 <= args.seed <= MAX_SEED:
         fail(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    for name, hint in typing.get_type_hints(type(args)).items():
+        values = getattr(args, name) if hint == list[int] else [getattr(args, name)] if hint is int else []
+        if any(abs(value) > MAX_INT for value in values):
+            fail(f"{flag(name)} must be at most {MAX_INT}, got {getattr(args, name)}")
     for name in positive:
         if getattr(args, name) <= 0:
             fail(f"{flag(name)} must be a positive integer, got {getattr(args, name)}")
@@ -121,9 +137,10 @@ def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
 
 def load_resume(args, validate) -> tuple[object, dict | None]:
     """Config and latest checkpoint of the run folder `args.resume`; stops with one line if either
-    is unusable or the saved config fails `validate` (the script's own checks of a command line).
-    Returns the saved Args (with this command line's RESUME_OVERRIDABLE flags) and the checkpoint;
-    without --resume, `args` and None."""
+    is unusable, the saved config has a value of the wrong type or fails `validate` (the script's
+    own checks of a command line), differs from the fingerprint the run was started with, or a file
+    fails its checksum (manifest.json). Returns the saved Args (with this command line's
+    RESUME_OVERRIDABLE flags) and the checkpoint; without --resume, `args` and None."""
     if not args.resume:
         return args, None
     args_class, run_dir = type(args), args.resume.rstrip("/")
@@ -140,22 +157,100 @@ def load_resume(args, validate) -> tuple[object, dict | None]:
     try:
         with open(config_path) as f:
             config = json.load(f)
-        saved = args_class(**{k: v for k, v in config["args"].items() if k not in RESUME_OVERRIDABLE})
+        saved_args = dict(config["args"])
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if checkpoint["run_name"] != config["run_name"]:
             raise ValueError("checkpoint belongs to another run")
     except Exception as e:  # any unreadable file is a corrupt folder
         fail(f"resume folder {run_dir!r} is corrupt ({type(e).__name__}: {e}); it needs readable config.json and checkpoint.pt")
-    for name in RESUME_OVERRIDABLE:
-        setattr(saved, name, getattr(args, name))
-    saved.resume = run_dir
     global error_context
     error_context = f"resume folder {run_dir!r}, its config.json: "
     try:
+        hints = typing.get_type_hints(args_class)
+        for name, value in saved_args.items():
+            if name in hints and not json_value_fits(value, hints[name]):
+                fail(f"{flag(name)} must be {describe_type(hints[name])}, got {json.dumps(value)}")
+        try:
+            saved = args_class(**{k: v for k, v in saved_args.items() if k not in RESUME_OVERRIDABLE})
+        except TypeError as e:
+            fail(f"corrupt ({e})")
+        for name in RESUME_OVERRIDABLE:
+            setattr(saved, name, getattr(args, name))
+        saved.resume = run_dir
         validate(saved)
     finally:
         error_context = ""
+    verify_run_files(run_dir, saved_args, ("config.json", "checkpoint.pt"))
     return saved, checkpoint
+
+
+def json_value_fits(value, hint) -> bool:
+    """Whether a value read from config.json has the type of its Args field (an int is a float too,
+    never a bool an int)."""
+    origin, inner = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in inner
+    if origin in (typing.Union, types.UnionType):
+        return any(value is None if option is type(None) else json_value_fits(value, option) for option in inner)
+    if origin is list:
+        return isinstance(value, list) and all(json_value_fits(item, inner[0]) for item in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def describe_type(hint) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    origin, inner = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(json.dumps, inner))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if option is type(None) else describe_type(option) for option in inner)
+    if origin is list:
+        return f"a list of {describe_type(inner[0]).removeprefix('a ').removeprefix('an ')}s"
+    return names[hint]
+
+
+def fingerprint(args) -> dict:
+    """What a run computes: every flag but those a resume may change."""
+    return {name: value for name, value in asdict(args).items() if name not in RESUME_OVERRIDABLE}
+
+
+def verify_run_files(run_dir: str, saved_args: dict, names: tuple[str, ...]) -> None:
+    """A resume's files belong together: config.json's flags are the fingerprint the run was
+    started with, and each of `names` has the sha256 recorded when it was written. A folder
+    written before manifest.json existed is resumed unverified, and says so."""
+    try:
+        with open(os.path.join(run_dir, MANIFEST)) as f:
+            manifest = json.load(f)
+        started, files = manifest["fingerprint"], manifest["files"]
+    except FileNotFoundError:
+        print(f"warning: {run_dir} has no {MANIFEST} (written before checksums were recorded): its files are not verified")
+        return
+    except Exception as e:
+        fail(f"resume folder {run_dir!r}: {MANIFEST} is corrupt ({type(e).__name__}: {e})")
+    saved = {name: value for name, value in saved_args.items() if name not in RESUME_OVERRIDABLE}
+    differing = [name for name in sorted(set(saved) | set(started)) if saved.get(name) != started.get(name)]
+    if differing:
+        fail(f"resume folder {run_dir!r}: its config.json differs from the config the run was started with "
+             f"({MANIFEST}) in " + ", ".join(f"{flag(name)} (now {json.dumps(saved.get(name))}, started with "
+                                             f"{json.dumps(started.get(name))})" for name in differing)
+             + "; put it back or start a new run")
+    for name in names:
+        recorded = files.get(name)
+        accepted = recorded if isinstance(recorded, list) else [recorded]
+        if sha256_of(os.path.join(run_dir, name)) not in accepted:
+            fail(f"resume folder {run_dir!r}: {name} fails its checksum ({MANIFEST}): it changed after it was written")
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -169,33 +264,46 @@ def restoring(run_dir: str):
         fail(f"resume folder {run_dir!r}: checkpoint.pt does not fit its config.json ({type(e).__name__}: {detail})")
 
 
-_held_locks: dict[str, io.TextIOWrapper] = {}  # run folder -> its open lock file, for the life of the run
+_held_folders: dict[str, tuple[int, io.TextIOWrapper]] = {}  # run folder -> its locked descriptor and run.lock
+_manifests: dict[str, dict] = {}  # held run folder -> its manifest.json, kept current by every atomic write into it
 
 
 def hold_run_folder(run_dir: str) -> None:
     """Create (or reopen) the run folder and lock it for the rest of the run, so that a second
-    process on the same folder stops with one line naming the holder (a POSIX lock: it dies with
-    its process, however that ends). Also proves, before training, that every file the run will
-    write or replace can be written."""
+    process on the same folder stops with one line naming the holder. The lock is an flock of the
+    folder itself (deleting run.lock, which only names the holder, does not release it; it dies
+    with its process, however that ends). Also proves, before training, that every file the run
+    will write or replace can be written, and loads the folder's manifest.json."""
+    for held in [d for d in _held_folders if os.path.realpath(d) == os.path.realpath(run_dir)]:
+        release_run_folder(held)  # as with POSIX locks, a process may take its own folder again
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        lock = open(os.path.join(run_dir, "run.lock"), "a+")
+        folder = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); give a writable --runs-dir")
     try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
+        os.close(folder)
+        holder = "unknown"
+        with contextlib.suppress(OSError), open(os.path.join(run_dir, "run.lock")) as lock:
+            holder = lock.read().strip() or holder
         fail(f"run folder {run_dir!r} is in use by another process ({holder}); wait for it to end or stop it")
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    lock.flush()
-    _held_locks[run_dir] = lock
-    replaced = [os.path.join(run_dir, name) for name in ("metrics.json", "checkpoint.pt")]
-    probes = [os.path.join(folder, ".write-probe") for folder in (run_dir, os.path.join(run_dir, "checkpoints"))]
+    try:
+        lock = open(os.path.join(run_dir, "run.lock"), "w")
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        lock.flush()
+    except OSError as e:
+        os.close(folder)
+        fail(f"cannot write the run folder {run_dir!r} ({e.strerror}); give a writable --runs-dir")
+    _held_folders[run_dir] = (folder, lock)
+    try:
+        with open(os.path.join(run_dir, MANIFEST)) as f:
+            _manifests[run_dir] = json.load(f)
+    except (OSError, ValueError):  # a new run, or one from before manifest.json
+        _manifests[run_dir] = {"fingerprint": None, "files": {}}
+    replaced = [os.path.join(run_dir, name) for name in ("metrics.json", "checkpoint.pt", MANIFEST)]
+    probes = [os.path.join(where, ".write-probe") for where in (run_dir, os.path.join(run_dir, "checkpoints"))]
     for path in replaced + probes:
         try:
             if path in probes:
@@ -207,24 +315,77 @@ def hold_run_folder(run_dir: str) -> None:
             fail(f"cannot write {path!r} ({e.strerror}); the run could not save its stages")
 
 
+def check_writable(folder: str) -> None:
+    """Before a run builds anything: the folder (or, where it does not exist yet, the folder that
+    will hold it) accepts new files."""
+    existing = os.path.normpath(folder)
+    while existing not in ("", os.sep) and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    existing = existing or os.curdir
+    if not os.path.isdir(existing):
+        fail(f"cannot write {folder!r}: {existing!r} is a file; give a writable --runs-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"cannot write {folder!r}: {existing!r} is not writable; give a writable --runs-dir")
+
+
 def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device, config: dict):
     """From here on the run writes: lock its folder, say where it is and how to watch it, start
     tracking (--track), open TensorBoard (dropping what a killed run logged after its last
     checkpoint; the stage-boundary step itself is kept) and, for a new run, write config.json
-    (`run_name`, every flag, then `config`). Returns the SummaryWriter."""
-    hold_run_folder(run_dir)
-    print(f"run folder {run_dir} on {device} ({torch.get_num_threads()} threads); watch it with: tensorboard --logdir "
-          f"{run_dir if args.resume else args.runs_dir}", flush=True)
-    if args.track:
+    (`run_name`, every flag, then `config`) and its fingerprint. A new run that fails here (a full disk, --track without a login) leaves no folder behind. Returns the
+    SummaryWriter."""
+    runs_dir_existed = os.path.isdir(args.runs_dir)
+    try:
+        hold_run_folder(run_dir)
+        print(f"run folder {run_dir} on {device} ({torch.get_num_threads()} threads); watch it with: tensorboard --logdir "
+              f"{run_dir if args.resume else args.runs_dir}", flush=True)
+        if args.track:
+            start_tracking(args, run_name)
+        writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+        if checkpoint is None:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+            _manifests[run_dir]["fingerprint"] = fingerprint(args)
+            atomic_write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": asdict(args), **config})
+    except BaseException:
+        if checkpoint is None:  # a new run's folder holds nothing yet: leave none behind
+            release_run_folder(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if not runs_dir_existed:
+                with contextlib.suppress(OSError):
+                    os.rmdir(args.runs_dir)
+        raise
+    return writer
+
+
+def start_tracking(args, run_name: str) -> None:
+    try:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, id=run_name, resume="allow", save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        atomic_write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": asdict(args), **config})
-    return writer
+    except Exception as e:  # no login, no network, no wandb: before anything is trained
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        fail(f"--track could not start Weights & Biases ({type(e).__name__}: {detail}); log in with `wandb login` "
+             f"(or set WANDB_API_KEY), or run without --track")
+
+
+def record_resume(args, run_dir: str, checkpoint: dict) -> None:
+    """config.json's `resumes`: when, at which stage and step, and each flag changed from the value
+    the run last ran with (from -> to); the changes are announced on the console."""
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    ran_with = config["args"] | {change["flag"]: change["to"] for resume in config.get("resumes", [])
+                                 for change in resume["changed"]}
+    changed = [{"flag": name, "from": ran_with.get(name), "to": value} for name, value in asdict(args).items()
+               if name in RESUME_OVERRIDABLE and name != "resume" and ran_with.get(name) != value]
+    config.setdefault("resumes", []).append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": checkpoint["stage"] + 1,
+        "step": (checkpoint.get("mid_stage") or {}).get("step", 0), "changed": changed})
+    atomic_write_json(config_path, config)
+    if changed:
+        print("resumed with " + ", ".join(f"{flag(c['flag'])} {json.dumps(c['to'])} (was {json.dumps(c['from'])})"
+                                          for c in changed) + f"; recorded in {config_path}", flush=True)
 
 
 def close_run(args, run_dir: str, writer) -> None:
@@ -237,28 +398,52 @@ def close_run(args, run_dir: str, writer) -> None:
 
 
 def release_run_folder(run_dir: str) -> None:
-    lock = _held_locks.pop(run_dir, None)
-    if lock is not None:
+    held = _held_folders.pop(run_dir, None)
+    _manifests.pop(run_dir, None)
+    if held is not None:
+        folder, lock = held
         lock.close()
+        os.close(folder)
 
 
 def first_non_finite(values: dict, tensors: dict) -> str | None:
     """The first non-finite quantity, as 'name (value)': among `values` (floats already on the
-    host: the logged losses) and `tensors` (parameters, the temperature; one host synchronisation
-    for all of them); None when everything is finite."""
+    host: the logged losses) and `tensors` (parameters, the temperature, optimizer and method
+    state; one host synchronisation for all of them); None when everything is finite."""
     for name, value in values.items():
         if not math.isfinite(value):
             return f"{name} ({value})"
-    names = list(tensors)
-    finite = torch.stack([tensors[name].detach().abs().amax().isfinite() for name in names]).cpu()
+    names = [name for name, tensor in tensors.items() if tensor.numel()]
+    if not names:
+        return None
+    device = tensors[names[0]].device  # a method may keep its state on the host
+    finite = torch.stack([tensors[name].detach().abs().amax().isfinite().to(device) for name in names]).cpu()
     bad = [name for name, ok in zip(names, finite) if not ok]
     return f"{bad[0]} (non-finite values)" if bad else None
 
 
-def stop_diverged(run_dir: str, metrics: dict, where: dict, quantity: str) -> typing.NoReturn:
-    """A run whose losses, parameters or temperature became non-finite: metrics.json says it
-    diverged (never a result), one line on stderr, exit DIVERGED_EXIT."""
-    metrics = metrics | {"complete": False, "diverged": where | {"quantity": quantity}}
+def optimizer_tensors(learner) -> dict:
+    """The floating-point state of the learner's optimizers (Adam's moments), by name."""
+    return {f"{name}.{key}[{i}]": value for name, optimizer in vars(learner).items()
+            if isinstance(optimizer, torch.optim.Optimizer)
+            for i, state in enumerate(optimizer.state.values()) for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()}
+
+
+def floating_tensors(state, prefix: str) -> dict:
+    """Every floating-point tensor in a nested state (dicts, lists), by its path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state} if state.is_floating_point() else {}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return {path: tensor for key, value in items for path, tensor in floating_tensors(value, f"{prefix}.{key}").items()}
+
+
+def stop_diverged(run_dir: str, metrics: dict, average: str, where: dict, quantity: str) -> typing.NoReturn:
+    """A run whose losses, parameters, temperature, optimizer or method state became non-finite:
+    metrics.json says it diverged, with no continual metrics (null), one line on stderr, exit
+    DIVERGED_EXIT."""
+    metrics = metrics | {average: None, "FM": None, "FWT": None, "complete": False,
+                         "diverged": where | {"quantity": quantity}}
     atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
     print(f"error: the run diverged: non-finite {quantity} at stage {where['stage']} ({where['task']}), global step "
           f"{where['global_step']}; {os.path.join(run_dir, 'metrics.json')} marks it diverged, with no result",
@@ -403,8 +588,12 @@ class Run:
         else:
             self.run_name = f"{label}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.run_dir = os.path.join(args.runs_dir, self.run_name)
+            if len(self.run_name.encode()) > MAX_NAME_BYTES:
+                fail(f"the run folder's name {label}__<exp-name>__<seed>__<time> would be {len(self.run_name.encode())} "
+                     f"bytes, over the file system's {MAX_NAME_BYTES}; give a shorter --exp-name")
             if os.path.exists(self.run_dir):
                 fail(f"run folder {self.run_dir!r} already exists; pick another --exp-name or --runs-dir")
+        check_writable(self.run_dir if args.resume else args.runs_dir)
         self.sr, self.stages, self.rows = [], [], {name: [] for name in rows}
         self.start_stage, self.global_step, self.plasticity_probe = 0, 0, None
         if checkpoint is not None:
@@ -445,6 +634,7 @@ class Run:
         self.watched, self.evaluation = watched, evaluation
         if self.checkpoint is not None:
             print(f"resuming {self.run_dir} at stage {self.start_stage + 1}, step {self.resume_step()}", flush=True)
+            record_resume(self.args, self.run_dir, self.checkpoint)
         self.progress = Progress(len(self.stage_tasks) * self.args.steps_per_task,
                                  sum(r["budget_steps"] for r in self.stages) + self.resume_step(),
                                  self.args.progress_every, upper_bound)
@@ -483,14 +673,19 @@ class Run:
         atomic_write_json(os.path.join(self.run_dir, "metrics.json"), metrics)
         return metrics
 
-    def stop_if_diverged(self, values: dict) -> None:
-        """Stop a diverged run (non-finite losses, parameters or temperature): checked where the
-        losses reach the host anyway, and before every evaluation."""
-        problem = first_non_finite(values, self.watched())
+    def stop_if_diverged(self, values: dict, method_state: bool = False) -> None:
+        """Stop a diverged run (non-finite losses, parameters, temperature or optimizer moments):
+        checked where the losses reach the host anyway, and before every evaluation, where the
+        method's state (e.g. EWC's Fisher information) is checked too."""
+        method, sac = self.learning[:2]
+        watched = self.watched() | optimizer_tensors(sac)
+        if method_state:
+            watched |= floating_tensors(method.state_dict(), "method")
+        problem = first_non_finite(values, watched)
         if problem:
             self.writer.close()
-            stop_diverged(self.run_dir, self.metrics(), {"stage": self.stage + 1, "task": self.stage_tasks[self.stage],
-                                                         "global_step": self.global_step}, problem)
+            stop_diverged(self.run_dir, self.metrics(), self.average, {
+                "stage": self.stage + 1, "task": self.stage_tasks[self.stage], "global_step": self.global_step}, problem)
 
     def log_losses(self, values: dict) -> None:
         """The update's values, already on the host, as `losses/...`; then the divergence check."""
@@ -515,7 +710,7 @@ class Run:
 
     def evaluate(self) -> tuple[object, dict]:
         """Every task's scores and the plasticity diagnostics, in TensorBoard at the global step."""
-        self.stop_if_diverged({})  # a diverged policy would make the simulator and the diagnostics fail first
+        self.stop_if_diverged({}, method_state=True)  # a diverged policy would make the simulator and the diagnostics fail first
         scores = self.evaluation.score(self.global_step)
         if self.plasticity_probe is None:
             self.plasticity_probe = self.evaluation.probe()
@@ -676,19 +871,58 @@ def metrics_of(run_name: str, stage_tasks: list[str], sr, average: str, **rows) 
             "sr": [row + [None] * (H - len(row)) for row in sr] + [[None] * H] * (H - len(sr)), **scores, **rows}
 
 
+class HashingWriter:
+    """A file being written, and the sha256 of what was written to it."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_write_json(path: str, data) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def atomic_torch_save(path: str, data) -> None:
     """Written beside `path`, on disk, then renamed over it: `path` is the old file or the new one, whole."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: torch.save(data, f))
+
+
+def atomic_write(path: str, write: Callable[[HashingWriter], None]) -> None:
+    """`write(f)` into a temporary file beside `path`, on disk, then renamed over it. Inside a held
+    run folder the file's sha256 is recorded in its manifest.json: while the file is replaced the
+    manifest accepts the old and the new checksum, so a kill at any point leaves a file it vouches
+    for. A failed write (a full disk) removes the temporary file and stops with one line."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            hashing = HashingWriter(f)
+            write(hashing)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[-1][:200]
+        fail(f"cannot write {path!r} ({reason}); is the disk full? Files already written are kept")
+    run_dir = next((d for d in _manifests if os.path.dirname(path) in (d, os.path.join(d, "checkpoints"))), None)
+    if run_dir is None or os.path.basename(path) == MANIFEST:
+        os.replace(tmp, path)
+        return
+    files, name, digest = _manifests[run_dir]["files"], os.path.relpath(path, run_dir), hashing.digest.hexdigest()
+    previous = files.get(name) if os.path.exists(path) else None
+    if previous is not None:
+        files[name] = [*(previous if isinstance(previous, list) else [previous]), digest]
+        atomic_write_json(os.path.join(run_dir, MANIFEST), _manifests[run_dir])
+    os.replace(tmp, path)
+    files[name] = digest
+    atomic_write_json(os.path.join(run_dir, MANIFEST), _manifests[run_dir])
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -167,7 +167,7 @@ def killed_run(tmp_path):
     (dict(skill_ratio=5.0), "its config.json: --skill-ratio must be in (0, 1], got 5.0"),
     (dict(tasks=["no-such-task", "reach"]), "its config.json: unknown task 'no-such-task'"),
     (dict(method="banana"), "its config.json: --method must be one of"),
-    (dict(hidden=[32, 32]), "checkpoint.pt does not fit its config.json"),
+    (dict(hidden=[32, 32]), "config.json differs from the config the run was started with (manifest.json) in --hidden"),
 ])
 def test_resume_checks_what_it_reads(edit, expected, tmp_path, capsys):
     run_dir = killed_run(tmp_path)

@@ -133,7 +133,7 @@ def test_launch_plan(tmp_path):
     write_run(runs_dir, "reach__nbsp__10__400", checkpoint=True, seed=10)  # another label
     write_run(runs_dir, "reach__nbsp__1__copy", checkpoint=True)  # not a run name
     assert slurm.plan("reach__nbsp__1", runs_dir, COMMAND) == (
-        "resume", ["python", "nbsp_sac_metaworld.py", "--resume", newest, "--no-cuda", "--compile", "--progress-every", "30"])
+        "resume", ["python", "nbsp_sac_metaworld.py", "--resume", newest, "--no-cuda", "--progress-every", "30"])  # --compile: the run's own
     write_run(runs_dir, "reach__nbsp__1__50", checkpoint=True, complete=True)
     assert slurm.plan("reach__nbsp__1", runs_dir, COMMAND) == ("complete", None)
 
