@@ -196,3 +196,34 @@ def test_regime_report_with_a_pair_pilot(tmp_path):
     for name in ("results-regime-curves", "results-regime-pilot-window-open-window-close"):
         for ext in ("png", "pdf"):
             assert os.path.getsize(out.parent / f"{name}.{ext}") > 0
+
+
+def test_pilot_only_report_before_the_grid(tmp_path):
+    # seed 1 complete (A learned, then forgotten); seed 2 still running: no metrics.json yet
+    write_sequence_run(tmp_path / "pilot", "sac", 1, 1, {"window-open": [0.2, 0.5, 0.9, 1.0, 0.6, 0.3, 0.1, 0.0],
+                                                         "window-close": [0, 0, 0, 0, 0.3, 0.95, 1.0, 1.0]},
+                       [[1.0, None], [0.0, 1.0]])
+    write_sequence_run(tmp_path / "pilot", "sac", 2, 1, {"window-open": [0.1] * 8, "window-close": [0.0] * 8},
+                       [[0.1, None], [0.1, 0.0]])
+    unfinished = next(p for p in (tmp_path / "pilot").iterdir() if "__sac__2" in p.name)
+    os.remove(unfinished / "metrics.json")
+    out = tmp_path / "docs" / "results-regime.md"
+    assert mini_report.main(["--preset", "regime", "--pilot-only", "--pilot", str(tmp_path / "pilot"), "--out", str(out)]) == 0
+    doc = out.read_text()
+    assert "Status: only the pilot has run; the grid (`python scripts/sweep.py --preset regime`) has not." in doc
+    assert "## Results" not in doc and "`python scripts/sweep.py --preset regime-pilot`, seeds 1)" in doc
+    assert "| window-open -> window-close | 1 | 1 of 1 | 1 of 1 | 1.00 | 0.00 | 1.00 |" in doc
+    assert "(1 unfinished pilot run(s) left out.)" in doc
+
+
+@pytest.mark.parametrize("extra", [[], ["--runs", "RUNS"]])
+def test_pilot_only_needs_the_pilot_alone(tmp_path, capsys, extra):
+    (tmp_path / "RUNS").mkdir()
+    argv = ["--preset", "regime", "--pilot-only", "--out", str(tmp_path / "r.md")]
+    argv += [str(tmp_path / a) if a == "RUNS" else a for a in extra]
+    if extra:
+        (tmp_path / "pilot").mkdir()
+        argv += ["--pilot", str(tmp_path / "pilot")]
+    assert mini_report.main(argv) == 2
+    assert "--pilot-only reports the --pilot runs alone" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
