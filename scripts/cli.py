@@ -51,7 +51,13 @@ def check_output(flag: str, path: str) -> None:
         raise UsageError(f"{flag} {path!r} is a folder; give a file path")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path!r} is not writable")
-    existing = os.path.dirname(os.path.abspath(path))
+    check_nearest_folder(flag, path, os.path.dirname(os.path.abspath(path)))
+
+
+def check_nearest_folder(flag: str, path: str, start: str) -> None:
+    """Raise UsageError unless the nearest existing folder at or above `start` is a writable folder
+    (where `path` and the folders above it will be made)."""
+    existing = start
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
@@ -64,13 +70,7 @@ def check_folder(flag: str, path: str) -> None:
     """Raise UsageError unless `path` is a writable folder or can be made as one."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a file; give a folder")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{flag} {path!r}: {existing!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path!r}: the folder {existing!r} is not writable")
+    check_nearest_folder(flag, path, os.path.abspath(path))
 
 
 def check_device(flag: str, device: str) -> None:

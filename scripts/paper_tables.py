@@ -560,6 +560,11 @@ def _settings_table(title, groups, env, display=lambda g: g.label, seq_col=True,
                 cells.append(fmt_paper(paper[id(g)][m]))
         t.rows.append(cells)
     t.notes = [SE_NOTE if with_paper else SE_NOTE.split(";")[0] + "."] + seed_notes
+    return with_common_notes(t, groups, flags)
+
+
+def with_common_notes(t: Table, groups, flags) -> Table:
+    """The notes every grouped table ends with: single-seed groups and the flags left at their defaults."""
     if any(g.n == 1 for g in groups):
         t.notes.append(ONE_SEED_NOTE)
     used = {k for g in groups for k, _ in sum(flags[id(g)], ())}
@@ -612,13 +617,7 @@ def _methods_table(tid, title, groups, env) -> Table | None:
         t.notes.append("vanilla SAC is not a column of the paper's table; " + (
             "its paper numbers are those of the ablation Tables 2, 9, 10." if env == "metaworld"
             else "the paper has no vanilla SAC numbers on Atari."))
-    if any(g.n == 1 for g in groups):
-        t.notes.append(ONE_SEED_NOTE)
-    used = {k for g in groups for k, _ in sum(flags[id(g)], ())}
-    note = nondefault_note(groups, used)
-    if note:
-        t.notes.append(note)
-    return t
+    return with_common_notes(t, groups, flags)
 
 
 PAPER_TITLES = {
