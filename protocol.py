@@ -37,6 +37,21 @@ import baselines
 # compiled update is not bit-identical to the eager one, so a resumed run keeps the run's own.
 RESUME_OVERRIDABLE = ("resume", "cuda", "track", "wandb_project_name", "wandb_entity", "progress_every",
                       "checkpoint_every")
+RESUME_FLAGS = {name.replace("_", "-") for name in RESUME_OVERRIDABLE if name != "resume"}  # as typed
+
+
+def resume_flags(tokens: list[str]) -> list[str]:
+    """The flags of a command line (with their values) that `--resume` accepts; a resumed run takes
+    every other flag from its own config.json. Used by the sweep and the Slurm launcher."""
+    kept, keep = [], False
+    for token in tokens:
+        if token.startswith("--"):
+            keep = token[2:].removeprefix("no-") in RESUME_FLAGS
+        if keep:
+            kept.append(token)
+    return kept
+
+
 EVAL_SEED_OFFSET = 10_000  # evaluation env copy i of a run seeded s is seeded s + EVAL_SEED_OFFSET + i
 MAX_SEED = 2**31 - 1  # numpy and gymnasium take seeds below 2**32, the stage and evaluation offsets included
 MAX_INT = 2**31 - 1  # every integer flag (counts, sizes, widths, frequencies) stays below this

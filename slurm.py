@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 
-from protocol import RESUME_OVERRIDABLE
+from protocol import resume_flags
 
 LOCKED_EXIT = 75  # EX_TEMPFAIL: the label's run is in progress in another task
 MAX_REQUEUES_ENV = "NBSP_SLURM_MAX_REQUEUES"  # exported by the sweep's job script
@@ -79,14 +79,7 @@ def is_complete(run_dir: str) -> bool:
 def resume_command(command: list[str], run_dir: str) -> list[str]:
     """`<python> <script> --resume <run_dir>` with the flags of `command` that a resume accepts
     (device and tracking: protocol.RESUME_OVERRIDABLE); a resumed run keeps its own config.json."""
-    accepted = {name.replace("_", "-") for name in RESUME_OVERRIDABLE if name != "resume"}
-    kept, keep = [], False
-    for token in command[2:]:
-        if token.startswith("--"):
-            keep = token[2:].removeprefix("no-") in accepted
-        if keep:
-            kept.append(token)
-    return [*command[:2], "--resume", run_dir, *kept]
+    return [*command[:2], "--resume", run_dir, *resume_flags(command[2:])]
 
 
 def plan(label: str, runs_dir: str, command: list[str]) -> tuple[str, list[str] | None]:

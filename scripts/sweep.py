@@ -32,7 +32,7 @@ import cli
 import protocol
 from cli import UsageError, check_folder, check_output
 import run_folders
-from protocol import RESUME_OVERRIDABLE
+from protocol import RESUME_FLAGS, resume_flags
 from run_folders import ROOT, SCRIPTS
 
 SEQUENCE_FLAG = {"metaworld": "--tasks", "atari": "--games"}
@@ -147,9 +147,6 @@ PRESETS = {
     ),
 }
 
-# Flags that `--resume` accepts next to the run folder; every other flag comes from the run's own
-# config.json, and passing one is an error there.
-RESUME_FLAGS = {name.replace("_", "-") for name in RESUME_OVERRIDABLE if name != "resume"}
 SHORT_NAMES = {"skill-ratio": "ratio", "steps-per-task": "steps", "mask-alpha": "alpha"}  # exp_name parts
 
 
@@ -310,15 +307,6 @@ def flag_groups(tokens: list[str]) -> list[tuple[str, list[str]]]:
         else:  # a stray leading value: kept, so that the training script can refuse it
             groups.append((None, [token]))
     return groups
-
-
-def resume_flags(tokens: list[str]) -> list[str]:
-    """The flags that --resume accepts (device, tracking); a resumed run keeps its own config."""
-    out = []
-    for name, values in flag_groups(tokens):
-        if name is not None and name.removeprefix("no-") in RESUME_FLAGS:
-            out += [f"--{name}", *values]
-    return out
 
 
 def config_differences(tokens: list[str], cargs: dict) -> list[str]:

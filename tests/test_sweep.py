@@ -264,12 +264,13 @@ def test_killed_run_is_resumed(finished_sweep, tmp_path):
 def test_failed_run_is_reported(tmp_path):
     # a command line the sweep's own check accepts (--skill-ratio 2 is refused before any run:
     # tests/test_reliability.py) but the run refuses once it knows the replay memory it needs
+    # (2e9 rows of D: about 690 GB)
     res = run_sweep("--sequences", "reach", "--seeds", "1", "--runs-dir", str(tmp_path), "--",
-                    *TINY, "--buffer-size", "1000000000000")
+                    *TINY, "--buffer-size", "2000000000")
     log = os.path.join(str(tmp_path), "sweep_logs", "reach__nbsp__1.log")
     assert res.returncode == 1
     assert "FAILED" in res.stdout and "0 ok, 1 failed" in res.stdout and f"exit 2): {log}" in res.stdout
-    assert "error: D (--buffer-size 1000000000000)" in res.stdout  # the log's last line, shown
+    assert "error: D (--buffer-size 2000000000)" in res.stdout  # the log's last line, shown
     assert "error: D (--buffer-size" in open(log).read()
 
 
