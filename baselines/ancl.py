@@ -45,11 +45,11 @@ on the current task alone, which gives back plasticity. Targets and temperature 
   lambda/2 sum F_old (theta - theta_old)^2: with a = 0 and --ewc-lambda = lambda/2 it trains
   exactly as `--method ewc` up to the second task switch (EWC then sums its Fishers where ANCL
   merges them).
-- Checkpoints hold F_old and theta_old, and the stage's own state: the auxiliary learner (its
-  networks, temperature and Adam state), F_aux, the batches of the Fisher window and the update
-  count, so a run stopped inside a stage resumes with them. The auxiliary learner lives within
-  one stage: a task switch drops it (a stage end's checkpoint holds none) and the next stage
-  builds it from the main learner.
+- Checkpoints hold F_old and theta_old, and inside a stage after the first the stage's own state:
+  the auxiliary learner (its networks, temperature and Adam state), F_aux, the batches of the
+  Fisher window, the update count and the penalties, so a run stopped inside a stage resumes with
+  them. The auxiliary learner lives within one stage: a task switch drops it (a stage end's
+  checkpoint holds F_old and theta_old alone) and the next stage builds it from the main learner.
 """
 
 from __future__ import annotations
@@ -137,10 +137,12 @@ class ANCL(Method):
         return {f"penalty_{name}": value for name, value in self.penalties.items()}
 
     def state_dict(self) -> dict:
-        return {"old_fisher": self.old_fisher, "old_anchor": self.old_anchor,
-                "aux": None if self.aux is None else self.aux.state_dict(), "aux_fisher": self.aux_fisher,
-                "aux_window": [list(batch) for batch in self.aux_window], "updates": self.updates,
-                "penalties": self.penalties}
+        state = {"old_fisher": self.old_fisher, "old_anchor": self.old_anchor}
+        if self.aux is None and not self.penalties:  # no stage state: a stage's start (or the first stage)
+            return state
+        return state | {"aux": None if self.aux is None else self.aux.state_dict(), "aux_fisher": self.aux_fisher,
+                        "aux_window": [list(batch) for batch in self.aux_window], "updates": self.updates,
+                        "penalties": self.penalties}
 
     def load_state_dict(self, state: dict) -> None:
         device = next(self.learner.actor.parameters()).device
