@@ -45,9 +45,11 @@ on the current task alone, which gives back plasticity. Targets and temperature 
   lambda/2 sum F_old (theta - theta_old)^2: with a = 0 and --ewc-lambda = lambda/2 it trains
   exactly as `--method ewc` up to the second task switch (EWC then sums its Fishers where ANCL
   merges them).
-- Checkpoints hold F_old and theta_old. The auxiliary learner lives within one stage and is
-  rebuilt from the main learner when the next stage begins, exactly as after a resume (the
-  scripts checkpoint at stage boundaries and reseed every stage), so it is not method state.
+- Checkpoints hold F_old and theta_old, and inside a stage after the first the stage's own state:
+  the auxiliary learner (its networks, temperature and Adam state), F_aux, the batches of the
+  Fisher window, the update count and the penalties, so a run stopped inside a stage resumes with
+  them. The auxiliary learner lives within one stage: a task switch drops it (a stage end's
+  checkpoint holds F_old and theta_old alone) and the next stage builds it from the main learner.
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ class ANCL(Method):
         *FISHER_FLAGS,
     )
     compiles = False  # its hooks run eagerly
-    resumes_mid_stage = False  # state_dict() leaves out the auxiliary learner and its Fisher window: checkpointed at stage ends only
     aux_fisher_interval = 10_000  # main updates between estimates of the auxiliary Fisher
 
     def setup(self, learner) -> None:
@@ -83,13 +84,18 @@ class ANCL(Method):
         self.targets = fisher_targets(learner, self.args.fisher_critic)
         self.old_fisher: dict[str, dict[str, Tensor]] = {}  # empty until the first task switch
         self.old_anchor: dict[str, dict[str, Tensor]] = {}
+        self.clear_stage()
+
+    def clear_stage(self) -> None:
+        """No auxiliary learner, F_aux, Fisher window, update count or penalties: a stage's start."""
         self.aux, self.aux_fisher, self.aux_window, self.updates, self.penalties = None, {}, [], 0, {}
 
     def begin_stage(self, stage: int, task: str) -> None:
-        self.aux, self.aux_fisher, self.aux_window, self.updates, self.penalties = None, {}, [], 0, {}
-        if self.old_fisher and self.args.ancl_aux_lambda > 0:
-            self.aux = self.learner.plain_copy()
-            self.aux_targets = fisher_targets(self.aux, self.args.fisher_critic)
+        if self.aux is None and self.old_fisher and self.args.ancl_aux_lambda > 0:  # a resume inside the stage restored it
+            self.set_aux(self.learner.plain_copy())
+
+    def set_aux(self, aux) -> None:
+        self.aux, self.aux_targets = aux, fisher_targets(aux, self.args.fisher_critic)
 
     def after_update(self, data, update_policy: bool, update_target: bool) -> None:
         if self.aux is None:
@@ -125,17 +131,32 @@ class ANCL(Method):
             self.old_fisher[network] = {n: (1 - a) * new[n] if old is None else a * old[n] + (1 - a) * new[n]
                                         for n in new}
             self.old_anchor[network] = snapshot(self.targets[network].params)
+        self.clear_stage()
 
     def logs(self) -> dict[str, Tensor]:
         return {f"penalty_{name}": value for name, value in self.penalties.items()}
 
     def state_dict(self) -> dict:
-        return {"old_fisher": self.old_fisher, "old_anchor": self.old_anchor}
+        state = {"old_fisher": self.old_fisher, "old_anchor": self.old_anchor}
+        if self.aux is None and not self.penalties:  # no stage state: a stage's start (or the first stage)
+            return state
+        return state | {"aux": None if self.aux is None else self.aux.state_dict(), "aux_fisher": self.aux_fisher,
+                        "aux_window": [list(batch) for batch in self.aux_window], "updates": self.updates,
+                        "penalties": self.penalties}
 
     def load_state_dict(self, state: dict) -> None:
         device = next(self.learner.actor.parameters()).device
         self.old_fisher = to_device(state["old_fisher"], device)
         self.old_anchor = to_device(state["old_anchor"], device)
+        self.clear_stage()
+        if state.get("aux") is not None:  # stopped inside a stage that trains an auxiliary learner
+            aux = self.learner.plain_copy()
+            aux.load_state_dict(state["aux"])
+            self.set_aux(aux)
+            self.aux_fisher = to_device(state["aux_fisher"], device)
+            self.aux_window = [tuple(t.to(device) for t in batch) for batch in state["aux_window"]]
+            self.updates = state["updates"]
+        self.penalties = {name: value.to(device) for name, value in state.get("penalties", {}).items()}
 
 
 METHOD = ANCL

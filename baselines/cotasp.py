@@ -44,6 +44,9 @@ The actor is a meta-policy network from which each task takes a sub-network:
   cleared (the authors' reset_agent).
 - Dictionaries start as standard Gaussian atoms projected on the unit ball, seeded by seed +
   layer + 1 (the authors' init); all dictionary maths runs on the CPU in float64.
+- Checkpoints hold the prompts, the trained tasks, the dictionaries and the stage's update count,
+  and inside a stage the prompt's Adam state too (a task switch drops the optimizer, so a stage
+  end's checkpoint holds none): a run stopped inside a stage resumes its alternation exactly.
 
 Adaptations:
 - Task embeddings. The authors encode a sentence describing the task with a sentence encoder
@@ -168,7 +171,6 @@ class CoTASP(Method):
         Flag("cotasp_prompt_steps", 10, "cotasp: prompt updates of each alternation round", POSITIVE_INT),
     )
     compiles = False  # its hooks run eagerly
-    resumes_mid_stage = False  # state_dict() leaves out the prompt's optimizer and update count: checkpointed at stage ends only
 
     def setup(self, learner) -> None:
         super().setup(learner)
@@ -185,6 +187,7 @@ class CoTASP(Method):
         self.untrained_codes: dict[str, list[Tensor]] = {}  # prompts of unseen tasks under the current dictionaries
         self.actor_updates = 0  # of the stage: the alternation's clock
         self.task, self.prompt_optimizer, self.frozen_fraction = None, None, 0.0
+        self.restored_prompt_optimizer = None  # the state of a resume inside a stage, for its begin_stage
         self.active_masks = [torch.ones(layer.hidden.num_neurons, device=learner.device).view(shape)
                              for layer, shape in zip(self.neuron_layers, self.mask_shapes)]
         self.evaluating = False  # inside acting(): fixed masks of the evaluated task
@@ -253,7 +256,11 @@ class CoTASP(Method):
             self.prompts[task] = self.untrained_codes.pop(task, None) or self.encode(task)
         self.prompts[task] = [p.detach().clone().requires_grad_(True) for p in self.prompts[task]]
         self.prompt_optimizer = torch.optim.Adam(self.prompts[task], lr=self.args.policy_lr)
-        self.actor_updates = 0
+        restored, self.restored_prompt_optimizer = self.restored_prompt_optimizer, None
+        if restored is None:  # the stage's start; a resume inside it keeps its count and Adam state
+            self.actor_updates = 0
+        else:
+            self.prompt_optimizer.load_state_dict(restored)
         self.active_masks = self.masks_of(task)
         used = self.used_by_others(task)
         others_trained = any(other != task for other in self.trained)
@@ -299,6 +306,7 @@ class CoTASP(Method):
         self.untrained_codes.clear()  # they were codes against the old dictionaries
         self.learner.reset_critics()
         self.learner.actor_optimizer.state.clear()
+        self.prompt_optimizer = None  # the next stage's prompt gets a fresh one
 
     def logs(self) -> dict[str, Tensor | float]:
         return {"active_units": torch.cat([m.flatten() for m in self.active_masks]).mean(),
@@ -307,13 +315,15 @@ class CoTASP(Method):
     def state_dict(self) -> dict:
         return {"prompts": {t: [p.detach().cpu().clone() for p in prompts] for t, prompts in self.prompts.items()},
                 "trained": list(self.trained), "dictionaries": [d.clone() for d in self.dictionaries],
-                "actor_updates": self.actor_updates}
+                "actor_updates": self.actor_updates,
+                "prompt_optimizer": None if self.prompt_optimizer is None else self.prompt_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.prompts = {t: [p.to(self.learner.device) for p in prompts] for t, prompts in state["prompts"].items()}
         self.trained = list(state["trained"])
         self.dictionaries = [d.clone() for d in state["dictionaries"]]
         self.actor_updates = state["actor_updates"]
+        self.restored_prompt_optimizer = state.get("prompt_optimizer")  # none in a stage end's checkpoint
         self.untrained_codes.clear()
 
 

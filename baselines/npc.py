@@ -48,9 +48,10 @@ this port's, named as choices, and their values are flags.
   detached parameters, so gradients do reach their activations); those products belong to the
   actor loss and are discarded. Forward passes without gradients (targets, rollouts) record
   nothing.
-- Checkpoints hold the consolidated importance C (the scales follow from it; the current task's
-  average restarts with its stage, and the scripts checkpoint at stage ends); the scales are
-  installed in the learner's optimizers at setup and again at every stage start.
+- Checkpoints hold the consolidated importance C (the scales follow from it) and the current
+  task's average T, which a task switch restarts (zero in a stage end's checkpoint), so a run
+  stopped inside a stage resumes with the average it had; the scales are installed in the
+  learner's optimizers at setup and again at every stage start.
 """
 
 from __future__ import annotations
@@ -99,7 +100,6 @@ class NeuronLevelPlasticityControl(Method):
              NON_NEGATIVE),
     )
     compiles = False  # its hooks run eagerly
-    resumes_mid_stage = False  # state_dict() leaves out the stage's importance estimates: checkpointed at stage ends only
 
     def setup(self, learner) -> None:
         super().setup(learner)
@@ -109,7 +109,7 @@ class NeuronLevelPlasticityControl(Method):
             return {name: [torch.zeros(h.num_neurons, device=h.weight.device) for h in hidden]
                     for name, hidden in self.hidden.items()}
 
-        self.task_importance = zeros()  # T: moving average over the current stage's updates
+        self.task_importance = zeros()  # T: moving average over the current stage's updates (zeroed at its end)
         self.consolidated = zeros()  # C: maximum over the finished tasks of their normalised T
         self.batch_importance: dict[tuple[str, int], Tensor] = {}
         # One step-scale tensor per hidden weight, shaped to broadcast over it; its bias shares the
@@ -153,9 +153,6 @@ class NeuronLevelPlasticityControl(Method):
 
     @torch.no_grad()
     def begin_stage(self, stage: int, task: str) -> None:
-        for values in self.task_importance.values():
-            for importance in values:
-                importance.zero_()
         # installed again at every stage start: nothing the script installs in between (NBSP's own,
         # empty, masks when it resumes) displaces them
         self.install_masks()
@@ -173,6 +170,7 @@ class NeuronLevelPlasticityControl(Method):
         for name, values in self.task_importance.items():
             for task_importance, consolidated in zip(values, self.consolidated[name], strict=True):
                 torch.maximum(consolidated, normalise_per_layer(task_importance), out=consolidated)
+                task_importance.zero_()  # the next task's average starts from zero
             self._write_scales(name)
 
     @torch.no_grad()
@@ -184,12 +182,16 @@ class NeuronLevelPlasticityControl(Method):
         return {f"{name}_mean_step_scale": torch.cat(scales).mean() for name, scales in self.neuron_scales.items()}
 
     def state_dict(self) -> dict:
-        return {"consolidated": {name: [c.cpu() for c in values] for name, values in self.consolidated.items()}}
+        return {key: {name: [c.cpu() for c in values] for name, values in importance.items()}
+                for key, importance in (("consolidated", self.consolidated), ("task_importance", self.task_importance))}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, values in state["consolidated"].items():
-            for importance, saved in zip(self.consolidated[name], values, strict=True):
-                importance.copy_(saved)
+        # checkpoints written before T was saved are stage ends', where T is zero as after setup
+        for key in ("consolidated", "task_importance") if "task_importance" in state else ("consolidated",):
+            for name, values in state[key].items():
+                for importance, saved in zip(getattr(self, key)[name], values, strict=True):
+                    importance.copy_(saved)
+        for name in self.consolidated:
             self._write_scales(name)
 
 

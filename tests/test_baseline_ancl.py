@@ -246,6 +246,8 @@ def test_end_to_end_aux_learner(name, method_runs):
     assert set(method.penalties) == {"old_actor", "aux_actor", "old_critic", "aux_critic"}
     checkpoint = load(os.path.join(runs.run_dir, "checkpoint.pt"))
     stage_1 = load(os.path.join(runs.run_dir, "checkpoints", "stage_1.pt"))
-    assert set(checkpoint["method"]) == {"old_fisher", "old_anchor"}
+    assert set(runs.killed_checkpoint["method"]) == {"old_fisher", "old_anchor"}  # stage 1's end: no stage state
+    # the last stage has no task switch: its checkpoint keeps the stage's state
+    assert set(checkpoint["method"]) == {"old_fisher", "old_anchor", "aux", "aux_fisher", "aux_window", "updates", "penalties"}
     for key, value in checkpoint["method"]["old_anchor"]["actor"].items():
         assert torch.equal(value, stage_1["actor"][key])

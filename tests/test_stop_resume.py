@@ -9,9 +9,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import baselines
 import nbsp_sac_atari
 import nbsp_sac_metaworld
 import protocol
+from conftest import ANCL_AUX_FISHER_INTERVAL
 
 MW = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=300,
           learning_starts=100, eval_every=200, eval_episodes=1, identify_episodes=1, buffer_size=1000,
@@ -25,6 +27,12 @@ CASES = {  # name: script, flags, global step at whose end SIGTERM arrives
     "nbsp-stage-2": (nbsp_sac_metaworld, MW, 450),  # after stage 1's masks and Dpre exist
     "sac": (nbsp_sac_metaworld, BASELINE_MW | dict(method="sac"), 250),
     "ewc-stage-2": (nbsp_sac_metaworld, BASELINE_MW | dict(method="ewc", fisher_batches=2), 420),
+    "npc-stage-2": (nbsp_sac_metaworld, BASELINE_MW | dict(method="npc"), 450),  # the stage's importance average is under way
+    # stage 2's 109th update: the auxiliary learner has trained, F_aux was estimated at the 100th, its window holds one batch
+    "ancl-stage-2": (nbsp_sac_metaworld, BASELINE_MW | dict(method="ancl", fisher_batches=2, fisher_critic=True), 509),
+    # inside the third round's prompt phase: the prompt's Adam has moments and the round's clock runs
+    "cotasp-stage-2": (nbsp_sac_metaworld, BASELINE_MW | dict(method="cotasp", hidden=[32, 32], cotasp_weight_steps=40,
+                                                              cotasp_prompt_steps=10), 545),
     "atari-stage-2": (nbsp_sac_atari, ATARI, 300),
 }
 
@@ -71,6 +79,7 @@ def stop_at(monkeypatch, global_step, signum=signal.SIGTERM):
 @pytest.mark.parametrize("case", CASES)
 def test_stopped_run_resumes_exactly(case, tmp_path, monkeypatch, capsys):
     script, flags, global_step = CASES[case]
+    monkeypatch.setattr(baselines.METHODS["ancl"], "aux_fisher_interval", ANCL_AUX_FISHER_INTERVAL)  # estimates within a tiny stage
     twin = script.main(script.Args(runs_dir=str(tmp_path / "twin"), **flags))
     [twin_dir] = glob.glob(str(tmp_path / "twin" / "*"))
     with monkeypatch.context() as patch:
