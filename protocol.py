@@ -794,23 +794,20 @@ class Run:
     def end_step(self, step: int, stage_state: Callable[[], dict]) -> None:
         """After stage step `step`: on a stop signal, checkpoint this step and stop; every
         --checkpoint-every minutes, checkpoint it and go on. `stage_state()`: the script's state of
-        the stage's steps (env, episode, counters), to which the step and every RNG are added. A
-        method whose state_dict holds only what a stage's end needs (resumes_mid_stage False) is
-        checkpointed at stage ends only: stopped, it resumes at its stage's start."""
+        the stage's steps (env, episode, counters), to which the step and every RNG are added."""
         stopping = self.stop.received is not None
         due = self.args.checkpoint_every and time.time() >= self.next_checkpoint
         if not (stopping or due) or step + 1 == self.args.steps_per_task:  # the stage's end checkpoints next
             return
-        method, _, masks, _, _ = self.learning
-        if method.resumes_mid_stage:
-            self.writer.flush()  # TensorBoard's values up to this step are on disk before the checkpoint names it
-            model = {"run_name": self.run_name, "stage": self.stage, "task": self.stage_tasks[self.stage],
-                     "neuron_masks": masks.neuron_masks, "scores": {}, "selected": dict(masks.last_selected)}
-            mid_stage = {"step": step + 1, "rng": rng_state(self.device), **stage_state()}
-            atomic_torch_save(os.path.join(self.run_dir, "checkpoint.pt"), self.resume_state(model, mid_stage))
-            self.next_checkpoint = time.time() + 60 * self.args.checkpoint_every
+        _, _, masks, _, _ = self.learning
+        self.writer.flush()  # TensorBoard's values up to this step are on disk before the checkpoint names it
+        model = {"run_name": self.run_name, "stage": self.stage, "task": self.stage_tasks[self.stage],
+                 "neuron_masks": masks.neuron_masks, "scores": {}, "selected": dict(masks.last_selected)}
+        mid_stage = {"step": step + 1, "rng": rng_state(self.device), **stage_state()}
+        atomic_torch_save(os.path.join(self.run_dir, "checkpoint.pt"), self.resume_state(model, mid_stage))
+        self.next_checkpoint = time.time() + 60 * self.args.checkpoint_every
         if stopping:
-            self.stop_now(self.stage + 1, step + 1 if method.resumes_mid_stage else 0)
+            self.stop_now(self.stage + 1, step + 1)
 
     def stop_now(self, stage_number: int, step: int) -> typing.NoReturn:
         """The stop after the checkpoint of (1-based) stage `stage_number`, step `step` is written:

@@ -50,7 +50,6 @@ class Method:
     flags: tuple[Flag, ...] = ()  # its own command-line flags, declared once here
     flag_names: tuple[str, ...] = ()  # flags it owns that the scripts declare themselves (NBSP's)
     compiles = True  # its hooks run inside the compiled update (--compile)
-    resumes_mid_stage = True  # state_dict() holds its whole state at any step, not only at a stage's end
 
     @classmethod
     def check_args(cls, args) -> str | None:

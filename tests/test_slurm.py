@@ -22,11 +22,6 @@ SWEEP = os.path.join(ROOT, "scripts", "sweep.py")
 
 import slurm  # noqa: E402
 
-# The training scripts checkpoint at stage ends only, and do not yet handle SIGUSR1 / SIGTERM. When
-# they do (on SIGUSR1: checkpoint the current step, slurm.requeue_self(), exit; on SIGTERM:
-# checkpoint and exit; docs/slurm.md), set this to True: the tests then also require a stop in the
-# middle of a stage to resume at its step, and a run warned before its time limit to requeue itself.
-MID_STAGE_STOP = True
 
 # one short Meta-World stage per task (gradient updates, identification, evaluation)
 TINY = ["--cycles", "1", "--hidden", "8", "8", "--batch-size", "8", "--steps-per-task", "300",
@@ -403,10 +398,8 @@ def test_requeued_task_resumes_its_folder(cluster, tmp_path):
     log = open(os.path.join(requeued, "sweep_logs", "reach+push__nbsp__1.log")).read()
     first, resumed = log.split("restart 1: ", 1)
     assert "stage 1/2 reach" in first and "slurm: reach+push__nbsp__1: resume" in resumed
-    if MID_STAGE_STOP:  # stopped by the requeue's SIGTERM within stage 2, resumed at that step
-        assert "stopped at stage 2, step" in first and f"resuming {os.path.join(requeued, name)} at stage 2, step" in resumed
-    else:  # today: the stage-1 checkpoint, so stage 2 is run again from its start
-        assert "stage 1/2" not in resumed and "stage 2/2 push" in resumed
+    # stopped by the requeue's SIGTERM within stage 2 (docs/slurm.md), resumed at that step
+    assert "stopped at stage 2, step" in first and f"resuming {os.path.join(requeued, name)} at stage 2, step" in resumed
     done, expected = metrics(requeued, name), metrics(twin, twin_name)
     assert done["complete"] and done["sr"] == expected["sr"]
     got, want = (tensors(torch.load(os.path.join(folder, n, "checkpoint.pt"), weights_only=True))
@@ -452,7 +445,6 @@ def test_time_limit_warns_the_training_process(cluster, tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not MID_STAGE_STOP, reason="needs the training scripts' SIGUSR1 stop (MID_STAGE_STOP)")
 def test_time_limit_stop_requeues_and_resumes(cluster, tmp_path):
     # a run longer than its 2-minute limit: warned, it checkpoints its step and requeues itself (as
     # often as it needs), each restart resumes the same folder, and it ends as its uninterrupted twin
