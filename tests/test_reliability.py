@@ -269,7 +269,7 @@ def test_readme_commands_run_from_any_folder(tmp_path):
     (["figures.py", "histogram", "runs/x", "--bins", "0"], "--bins must be a positive integer"),
     (["figures.py", "histogram", "runs/x", "--device", "banana"], "--device must be"),
     (["paper_tables.py", "runs/", "--iqm", "--seed", "-1"], "--seed must be in [0, 2**32)"),
-    (["paper_tables.py", "runs/", "--out", "{file}/x.md"], "is not a writable folder"),
+    (["paper_tables.py", "runs/", "--out", "{file}/x.md"], "is a file, not a folder"),
     (["sweep.py", "--dry-run", "--sequences", "no-such-task", "--seeds", "1"], "unknown task 'no-such-task'"),
     (["sweep.py", "--dry-run", "--sequences", "reach", "--seeds", "-1"], "--seed must be in [0,"),
     (["sweep.py", "--dry-run", "--sequences", "reach", "--seeds", "1", "--set", "no_such_flag=1"], "no_such_flag"),
