@@ -775,6 +775,14 @@ def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, warnings
         plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold))
 
 
+def simulation_note(record: dict, last_warning: str | None) -> str:
+    """The stage line's note on the simulation: the stage's MuJoCo warnings and the evaluation
+    episodes that became unstable (counted as failures)."""
+    unstable = sum(record["eval_unstable_episodes"].values())
+    return ((f"; {record['env_warnings']} MuJoCo warnings (last: {last_warning})" if record["env_warnings"] else "")
+            + (f"; {unstable} unstable evaluation episodes counted as failures" if unstable else ""))
+
+
 def main(args: Args) -> dict:
     validate(args)
     args, checkpoint = protocol.load_resume(args, validate)
@@ -942,10 +950,7 @@ def main(args: Args) -> dict:
         if stage < H - 1:
             method.end_stage(stage, task, rb)  # a task switch follows
         run.writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
-        unstable_note = (f"; {sum(unstable_episodes.values())} unstable evaluation episodes counted as failures"
-                         if any(unstable_episodes.values()) else "")
-        run.end_stage(record, rates, (f"; {record['env_warnings']} MuJoCo warnings (last: {mujoco_warnings.last})"
-                                      if record["env_warnings"] else "") + unstable_note)
+        run.end_stage(record, rates, simulation_note(record, mujoco_warnings.last))
         metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, scores)
     return run.close(metrics)
 
