@@ -379,7 +379,7 @@ def test_every_task_completes(cluster, tmp_path):
 def test_requeued_task_resumes_its_folder(cluster, tmp_path):
     # one two-stage run requeued while in stage 2, and its uninterrupted twin in another folder
     grid = ["--sequences", "reach,push", "--seeds", "1"]
-    extra = [*TINY, "--steps-per-task", "600"]
+    extra = [*TINY, "--steps-per-task", "3000"]  # stage 2 lasts long enough for the requeue to land inside it
     requeued, twin = str(tmp_path / "requeued"), str(tmp_path / "twin")
     array_id = cluster.submit(sweep_script(tmp_path, requeued, grid, extra=extra))
     twin_id = cluster.submit(sweep_script(tmp_path, twin, grid, extra=extra))

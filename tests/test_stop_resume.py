@@ -25,6 +25,7 @@ BASELINE_MW = {k: v for k, v in MW.items() if k not in ("identify_episodes", "dp
 CASES = {  # name: script, flags, global step at whose end SIGTERM arrives
     "nbsp-learning-starts": (nbsp_sac_metaworld, MW, 50),
     "nbsp-stage-2": (nbsp_sac_metaworld, MW, 450),  # after stage 1's masks and Dpre exist
+    "nbsp-keep-buffer": (nbsp_sac_metaworld, MW | dict(keep_buffer=True, buffer_size=400), 450),  # D has wrapped
     "sac": (nbsp_sac_metaworld, BASELINE_MW | dict(method="sac"), 250),
     "ewc-stage-2": (nbsp_sac_metaworld, BASELINE_MW | dict(method="ewc", fisher_batches=2), 420),
     "npc-stage-2": (nbsp_sac_metaworld, BASELINE_MW | dict(method="npc"), 450),  # the stage's importance average is under way
