@@ -1,7 +1,11 @@
-# NBSP (Neuron-level Balance between Stability and Plasticity, arXiv 2504.08000) on Atari:
-# discrete SAC in the form of CleanRL's sac_atari.py, trained on a cycling game sequence
-# (Pong -> Bowling -> Pong -> Bowling), with goal-oriented RL skill neurons (conv channels and
-# fully connected units), the adaptive mask of Eq. 7 and the replay buffer Dpre.
+"""NBSP (Neuron-level Balance between Stability and Plasticity, arXiv 2504.08000) on Atari:
+discrete SAC in the form of CleanRL's sac_atari.py, trained on a cycling game sequence
+(Pong -> Bowling -> Pong -> Bowling), with goal-oriented RL skill neurons (conv channels and
+fully connected units), the adaptive mask of Eq. 7 and the replay buffer Dpre; --method runs one of
+the paper's baselines under the same protocol instead.
+
+Example: python nbsp_sac_atari.py --games Pong Bowling --seed 1
+"""
 # Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
 # identification, the main loop (`# ALGO LOGIC` marks the algorithm).
 import math
@@ -15,7 +19,6 @@ import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
-import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -32,23 +35,24 @@ from skill_neurons import Consumer, NeuronLayer
 gym.register_envs(ale_py)
 
 
-@baselines.with_method_flags  # then every baseline's own flags, declared in its module in baselines/
 @dataclass
-class Args:
+class RunArgs:
+    """The run: its name, seed, device, tracking, folder, resume and checkpoints"""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """set `torch.backends.cudnn.deterministic` (on GPU, deterministic convolutions)"""
     cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """train on CUDA when a GPU is available (--no-cuda: the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track the run with Weights and Biases (TensorBoard synced)"""
     wandb_project_name: str = "nbsp"
-    """the wandb's project name"""
+    """the Weights and Biases project"""
     wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    """the Weights and Biases entity (team); None: your default entity"""
     runs_dir: str = "runs"
     """folder in which the run folder `{run_name}` is created"""
     resume: str | None = None
@@ -58,7 +62,11 @@ class Args:
     checkpoint_every: float = 30.0
     """minutes between checkpoints inside a stage (besides each stage's end and a stop signal's); 0: none"""
 
-    # Cycling protocol (paper Section 4.3, Tables 5-7)
+
+@dataclass
+class ProtocolArgs:
+    """Cycling protocol (paper Section 4.3, Tables 5-7)"""
+
     games: list[str] = field(default_factory=lambda: ["Pong", "Bowling"])
     """ALE games of one cycle, in order (`Pong`, `BankHeist`, ...; all play the full 18-action space)"""
     cycles: int = 2
@@ -80,9 +88,13 @@ class Args:
     sticky_actions: bool = False
     """repeat the previous action with probability 0.25 (ALE v5 default); off as in CleanRL"""
     game_scores: list[str] = field(default_factory=list)
-    """random and human scores of games outside the paper's Table 7, as GAME=RANDOM,HUMAN"""
+    """random and human scores of games outside the paper's Table 7, as GAME=RANDOM,HUMAN (none: the paper's games only)"""
 
-    # SAC (CleanRL's sac_atari.py, paper Table 6 Atari column)
+
+@dataclass
+class SACArgs:
+    """SAC (CleanRL's sac_atari.py, paper Table 6 Atari column)"""
+
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     """channels of the three conv layers (8x8 stride 4, 4x4 stride 2, 3x3 stride 1) of each network"""
     hidden: list[int] = field(default_factory=lambda: [768, 768])
@@ -98,7 +110,7 @@ class Args:
     policy_lr: float = 1e-4
     """the learning rate of the policy network optimizer"""
     q_lr: float = 1e-4
-    """the learning rate of the Q network network optimizer (and of the temperature)"""
+    """the learning rate of the Q network optimizer (and of the temperature)"""
     update_frequency: int = 4
     """environment steps between gradient updates"""
     target_network_frequency: int = 8000
@@ -110,15 +122,19 @@ class Args:
     target_entropy_scale: float = 0.89
     """target entropy = scale * log(number of actions), in (0, 1]"""
     compile: bool = False
-    """torch.compile the SAC update (CPU and GPU; a warm-up of a minute or more)"""
+    """torch.compile the SAC update and acting (CPU and GPU): 1.5-3x faster updates on CPU (docs/performance.md) after a warm-up of about 5 s with a warm cache, a minute or more without"""
     cudagraphs: bool = False
     """also replay the compiled update as CUDA graphs (GPU only)"""
 
-    # NBSP (paper Section 3, Algorithms 1-2)
-    no_mask: bool = False
-    """turn off skill-neuron masking (with --no-replay: vanilla SAC)"""
-    no_replay: bool = False
-    """turn off replay from Dpre"""
+
+@dataclass
+class NBSPArgs:
+    """NBSP (paper Section 3, Algorithms 1-2): with --method nbsp"""
+
+    mask: bool = True
+    """skill-neuron masking (--no-mask turns it off; with --no-replay too: vanilla SAC)"""
+    replay: bool = True
+    """replay from Dpre every --replay-interval-th update (--no-replay turns it off)"""
     hard_mask: bool = False
     """mask skill neurons with 0 instead of alpha * (1 - score)"""
     identify: Literal[sn.IDENTIFY_RULES] = "goal"
@@ -146,9 +162,19 @@ class Args:
     identify_max_steps: int = 100_000
     """cap on the identification window's steps: a longer training window is subsampled evenly; a rollout game cut off by it counts with its return so far"""
 
-    # Baselines (paper Appendix C.1); each module in baselines/ declares its flags and says where their values come from
+
+@dataclass
+class MethodArgs:
+    """The continual-learning method (paper Appendix C.1); each baseline's own flags follow under its name"""
+
     method: Literal[baselines.METHOD_NAMES] = "nbsp"
-    """continual-learning method: NBSP, plain SAC fine-tuning (sac), or one of the paper's baselines"""
+    """NBSP, plain SAC fine-tuning (sac), or one of the paper's baselines"""
+
+
+@baselines.with_method_flags  # then every baseline's own flags, declared in its module in baselines/
+@dataclass
+class Args(MethodArgs, NBSPArgs, SACArgs, ProtocolArgs, RunArgs):
+    """Every flag of a run, flat (`args.batch_size`); --help shows them by topic (protocol.command_line_topics)."""
 
 
 GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
@@ -714,6 +740,8 @@ class SACLearner:
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
         self.compiled = compile or cudagraphs
         if self.compiled:
+            import torch._inductor.config  # imported only here: it loads the whole compiler stack (seconds)
+
             torch._inductor.config.fallback_random = True  # the eager random stream: compiled updates stay exact
             torch._dynamo.config.trace_autograd_ops = True  # backward() inside the graph instead of a graph break
             torch._dynamo.mark_static_address(self.log_alpha)  # updated in place by a CUDA graph (--cudagraphs)
@@ -1036,7 +1064,7 @@ def main(args: Args) -> dict:
     normalization = parse_game_scores(args.game_scores)
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
-    use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
+    use_mask, use_replay = is_nbsp and args.mask, is_nbsp and args.replay and H > 1
     run = protocol.Run(args, __file__, "+".join(args.games), stage_tasks, "AR", ("task_success", "task_return"), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
@@ -1187,4 +1215,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(protocol.parse_args(Args))
+    main(protocol.parse_args(Args, __doc__))

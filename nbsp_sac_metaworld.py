@@ -1,8 +1,12 @@
-# NBSP (Neuron-level Balance between Stability and Plasticity, arXiv 2504.08000) on Meta-World:
-# SAC in the form of CleanRL's sac_continuous_action.py, trained on a cycling task sequence
-# (A -> B -> A -> B), with goal-oriented RL skill neurons, the adaptive mask of Eq. 7 and the
-# replay buffer Dpre. Read top to bottom: Args, environments, networks, the replay buffers D and
-# Dpre, SAC, NBSP's identification, the main loop (`# ALGO LOGIC` marks the algorithm).
+"""NBSP (Neuron-level Balance between Stability and Plasticity, arXiv 2504.08000) on Meta-World:
+SAC in the form of CleanRL's sac_continuous_action.py, trained on a cycling task sequence
+(A -> B -> A -> B), with goal-oriented RL skill neurons, the adaptive mask of Eq. 7 and the
+replay buffer Dpre; --method runs one of the paper's baselines under the same protocol instead.
+
+Example: python nbsp_sac_metaworld.py --tasks window-open window-close --seed 1
+"""
+# Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
+# identification, the main loop (`# ALGO LOGIC` marks the algorithm).
 import os
 import sys
 from collections import deque
@@ -15,7 +19,6 @@ import metaworld
 import mujoco
 import numpy as np
 import torch
-import torch._inductor.config
 import torch.nn as nn
 
 import baselines
@@ -29,23 +32,24 @@ from protocol import fail
 from skill_neurons import Consumer, NeuronLayer
 
 
-@baselines.with_method_flags  # then every baseline's own flags, declared in its module in baselines/
 @dataclass
-class Args:
+class RunArgs:
+    """The run: its name, seed, device, tracking, folder, resume and checkpoints"""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """set `torch.backends.cudnn.deterministic` (on GPU, deterministic convolutions)"""
     cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """train on CUDA when a GPU is available (--no-cuda: the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track the run with Weights and Biases (TensorBoard synced)"""
     wandb_project_name: str = "nbsp"
-    """the wandb's project name"""
+    """the Weights and Biases project"""
     wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    """the Weights and Biases entity (team); None: your default entity"""
     runs_dir: str = "runs"
     """folder in which the run folder `{run_name}` is created"""
     resume: str | None = None
@@ -55,7 +59,11 @@ class Args:
     checkpoint_every: float = 30.0
     """minutes between checkpoints inside a stage (besides each stage's end and a stop signal's); 0: none"""
 
-    # Cycling protocol (paper Section 4 and Table 6)
+
+@dataclass
+class ProtocolArgs:
+    """Cycling protocol (paper Section 4 and Table 6)"""
+
     tasks: list[str] = field(default_factory=lambda: ["window-open", "window-close"])
     """Meta-World v3 tasks of one cycle, in order (`window-open` or `window-open-v3`)"""
     cycles: int = 2
@@ -75,7 +83,11 @@ class Args:
     dormant_threshold: float = 0.025
     """plasticity diagnostics: a neuron is dormant when its mean |activation| on the probe batch is at most this fraction of its layer's mean (ReDo's tau)"""
 
-    # SAC (CleanRL's defaults, paper Table 6)
+
+@dataclass
+class SACArgs:
+    """SAC (CleanRL's defaults, paper Table 6)"""
+
     hidden: list[int] = field(default_factory=lambda: [768, 768, 768])
     """hidden layer widths of the actor and of each critic"""
     buffer_size: int = 1_000_000
@@ -89,7 +101,7 @@ class Args:
     policy_lr: float = 3e-4
     """the learning rate of the policy network optimizer"""
     q_lr: float = 1e-3
-    """the learning rate of the Q network network optimizer (and of the temperature)"""
+    """the learning rate of the Q network optimizer (and of the temperature)"""
     policy_frequency: int = 2
     """critic updates between policy updates; each time, this many policy updates (delayed, TD3 style)"""
     target_network_frequency: int = 1
@@ -99,15 +111,19 @@ class Args:
     autotune: bool = True
     """automatic tuning of the entropy coefficient"""
     compile: bool = False
-    """torch.compile the SAC update (CPU and GPU; a warm-up of a minute or more)"""
+    """torch.compile the SAC update and acting (CPU and GPU): 1.5-3x faster updates on CPU (docs/performance.md) after a warm-up of about 5 s with a warm cache, a minute or more without"""
     cudagraphs: bool = False
     """also replay the compiled update as CUDA graphs (GPU only)"""
 
-    # NBSP (paper Section 3, Algorithms 1-2)
-    no_mask: bool = False
-    """turn off skill-neuron masking (with --no-replay: vanilla SAC)"""
-    no_replay: bool = False
-    """turn off replay from Dpre"""
+
+@dataclass
+class NBSPArgs:
+    """NBSP (paper Section 3, Algorithms 1-2): with --method nbsp"""
+
+    mask: bool = True
+    """skill-neuron masking (--no-mask turns it off; with --no-replay too: vanilla SAC)"""
+    replay: bool = True
+    """replay from Dpre every --replay-interval-th update (--no-replay turns it off)"""
     hard_mask: bool = False
     """mask skill neurons with 0 instead of alpha * (1 - score)"""
     identify: Literal[sn.IDENTIFY_RULES] = "goal"
@@ -135,9 +151,19 @@ class Args:
     identify_max_steps: int = 100_000
     """cap on the identification window's steps; a longer window is subsampled evenly"""
 
-    # Baselines (paper Appendix C.1); each module in baselines/ declares its flags and says where their values come from
+
+@dataclass
+class MethodArgs:
+    """The continual-learning method (paper Appendix C.1); each baseline's own flags follow under its name"""
+
     method: Literal[baselines.METHOD_NAMES] = "nbsp"
-    """continual-learning method: NBSP, plain SAC fine-tuning (sac), or one of the paper's baselines"""
+    """NBSP, plain SAC fine-tuning (sac), or one of the paper's baselines"""
+
+
+@baselines.with_method_flags  # then every baseline's own flags, declared in its module in baselines/
+@dataclass
+class Args(MethodArgs, NBSPArgs, SACArgs, ProtocolArgs, RunArgs):
+    """Every flag of a run, flat (`args.batch_size`); --help shows them by topic (protocol.command_line_topics)."""
 
 
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
@@ -498,6 +524,8 @@ class SACLearner:
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
         self.compiled = compile or cudagraphs
         if self.compiled:
+            import torch._inductor.config  # imported only here: it loads the whole compiler stack (seconds)
+
             torch._inductor.config.fallback_random = True  # the eager random stream: compiled updates stay exact
             torch._dynamo.config.trace_autograd_ops = True  # backward() inside the graph instead of a graph break
             torch._dynamo.mark_static_address(self.log_alpha)  # updated in place by a CUDA graph (--cudagraphs)
@@ -790,7 +818,7 @@ def main(args: Args) -> dict:
     unique_tasks = list(dict.fromkeys(stage_tasks))
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
-    use_mask, use_replay = is_nbsp and not args.no_mask, is_nbsp and not args.no_replay and H > 1
+    use_mask, use_replay = is_nbsp and args.mask, is_nbsp and args.replay and H > 1
     run = protocol.Run(args, __file__, "+".join(args.tasks), stage_tasks, "ASR", ("task_success",), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
@@ -956,4 +984,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(protocol.parse_args(Args))
+    main(protocol.parse_args(Args, __doc__))

@@ -22,7 +22,8 @@ import time
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from typing import Annotated
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass
 
 import numpy as np
 import torch
@@ -77,19 +78,44 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def parse_args(args_class, argv: list[str] | None = None):
-    """tyro's command line (`argv`, default sys.argv), with its boxed parse errors folded into one
-    `error:` line."""
+def parse_args(args_class, description: str, argv: list[str] | None = None):
+    """The training script's command line (`argv`, default sys.argv) as a flat `args_class`, with
+    tyro's boxed parse errors folded into one `error:` line. `--help` shows `description`, then the
+    flags by topic (command_line_topics)."""
+    topics = command_line_topics(args_class)
+    grouped = make_dataclass("Flags", [(name, Annotated[cls, tyro.conf.OmitArgPrefixes], field(default_factory=cls))
+                                       for name, cls in topics])
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(args_class, args=argv)
+            parsed = tyro.cli(grouped, args=argv, description=description)
     except SystemExit as exit:
         if not exit.code:
             sys.stderr.write(captured.getvalue())
             raise
         lines = [re.sub(r"[│╭╮╰╯─]+", " ", line).strip() for line in captured.getvalue().splitlines()]
         fail(" ".join(line for line in lines if line and not line.startswith("For full helptext")))
+    return args_class(**{f.name: getattr(getattr(parsed, name), f.name) for name, cls in topics for f in fields(cls)})
+
+
+def command_line_topics(args_class) -> list[tuple[str, type]]:
+    """The headings of --help, each a dataclass of the flags under it: the topic classes that a
+    script's Args derives from (`RunArgs` -> run, `SACArgs` -> sac, ..., `MethodArgs` -> method),
+    then each baseline's flags (added by baselines.with_method_flags) under the method that declares
+    them. Every field of `args_class` is under exactly one heading."""
+    topics = [(cls.__name__.removesuffix("Args").lower(), cls) for cls in reversed(args_class.__mro__)
+              if is_dataclass(cls) and cls.__name__.endswith("Args") and cls.__name__ != "Args"]
+    seen = {f.name for _, cls in topics for f in fields(cls)}
+    by_method: dict[str, list] = {}
+    for f in fields(args_class):
+        if f.name not in seen:
+            by_method.setdefault(baselines.flag_owners(f.name)[0], []).append(f)
+    for method, declared in by_method.items():
+        shared = [flag(f.name) for f in baselines.METHODS[method].flags if f.name not in (d.name for d in declared)]
+        doc = f"--method {method} ({baselines.LABELS[method]})" + (f"; it also reads {', '.join(shared)}" if shared else "")
+        flags = [(f.name, f.type, field(default=f.default)) for f in declared]
+        topics.append((method, make_dataclass(f"{method.upper()}Args", flags, namespace={"__doc__": doc})))
+    return topics
 
 
 def check_args(args, positive: list[str], non_negative: list[str]) -> None:
@@ -352,7 +378,7 @@ def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device,
     runs_dir_existed = os.path.isdir(args.runs_dir)
     try:
         hold_run_folder(run_dir)
-        print(f"run folder {run_dir} on {device} ({torch.get_num_threads()} threads); watch it with: tensorboard --logdir "
+        print(f"training on {device} ({torch.get_num_threads()} threads); watch it with: tensorboard --logdir "
               f"{run_dir if args.resume else args.runs_dir}", flush=True)
         if args.track:
             start_tracking(args, run_name)
@@ -617,6 +643,10 @@ class Run:
             self.start_stage, self.global_step = checkpoint["stage"], checkpoint["global_step"]
             self.plasticity_probe = checkpoint.get("plasticity_probe")
         self.last_eval = "n/a"
+        # the start line, before the slow part (environments, networks, buffers, a checkpoint's load)
+        print(f"run folder {self.run_dir}: building the environments, networks and replay buffers", flush=True)
+        if checkpoint is not None and self.start_stage < len(stage_tasks):
+            print(f"resuming {self.run_dir} at stage {self.start_stage + 1}, step {self.resume_step()}", flush=True)
 
     def all_stages_done(self) -> bool:
         """A resumed run killed between its last checkpoint and metrics.json: nothing to train."""
@@ -648,7 +678,6 @@ class Run:
         self.device = device
         self.watched, self.evaluation = watched, evaluation
         if self.checkpoint is not None:
-            print(f"resuming {self.run_dir} at stage {self.start_stage + 1}, step {self.resume_step()}", flush=True)
             record_resume(self.args, self.run_dir, self.checkpoint)
         self.progress = Progress(len(self.stage_tasks) * self.args.steps_per_task,
                                  sum(r["budget_steps"] for r in self.stages) + self.resume_step(),

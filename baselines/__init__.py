@@ -73,7 +73,7 @@ class NBSP(Method):
     do nothing. Its flags are declared in each script's Args (their defaults differ by domain)."""
 
     name, label = "nbsp", "NBSP"
-    flag_names = ("no_mask", "no_replay", "hard_mask", "identify", "identify_window", "goal_score", "apply_to",
+    flag_names = ("mask", "replay", "hard_mask", "identify", "identify_window", "goal_score", "apply_to",
                   "skill_ratio", "mask_alpha", "mask_target", "mask_combine", "replay_interval", "dpre_per_task",
                   "identify_episodes", "identify_max_steps")
 

@@ -100,7 +100,7 @@ from run_folders import ROOT, RunFolder, RunFolderError, check_shape, metrics_fi
 PAPER_RESULTS = os.path.join(ROOT, "data", "paper_results.json")
 
 BOOKKEEPING = set(protocol.BOOKKEEPING)
-SETTING_FLAGS = {"method", "no_mask", "no_replay", "hard_mask", "identify", "apply_to", "skill_ratio", "goal_score"}
+SETTING_FLAGS = {"method", "mask", "replay", "hard_mask", "identify", "apply_to", "skill_ratio", "goal_score"}
 LABEL_MODS = ("identify", "apply_to", "skill_ratio", "goal_score")
 TASK_KEYS = {"tasks", "games"}
 BASELINES = {name: baselines.LABELS[name] for name in baselines.BASELINES}
@@ -152,7 +152,7 @@ def setting_label(config: dict) -> str:
         return "vanilla SAC"
     if method != "nbsp":
         return BASELINES.get(method, method)
-    mask, replay, hard = not config.get("no_mask"), not config.get("no_replay"), bool(config.get("hard_mask"))
+    mask, replay, hard = config.get("mask", True), config.get("replay", True), bool(config.get("hard_mask"))
     if not mask:
         return "only experience replay" if replay else "vanilla SAC"
     if not replay:

@@ -237,13 +237,15 @@ def metrics_files(paths) -> list[str]:
 @cache
 def script_defaults(benchmark: str) -> dict:
     """Every flag's default of the training script of `benchmark` ("metaworld" | "atari"), as
-    `dataclasses.asdict(Args())` gives it: the fields of its `Args`, then every method's flags
-    (added by `baselines.with_method_flags`)."""
+    `dataclasses.asdict(Args())` gives it: the fields of the topic classes that its `Args` derives
+    from (`RunArgs`, ..., `MethodArgs`), then every method's flags (added by `baselines.with_method_flags`)."""
     path = os.path.join(ROOT, SCRIPTS[benchmark])
     with open(path) as f:
         tree = ast.parse(f.read(), path)
-    (args_class,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args"]
-    defaults = {node.target.id: _default(node.value, path) for node in args_class.body
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    args_class = classes["Args"]
+    topics = [classes[base.id] for base in reversed(args_class.bases)]  # dataclass field order: the last base first
+    defaults = {node.target.id: _default(node.value, path) for cls in (*topics, args_class) for node in cls.body
                 if isinstance(node, ast.AnnAssign) and node.value is not None}
     if "baselines.with_method_flags" in map(ast.unparse, args_class.decorator_list):
         defaults |= {flag.name: flag.default for flag in baselines.method_flags().values()}

@@ -212,7 +212,7 @@ def for_method(tokens: list[str], method: str) -> list[str]:
             continue
         key = name.replace("-", "_")
         if not baselines.flag_owners(key) and key.startswith("no_"):
-            key = key[3:]  # --no-keep-buffer is keep_buffer, --no-fisher-critic fisher_critic; --no-mask is no_mask itself
+            key = key[3:]  # --no-keep-buffer is keep_buffer, --no-mask mask
         owners = baselines.flag_owners(key)
         if not owners or method in owners:
             out += [f"--{name}", *values]
@@ -380,7 +380,7 @@ def check_new_runs(plans: list[Plan]) -> None:
         captured = io.StringIO()
         try:
             with contextlib.redirect_stderr(captured):
-                script.validate(protocol.parse_args(script.Args, plan.command[2:]))
+                script.validate(protocol.parse_args(script.Args, script.__doc__, plan.command[2:]))
         except SystemExit:
             raise SweepError(f"run {plan.run.label}: {captured.getvalue().strip().removeprefix('error: ')}") from None
 

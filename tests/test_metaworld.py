@@ -543,7 +543,7 @@ def trunk_rows(state, key, layer):
 
 @pytest.mark.e2e
 def test_ablation_no_mask(tmp_path):
-    metrics, spies, run_dir, checkpoint, _ = small_run(tmp_path, no_mask=True)
+    metrics, spies, run_dir, checkpoint, _ = small_run(tmp_path, mask=False)
     assert all(not stage.get("skill_neurons") for stage in metrics["stages"])
     assert all(torch.all(m == 1) for masks in checkpoint["neuron_masks"].values() for m in masks)
     assert not checkpoint["scores"]
@@ -554,7 +554,7 @@ def test_ablation_no_mask(tmp_path):
 
 @pytest.mark.e2e
 def test_ablation_no_replay_hard_mask_actor_only_weight_rule(tmp_path):
-    metrics, spies, _, checkpoint, stages = small_run(tmp_path, no_replay=True, hard_mask=True, apply_to="actor",
+    metrics, spies, _, checkpoint, stages = small_run(tmp_path, replay=False, hard_mask=True, apply_to="actor",
                                                       identify="weight")
     assert checkpoint["dpre"]["rows"].shape[0] == 0
     assert set(checkpoint["neuron_masks"]) == {"actor"}

@@ -78,7 +78,7 @@ def test_sac_is_nbsp_without_mask_and_replay(name, tmp_path, method_runs):
     script, tiny = SCRIPTS[name]
     runs = method_runs(name, "sac")  # a run of `tiny` with --method sac
     sac = runs.metrics
-    off = script.main(script.Args(**tiny, no_mask=True, no_replay=True, runs_dir=str(tmp_path / "off")))
+    off = script.main(script.Args(**tiny, mask=False, replay=False, runs_dir=str(tmp_path / "off")))
     metric = "ASR" if script is mw else "AR"
     assert sac["sr"] == off["sr"] and sac[metric] == off[metric]
     a = load(os.path.join(runs.run_dir, "checkpoint.pt"))

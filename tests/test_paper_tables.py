@@ -127,9 +127,9 @@ def test_different_configs_are_not_averaged(runs_dir):
 
 def test_setting_from_args_not_exp_name(tmp_path):
     root = tmp_path / "runs"
-    write_run(root, 1, (0.1, 0.2, 0.3), exp_name="nbsp", no_mask=True, no_replay=True)
-    write_run(root, 1, (0.2, 0.2, 0.3), exp_name="nbsp", no_mask=True)
-    write_run(root, 1, (0.3, 0.2, 0.3), exp_name="nbsp", no_replay=True)
+    write_run(root, 1, (0.1, 0.2, 0.3), exp_name="nbsp", mask=False, replay=False)
+    write_run(root, 1, (0.2, 0.2, 0.3), exp_name="nbsp", mask=False)
+    write_run(root, 1, (0.3, 0.2, 0.3), exp_name="nbsp", replay=False)
     write_run(root, 1, (0.4, 0.2, 0.3), exp_name="nbsp", hard_mask=True)
     write_run(root, 1, (0.5, 0.2, 0.3), exp_name="sac")                      # no method: NBSP
     write_run(root, 1, (0.6, 0.2, 0.3), exp_name="ratio", skill_ratio=0.1)
@@ -146,7 +146,7 @@ def test_setting_from_args_not_exp_name(tmp_path):
 def test_vanilla_sac_two_ways_are_kept_apart(tmp_path):
     root = tmp_path / "runs"
     write_run(root, 1, (0.1, 0.2, 0.3), method="sac")
-    write_run(root, 1, (0.2, 0.2, 0.3), no_mask=True, no_replay=True)
+    write_run(root, 1, (0.2, 0.2, 0.3), mask=False, replay=False)
     out = paper_tables.paper_table(paper_tables.load_runs([root]), 9)
     assert lines_with(out, "| vanilla SAC [method=nbsp] | 1 | 0.20 ± – |")
     assert lines_with(out, "| vanilla SAC [method=sac] | 1 | 0.10 ± – |")

@@ -34,7 +34,8 @@ def test_progress_lines_in_a_log_file(tmp_path):
             stdout=out, stderr=subprocess.STDOUT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = log.read_text().splitlines()
     assert result.returncode == 0, lines[-5:]
-    assert lines[0].startswith(f"run folder {tmp_path / 'runs'}") and f"tensorboard --logdir {tmp_path / 'runs'}" in lines[0]
+    assert lines[0].startswith(f"run folder {tmp_path / 'runs'}") and lines[0].endswith(": building the environments, networks and replay buffers")
+    assert lines[1].startswith("training on cpu (") and lines[1].endswith(f"tensorboard --logdir {tmp_path / 'runs'}")
     stage_end = next(i for i, line in enumerate(lines) if line.startswith("stage 1/1 reach:"))
     progress = [line for line in lines[:stage_end] if " ETA=" in line]
     assert len(progress) >= 2 and all("stage 1/1 reach step=" in line and "SPS=" in line for line in progress)

@@ -3,6 +3,7 @@ written, resume is exact with a wrapped --keep-buffer D (both scripts), a run fo
 writer at a time, an unwritable folder is found before training, and the README's commands run
 from any working directory."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -286,3 +287,35 @@ def test_scripts_refuse_bad_input_in_one_line(argv, expected, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], lines
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+# --------------------------------------------------------------------------------------------
+# The training scripts' --help: a description and an example, then the flags by topic
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", [mw, atari], ids=["metaworld", "atari"])
+def test_training_help_reads_by_topic(script, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # one column of boxes (a wide terminal puts them side by side)
+    topics = protocol.command_line_topics(script.Args)
+    names = [f.name for _, cls in topics for f in dataclasses.fields(cls)]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(script.Args))  # each flag under one heading
+    assert [name for name, _ in topics] == ["run", "protocol", "sac", "nbsp", "method", "ewc", "npc", "ancl", "cotasp",
+                                            "crelu", "cbp"]
+    with pytest.raises(SystemExit) as exit:
+        protocol.parse_args(script.Args, script.__doc__, ["--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip().endswith(" options") and line.strip() != "options"]
+    sections = {lines[i].strip().removesuffix(" options"): "\n".join(lines[i:j])
+                for i, j in zip(starts, [*starts[1:], len(lines)])}
+    assert list(sections) == ["run", "protocol", "sac", "nbsp", "method", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp"]
+    assert text.index("Example: python " + os.path.basename(script.__file__)) < text.index(lines[starts[0]])
+    assert "--no-no-" not in text and "--mask, --no-mask" in text and "--replay, --no-replay" in text
+    nbsp, ewc, ancl = (" ".join(sections[name].split()) for name in ("nbsp", "ewc", "ancl"))
+    assert "--skill-ratio FLOAT" in nbsp and "--fisher-batches INT" in ewc and "--ewc-lambda FLOAT" in ewc
+    assert "--fisher-batches INT" not in ancl and "--ancl-lambda FLOAT" in ancl
+    assert "it also reads --fisher-batches, --fisher-critic" in ancl  # declared once, under EWC
+    # the spellings users have in their scripts still parse, into the flat Args
+    args = protocol.parse_args(script.Args, script.__doc__, ["--no-mask", "--no-replay", "--batch-size", "3",
+                                                              "--method", "ewc", "--ewc-lambda", "5"])
+    assert args == dataclasses.replace(script.Args(), mask=False, replay=False, batch_size=3, method="ewc", ewc_lambda=5.0)
