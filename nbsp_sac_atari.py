@@ -740,9 +740,9 @@ class SACLearner:
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
         self.compiled = compile or cudagraphs
         if self.compiled:
-            import torch._inductor.config  # imported only here: it loads the whole compiler stack (seconds)
+            from torch._inductor import config as inductor_config  # here only: it loads the compiler stack (seconds)
 
-            torch._inductor.config.fallback_random = True  # the eager random stream: compiled updates stay exact
+            inductor_config.fallback_random = True  # the eager random stream: compiled updates stay exact
             torch._dynamo.config.trace_autograd_ops = True  # backward() inside the graph instead of a graph break
             torch._dynamo.mark_static_address(self.log_alpha)  # updated in place by a CUDA graph (--cudagraphs)
             mode = "reduce-overhead" if cudagraphs else None
