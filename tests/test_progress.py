@@ -40,6 +40,7 @@ def test_progress_lines_in_a_log_file(tmp_path):
     stage_end = next(i for i, line in enumerate(lines) if line.startswith("stage 1/1 reach:"))
     progress = [line for line in lines[:stage_end] if " ETA=" in line]
     assert len(progress) >= 2 and all("stage 1/1 reach step=" in line and "SPS=" in line for line in progress)
+    assert all(line.count("ETA=") == 1 for line in progress)
     assert any("ETA=<=" in line for line in progress)  # early stopping can end the stage sooner: an upper bound
     assert lines[-3].split() == ["reach"] and lines[-2].split()[:3] == ["after", "1:", "reach"]
     assert lines[-1].startswith("ASR=")
