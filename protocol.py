@@ -288,8 +288,8 @@ def hold_run_folder(run_dir: str) -> None:
     process on the same folder stops with one line naming the holder. The lock is an flock of the
     folder itself (deleting run.lock, which only names the holder, does not release it; it dies
     with its process, however that ends); a finished run removes run.lock (Run.close), a stopped
-    or crashed one leaves it naming its last holder. Also proves, before training, that every file the run
-    will write or replace can be written, and loads the folder's manifest.json."""
+    or crashed one leaves it naming its last holder. Also proves, before training, that every file
+    the run will write or replace can be written, and loads the folder's manifest.json."""
     for held in [d for d in _held_folders if os.path.realpath(d) == os.path.realpath(run_dir)]:
         release_run_folder(held)  # as with POSIX locks, a process may take its own folder again
     try:
@@ -723,7 +723,8 @@ class Run:
         if self.sps_window is not None:
             since, since_step = self.sps_window
             self.sps_window = (time.time(), step + 1)
-            self.writer.add_scalar("charts/SPS", int((step + 1 - since_step) / (self.sps_window[0] - since)), self.global_step)
+            sps = int((step + 1 - since_step) / (self.sps_window[0] - since))
+            self.writer.add_scalar("charts/SPS", sps, self.global_step)
 
     def advance(self, step: int, learning_starts: int, recent: Callable[[], dict]) -> None:
         """Progress after stage step `step`; `recent()`: the training results to show. The stage's
@@ -847,7 +848,7 @@ class Run:
         """Close TensorBoard and the run folder, which a finished run leaves without run.lock; the
         sr table and the summary line."""
         self.progress.close()
-        with contextlib.suppress(FileNotFoundError):  # removed while the folder is still locked: no holder is named wrongly
+        with contextlib.suppress(FileNotFoundError):  # before the lock is released: never the next holder's
             os.remove(os.path.join(self.run_dir, "run.lock"))
         close_run(self.args, self.run_dir, self.writer)
         self.stop.uninstall()
