@@ -948,11 +948,11 @@ def main(args: Args) -> dict:
                     run.log_method_and_sps(method, step)
             run.advance(step, args.learning_starts,
                         lambda: {"success": f"{np.mean(recent_success):.2f}" if recent_success else "n/a"})
-            run.evaluate_if_due(step)
             if (args.early_stop_success > 0 and len(recent_success) == EARLY_STOP_WINDOW
                     and np.mean(recent_success) >= args.early_stop_success):
                 early_stopped = True
                 break
+            run.evaluate_if_due(step)  # after the early stop: a stage's end is evaluated once, by evaluate_stage
             run.end_step(step, stage_state)
         env.close()
         stage_steps = step + 1

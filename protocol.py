@@ -313,8 +313,9 @@ def hold_run_folder(run_dir: str) -> None:
     """Create (or reopen) the run folder and lock it for the rest of the run, so that a second
     process on the same folder stops with one line naming the holder. The lock is an flock of the
     folder itself (deleting run.lock, which only names the holder, does not release it; it dies
-    with its process, however that ends). Also proves, before training, that every file the run
-    will write or replace can be written, and loads the folder's manifest.json."""
+    with its process, however that ends); a finished run removes run.lock (Run.close), a stopped
+    or crashed one leaves it naming its last holder. Also proves, before training, that every file
+    the run will write or replace can be written, and loads the folder's manifest.json."""
     for held in [d for d in _held_folders if os.path.realpath(d) == os.path.realpath(run_dir)]:
         release_run_folder(held)  # as with POSIX locks, a process may take its own folder again
     try:
@@ -507,24 +508,29 @@ def eta_seconds(remaining_steps: int, steps_per_second: float | None) -> float |
 class Progress:
     """The run's progress: tqdm's bar on a terminal, or, when stderr is a log file (nohup, Slurm),
     one plain line every `every` seconds. Both show the stage, the global step, env steps/s, the
-    ETA, recent training results and the last evaluation. The rate behind the ETA is measured
-    from the first update of each stage (the random-action phase before it is much faster), over
-    wall time including evaluations; with early stopping the ETA is an upper bound (`<=`)."""
+    ETA, recent training results and the last evaluation. The rate behind SPS and the ETA is the
+    stage's own, measured from `measure_from` (the stage's first update, or a resumed run's first
+    step: the random-action phase before it is much faster), over wall time including
+    evaluations; with early stopping the ETA is an upper bound (`<=`). The bar shows no remaining
+    time or rate of its own (tqdm's, over every step since the start, would contradict them)."""
+
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
     def __init__(self, total_steps: int, done_steps: int, every: float, upper_bound: bool):
         self.total, self.done, self.every, self.upper_bound = total_steps, done_steps, every, upper_bound
         self.terminal = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=done_steps, dynamic_ncols=True, mininterval=1.0,
-                        disable=not self.terminal)
+                        disable=not self.terminal, bar_format=self.BAR_FORMAT)
         self.rate, self.label, self.fields = None, "", {}
         self.rate_start = None
         self.last_print = time.time()
 
     def begin_stage(self, label: str) -> None:
-        self.label, self.rate_start = label, None
+        """A new stage: no rate until it is measured in this stage."""
+        self.label, self.rate_start, self.rate = label, None, None
         self.bar.set_description(label)
 
-    def learning_started(self, step: int) -> None:
+    def measure_from(self, step: int) -> None:
         self.rate_start = (time.time(), step)
 
     def advance(self, steps: int, stage_step: int, global_step: int, **fields) -> None:
@@ -701,7 +707,8 @@ class Run:
         stage_seed = self.args.seed + 1000 * (stage + 1)
         seed_everything(stage_seed, self.args.torch_deterministic)
         self.stage, self.stage_start_time = stage, time.time()
-        self.sps_time, self.sps_step = self.stage_start_time, 0
+        self.first_step = (self.mid_stage(stage) or {}).get("step", 0)  # a resumed stage's first step in this process
+        self.sps_window = None  # TensorBoard's SPS: (time, stage step) since which it is measured, once measured
         self.progress.begin_stage(f"stage {stage + 1}/{len(self.stage_tasks)} {self.stage_tasks[stage]}")
         return stage_seed
 
@@ -738,17 +745,23 @@ class Run:
         self.stop_if_diverged(values)
 
     def log_method_and_sps(self, method, step: int) -> None:
-        """The method's own values, and env steps per second since the last time."""
+        """The method's own values, and env steps per second since the last time, once the
+        stage's rate is measured (advance)."""
         for name, value in method.logs().items():
             self.writer.add_scalar(f"method/{name}", float(value), self.global_step)
-        sps = int((step + 1 - self.sps_step) / (time.time() - self.sps_time))
-        self.sps_time, self.sps_step = time.time(), step + 1
-        self.writer.add_scalar("charts/SPS", sps, self.global_step)
+        if self.sps_window is not None:
+            since, since_step = self.sps_window
+            self.sps_window = (time.time(), step + 1)
+            sps = int((step + 1 - since_step) / (self.sps_window[0] - since))
+            self.writer.add_scalar("charts/SPS", sps, self.global_step)
 
     def advance(self, step: int, learning_starts: int, recent: Callable[[], dict]) -> None:
-        """Progress after stage step `step`; `recent()`: the training results to show."""
-        if step == learning_starts:
-            self.progress.learning_started(step)
+        """Progress after stage step `step`; `recent()`: the training results to show. The stage's
+        rate (SPS, the ETA, TensorBoard's SPS) is measured from its first update, or from a resumed
+        run's first step: neither the random-action phase nor the stages before count."""
+        if step == max(learning_starts, self.first_step):
+            self.progress.measure_from(step)
+            self.sps_window = (time.time(), step + 1)
         if step % 100 == 99:
             self.progress.advance(100, step, self.global_step, eval=self.last_eval, **recent())
 
@@ -765,12 +778,16 @@ class Run:
         return scores, plasticity
 
     def evaluate_if_due(self, step: int) -> None:
-        """The evaluation every --eval-every global steps, kept out of SPS."""
-        if self.args.eval_every and self.global_step % self.args.eval_every == 0:
-            scores, _ = self.evaluate()
-            self.last_eval = self.evaluation.brief(scores)
-            print(f"step {self.global_step}: eval {self.evaluation.text(scores)}")
-            self.sps_time, self.sps_step = time.time(), step + 1
+        """The evaluation every --eval-every global steps, kept out of TensorBoard's SPS; none at
+        the stage's last step, where the stage's own evaluation (evaluate_stage) follows. A script
+        calls it after its early-stop check, for the same reason."""
+        if not self.args.eval_every or self.global_step % self.args.eval_every or step + 1 == self.args.steps_per_task:
+            return
+        scores, _ = self.evaluate()
+        self.last_eval = self.evaluation.brief(scores)
+        print(f"step {self.global_step}: eval {self.evaluation.text(scores)}")
+        if self.sps_window is not None:
+            self.sps_window = (time.time(), step + 1)
 
     def evaluate_stage(self, stage_steps: int, row: Callable[[object], dict], **rows: Callable[[object], dict]):
         """The evaluation after a stage: sr's next row from `row(scores)` (task -> score), each of
@@ -778,6 +795,7 @@ class Run:
         Returns the scores and the plasticity diagnostics."""
         self.progress.skip(self.args.steps_per_task - (stage_steps - stage_steps % 100))  # unused budget
         scores, plasticity = self.evaluate()
+        self.last_eval = self.evaluation.brief(scores)
         for name, values in rows.items():
             self.rows[name].append(values(scores))
         self.sr.append([row(scores)[self.stage_tasks[j]] for j in range(self.stage + 1)])
@@ -856,8 +874,11 @@ class Run:
         sys.exit(STOPPED_EXIT)
 
     def close(self, metrics: dict) -> dict:
-        """Close TensorBoard and the run folder; the sr table and the summary line."""
+        """Close TensorBoard and the run folder, which a finished run leaves without run.lock; the
+        sr table and the summary line."""
         self.progress.close()
+        with contextlib.suppress(FileNotFoundError):  # before the lock is released: never the next holder's
+            os.remove(os.path.join(self.run_dir, "run.lock"))
         close_run(self.args, self.run_dir, self.writer)
         self.stop.uninstall()
         print(matrix_table(self.stage_tasks, self.sr))

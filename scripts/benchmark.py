@@ -452,13 +452,14 @@ def training_args(args: Args, runs_dir, exp_name, seed, compiled) -> list[str]:
 
 
 def steady_sps(run_dir) -> list[float]:
-    """SPS values logged after learning starts (each over the last 100 steps), the first skipped:
-    it also covers the random-action phase and the first (compiling) update."""
+    """SPS values logged after learning starts (each over the last 100 steps; the stage's rate is
+    measured from its first update on, so neither the random-action phase nor that first
+    (compiling) update is in them)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     events.Reload()
-    return [event.value for event in events.Scalars("charts/SPS")][1:]
+    return [event.value for event in events.Scalars("charts/SPS")]
 
 
 def training_runs(args: Args, count: int, threads: int | None, compiled: bool) -> list[dict]:

@@ -650,6 +650,8 @@ def test_end_to_end_tensorboard_has_eval_and_losses(tiny_run):
     # first that trains on D, 4 steps later (the 0th trains on Dpre, replay_interval 3)
     for tag in ("losses/qf1_loss", "losses/actor_loss"):
         assert [e.step for e in events.Scalars(tag)] == [101, 300 + 105, 600 + 105, 900 + 105]
+    # SPS with them once the stage's rate is measured (from its first update on): not at stage 1's first update
+    assert [e.step for e in events.Scalars("charts/SPS")] == [300 + 105, 600 + 105, 900 + 105]
 
 
 @pytest.mark.e2e

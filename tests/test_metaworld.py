@@ -1119,6 +1119,17 @@ def test_early_stop_after_ten_successful_policy_episodes(tmp_path, monkeypatch):
     assert no_stop["stages"][0]["early_stopped"] is False and no_stop["stages"][0]["env_steps"] == 300
 
 
+def test_an_early_stop_at_an_evaluation_step_is_evaluated_once(tmp_path, monkeypatch):
+    """The tenth policy episode ends at step 260 (as above), a multiple of --eval-every 130: the
+    stage stops there all the same, and its end is evaluated once, by the stage's own evaluation."""
+    real_make_env = mw.make_env
+    monkeypatch.setattr(mw, "make_env", lambda task, seed: AlwaysSucceeds(real_make_env(task, seed)))
+    metrics = main(Args(**{**SMALL_ARGS, "cycles": 1, "steps_per_task": 1000, "learning_starts": 50, "eval_every": 130},
+                        runs_dir=str(tmp_path)))
+    assert metrics["stages"][0]["early_stopped"] is True and metrics["stages"][0]["env_steps"] == 260
+    assert [step for step, _ in scalars(only_run_dir(tmp_path))["eval/reach/success_rate"]] == [130, 260]
+
+
 def test_policy_frequency_sets_actor_updates(monkeypatch):
     calls = []
     learner = SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM),

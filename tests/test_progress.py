@@ -2,11 +2,13 @@
 measured rate, the final success matrix, and the plasticity diagnostics (hand-computed values,
 every network and method, per stage in metrics.json)."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,6 +41,7 @@ def test_progress_lines_in_a_log_file(tmp_path):
     stage_end = next(i for i, line in enumerate(lines) if line.startswith("stage 1/1 reach:"))
     progress = [line for line in lines[:stage_end] if " ETA=" in line]
     assert len(progress) >= 2 and all("stage 1/1 reach step=" in line and "SPS=" in line for line in progress)
+    assert all(line.count("ETA=") == 1 for line in progress)
     assert any("ETA=<=" in line for line in progress)  # early stopping can end the stage sooner: an upper bound
     assert lines[-3].split() == ["reach"] and lines[-2].split()[:3] == ["after", "1:", "reach"]
     assert lines[-1].startswith("ASR=")
@@ -57,6 +60,131 @@ def test_eta_from_a_made_up_rate():
     assert progress.eta() == "1m20s"
     progress.upper_bound = True
     assert progress.eta() == "<=1m20s"
+
+
+class FakeClock:
+    """time.time() that moves only when told: 1000 s at the start (exact in binary, as are the
+    1/64 s and 1/32 s steps below, so every rate comes out exact)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+
+def drive_stage(run, stage, steps, seconds_per_step, learning_starts, clock, first_step=0):
+    """A stage's steps as a script takes them: an update (and every 100th a log) from
+    learning_starts on, then the progress after the step."""
+    run.begin_stage(stage)
+    for step in range(first_step, steps):
+        clock.now += seconds_per_step
+        run.global_step += 1
+        if step >= learning_starts and (step - learning_starts) % 100 == 0:
+            run.log_method_and_sps(SimpleNamespace(logs=dict), step)
+        run.advance(step, learning_starts, dict)
+
+
+def made_up_run(checkpoint=None):
+    """A Run with only what its progress and SPS read: 2 stages of 1000 steps, learning starts at 100."""
+    run = protocol.Run.__new__(protocol.Run)
+    run.args = SimpleNamespace(seed=1, torch_deterministic=True, steps_per_task=1000)
+    run.stage_tasks, run.checkpoint, run.global_step, run.last_eval = ["a", "b"], checkpoint, 0, "n/a"
+    run.writer = FakeWriter()
+    return run
+
+
+def test_sps_and_eta_are_each_stages_own(monkeypatch, capsys):
+    """Stage 1 runs at 64 steps/s, stage 2 at 32: stage 2's lines show no rate until its own is
+    measured (from its first update, step 100), then 32 and the ETA at 32; TensorBoard's SPS the same."""
+    clock = FakeClock()
+    monkeypatch.setattr(protocol.time, "time", clock)
+    run = made_up_run()
+    run.progress = protocol.Progress(total_steps=2000, done_steps=0, every=1.0, upper_bound=False)
+    drive_stage(run, 0, 1000, 1 / 64, 100, clock)
+    drive_stage(run, 1, 1000, 1 / 32, 100, clock)
+    lines = capsys.readouterr().out.splitlines()  # one line per 100 steps: 1.5625 s and 3.125 s apart, every 1 s
+    assert len(lines) == 20 and all(line.count("ETA=") == 1 for line in lines)
+    fields = [dict(field.split("=") for field in line.split()[5:7]) for line in lines]
+    # stage 1: measured from step 100 on; at step 199, 1800 of 2000 steps left at 64/s: 28.1 s
+    assert lines[1].split()[1:4] == ["stage", "1/2", "a"] and fields[1] == {"SPS": "64", "ETA": "0m28s"}
+    assert fields[0] == {"SPS": "n/a", "ETA": "n/a"} and {f["SPS"] for f in fields[1:10]} == {"64"}
+    # stage 2's first line (step 99) shows no rate, not stage 1's 64; at step 199: 800 left at 32/s
+    assert lines[10].split()[1:4] == ["stage", "2/2", "b"] and fields[10] == {"SPS": "n/a", "ETA": "n/a"}
+    assert fields[11] == {"SPS": "32", "ETA": "0m25s"} and {f["SPS"] for f in fields[11:]} == {"32"}
+    # TensorBoard: none at a stage's first update (nothing measured yet), then 100 steps per window
+    sps = [(value, step) for tag, value, step in run.writer.scalars if tag == "charts/SPS"]
+    assert sps == [(64, 100 * k + 101) for k in range(1, 9)] + [(32, 1000 + 100 * k + 101) for k in range(1, 9)]
+
+
+def test_sps_after_a_mid_stage_resume_is_measured_from_its_first_step(monkeypatch, capsys):
+    """Resumed at stage 2, step 500 (past learning starts): the rate is measured from there, at once."""
+    clock = FakeClock()
+    monkeypatch.setattr(protocol.time, "time", clock)
+    run = made_up_run(checkpoint={"stage": 1, "mid_stage": {"step": 500}})
+    run.global_step = 1500
+    run.progress = protocol.Progress(total_steps=2000, done_steps=1500, every=1.0, upper_bound=False)
+    drive_stage(run, 1, 1000, 1 / 32, 100, clock, first_step=500)
+    lines = capsys.readouterr().out.splitlines()
+    # step 599 (measured over steps 500..599), then step 699: 300 of 2000 steps left at 32/s, 9.4 s
+    assert len(lines) == 5 and all("SPS=32 " in line for line in lines) and "SPS=32 ETA=0m09s" in lines[1]
+    sps = [(value, step) for tag, value, step in run.writer.scalars if tag == "charts/SPS"]
+    assert sps == [(32, 1000 + 100 * k + 101) for k in range(5, 9)]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_bar_shows_one_eta(monkeypatch):
+    """On a terminal: the stage, the count, the elapsed time and the project's figures; neither
+    tqdm's remaining time nor its rate, which would contradict the ETA."""
+    terminal = Terminal()
+    monkeypatch.setattr(protocol.sys, "stderr", terminal)
+    progress = protocol.Progress(total_steps=10_000, done_steps=0, every=0, upper_bound=False)
+    progress.begin_stage("stage 1/2 a")
+    progress.rate_start = (time.time() - 10.0, 1000)
+    progress.advance(2000, stage_step=2000, global_step=2000, eval="0.50/0.00")
+    progress.bar.refresh()
+    bar = terminal.getvalue().split("\r")[-1]
+    progress.close()
+    assert bar.startswith("stage 1/2 a:  20%|") and "| 2000/10000 [00:" in bar
+    assert bar.count("ETA=") == 1 and "<" not in bar and "it/s" not in bar, bar
+    assert f"SPS={progress.fields['SPS']}, ETA={progress.fields['ETA']}, eval=0.50/0.00]" in bar
+
+
+@pytest.mark.e2e
+def test_a_stage_end_is_evaluated_once(tmp_path):
+    """--steps-per-task a multiple of --eval-every: the stage's end has one evaluation (its own,
+    which makes sr's row), one TensorBoard point per task, and the run is the one without
+    periodic evaluations (eval-every 0), point for point."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = dict(tasks=["reach", "drawer-close"], cycles=1, steps_per_task=300, learning_starts=100, hidden=[8, 8],
+                 batch_size=8, buffer_size=1000, eval_episodes=1, identify_episodes=1, dpre_per_task=100, cuda=False)
+    runs = {}
+    for eval_every in (300, 0):
+        metrics = mw.main(mw.Args(**flags, eval_every=eval_every, runs_dir=str(tmp_path / str(eval_every))))
+        events = EventAccumulator(str(tmp_path / str(eval_every) / metrics["run_name"]), size_guidance={"scalars": 0})
+        events.Reload()
+        runs[eval_every] = ({k: v for k, v in metrics.items() if k not in ("run_name", "stages")},
+                            [{k: v for k, v in stage.items() if k != "wall_seconds"} for stage in metrics["stages"]],
+                            {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+                             if tag.startswith(("eval/", "plasticity/"))})
+    every_stage, none = runs[300], runs[0]
+    for task in ("reach", "drawer-close"):
+        assert [step for step, _ in every_stage[2][f"eval/{task}/success_rate"]] == [300, 600]
+    assert [step for step, _ in every_stage[2]["plasticity/qf1/dormant_ratio"]] == [300, 600]
+    assert every_stage == none
 
 
 def test_dormant_ratio_by_hand():
@@ -109,6 +237,7 @@ def test_plasticity_per_stage_for_every_network(method, tmp_path):
 
     events = EventAccumulator(os.path.join(tmp_path, metrics["run_name"]))
     events.Reload()
-    assert {e.step for e in events.Scalars("plasticity/qf2/dormant_ratio")} == {150, 300, 450, 600}
+    # every 150 steps, the stage ends (300, 600) once: their own evaluation, not a periodic one as well
+    assert [e.step for e in events.Scalars("plasticity/qf2/dormant_ratio")] == [150, 300, 450, 600]
     saved = json.load(open(os.path.join(tmp_path, metrics["run_name"], "metrics.json")))
     assert saved["stages"][1]["plasticity"] == metrics["stages"][1]["plasticity"]

@@ -94,7 +94,10 @@ def test_stopped_run_resumes_exactly(case, tmp_path, monkeypatch, capsys):
             f"--resume {run_dir}")
     assert capsys.readouterr().out.splitlines()[-1] == line
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["mid_stage"]["step"] == step
+    with open(os.path.join(run_dir, "run.lock")) as lock:  # a stopped run leaves it, naming its last holder
+        assert lock.read().startswith(f"pid {os.getpid()} on ")
     resumed = script.main(script.Args(resume=run_dir))
+    assert not os.path.exists(os.path.join(run_dir, "run.lock")) and not os.path.exists(os.path.join(twin_dir, "run.lock"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("run folder ") and lines[1] == f"resuming {run_dir} at stage {stage + 1}, step {step}"
     assert resumed["sr"] == twin["sr"]
