@@ -16,6 +16,9 @@ import nbsp_sac_metaworld as mw
 import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n N`: N test processes share the cores, one thread each
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and the training runs they start
 
 # Two-stage runs of a few seconds; a test overrides what it needs ({**MW_TINY, "cycles": 2}).
 MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=150,
