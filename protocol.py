@@ -376,7 +376,7 @@ def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device,
     checkpoint; the stage-boundary step itself is kept) and, for a new run, write config.json
     (`run_name`, every flag, then `config`) and its fingerprint. A new run that fails here (a full disk, --track without a login) leaves no folder behind. Returns the
     SummaryWriter."""
-    runs_dir_existed = os.path.isdir(args.runs_dir)
+    runs_dir_existed, writer = os.path.isdir(args.runs_dir), None
     try:
         hold_run_folder(run_dir)
         print(f"training on {device} ({torch.get_num_threads()} threads); watch it with: tensorboard --logdir "
@@ -389,6 +389,8 @@ def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device,
             _manifests[run_dir]["fingerprint"] = fingerprint(args)
             atomic_write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": asdict(args), **config})
     except BaseException:
+        if writer is not None:  # its thread writes into the folder: closed first, or it races the removal
+            writer.close()
         if checkpoint is None:  # a new run's folder holds nothing yet: leave none behind
             release_run_folder(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)

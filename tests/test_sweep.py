@@ -280,7 +280,7 @@ def test_stopping_the_sweep_stops_its_runs(tmp_path):
     sleeper.chmod(0o755)
     proc = subprocess.Popen([sys.executable, SWEEP, *TINY_GRID, "--jobs", "2", "--runs-dir", str(tmp_path / "runs"),
                              "--python", str(sleeper)], stdout=subprocess.PIPE, text=True)
-    for _ in range(100):  # both runs started
+    for _ in range(3000):  # both runs started (the sweep stops on SIGTERM from before it starts them)
         if os.path.exists(tmp_path / "pids") and len(open(tmp_path / "pids").read().split()) == 2:
             break
         time.sleep(0.1)
