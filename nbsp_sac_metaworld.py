@@ -3,6 +3,7 @@
 # (A -> B -> A -> B), with goal-oriented RL skill neurons, the adaptive mask of Eq. 7 and the
 # replay buffer Dpre. Read top to bottom: Args, environments, networks, the replay buffers D and
 # Dpre, SAC, NBSP's identification, the main loop (`# ALGO LOGIC` marks the algorithm).
+import atexit
 import os
 import sys
 from collections import deque
@@ -54,6 +55,14 @@ class Args:
     """seconds between plain progress lines when stderr is not a terminal (log file, nohup, Slurm); 0: none"""
     checkpoint_every: float = 30.0
     """minutes between checkpoints inside a stage (besides each stage's end and a stop signal's); 0: none"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder): after each stage, one evaluation episode of every task (MuJoCo's offscreen rendering, MUJOCO_GL=egl unless set)"""
+    video_every_eval: bool = False
+    """with --capture-video, also record at every periodic evaluation (--eval-every)"""
+    video_size: int = 240
+    """width and height in pixels of the recorded videos (even)"""
+    video_steps: int = 500
+    """environment steps recorded of an episode (Meta-World's episodes have 500)"""
 
     # Cycling protocol (paper Section 4 and Table 6)
     tasks: list[str] = field(default_factory=lambda: ["window-open", "window-close"])
@@ -171,9 +180,12 @@ def validate(args: Args) -> None:
 # ------------------------------------------------------------------------------------------
 # Environments
 # ------------------------------------------------------------------------------------------
-def make_env(task: str, seed: int) -> gym.Env:
-    """One Meta-World v3 task (MT1): 500-step episodes, random goal positions, info['success']."""
-    return gym.make("Meta-World/MT1", env_name=f"{task.removesuffix('-v3')}-v3", seed=seed, disable_env_checker=True)
+def make_env(task: str, seed: int, video_size: int | None = None) -> gym.Env:
+    """One Meta-World v3 task (MT1): 500-step episodes, random goal positions, info['success'];
+    with `video_size`, rendering video_size x video_size frames from the `corner` camera."""
+    render = dict(render_mode="rgb_array", camera_name="corner", width=video_size, height=video_size) if video_size else {}
+    return gym.make("Meta-World/MT1", env_name=f"{task.removesuffix('-v3')}-v3", seed=seed, disable_env_checker=True,
+                    **render)
 
 
 class MujocoWarnings:
@@ -756,8 +768,8 @@ def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device, w
 
 def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, warnings, unstable) -> protocol.Evaluation:
     """Every task's success rate (`unstable`: each task's unstable episodes in the last evaluation),
-    and the plasticity diagnostics on a fixed batch (the newest transitions of D at the run's first
-    evaluation)."""
+    the plasticity diagnostics on a fixed batch (the newest transitions of D at the run's first
+    evaluation) and, with --capture-video, the recorded episodes."""
 
     def score(step):
         rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device, warnings, unstable)
@@ -772,7 +784,58 @@ def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, warnings
     return protocol.Evaluation(
         score, brief=lambda rates: "/".join(f"{r:.2f}" for r in rates.values()),
         text=lambda rates: "success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()), probe=probe,
-        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold))
+        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold),
+        record=video_recorder(video_envs(list(rollout_envs), args), sac, method, args, device, warnings)
+        if args.capture_video else None)
+
+
+GL_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0"  # Debian's EGL and Mesa's software renderer
+
+
+def video_envs(tasks: list[str], args: Args) -> dict[str, gym.Env]:
+    """For --capture-video, a rendering env copy per task, made like the first evaluation copy
+    (its goal configurations); each renders one frame here, so a machine that cannot render stops
+    before the run starts. MuJoCo renders offscreen through MUJOCO_GL, EGL unless set (gymnasium
+    picks the backend when its renderer is made, so setting it here, after mujoco's import, counts)."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    envs = {task: make_env(task, args.seed + protocol.EVAL_SEED_OFFSET, args.video_size) for task in tasks}
+    try:
+        envs[tasks[0]].reset(seed=args.seed)
+        envs[tasks[0]].render()
+        # free the GL contexts before MuJoCo's own exit handler ends EGL (registered with the first
+        # context): freed after it, each prints an EGLError at exit
+        atexit.register(lambda: [env.close() for env in envs.values()])
+    except Exception as e:  # a missing library shows as an ImportError, an EGLError or a RuntimeError
+        try:
+            detail = ": " + (str(e).strip().splitlines() or [""])[0][:200]
+        except Exception:  # PyOpenGL's EGLError cannot always print itself
+            detail = ""
+        fail(f"--capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(e).__name__}"
+             f"{detail}); install EGL and Mesa's software renderer (Debian/Ubuntu: "
+             f"apt-get install {GL_PACKAGES}), or set MUJOCO_GL=osmesa with libosmesa6 installed")
+    return envs
+
+
+def video_recorder(envs, sac, method, args, device, warnings):
+    """Evaluation.record: the task's first evaluation configuration played by the deterministic
+    policy, as in the evaluation, but to the episode's end (at most --video-steps steps, not cut at
+    the first success) on the task's rendering copy; its MuJoCo warnings are not the stage's."""
+
+    @torch.no_grad()
+    def record(task):
+        env, warned = envs[task], (warnings.count, warnings.last)
+        with method.acting(task):
+            obs, frames = reset_to_configuration(env, 0, args.seed), [env.render()]
+            for _ in range(args.video_steps):
+                action = sac.actor.deterministic_action(torch.as_tensor(obs[None], dtype=torch.float32, device=device))
+                obs, _, terminated, truncated, _ = env.step(action[0].cpu().numpy())
+                frames.append(env.render())
+                if terminated or truncated:
+                    break
+        warnings.count, warnings.last = warned
+        return np.ascontiguousarray(np.stack(frames)[:, ::-1]), env.metadata["render_fps"]  # the corner camera sees it upside down
+
+    return record
 
 
 def simulation_note(record: dict, last_warning: str | None) -> str:
