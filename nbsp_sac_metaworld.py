@@ -6,6 +6,7 @@
 import atexit
 import os
 import sys
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -801,7 +802,9 @@ def video_envs(tasks: list[str], args: Args) -> dict[str, gym.Env]:
     envs = {task: make_env(task, args.seed + protocol.EVAL_SEED_OFFSET, args.video_size) for task in tasks}
     try:
         envs[tasks[0]].reset(seed=args.seed)
-        envs[tasks[0]].render()
+        with warnings.catch_warnings():  # a failing backend (GLFW without a display) warns before it raises
+            warnings.simplefilter("ignore")
+            envs[tasks[0]].render()
         # free the GL contexts before MuJoCo's own exit handler ends EGL (registered with the first
         # context): freed after it, each prints an EGLError at exit
         atexit.register(lambda: [env.close() for env in envs.values()])
@@ -811,19 +814,19 @@ def video_envs(tasks: list[str], args: Args) -> dict[str, gym.Env]:
         except Exception:  # PyOpenGL's EGLError cannot always print itself
             detail = ""
         fail(f"--capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(e).__name__}"
-             f"{detail}); install EGL and Mesa's software renderer (Debian/Ubuntu: "
-             f"apt-get install {GL_PACKAGES}), or set MUJOCO_GL=osmesa with libosmesa6 installed")
+             f"{detail}); it renders offscreen with MUJOCO_GL=egl (the default) given EGL and Mesa's software renderer "
+             f"(Debian/Ubuntu: apt-get install {GL_PACKAGES}), or with MUJOCO_GL=osmesa given libosmesa6")
     return envs
 
 
-def video_recorder(envs, sac, method, args, device, warnings):
+def video_recorder(envs, sac, method, args, device, mujoco_warnings):
     """Evaluation.record: the task's first evaluation configuration played by the deterministic
     policy, as in the evaluation, but to the episode's end (at most --video-steps steps, not cut at
     the first success) on the task's rendering copy; its MuJoCo warnings are not the stage's."""
 
     @torch.no_grad()
     def record(task):
-        env, warned = envs[task], (warnings.count, warnings.last)
+        env, warned = envs[task], (mujoco_warnings.count, mujoco_warnings.last)
         with method.acting(task):
             obs, frames = reset_to_configuration(env, 0, args.seed), [env.render()]
             for _ in range(args.video_steps):
@@ -832,7 +835,7 @@ def video_recorder(envs, sac, method, args, device, warnings):
                 frames.append(env.render())
                 if terminated or truncated:
                     break
-        warnings.count, warnings.last = warned
+        mujoco_warnings.count, mujoco_warnings.last = warned
         return np.ascontiguousarray(np.stack(frames)[:, ::-1]), env.metadata["render_fps"]  # the corner camera sees it upside down
 
     return record
