@@ -108,8 +108,8 @@ def test_metaworld_without_a_gl_backend_stops_with_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")} | {
         "MUJOCO_GL": "glfw", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "nbsp_sac_metaworld.py"), "--tasks", "reach",
-                             "--hidden", "8", "--buffer-size", "1000", "--batch-size", "8", "--eval-episodes", "1", "--identify-episodes", "1", "--no-cuda",
-                             "--capture-video", "--runs-dir", str(tmp_path / "runs")],
+                             "--hidden", "8", "--buffer-size", "1000", "--batch-size", "8", "--eval-episodes", "1",
+                             "--identify-episodes", "1", "--no-cuda", "--capture-video", "--runs-dir", str(tmp_path / "runs")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
