@@ -4,6 +4,8 @@
 # replay buffer Dpre. Read top to bottom: Args, environments, networks, the replay buffers D and
 # Dpre, SAC, NBSP's identification, the main loop (`# ALGO LOGIC` marks the algorithm).
 import atexit
+import contextlib
+import gc
 import os
 import sys
 import warnings
@@ -802,23 +804,37 @@ def video_envs(tasks: list[str], args: Args) -> dict[str, gym.Env]:
     envs = {task: make_env(task, args.seed + protocol.EVAL_SEED_OFFSET, args.video_size) for task in tasks}
     for env in envs.values():  # shadows: a render pass of their own, 4-6x a frame's time on Mesa's software renderer
         env.unwrapped.model.light_castshadow[:] = 0
-    try:
-        envs[tasks[0]].reset(seed=args.seed)
-        with warnings.catch_warnings():  # a failing backend (GLFW without a display) warns before it raises
-            warnings.simplefilter("ignore")
-            envs[tasks[0]].render()
-        # free the GL contexts before MuJoCo's own exit handler ends EGL (registered with the first
-        # context): freed after it, each prints an EGLError at exit
-        atexit.register(lambda: [env.close() for env in envs.values()])
-    except Exception as e:  # a missing library shows as an ImportError, an EGLError or a RuntimeError
+    problem = None
+    with quiet_finalizers():  # a failed backend's half-made GL objects raise again as they are freed
         try:
-            detail = ": " + (str(e).strip().splitlines() or [""])[0][:200]
-        except Exception:  # PyOpenGL's EGLError cannot always print itself
-            detail = ""
-        fail(f"--capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({type(e).__name__}"
-             f"{detail}); it renders offscreen with MUJOCO_GL=egl (the default) given EGL and Mesa's software renderer "
-             f"(Debian/Ubuntu: apt-get install {GL_PACKAGES}), or with MUJOCO_GL=osmesa given libosmesa6")
+            envs[tasks[0]].reset(seed=args.seed)
+            envs[tasks[0]].render()
+        except Exception as e:  # a missing library shows as an ImportError, an EGLError or a RuntimeError
+            problem = type(e).__name__
+            with contextlib.suppress(Exception):  # PyOpenGL's EGLError cannot always print itself
+                problem += ": " + (str(e).strip().splitlines() or [""])[0][:200]
+    if problem:
+        fail(f"--capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({problem}); it renders "
+             f"offscreen with MUJOCO_GL=egl (the default) given EGL and Mesa's software renderer (Debian/Ubuntu: "
+             f"apt-get install {GL_PACKAGES}), or with MUJOCO_GL=osmesa given libosmesa6")
+    # free the GL contexts before MuJoCo's own exit handler ends EGL (registered with the first
+    # context): freed after it, each prints an EGLError at exit
+    atexit.register(lambda: [env.close() for env in envs.values()])
     return envs
+
+
+@contextlib.contextmanager
+def quiet_finalizers():
+    """Silences, for its block, the warnings and the errors raised by objects' finalizers (GLFW
+    warns without a display; a GL context that failed to start raises as it is freed)."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
 
 
 def video_recorder(envs, sac, method, args, device, mujoco_warnings):

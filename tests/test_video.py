@@ -103,17 +103,23 @@ def test_metaworld_videos_are_written_upright_and_to_tensorboard(mw_runs):
     assert tensorboard_videos(run_dir) == {"videos/reach": [(150, 64, 64), (200, 64, 64), (300, 64, 64)]}
 
 
-def test_metaworld_without_a_gl_backend_stops_with_one_line(tmp_path):
-    """GLFW without a display cannot render: one `error:` line naming the packages, nothing written."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")} | {
-        "MUJOCO_GL": "glfw", "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize("backend", [
+    {"MUJOCO_GL": "glfw"},  # GLFW without a display
+    {"MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent.json"},  # EGL without Mesa's EGL
+])
+def test_metaworld_without_a_gl_backend_stops_with_one_line(backend, tmp_path):
+    """A backend that cannot render: one `error:` line naming it and the packages (no traceback,
+    no finalizer's error at exit), nothing written."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")} | backend | {
+        "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "nbsp_sac_metaworld.py"), "--tasks", "reach",
                              "--hidden", "8", "--buffer-size", "1000", "--batch-size", "8", "--eval-episodes", "1",
                              "--identify-episodes", "1", "--no-cuda", "--capture-video", "--runs-dir", str(tmp_path / "runs")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: --capture-video: MuJoCo cannot render with MUJOCO_GL=glfw") and mw.GL_PACKAGES in line
+    assert line.startswith(f"error: --capture-video: MuJoCo cannot render with MUJOCO_GL={backend['MUJOCO_GL']} (")
+    assert mw.GL_PACKAGES in line
     assert not os.path.exists(tmp_path / "runs")
 
 
