@@ -797,8 +797,8 @@ GL_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0"  # Debian's EGL 
 
 def video_envs(tasks: list[str], args: Args) -> dict[str, gym.Env]:
     """For --capture-video, a rendering env copy per task, made like the first evaluation copy
-    (its goal configurations); each renders one frame here, so a machine that cannot render stops
-    before the run starts. MuJoCo renders offscreen through MUJOCO_GL, EGL unless set (gymnasium
+    (its goal configurations); the first renders a frame here, so a machine that cannot render
+    stops before the run starts. MuJoCo renders offscreen through MUJOCO_GL, EGL unless set (gymnasium
     picks the backend when its renderer is made, so setting it here, after mujoco's import, counts)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     envs = {task: make_env(task, args.seed + protocol.EVAL_SEED_OFFSET, args.video_size) for task in tasks}
