@@ -64,6 +64,20 @@ class RunArgs:
 
 
 @dataclass
+class VideoArgs:
+    """Videos of the agent (CleanRL's --capture-video), written under the run folder's videos/"""
+
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder): after each stage, one evaluation game of every game of the run (the emulator's RGB screen)"""
+    video_every_eval: bool = False
+    """with --capture-video, also record at every periodic evaluation (--eval-every)"""
+    video_size: int = 240
+    """height in pixels of the recorded videos (even; the width keeps the screen's 160:210)"""
+    video_steps: int = 2_000
+    """environment steps (of 4 frames) recorded of a game; a longer game's video ends there"""
+
+
+@dataclass
 class ProtocolArgs:
     """Cycling protocol (paper Section 4.3, Tables 5-7)"""
 
@@ -173,7 +187,7 @@ class MethodArgs:
 
 @baselines.with_method_flags  # then every baseline's own flags, declared in its module in baselines/
 @dataclass
-class Args(MethodArgs, NBSPArgs, SACArgs, ProtocolArgs, RunArgs):
+class Args(MethodArgs, NBSPArgs, SACArgs, ProtocolArgs, VideoArgs, RunArgs):
     """Every flag of a run, flat (`args.batch_size`); --help shows them by topic (protocol.command_line_topics)."""
 
 
@@ -372,10 +386,12 @@ def wrap_atari(env: gym.Env, train: bool) -> gym.Env:
     return gym.wrappers.FrameStackObservation(env, FRAME_STACK)
 
 
-def make_env(game: str, seed: int, train: bool, sticky_actions: bool = False) -> gym.Env:
-    """One ALE v5 game with the full 18-action space, so one network plays every game."""
+def make_env(game: str, seed: int, train: bool, sticky_actions: bool = False, render: bool = False) -> gym.Env:
+    """One ALE v5 game with the full 18-action space, so one network plays every game; with
+    `render`, env.render() gives the RGB screen."""
     env = gym.make(f"ALE/{game}-v5", obs_type="grayscale", frameskip=1, full_action_space=True,
-                   repeat_action_probability=0.25 if sticky_actions else 0.0, disable_env_checker=True)
+                   repeat_action_probability=0.25 if sticky_actions else 0.0, disable_env_checker=True,
+                   render_mode="rgb_array" if render else None)
     env = wrap_atari(env, train)
     env.action_space.seed(seed)
     return env
@@ -1028,14 +1044,40 @@ def evaluate_all(eval_envs, actor, method, normalization, args, device):
     return returns, normalized, finished
 
 
+def video_recorder(games, sac, method, args, device):
+    """Evaluation.record: a game played by the evaluation's policy (the stochastic policy, its
+    generator seeded with --seed) on a rendering env copy made like the first evaluation copy, to
+    the game's end or --video-steps steps; every step's RGB screen, scaled to --video-size rows."""
+    envs = {game: make_env(game, args.seed + protocol.EVAL_SEED_OFFSET, False, args.sticky_actions, render=True)
+            for game in games}
+
+    @torch.no_grad()
+    def record(game):
+        env, policy = envs[game], stochastic_policy(sac.actor, args.seed, device)
+        with method.acting(game):
+            obs, frames = env.reset(seed=args.seed)[0], [env.render()]
+            for _ in range(args.video_steps):
+                obs, _, terminated, truncated, _ = env.step(policy(torch.as_tensor(np.asarray(obs)[None], device=device)).item())
+                frames.append(env.render())
+                if terminated or truncated:  # the game is over (evaluation wrappers: no life-loss episodes)
+                    break
+        height, width = frames[0].shape[:2]
+        out_width = 2 * round(args.video_size * width / height / 2)  # even, as the encoder needs
+        rows, cols = np.arange(args.video_size) * height // args.video_size, np.arange(out_width) * width // out_width
+        return np.stack(frames)[:, rows[:, None], cols], 60 / FRAME_SKIP  # nearest pixels; ALE runs at 60 frames/s
+
+    return record
+
+
 def scores_text(returns, normalized) -> str:
     """`Pong=-20.0 (0.02) Bowling=n/a` for the console."""
     return " ".join(f"{g}=n/a" if r is None else f"{g}={r:.1f} ({normalized[g]:.2f})" for g, r in returns.items())
 
 
 def evaluation(run, sac, method, rb, masks, eval_envs, normalization, args, device) -> protocol.Evaluation:
-    """Every game's return, and the plasticity diagnostics on a fixed batch (the newest
-    observations of D at the run's first evaluation). Scores: (returns, normalized, finished)."""
+    """Every game's return, the plasticity diagnostics on a fixed batch (the newest observations of
+    D at the run's first evaluation) and, with --capture-video, the recorded games. Scores:
+    (returns, normalized, finished)."""
 
     def score(step):
         returns, normalized, finished = evaluate_all(eval_envs, sac.actor, method, normalization, args, device)
@@ -1053,7 +1095,8 @@ def evaluation(run, sac, method, rb, masks, eval_envs, normalization, args, devi
     return protocol.Evaluation(
         score, brief=lambda scores: "/".join(protocol.format_score(v) for v in scores[1].values()),
         text=lambda scores: f"return {scores_text(*scores[:2])}", probe=probe,
-        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold))
+        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold),
+        record=video_recorder(list(eval_envs), sac, method, args, device) if args.capture_video else None)
 
 
 def main(args: Args) -> dict:

@@ -7,8 +7,12 @@ Example: python nbsp_sac_metaworld.py --tasks window-open window-close --seed 1
 """
 # Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
 # identification, the main loop (`# ALGO LOGIC` marks the algorithm).
+import atexit
+import contextlib
+import gc
 import os
 import sys
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -58,6 +62,20 @@ class RunArgs:
     """seconds between plain progress lines when stderr is not a terminal (log file, nohup, Slurm); 0: none"""
     checkpoint_every: float = 30.0
     """minutes between checkpoints inside a stage (besides each stage's end and a stop signal's); 0: none"""
+
+
+@dataclass
+class VideoArgs:
+    """Videos of the agent (CleanRL's --capture-video), written under the run folder's videos/"""
+
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder): after each stage, one evaluation episode of every task (MuJoCo's offscreen rendering, MUJOCO_GL=egl unless set)"""
+    video_every_eval: bool = False
+    """with --capture-video, also record at every periodic evaluation (--eval-every)"""
+    video_size: int = 240
+    """width and height in pixels of the recorded videos (even)"""
+    video_steps: int = 500
+    """environment steps recorded of an episode (Meta-World's episodes have 500)"""
 
 
 @dataclass
@@ -162,7 +180,7 @@ class MethodArgs:
 
 @baselines.with_method_flags  # then every baseline's own flags, declared in its module in baselines/
 @dataclass
-class Args(MethodArgs, NBSPArgs, SACArgs, ProtocolArgs, RunArgs):
+class Args(MethodArgs, NBSPArgs, SACArgs, ProtocolArgs, VideoArgs, RunArgs):
     """Every flag of a run, flat (`args.batch_size`); --help shows them by topic (protocol.command_line_topics)."""
 
 
@@ -197,9 +215,12 @@ def validate(args: Args) -> None:
 # ------------------------------------------------------------------------------------------
 # Environments
 # ------------------------------------------------------------------------------------------
-def make_env(task: str, seed: int) -> gym.Env:
-    """One Meta-World v3 task (MT1): 500-step episodes, random goal positions, info['success']."""
-    return gym.make("Meta-World/MT1", env_name=f"{task.removesuffix('-v3')}-v3", seed=seed, disable_env_checker=True)
+def make_env(task: str, seed: int, video_size: int | None = None) -> gym.Env:
+    """One Meta-World v3 task (MT1): 500-step episodes, random goal positions, info['success'];
+    with `video_size`, rendering video_size x video_size frames from the `corner` camera."""
+    render = dict(render_mode="rgb_array", camera_name="corner", width=video_size, height=video_size) if video_size else {}
+    return gym.make("Meta-World/MT1", env_name=f"{task.removesuffix('-v3')}-v3", seed=seed, disable_env_checker=True,
+                    **render)
 
 
 class MujocoWarnings:
@@ -784,8 +805,8 @@ def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device, w
 
 def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, warnings, unstable) -> protocol.Evaluation:
     """Every task's success rate (`unstable`: each task's unstable episodes in the last evaluation),
-    and the plasticity diagnostics on a fixed batch (the newest transitions of D at the run's first
-    evaluation)."""
+    the plasticity diagnostics on a fixed batch (the newest transitions of D at the run's first
+    evaluation) and, with --capture-video, the recorded episodes."""
 
     def score(step):
         rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device, warnings, unstable)
@@ -800,7 +821,76 @@ def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, warnings
     return protocol.Evaluation(
         score, brief=lambda rates: "/".join(f"{r:.2f}" for r in rates.values()),
         text=lambda rates: "success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()), probe=probe,
-        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold))
+        plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold),
+        record=video_recorder(video_envs(list(rollout_envs), args), sac, method, args, device, warnings)
+        if args.capture_video else None)
+
+
+GL_PACKAGES = "libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0"  # Debian's EGL and Mesa's software renderer
+
+
+def video_envs(tasks: list[str], args: Args) -> dict[str, gym.Env]:
+    """For --capture-video, a rendering env copy per task, made like the first evaluation copy
+    (its goal configurations); the first renders a frame here, so a machine that cannot render
+    stops before the run starts. MuJoCo renders offscreen through MUJOCO_GL, EGL unless set (gymnasium
+    picks the backend when its renderer is made, so setting it here, after mujoco's import, counts)."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    envs = {task: make_env(task, args.seed + protocol.EVAL_SEED_OFFSET, args.video_size) for task in tasks}
+    for env in envs.values():  # shadows: a render pass of their own, 4-6x a frame's time on Mesa's software renderer
+        env.unwrapped.model.light_castshadow[:] = 0
+    problem = None
+    with quiet_finalizers():  # a failed backend's half-made GL objects raise again as they are freed
+        try:
+            envs[tasks[0]].reset(seed=args.seed)
+            envs[tasks[0]].render()
+        except Exception as e:  # a missing library shows as an ImportError, an EGLError or a RuntimeError
+            problem = type(e).__name__
+            with contextlib.suppress(Exception):  # PyOpenGL's EGLError cannot always print itself
+                problem += ": " + (str(e).strip().splitlines() or [""])[0][:200]
+    if problem:
+        fail(f"--capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({problem}); it renders "
+             f"offscreen with MUJOCO_GL=egl (the default) given EGL and Mesa's software renderer (Debian/Ubuntu: "
+             f"apt-get install {GL_PACKAGES}), or with MUJOCO_GL=osmesa given libosmesa6")
+    # free the GL contexts before MuJoCo's own exit handler ends EGL (registered with the first
+    # context): freed after it, each prints an EGLError at exit
+    atexit.register(lambda: [env.close() for env in envs.values()])
+    return envs
+
+
+@contextlib.contextmanager
+def quiet_finalizers():
+    """Silences, for its block, the warnings and the errors raised by objects' finalizers (GLFW
+    warns without a display; a GL context that failed to start raises as it is freed)."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+
+
+def video_recorder(envs, sac, method, args, device, mujoco_warnings):
+    """Evaluation.record: the task's first evaluation configuration played by the deterministic
+    policy, as in the evaluation, but to the episode's end (at most --video-steps steps, not cut at
+    the first success) on the task's rendering copy; its MuJoCo warnings are not the stage's."""
+
+    @torch.no_grad()
+    def record(task):
+        env, warned = envs[task], (mujoco_warnings.count, mujoco_warnings.last)
+        with method.acting(task):
+            obs, frames = reset_to_configuration(env, 0, args.seed), [env.render()]
+            for _ in range(args.video_steps):
+                action = sac.actor.deterministic_action(torch.as_tensor(obs[None], dtype=torch.float32, device=device))
+                obs, _, terminated, truncated, _ = env.step(action[0].cpu().numpy())
+                frames.append(env.render())
+                if terminated or truncated:
+                    break
+        mujoco_warnings.count, mujoco_warnings.last = warned
+        return np.ascontiguousarray(np.stack(frames)[:, ::-1]), env.metadata["render_fps"]  # the corner camera sees it upside down
+
+    return record
 
 
 def simulation_note(record: dict, last_warning: str | None) -> str:

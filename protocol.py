@@ -57,11 +57,13 @@ EVAL_SEED_OFFSET = 10_000  # evaluation env copy i of a run seeded s is seeded s
 MAX_SEED = 2**31 - 1  # numpy and gymnasium take seeds below 2**32, the stage and evaluation offsets included
 MAX_INT = 2**31 - 1  # every integer flag (counts, sizes, widths, frequencies) stays below this
 MAX_STAGES = 10_000  # tasks x cycles
+VIDEO_SIZES = (16, 1024)  # --video-size: frame heights in pixels, even (the H.264 encoder halves them)
+GIF_MAX_FPS = 25  # TensorBoard's videos are GIFs, which browsers slow down below 20 ms a frame: every k-th frame
 MAX_NAME_BYTES = 255  # a run folder's name (NAME_MAX of Linux and macOS file systems)
 MANIFEST = "manifest.json"  # the run's fingerprint and the sha256 of every file written into its folder
 # Flags that do not change what a run learns: runs differing only in these are seeds of one setting.
 BOOKKEEPING = ("seed", "exp_name", "runs_dir", "torch_deterministic", "dormant_threshold", "compile", "cudagraphs",
-               *RESUME_OVERRIDABLE)
+               "capture_video", "video_every_eval", "video_size", "video_steps", *RESUME_OVERRIDABLE)
 DIVERGED_EXIT = 3  # exit status of a run stopped by a non-finite loss, parameter or temperature
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing its step; --resume continues it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -161,9 +163,23 @@ def check_args(args, positive: list[str], non_negative: list[str]) -> None:
             fail(f"{flag(name)} must be one of {', '.join(typing.get_args(hint))}; got {getattr(args, name)!r}")
     if not 0.0 < args.tau <= 1.0 or not 0.0 <= args.gamma <= 1.0:
         fail(f"--tau must be in (0, 1] and --gamma in [0, 1], got {args.tau} and {args.gamma}")
+    check_video_args(args)
     problem = baselines.method_flags_error(args)
     if problem:
         fail(problem)
+
+
+def check_video_args(args) -> None:
+    """--capture-video's flags: a video size the encoder takes, and no video flag without it."""
+    if args.video_every_eval and not args.capture_video:
+        fail("--video-every-eval records at the periodic evaluations of --capture-video; add --capture-video")
+    if args.video_every_eval and not args.eval_every:
+        fail("--video-every-eval records at the periodic evaluations, but --eval-every 0 turns them off")
+    low, high = VIDEO_SIZES
+    if not (low <= args.video_size <= high and args.video_size % 2 == 0):
+        fail(f"--video-size must be an even number of pixels in [{low}, {high}], got {args.video_size}")
+    if args.video_steps <= 0:
+        fail(f"--video-steps must be a positive integer, got {args.video_steps}")
 
 
 def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
@@ -578,6 +594,10 @@ class Evaluation:
     text: Callable[[object], str]
     probe: Callable[[], object]
     plasticity: Callable[[object], dict]
+    record: Callable[[str], tuple[np.ndarray, float]] | None = None
+    """with --capture-video: `record(task)` plays the task's recorded episode, returning its frames
+    [T, H, W, 3] (uint8, upright) and their frames per second; it leaves every random stream and
+    every score of the run untouched"""
 
 
 class StopSignals:
@@ -767,10 +787,13 @@ class Run:
         if step % 100 == 99:
             self.progress.advance(100, step, self.global_step, eval=self.last_eval, **recent())
 
-    def evaluate(self) -> tuple[object, dict]:
-        """Every task's scores and the plasticity diagnostics, in TensorBoard at the global step."""
+    def evaluate(self, video: str | None = None) -> tuple[object, dict]:
+        """Every task's scores and the plasticity diagnostics, in TensorBoard at the global step;
+        with --capture-video and a `video` name, every task's recorded episode (record_videos)."""
         self.stop_if_diverged({}, method_state=True)  # a diverged policy would make the simulator and the diagnostics fail first
         scores = self.evaluation.score(self.global_step)
+        if self.args.capture_video and video:
+            self.record_videos(video)
         if self.plasticity_probe is None:
             self.plasticity_probe = self.evaluation.probe()
         plasticity = self.evaluation.plasticity(self.plasticity_probe)
@@ -779,13 +802,24 @@ class Run:
                 self.writer.add_scalar(f"plasticity/{name}/{key}", value, self.global_step)
         return scores, plasticity
 
+    def record_videos(self, name: str) -> None:
+        """One recorded episode of every task of the run (Evaluation.record), written to
+        videos/{name}_{task}.mp4 and to TensorBoard as `videos/{task}` at the global step."""
+        for task in dict.fromkeys(self.stage_tasks):
+            frames, fps = self.evaluation.record(task)
+            write_video(os.path.join(self.run_dir, "videos", f"{name}_{task}.mp4"), frames, fps)
+            stride = math.ceil(fps / GIF_MAX_FPS)  # TensorBoard's video is a GIF
+            self.writer.add_video(f"videos/{task}", torch.from_numpy(frames[::stride]).permute(0, 3, 1, 2)[None],
+                                  self.global_step, fps=round(fps / stride))
+
     def evaluate_if_due(self, step: int) -> None:
-        """The evaluation every --eval-every global steps, kept out of TensorBoard's SPS; none at
-        the stage's last step, where the stage's own evaluation (evaluate_stage) follows. A script
-        calls it after its early-stop check, for the same reason."""
+        """The evaluation every --eval-every global steps (with its videos, with --video-every-eval),
+        kept out of TensorBoard's SPS; none at the stage's last step, where the stage's own
+        evaluation (evaluate_stage) follows. A script calls it after its early-stop check, for the
+        same reason."""
         if not self.args.eval_every or self.global_step % self.args.eval_every or step + 1 == self.args.steps_per_task:
             return
-        scores, _ = self.evaluate()
+        scores, _ = self.evaluate(f"step{self.global_step}" if self.args.video_every_eval else None)
         self.last_eval = self.evaluation.brief(scores)
         print(f"step {self.global_step}: eval {self.evaluation.text(scores)}")
         if self.sps_window is not None:
@@ -796,7 +830,7 @@ class Run:
         `rows` (name -> the per-task values of the scores) appended to its row, the continual average.
         Returns the scores and the plasticity diagnostics."""
         self.progress.skip(self.args.steps_per_task - (stage_steps - stage_steps % 100))  # unused budget
-        scores, plasticity = self.evaluate()
+        scores, plasticity = self.evaluate(f"stage{self.stage + 1}")
         self.last_eval = self.evaluation.brief(scores)
         for name, values in rows.items():
             self.rows[name].append(values(scores))
@@ -987,6 +1021,22 @@ def atomic_write(path: str, write: Callable[[HashingWriter], None]) -> None:
     os.replace(tmp, path)
     files[name] = digest
     atomic_write_json(os.path.join(run_dir, MANIFEST), _manifests[run_dir])
+
+
+def write_video(path: str, frames: np.ndarray, fps: float) -> None:
+    """frames [T, H, W, 3] (uint8) as an H.264 mp4 (imageio's ffmpeg), written beside `path` and
+    renamed over it: a killed run leaves no half-written video."""
+    import imageio.v2 as imageio  # only runs that record videos need the encoder
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path.removesuffix(".mp4") + ".tmp.mp4"
+    try:
+        imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fail(f"cannot write {path!r} ({e.strerror or e}); is the disk full? Files already written are kept")
+    os.replace(tmp, path)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -298,8 +298,8 @@ def test_training_help_reads_by_topic(script, capsys, monkeypatch):
     topics = protocol.command_line_topics(script.Args)
     names = [f.name for _, cls in topics for f in dataclasses.fields(cls)]
     assert sorted(names) == sorted(f.name for f in dataclasses.fields(script.Args))  # each flag under one heading
-    assert [name for name, _ in topics] == ["run", "protocol", "sac", "nbsp", "method", "ewc", "npc", "ancl", "cotasp",
-                                            "crelu", "cbp"]
+    assert [name for name, _ in topics] == ["run", "video", "protocol", "sac", "nbsp", "method", "ewc", "npc", "ancl",
+                                            "cotasp", "crelu", "cbp"]
     with pytest.raises(SystemExit) as exit:
         protocol.parse_args(script.Args, script.__doc__, ["--help"])
     assert exit.value.code == 0
@@ -308,7 +308,7 @@ def test_training_help_reads_by_topic(script, capsys, monkeypatch):
     starts = [i for i, line in enumerate(lines) if line.strip().endswith(" options") and line.strip() != "options"]
     sections = {lines[i].strip().removesuffix(" options"): "\n".join(lines[i:j])
                 for i, j in zip(starts, [*starts[1:], len(lines)])}
-    assert list(sections) == ["run", "protocol", "sac", "nbsp", "method", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp"]
+    assert list(sections) == ["run", "video", "protocol", "sac", "nbsp", "method", "ewc", "npc", "ancl", "cotasp", "crelu", "cbp"]
     assert text.index("Example: python " + os.path.basename(script.__file__)) < text.index(lines[starts[0]])
     assert "--no-no-" not in text and "--mask, --no-mask" in text and "--replay, --no-replay" in text
     nbsp, ewc, ancl = (" ".join(sections[name].split()) for name in ("nbsp", "ewc", "ancl"))
