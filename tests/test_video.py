@@ -154,7 +154,7 @@ def test_atari_videos_are_the_screen_and_leave_the_metrics_unchanged(tmp_path):
 @pytest.mark.parametrize("script", [mw, atari])
 def test_bad_video_flags_stop_with_one_line(script, flags, says, capsys):
     with pytest.raises(SystemExit) as stopped:
-        script.validate(protocol.parse_args(script.Args, flags))
+        script.validate(protocol.parse_args(script.Args, script.__doc__, flags))
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1
