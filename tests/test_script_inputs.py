@@ -15,6 +15,7 @@ import figures
 import mini_report
 import neuron_analysis
 import paper_tables
+import record_video
 import sweep
 from test_figures import write_json, write_run
 
@@ -156,7 +157,8 @@ def parsers(parser):
                 yield from parsers(action.choices[sub])
 
 
-@pytest.mark.parametrize("module", [paper_tables, figures, mini_report, sweep, neuron_analysis], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [paper_tables, figures, mini_report, sweep, neuron_analysis, record_video],
+                         ids=lambda m: m.__name__)
 def test_help_reads_by_topic(module, capsys):
     top = module.make_parser()
     with pytest.raises(SystemExit) as exit:

@@ -158,3 +158,21 @@ def test_bad_video_flags_stop_with_one_line(script, flags, says, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_a_stage_checkpoint_replays_the_video_of_its_stage(mw_runs, tmp_path):
+    # scripts/record_video.py: stage 1's actor, after the run, records what --capture-video recorded after stage 1
+    import record_video
+
+    run_dir, out = mw_runs["video_dir"], str(tmp_path / "out")
+    written = record_video.main([run_dir, "--stage", "1", "--out", out, "--frame", "10"])
+    assert written == [os.path.join(out, "stage1_reach.mp4"), os.path.join(out, "stage1_reach_frame10.png")]
+    replayed, recorded = (read_video(os.path.join(folder, "stage1_reach.mp4"))
+                          for folder in (out, os.path.join(run_dir, "videos")))
+    assert replayed.shape == recorded.shape == (1 + VIDEO["video_steps"], 64, 64, 3)
+    assert np.array_equal(replayed, recorded)
+    assert imageio.imread(written[1]).shape == (64, 64, 3)
+    with pytest.raises(SystemExit) as stopped:  # bad input: one line
+        record_video.main([run_dir, "--stage", "7"])
+    assert stopped.value.code == 2
