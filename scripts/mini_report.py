@@ -89,15 +89,18 @@ def pair_pilot(runs, threshold: float, out_dir: str, stem: str) -> tuple[list[st
     flags = runs[0].args
     lines = [f"Each pilot run: vanilla SAC, A -> B once, hidden {' '.join(map(str, flags['hidden']))}, batch "
              f"{flags['batch_size']}, at most {flags['steps_per_task']:,} steps per stage (a stage ends early at "
-             f"{flags['early_stop_success']} training success), evaluation every {flags['eval_every']:,} steps "
-             f"({flags['eval_episodes']} episodes). Learned: evaluation success at least {threshold} within the "
-             "task's own stage; forgetting: A's success after A minus after B.", "",
-             f"| pair A -> B | seeds | A learned in stage 1 | B learned in stage 2 | A after A | A after B | FM | FWT |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "the training success in the early stop column; 0: never), evaluation every "
+             f"{flags['eval_every']:,} steps ({flags['eval_episodes']} episodes). Learned: evaluation success at "
+             f"least {threshold} within the task's own stage; forgetting: A's success after A minus after B.", "",
+             f"| pair A -> B | early stop | seeds | A learned in stage 1 | B learned in stage 2 | A after A | A after B | "
+             "FM | FWT |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     pairs, rows, figure_paths = {}, [], []
-    for run in sorted(runs, key=lambda r: (r.args["tasks"], r.args["seed"])):
-        pairs.setdefault(tuple(run.args["tasks"]), []).append(run)
-    for (a, b), group in pairs.items():
+    for run in sorted(runs, key=lambda r: (r.args["tasks"], -r.args["early_stop_success"], r.args["seed"])):
+        pairs.setdefault((*run.args["tasks"], run.args["early_stop_success"]), []).append(run)
+    stops = {}  # pair -> its early-stop values: a figure per value where a pair has several
+    for a, b, stop in pairs:
+        stops.setdefault((a, b), []).append(stop)
+    for (a, b, stop), group in pairs.items():
         learned, after = [], []
         for run in group:
             curves, stages = figures.read_eval_curves(run.path), run.metrics["stages"]
@@ -112,18 +115,21 @@ def pair_pilot(runs, threshold: float, out_dir: str, stem: str) -> tuple[list[st
             sr = run.metrics["sr"]
             learned.append([r != "no" for r in reached])
             after.append((sr[0][0], sr[1][0] if len(sr) > 1 else None, run.metrics.get("FM"), run.metrics.get("FWT")))
-            rows.append(f"| {a} -> {b} | {run.args['seed']} | {reached[0]} | {reached[1]} | "
+            rows.append(f"| {a} -> {b} | {stop:g} | {run.args['seed']} | {reached[0]} | {reached[1]} | "
                         f"{fmt_curve(*curves.get(a, ([], [])))} | {fmt_curve(*curves.get(b, ([], [])))} |")
         means = [np.mean([x[i] for x in after if x[i] is not None]) if any(x[i] is not None for x in after) else None
                  for i in range(4)]
-        lines.append(f"| {a} -> {b} | {len(group)} | {sum(l[0] for l in learned)} of {len(group)} | "
+        lines.append(f"| {a} -> {b} | {stop:g} | {len(group)} | {sum(l[0] for l in learned)} of {len(group)} | "
                      f"{sum(l[1] for l in learned)} of {len(group)} | "
                      + " | ".join("n/a" if m is None else f"{m:.2f}" for m in means) + " |")
-        figure_paths += figures.plot_curves([r.path for r in group], os.path.join(out_dir, f"{stem}-pilot-{a}-{b}"),
-                                            title=f"vanilla SAC: {a} -> {b} (pilot)")[:1]
+        several = len(stops[a, b]) > 1
+        figure_paths += figures.plot_curves(
+            [r.path for r in group], os.path.join(out_dir, f"{stem}-pilot-{a}-{b}" + (f"-early-stop-{stop:g}" if several else "")),
+            title=f"vanilla SAC: {a} -> {b} (pilot{f', early stop {stop:g}' if several else ''})")[:1]
     lines += ["", "Every pilot run (steps from the stage's start at which evaluation first reached "
               f"{threshold}; the evaluation curves, global step: success):", "",
-              "| pair A -> B | seed | A reached | B reached | A's curve | B's curve |", "|---|---:|---:|---:|---|---|"]
+              "| pair A -> B | early stop | seed | A reached | B reached | A's curve | B's curve |",
+              "|---|---:|---:|---:|---:|---|---|"]
     return lines + rows, figure_paths
 
 

@@ -189,9 +189,9 @@ def test_regime_report_with_a_pair_pilot(tmp_path):
     assert "`python scripts/sweep.py --preset regime-pilot`, seeds 1, 2" in doc
     assert "evaluation success at least 0.9 within the task's own stage" in doc  # the regime's threshold
     # A learned in 1 of 2, B in 2 of 2; A after A (1.0 + 0.8) / 2, after B (0.0 + 0.4) / 2, FM (1.0 + 0.4) / 2
-    assert "| window-open -> window-close | 2 | 1 of 2 | 2 of 2 | 0.90 | 0.20 | 0.70 | 0.90 |" in doc
-    assert "| window-open -> window-close | 1 | 750 | 500 | 0.25k: 0.20, 0.5k: 0.50, 0.75k: 0.90, 1k: 1.00, 1.25k: 0.60," in doc
-    assert "| window-open -> window-close | 2 | no | 1,000 |" in doc
+    assert "| window-open -> window-close | 1 | 2 | 1 of 2 | 2 of 2 | 0.90 | 0.20 | 0.70 | 0.90 |" in doc
+    assert "| window-open -> window-close | 1 | 1 | 750 | 500 | 0.25k: 0.20, 0.5k: 0.50, 0.75k: 0.90, 1k: 1.00, 1.25k: 0.60," in doc
+    assert "| window-open -> window-close | 1 | 2 | no | 1,000 |" in doc
     assert "![pilot](results-regime-pilot-window-open-window-close.png)" in doc
     for name in ("results-regime-curves", "results-regime-pilot-window-open-window-close"):
         for ext in ("png", "pdf"):
@@ -212,8 +212,24 @@ def test_pilot_only_report_before_the_grid(tmp_path):
     doc = out.read_text()
     assert "Status: only the pilot has run; the grid (`python scripts/sweep.py --preset regime`) has not." in doc
     assert "## Results" not in doc and "`python scripts/sweep.py --preset regime-pilot`, seeds 1)" in doc
-    assert "| window-open -> window-close | 1 | 1 of 1 | 1 of 1 | 1.00 | 0.00 | 1.00 |" in doc
+    assert "| window-open -> window-close | 1 | 1 | 1 of 1 | 1 of 1 | 1.00 | 0.00 | 1.00 |" in doc
     assert "(1 unfinished pilot run(s) left out.)" in doc
+
+
+def test_pilot_runs_with_and_without_the_early_stop_are_told_apart(tmp_path):
+    # the same pair with two protocols: a row, a curve row and a figure each, the early stop named
+    curves = {"window-open": [0.2, 0.5, 0.9, 1.0, 0.6, 0.3, 0.1, 0.0], "window-close": [0, 0, 0, 0, 0.3, 0.95, 1.0, 1.0]}
+    write_sequence_run(tmp_path / "pilot", "sac", 1, 1, curves, [[1.0, None], [0.0, 1.0]])
+    write_sequence_run(tmp_path / "pilot", "sac_full-stage", 1, 1, curves, [[0.9, None], [0.2, 1.0]],
+                       args={"early_stop_success": 0.0})
+    out = tmp_path / "docs" / "results-regime.md"
+    assert mini_report.main(["--preset", "regime", "--pilot-only", "--pilot", str(tmp_path / "pilot"), "--out", str(out)]) == 0
+    doc = out.read_text()
+    assert "| window-open -> window-close | 1 | 1 | 1 of 1 | 1 of 1 | 1.00 | 0.00 | 1.00 |" in doc
+    assert "| window-open -> window-close | 0 | 1 | 1 of 1 | 1 of 1 | 0.90 | 0.20 | 0.70 |" in doc
+    assert "| window-open -> window-close | 0 | 1 | 750 | 500 |" in doc
+    for stop in ("1", "0"):
+        assert f"results-regime-pilot-window-open-window-close-early-stop-{stop}.png" in doc
 
 
 @pytest.mark.parametrize("extra", [[], ["--runs", "RUNS"]])
