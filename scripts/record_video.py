@@ -34,6 +34,9 @@ def record(run_dir: str, stage: int | None, tasks: list[str] | None, size: int |
            out: str | None, frame: int | None) -> list[str]:
     """Writes the videos (and frames) and returns their paths."""
     config = read_config(run_dir)
+    if "games" in config["args"]:
+        raise AnalysisError(f"{run_dir!r} is an Atari run; this script records Meta-World runs (an Atari run "
+                            "records its videos with --capture-video)")
     args = run_args(config)
     if args.method in UNSUPPORTED:
         raise AnalysisError(f"--method {args.method} runs are not supported: {UNSUPPORTED[args.method]}")

@@ -161,7 +161,7 @@ def test_bad_video_flags_stop_with_one_line(script, flags, says, capsys):
 
 
 @pytest.mark.e2e
-def test_a_stage_checkpoint_replays_the_video_of_its_stage(mw_runs, tmp_path):
+def test_a_stage_checkpoint_replays_the_video_of_its_stage(mw_runs, tmp_path, capsys):
     # scripts/record_video.py: stage 1's actor, after the run, records what --capture-video recorded after stage 1
     import record_video
 
@@ -176,3 +176,9 @@ def test_a_stage_checkpoint_replays_the_video_of_its_stage(mw_runs, tmp_path):
     with pytest.raises(SystemExit) as stopped:  # bad input: one line
         record_video.main([run_dir, "--stage", "7"])
     assert stopped.value.code == 2
+    atari_run = tmp_path / "atari_run"
+    atari_run.mkdir()
+    (atari_run / "config.json").write_text('{"args": {"games": ["Pong"], "method": "sac"}}')
+    with pytest.raises(SystemExit) as stopped:
+        record_video.main([str(atari_run)])
+    assert stopped.value.code == 2 and "is an Atari run" in capsys.readouterr().err
