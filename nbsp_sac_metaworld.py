@@ -592,7 +592,9 @@ class SACLearner:
                 _, log_pi, _ = self.actor.get_action(obs)
             alpha_loss = (-self.log_alpha.exp() * (log_pi + self.target_entropy)).mean()
             fast_adam.zero_grad_(self.a_optimizer)
-            alpha_loss.backward()
+            # inputs named: a recompiled graph (--compile, after a stage's new masks) holds log_alpha as a graph
+            # attribute, and a backward() that finds its leaves itself skips it (torch 2.13; docs/reliability.md)
+            alpha_loss.backward(inputs=[self.log_alpha])
             fast_adam.adam_step_(self.a_optimizer)
             logs["alpha_loss"] = alpha_loss.detach()
         return logs

@@ -375,6 +375,46 @@ def test_update_equals_cleanrl_sac_atari_with_masks_and_dpre(compile):
     assert counters["stats"]["unique_graphs"] == (2 if compile else 0)
 
 
+def test_compiled_update_stays_exact_when_a_new_stage_recompiles_it():
+    """A stage's new masks recompile the update: the new graph still trains the temperature and
+    every parameter as the eager update does (tests/test_fast_path.py has the Meta-World twin)."""
+    torch._dynamo.reset()
+    counters.clear()
+    args = atari.Args(conv_channels=[4, 8, 8], hidden=[16, 12], batch_size=8)
+    learners = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        learners.append(atari.SACLearner(18, args, torch.device("cpu"), compile=compile))
+    eager, compiled = learners
+    d = atari.ReplayBuffer(200, "cpu")
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        d.add(rng.integers(0, 256, (4, 84, 84), dtype=np.uint8), rng.integers(18), rng.normal(),
+              rng.integers(0, 256, (4, 84, 84), dtype=np.uint8), i % 17 == 16)
+    for stage in range(2):
+        if stage == 1:  # NBSP's second stage: masks on both steps, so a new graph
+            for learner in learners:
+                scores = torch.Generator().manual_seed(1)  # the same masks on both
+                for step_mask, nets in ((learner.actor_mask, [learner.actor]), (learner.q_mask, [learner.qf1, learner.qf2])):
+                    layers = [layer for net in nets for layer in net.hidden_layers()]
+                    neuron_masks = [sn.neuron_mask(s, sn.select_top(s, 0.3), alpha=0.2) for s in
+                                    (0.5 + 0.5 * torch.rand(layer.num_neurons, generator=scores) for layer in layers)]
+                    step_mask.set(sn.parameter_masks(layers, neuron_masks))
+        for update in range(8):
+            data = d.sample(args.batch_size)
+            for learner in learners:
+                torch.manual_seed(100 * stage + update)
+                learner.update(data, update_policy=True, update_target=True)
+        if stage == 0:
+            alpha_after_stage_1 = eager.log_alpha.item()
+    assert counters["stats"]["unique_graphs"] == 2  # one per stage
+    assert abs(eager.log_alpha.item() - alpha_after_stage_1) > 1e-4  # stage 2 trains the temperature
+    torch.testing.assert_close(compiled.log_alpha, eager.log_alpha, rtol=1e-4, atol=1e-5)
+    for name in ("actor", "qf1", "qf2", "qf1_target", "qf2_target"):
+        for p_e, p_c in zip(getattr(eager, name).parameters(), getattr(compiled, name).parameters(), strict=True):
+            torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # The memory-lean replay buffer
 # ------------------------------------------------------------------------------------------

@@ -179,3 +179,43 @@ def test_compiled_update_is_one_graph_without_breaks(compiled_run):
     compiled.update(batch, update_policy=True, update_target=True, actor_obs=[batch[0], torch.randn(BATCH, 39)])
     compiled.update(batch, update_policy=True, update_target=True, actor_obs=[torch.randn(BATCH, 39)] * 2)
     assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 2
+
+
+def test_compiled_update_stays_exact_when_a_new_stage_recompiles_it():
+    """A stage's new masks change the update's graph: the recompiled graph still trains every
+    parameter and the temperature as the eager update does (in torch 2.13 a recompiled graph
+    holds log_alpha as a graph attribute, and a backward() that finds its own leaves skipped it:
+    the temperature then moved only by Adam's decaying momentum)."""
+    torch._dynamo.reset()
+    counters.clear()
+    args = mw.Args(hidden=HIDDEN, batch_size=BATCH)
+    learners = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        learners.append(mw.SACLearner(39, 4, -np.ones(4), np.ones(4), args, "cpu", compile=compile))
+    eager, compiled = learners
+    generator = torch.Generator().manual_seed(2)
+    d = torch.randn(500, 2 * 39 + 4 + 2, generator=generator)
+    for stage in range(2):
+        if stage == 1:  # NBSP's second stage: masks on both steps, so a new graph
+            for learner in learners:
+                scores = torch.Generator().manual_seed(1)  # the same masks on both
+                actor_layers = learner.actor.hidden_layers()
+                critic_layers = learner.qf.hidden_layers(0) + learner.qf.hidden_layers(1)
+                learner.actor_mask.set(sn.parameter_masks(actor_layers, random_eq7_masks(actor_layers, scores)))
+                learner.q_mask.set(sn.parameter_masks(critic_layers, random_eq7_masks(critic_layers, scores)))
+        for i in range(20):
+            batch = d[torch.randint(0, len(d), (BATCH,), generator=generator)].split([39, 4, 1, 39, 1], dim=1)
+            for learner in learners:
+                torch.manual_seed(100 * stage + i)
+                learner.update(batch, update_policy=i % 2 == 0, update_target=True)
+        if stage == 0:
+            alpha_after_stage_1 = eager.log_alpha.item()
+    assert counters["stats"]["unique_graphs"] == 4  # with and without actor steps, in each stage
+    assert abs(eager.log_alpha.item() - alpha_after_stage_1) > 1e-4  # stage 2 trains the temperature
+    assert compiled.log_alpha.item() == pytest.approx(eager.log_alpha.item(), rel=RTOL, abs=ATOL)
+    torch.testing.assert_close(compiled.a_optimizer.state[compiled.log_alpha]["exp_avg"],
+                               eager.a_optimizer.state[eager.log_alpha]["exp_avg"], rtol=RTOL, atol=ATOL)
+    for module in ("actor", "qf", "qf_target"):
+        for p_e, p_c in zip(getattr(eager, module).parameters(), getattr(compiled, module).parameters(), strict=True):
+            torch.testing.assert_close(p_c, p_e, rtol=RTOL, atol=ATOL)
