@@ -4,6 +4,8 @@
 import glob
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,3 +142,43 @@ def test_checkpoint_every_writes_mid_stage_checkpoints(tmp_path, monkeypatch):
     mid = [step for name, step in written if name == "checkpoint.pt" and step is not None]
     assert mid == list(range(1, 150))  # every step but the last (the stage's end checkpoints it)
     assert written[-1] == ("checkpoint.pt", None)
+
+
+# A compiled run's parts run in their own processes, as a user's do: each compiles its own graphs
+# (stage 2's graph is a recompile in the uninterrupted run, a first compile in the resumed one).
+COMPILED_PART = """
+import os, signal, sys
+import protocol, nbsp_sac_metaworld
+stop_at_global_step = int(sys.argv[2])
+original = protocol.Run.end_step
+def end_step(self, step, stage_state):
+    if self.global_step == stop_at_global_step:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, step, stage_state)
+protocol.Run.end_step = end_step
+nbsp_sac_metaworld.main(nbsp_sac_metaworld.Args(runs_dir=sys.argv[1], compile=True, **{flags!r}))
+"""
+
+
+@pytest.mark.e2e
+def test_compiled_run_stopped_in_stage_2_resumes_exactly(tmp_path):
+    """--compile: NBSP stopped mid-stage 2 (masks and Dpre on) and resumed with the command its
+    stop line prints ends with every checkpoint tensor of its uninterrupted twin."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(*argv):
+        return subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+    part = COMPILED_PART.format(flags=MW)
+    twin = run("-c", part, str(tmp_path / "twin"), "-1")
+    stopped = run("-c", part, str(tmp_path / "stopped"), "450")
+    assert (twin.returncode, stopped.returncode) == (0, protocol.STOPPED_EXIT), twin.stderr + stopped.stderr
+    [twin_dir], [run_dir] = (glob.glob(str(tmp_path / name / "*")) for name in ("twin", "stopped"))
+    assert stopped.stdout.splitlines()[-1] == f"stopped at stage 2, step 150; resume with: python nbsp_sac_metaworld.py --resume {run_dir}"
+    resumed = run("nbsp_sac_metaworld.py", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[1] == f"resuming {run_dir} at stage 2, step 150"
+    got, want = (tensors(torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)) for d in (run_dir, twin_dir))
+    assert got.keys() == want.keys() and [k for k in want if not torch.equal(got[k], want[k])] == []
+    assert scalars(run_dir) == scalars(twin_dir)
