@@ -111,7 +111,7 @@ PRESETS = {
         settings=["ratio0.05", "ratio0.1", "nbsp", "ratio0.3", "ratio0.4", "ratio0.5"],
     ),
     "mini": dict(  # laptop scale (2-core CPU): the Table 2 and Table 3 settings on one pair; its committed runs
-        # (docs/results-mini.md) used --compile, which NBSP's settings must not (docs/reliability.md)
+        # (docs/results-mini.md) used --compile before its recompiled update trained the temperature (docs/reliability.md)
         script="metaworld",
         # mini-pilot: single-task SAC reached 0.8 on drawer-close in 3 of 3 seeds, on button-press in 2 of 3;
         # drawer-close first, so every seed has a learned first task to forget (window-close first was
@@ -121,14 +121,14 @@ PRESETS = {
                   "identify-weight", "goal-balanced"],
         flags=["--cycles", "2", "--hidden", "128", "128", "--batch-size", "128", "--steps-per-task", "30000",
                "--learning-starts", "2000", "--eval-every", "10000", "--buffer-size", "100000", "--dpre-per-task", "10000",
-               "--identify-episodes", "10", "--eval-episodes", "10", "--no-cuda"],
+               "--identify-episodes", "10", "--eval-episodes", "10", "--no-cuda", "--compile"],
     ),
     "regime-pilot": dict(  # vanilla SAC on the paper's own pairs, one pass (A -> B): does SAC learn both
         script="metaworld",  # tasks within the stage budget and forget A while it learns B (docs/results-regime.md)?
         sequences=TWO_TASK,
         settings=["sac"],
         # as its committed runs (results/regime-pilot): 0.9 stopped window-open at eval 0.60, so a stage
-        # stops only at 10 of 10; vanilla SAC, which --compile trains correctly (docs/reliability.md)
+        # stops only at 10 of 10
         flags=["--cycles", "1", *REGIME_FLAGS, "--early-stop-success", "1.0", "--compile"],
     ),
     "regime": dict(  # Table 2's settings (A -> B -> A -> B, as the paper's Table 2), NBSP and Table 3's random and
@@ -137,9 +137,8 @@ PRESETS = {
         settings=["sac", "only-replay", "only-mask", "hard-mask", "nbsp", "goal-balanced",
                   "identify-random-balanced", "identify-activation-balanced"],
         # every stage to its budget: the early stop ended stages on evaluation dips (results/regime-pilot),
-        # without it SAC learned both tasks and forgot the first in each seed so far (results/regime-pilot-full);
-        # eager: a compiled NBSP run stops training its temperature after stage 1 (docs/reliability.md)
-        flags=["--cycles", "2", *REGIME_FLAGS, "--early-stop-success", "0"],
+        # without it SAC learned both tasks and forgot the first in each seed so far (results/regime-pilot-full)
+        flags=["--cycles", "2", *REGIME_FLAGS, "--early-stop-success", "0", "--compile"],
     ),
     "mini-pilot": dict(  # single-task SAC learning curves of the tasks considered for `mini`
         script="metaworld",

@@ -89,11 +89,11 @@ def test_preset_flags_and_sequences():
     assert all(r.flags[-2:] == ["--steps-per-task", "5000"] for r in mini)  # extras last: they win
     pilot = {r.exp_name: r.flags for r in runs_of(["--preset", "regime-pilot", "--seeds", "1"])}
     regime = {r.exp_name: r.flags for r in runs_of(["--preset", "regime", "--seeds", "1"])}
-    # the grid: the pilot's size, every stage to its budget, eager (a compiled NBSP run stops training its temperature)
+    # the grid: the pilot's size, every stage to its budget
     assert pilot["sac"][:2] == ["--cycles", "1"] and pilot["sac"][-5:] == ["--early-stop-success", "1.0", "--compile",
                                                                            "--method", "sac"]
-    assert regime["sac"] == ["--cycles", "2", *pilot["sac"][2:-5], "--early-stop-success", "0", "--method", "sac"]
-    assert not any("--compile" in flags for flags in regime.values()) and "--compile" not in mini_flags
+    assert regime["sac"] == ["--cycles", "2", *pilot["sac"][2:-5], "--early-stop-success", "0", "--compile", "--method", "sac"]
+    assert all("--compile" in flags for flags in regime.values()) and "--compile" in mini_flags
     assert regime["identify-random-balanced"][-4:] == ["--identify", "random", "--goal-score", "balanced"]
 
 
