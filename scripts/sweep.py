@@ -321,7 +321,7 @@ def config_differences(tokens: list[str], cargs: dict) -> list[str]:
         except (TypeError, ValueError):
             return str(a) == str(b)
 
-    diffs = []
+    asked = {}  # key -> (wanted, values); a flag given twice (a preset's, then an extra) counts as its last, as on the command line
     for name, values in flag_groups(tokens):
         if name is None:
             continue
@@ -330,6 +330,9 @@ def config_differences(tokens: list[str], cargs: dict) -> list[str]:
             key, wanted = key[3:], False
         if key not in cargs or name.removeprefix("no-") in RESUME_FLAGS:
             continue
+        asked[key] = wanted, values
+    diffs = []
+    for key, (wanted, values) in asked.items():
         have = cargs[key]
         if isinstance(have, bool) or isinstance(wanted, bool):
             ok = have == wanted

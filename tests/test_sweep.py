@@ -295,3 +295,14 @@ def test_stopping_the_sweep_stops_its_runs(tmp_path):
     for pid in open(tmp_path / "pids").read().split():
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+def test_config_differences_read_a_flag_given_twice_as_its_last():
+    """A preset's flag overridden by an extra after `--` (`-- --early-stop-success 0`) is compared
+    with its last value, as the training script parses it; other flags as given."""
+    tokens = ["--hidden", "256", "256", "--early-stop-success", "1.0", "--no-mask", "--early-stop-success", "0"]
+    config = {"hidden": [256, 256], "early_stop_success": 0.0, "mask": False}
+    assert sweep.config_differences(tokens, config) == []
+    assert sweep.config_differences(tokens, config | {"early_stop_success": 1.0}) == ["early_stop_success=1.0 (sweep: 0)"]
+    assert sweep.config_differences(tokens, config | {"hidden": [128, 128], "mask": True}) == [
+        "hidden=[128, 128] (sweep: 256 256)", "mask=True (sweep: False)"]
