@@ -1020,11 +1020,12 @@ def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
     """Plasticity diagnostics of the actor and both critics on the probe batch: dormant ratio,
     feature rank of the last hidden layer, mean absolute weight."""
     names = ["actor", "qf1", "qf2"]
-    with sn.ActivationRecorder([sac.method.feature_layer(layer) for name in names for layer in networks[name]]) as recorder:
+    measured = {name: [sac.method.feature_layer(layer) for layer in networks[name]] for name in names}
+    with sn.ActivationRecorder([layer for name in names for layer in measured[name]]) as recorder:
         for net in (sac.actor, sac.qf1, sac.qf2):
             net(probe_obs.to(sac.device))
-    activations = sn.split_recorded(recorder.activations(), networks, names)
-    return {name: plasticity.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
+    activations = sn.split_recorded(recorder.activations(), measured, names)
+    return {name: plasticity.plasticity_stats(measured[name], activations[name], dormant_threshold) for name in names}
 
 
 def evaluate_all(eval_envs, actor, method, normalization, args, device):

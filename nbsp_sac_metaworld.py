@@ -785,11 +785,12 @@ def measure_plasticity(sac, networks, probe, dormant_threshold):
     """Plasticity diagnostics of the actor and both critics on the probe batch (critics at its
     stored actions): dormant ratio, feature rank of the last hidden layer, mean absolute weight."""
     names = ["actor", "qf1", "qf2"]
-    with sn.ActivationRecorder([sac.method.feature_layer(layer) for name in names for layer in networks[name]]) as recorder:
+    measured = {name: [sac.method.feature_layer(layer) for layer in networks[name]] for name in names}
+    with sn.ActivationRecorder([layer for name in names for layer in measured[name]]) as recorder:
         sac.actor(probe["obs"])
         sac.qf(probe["obs"], probe["actions"])
-    activations = sn.split_recorded(recorder.activations(), networks, names)
-    return {name: plasticity.plasticity_stats(networks[name], activations[name], dormant_threshold) for name in names}
+    activations = sn.split_recorded(recorder.activations(), measured, names)
+    return {name: plasticity.plasticity_stats(measured[name], activations[name], dormant_threshold) for name in names}
 
 
 def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device, warnings, unstable):

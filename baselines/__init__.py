@@ -27,8 +27,8 @@ Training
                                   is its replay buffer (`rb.sample(n)` -> obs, actions, ...)
 Bookkeeping
     feature_layer(layer)          the hidden layer (skill_neurons.HiddenLayer) as the plasticity
-                                  diagnostics record it: PI points it at the module that sums its
-                                  head's pieces
+                                  diagnostics measure it: PI points it at the module that sums its
+                                  head's pieces and at the weights of its trainable piece
     logs()                        scalars written to TensorBoard as `method/{name}` with the losses
     state_dict(), load_state_dict(state)   method state saved in every checkpoint; loading runs
                                   after `setup` and before the learner's own state, so methods

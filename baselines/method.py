@@ -87,7 +87,7 @@ class Method:
         pass
 
     def feature_layer(self, layer: HiddenLayer) -> HiddenLayer:
-        """`layer` as the plasticity diagnostics record it: the output of its `activation`."""
+        """`layer` as the plasticity diagnostics measure it: the output of its `activation`, its `weight`."""
         return layer
 
     def logs(self) -> dict[str, Tensor | float]:

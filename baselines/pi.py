@@ -208,10 +208,17 @@ class PlasticityInjection(Method):
 
     def feature_layer(self, layer: HiddenLayer) -> HiddenLayer:
         """A head's hidden layer is recorded at the PerPiece applying its activation to every piece
-        (the activation itself runs once per piece), which gives the summed head's features."""
+        (the activation itself runs once per piece), which gives the summed head's features; its
+        weights are those of the piece that trains now (the latest injection's; the first piece
+        is frozen from the first injection on)."""
         wrappers = [module for net, _, _ in self.learner.heads() for module in net.modules()
                     if isinstance(module, PerPiece) and module.layer is layer.activation]
-        return dataclasses.replace(layer, activation=wrappers[0]) if wrappers else layer
+        if not wrappers:
+            return layer
+        [injected] = {id(module): module for net, _, _ in self.learner.heads() for module in net.modules()
+                      if isinstance(module, InjectedLayer) and module.pieces[0].weight is layer.weight}.values()
+        training = injected.pieces[-2] if len(injected.pieces) > 1 else injected.pieces[0]
+        return dataclasses.replace(layer, activation=wrappers[0], weight=training.weight, bias=training.bias)
 
     def logs(self) -> dict[str, Tensor | float]:
         return {"injections": float(self.injections)}

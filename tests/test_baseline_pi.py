@@ -505,20 +505,29 @@ def test_plasticity_diagnostics_measure_the_summed_head(name, monkeypatch):
                         lambda layers, activations, threshold: recorded.append(activations) or stats(layers, activations, threshold))
 
     def measure():
-        """Each network's recorded hidden features on the probe batch."""
+        """Each network's recorded hidden features on the probe batch, and the actor's weight magnitude."""
         recorded.clear()
         diagnostics = script.measure_plasticity(learner, networks, probe, 0.025)
         assert 0 <= diagnostics["actor"]["dormant_ratio"] <= 1
-        return dict(zip(["actor", "qf1", "qf2"], recorded))
+        return dict(zip(["actor", "qf1", "qf2"], recorded)), diagnostics["actor"]["weight_magnitude"]
+
+    def actor_weights(piece):
+        """Mean |w| of the actor's hidden layers, a head layer's weights taken from its piece `piece`."""
+        head = {id(m.pieces[0].weight): m.pieces for m in learner.actor.modules() if isinstance(m, InjectedLayer)}
+        weights = [head[id(layer.weight)][piece].weight if id(layer.weight) in head else layer.weight
+                   for layer in networks["actor"]]
+        return float(torch.cat([w.detach().abs().flatten() for w in weights]).mean())
 
     for injections in range(3):
         train(learner, make_batch)  # the injected pieces learn apart from their frozen copies
-        before = measure()
+        before, magnitude = measure()
+        assert magnitude == pytest.approx(actor_weights(-2 if injections else 0), rel=1e-6)  # the weights that train
         for features in before.values():
             assert [len(layer) for layer in features] == [32] * len(features)  # batch-many rows, not 32 (2k + 1)
         torch.testing.assert_close(before["actor"][-1], actor_last_hidden_by_pieces(learner, batch[0]), rtol=0, atol=1e-6)
         method.end_stage(injections, "task", None)
-        after = measure()  # right after the injection: the same features, bit for bit
+        after, magnitude = measure()  # right after the injection: the same features, bit for bit
+        assert magnitude == pytest.approx(actor_weights(-2), rel=1e-6) and magnitude != pytest.approx(actor_weights(0), rel=1e-3)
         for net in before:
             assert all(torch.equal(a, b) for a, b in zip(before[net], after[net])), (injections, net)
     assert len(learner.actor.trunk[-2].pieces) == 7  # three injections: 2 x 3 + 1 pieces were measured
