@@ -247,7 +247,7 @@ def input_problem(args) -> str | None:
             return f"{flag} {path!r} does not exist"
         if path is not None and flag not in ("--sweep-log", "--notes") and not os.path.isdir(path):
             return f"{flag} {path!r} is a file; give the folder of the runs"
-    for command, folder in (("supplement_command", "supplement"), ("more_seeds_command", "more_seeds")):
+    for command, folder in (("runs_command", "runs"), ("supplement_command", "supplement"), ("more_seeds_command", "more_seeds")):
         if getattr(args, command) is not None and getattr(args, folder) is None:
             return f"--{command.replace('_', '-')} describes the runs of --{folder.replace('_', '-')}, which is not given"
     if args.pilot_only and (args.pilot is None or args.runs or args.supplement or args.more_seeds):
@@ -284,6 +284,8 @@ def make_parser() -> argparse.ArgumentParser:
     runs = parser.add_argument_group("runs")
     runs.add_argument("--preset", default="mini", choices=sorted(REPORTS), help="the sweep preset the runs come from")
     runs.add_argument("--runs", default=None, help="folder of the preset's runs (default: runs/PRESET)")
+    runs.add_argument("--runs-command", default=None,
+                      help="the command that made the --runs runs (default: python scripts/sweep.py --preset PRESET --jobs 2)")
     runs.add_argument("--pilot", default=None, help="folder of the pilot runs that chose the task pair (default: no pilot section)")
     runs.add_argument("--threshold", type=float, default=None,
                       help="success that counts as learned in the pilot (default: mini 0.8, regime 0.9)")
@@ -343,7 +345,9 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
         raise ReportError(f"no complete run in --runs {args.runs!r} (metrics.json with \"complete\": true)")
     preset = PRESETS[args.preset]
     os.makedirs(out_dir, exist_ok=True)
-    command = f"python scripts/sweep.py --preset {args.preset} --jobs 2"
+    command = args.runs_command or f"python scripts/sweep.py --preset {args.preset} --jobs 2"
+    names = {run.args["exp_name"] for run in counted}  # the settings that ran, the preset's first, in its order
+    settings = [name for name in preset["settings"] if name in names] + sorted(names - set(preset["settings"]))
     seeds = ", ".join(map(str, sorted({run.args["seed"] for run in counted})))
     first = counted[0].args
     sequence, stages = " -> ".join(first["tasks"]), len(counted[0].metrics["stage_tasks"])
@@ -353,11 +357,11 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
 
     doc = ["## Command", "", "```bash", command, report_command, "```", "",
             f"Sequence: {sequence}, {first['cycles']} cycles ({stages} stages). Settings: "
-            + ", ".join(preset["settings"]) + ". Flags of every run: `" + " ".join(preset["flags"]) + "` (NBSP-only "
+            + ", ".join(settings) + ". Flags of every run: `" + " ".join(preset["flags"]) + "` (NBSP-only "
             f"flags go to the settings that use them). Seeds {seeds}.", ""]
     gpu = "GPU" if any(run.args.get("cuda") for run in counted) else "no GPU"
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {gpu}"
-    doc += ["## Machine and time", "", f"- Machine: {machine}; two runs at a time, one thread each.",
+    doc += ["## Machine and time", "", f"- Machine: {machine}; runs at a time and threads as in the command above.",
             f"- Training wall time summed over runs (stages, evaluation and identification included): "
             f"{wall_time(counted) / 60:.1f} min for {len(counted)} complete runs."]
     if args.sweep_log:

@@ -43,12 +43,23 @@ def test_report_from_runs(tmp_path):
     assert "| sac_r0.2 seed 3 |" in more
     assert "Hand-written finding." in doc and "python wide.py" in doc
     assert "Sweep wall time (`time`): 1m2.5s" in doc
+    assert "python scripts/sweep.py --preset mini --jobs 2\n" in doc  # the default command of --runs
+    assert "Settings: nbsp_r0.2, sac_r0.2. " in doc  # the settings that ran, not the whole preset
     assert f"python scripts/mini_report.py --runs {tmp_path / 'mini'} --pilot" in doc and f"--out {out}" in doc  # as run
     assert "## How the task pair was chosen" in doc and "| reach |" in doc
     assert "| vanilla SAC | 2 | 0.25 / 3.0 | 0.25 / 3.0 | 0.25 / 3.0 | 0.25 / 3.0 |" in doc  # the plasticity table
     for name in ("results-mini-curves", "results-mini-pilot", "results-mini-supplement-curves"):
         for ext in ("png", "pdf"):
             assert os.path.getsize(out.parent / f"{name}.{ext}") > 0
+
+
+def test_report_names_the_command_that_made_its_runs(tmp_path):
+    write_run(tmp_path / "runs", "nbsp", 1)
+    out = tmp_path / "report.md"
+    command = "python scripts/sweep.py --preset mini --settings nbsp --seeds 1 --jobs 1 --threads 1"
+    assert mini_report.main(["--runs", str(tmp_path / "runs"), "--runs-command", command, "--out", str(out)]) == 0
+    block = out.read_text().split("## Command")[1].split("## Machine")[0]
+    assert command in block and "--jobs 2" not in block
 
 
 def test_identification_table_by_hand():
@@ -86,6 +97,8 @@ def test_plasticity_table_by_hand():
     (["--runs", "{tmp}", "--more-seeds", "{tmp}/missing"], "--more-seeds '{tmp}/missing' does not exist"),
     (["--runs", "{tmp}", "--more-seeds-command", "python more.py"], "--more-seeds-command describes the runs of --more-seeds, which is not given"),
     (["--runs", "{tmp}", "--supplement-command", "python wide.py"], "--supplement-command describes the runs of --supplement"),
+    (["--preset", "regime", "--pilot-only", "--pilot", "{tmp}", "--runs-command", "python sweep.py"],
+     "--runs-command describes the runs of --runs, which is not given"),
     (["--runs", "{tmp}", "--threshold", "1.5"], "--threshold must be in (0, 1], got 1.5"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--runs", "{tmp}"], "no metrics.json under '{tmp}'"),
@@ -176,7 +189,7 @@ def test_regime_report_with_a_pair_pilot(tmp_path):
     doc = out.read_text()
     assert doc.startswith("# In the paper's regime") and "python scripts/sweep.py --preset regime --jobs 2" in doc
     assert "Sequence: window-open -> window-close, 2 cycles (4 stages)" in doc and "Seeds 1, 2." in doc
-    assert "identify-random-balanced, identify-activation-balanced" in doc  # the preset's settings
+    assert "Settings: sac, identify-random-balanced. " in doc  # the preset's settings that ran, in its order
     assert "| vanilla SAC | 2 | 0.50 ± 0.00 |" in doc and "| NBSP (identify=random, goal_score=balanced) | 2 |" in doc
     assert "Interquartile mean with 95% stratified-bootstrap CIs" in doc
     assert "| sac seed 1 | 1.00; 0.20 1.00; 1.00 0.40; 0.00 1.00 | 0.500 | 0.800 |" in doc  # the success matrix
