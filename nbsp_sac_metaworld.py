@@ -60,7 +60,7 @@ class RunArgs:
     """run folder of a stopped or killed run to continue from its checkpoint: a stage's end or a stopped step (takes its config.json)"""
     progress_every: float = 60.0
     """seconds between plain progress lines when stderr is not a terminal (log file, nohup, Slurm); 0: none"""
-    checkpoint_every: float = 30.0
+    checkpoint_every: float = 10.0
     """minutes between checkpoints inside a stage (besides each stage's end and a stop signal's); 0: none"""
 
 

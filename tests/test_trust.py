@@ -143,13 +143,13 @@ def test_resume_records_and_announces_its_overrides(killed, capsys):
     metrics = mw.main(mw.Args(resume=killed, cuda=False, checkpoint_every=0.0, progress_every=5.0))
     assert metrics["complete"]
     out = capsys.readouterr().out
-    assert "resumed with --progress-every 5.0 (was 60.0), --checkpoint-every 0.0 (was 30.0)" in out
+    assert "resumed with --progress-every 5.0 (was 60.0), --checkpoint-every 0.0 (was 10.0)" in out
     config = json.load(open(os.path.join(killed, "config.json")))
     [resume] = config["resumes"]
     assert resume["stage"] == 2 and resume["step"] == 0 and "T" in resume["time"]
     assert resume["changed"] == [{"flag": "progress_every", "from": 60.0, "to": 5.0},
-                                 {"flag": "checkpoint_every", "from": 30.0, "to": 0.0}]
-    assert config["args"]["checkpoint_every"] == 30.0  # what the run was started with stays
+                                 {"flag": "checkpoint_every", "from": 10.0, "to": 0.0}]
+    assert config["args"]["checkpoint_every"] == 10.0  # what the run was started with stays
     manifest = json.load(open(os.path.join(killed, "manifest.json")))
     for name in ("config.json", "checkpoint.pt", "metrics.json", "checkpoints/stage_1.pt", "checkpoints/stage_2.pt"):
         assert manifest["files"][name] == protocol.sha256_of(os.path.join(killed, name)), name
