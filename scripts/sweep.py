@@ -133,11 +133,11 @@ PRESETS = {
     ),
     "regime": dict(  # Table 2's settings (A -> B -> A -> B, as the paper's Table 2), NBSP and Table 3's random and
         script="metaworld",  # activation rules with the balanced score, at the size of `regime-pilot`
-        sequences=["window-open,window-close"],  # placeholder until regime-pilot chooses the pair
+        sequences=["window-open,window-close"],  # chosen by regime-pilot (docs/results-regime.md)
         settings=["sac", "only-replay", "only-mask", "hard-mask", "nbsp", "goal-balanced",
                   "identify-random-balanced", "identify-activation-balanced"],
         # every stage to its budget: the early stop ended stages on evaluation dips (results/regime-pilot),
-        # without it SAC learned both tasks and forgot the first in each seed so far (results/regime-pilot-full)
+        # without it SAC learned both tasks and forgot the first in 4 of 5 seeds (results/regime-pilot-full)
         flags=["--cycles", "2", *REGIME_FLAGS, "--early-stop-success", "0", "--compile"],
     ),
     "mini-pilot": dict(  # single-task SAC learning curves of the tasks considered for `mini`
