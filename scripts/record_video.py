@@ -49,8 +49,9 @@ def record(run_dir: str, stage: int | None, tasks: list[str] | None, size: int |
     if unknown:
         raise AnalysisError(f"unknown task {unknown[0]!r}; valid Meta-World v3 tasks: {' '.join(mw.TASK_NAMES)}")
     args = dataclasses.replace(args, video_size=size or args.video_size, video_steps=steps or args.video_steps)
-    if args.video_size % 2 or not 16 <= args.video_size <= 1024:
-        raise AnalysisError(f"--size must be an even number of pixels in [16, 1024], got {args.video_size}")
+    low, high = protocol.VIDEO_SIZES
+    if args.video_size % 2 or not low <= args.video_size <= high:
+        raise AnalysisError(f"--size must be an even number of pixels in [{low}, {high}], got {args.video_size}")
     if args.video_steps <= 0:
         raise AnalysisError(f"--steps must be a positive integer, got {args.video_steps}")
     if frame is not None and not 0 <= frame <= args.video_steps:
