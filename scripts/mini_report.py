@@ -226,6 +226,28 @@ def more_seeds_section(grid_runs, more_dir: str, command: str | None) -> list[st
         + per_run_table(extra_counted) + [""]
 
 
+def grid_status(folder_runs, preset_settings: list[str]) -> list[str]:
+    """For a grid still running (a setting of the preset without a complete run, settings with
+    unequal seeds, or an unfinished run in the folder): which seeds of each setting are complete
+    and how far the unfinished runs are; nothing for a finished grid."""
+    complete, unfinished = {}, []
+    for run in folder_runs:
+        if run.complete:
+            complete.setdefault(run.args["exp_name"], []).append(run.args["seed"])
+        else:
+            done = len((run.metrics or {}).get("stages") or [])
+            unfinished.append(f"{run.args['exp_name']} seed {run.args['seed']} ({done} of {len(run.stage_tasks)} stages done)")
+    missing = [name for name in preset_settings if name not in complete]
+    if not (missing or unfinished or len({len(seeds) for seeds in complete.values()}) > 1):
+        return []
+    counts = "; ".join(f"{name}: {', '.join(map(str, sorted(seeds)))}" for name, seeds in
+                       sorted(complete.items(), key=lambda item: (preset_settings + sorted(complete)).index(item[0])))
+    return [f"**Status: the grid is still running.** {sum(map(len, complete.values()))} complete runs, the seeds of each "
+            f"setting: {counts}. " + (f"No complete run yet: {', '.join(missing)}. " if missing else "")
+            + (f"Unfinished in the folder: {'; '.join(sorted(unfinished))}. " if unfinished else "")
+            + "Every table and figure below counts the complete runs only.", ""]
+
+
 def wall_time(runs) -> float:
     return sum(stage["wall_seconds"] for run in runs for stage in run.metrics["stages"])
 
@@ -355,7 +377,8 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
                                  align="stage", label=paper_tables.setting_label,
                                  title=f"{args.preset}: {sequence} x {first['cycles']} cycles")
 
-    doc = ["## Command", "", "```bash", command, report_command, "```", "",
+    doc = grid_status(find([args.runs]), preset["settings"])
+    doc += ["## Command", "", "```bash", command, report_command, "```", "",
             f"Sequence: {sequence}, {first['cycles']} cycles ({stages} stages). Settings: "
             + ", ".join(settings) + ". Flags of every run: `" + " ".join(preset["flags"]) + "` (NBSP-only "
             f"flags go to the settings that use them). Seeds {seeds}.", ""]

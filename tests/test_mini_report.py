@@ -256,3 +256,32 @@ def test_pilot_only_needs_the_pilot_alone(tmp_path, capsys, extra):
     assert mini_report.main(argv) == 2
     assert "--pilot-only reports the --pilot runs alone" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_a_grid_still_running_says_what_is_complete(tmp_path):
+    sr = [[1.0, None], [0.2, 1.0], [1.0, 0.4], [0.0, 1.0]]
+    curves = {"window-open": [1.0] * 16, "window-close": [0.0] * 16}
+    for seed in (2, 1):
+        write_sequence_run(tmp_path / "regime", "sac", seed, 2, curves, sr)
+    write_sequence_run(tmp_path / "regime", "nbsp", 1, 2, curves, sr, {"method": "nbsp"})
+    halfway = write_sequence_run(tmp_path / "regime", "only-replay", 1, 2, curves, sr, {"method": "nbsp"})
+    with open(os.path.join(halfway, "metrics.json")) as f:
+        metrics = json.load(f)
+    write_json(os.path.join(halfway, "metrics.json"), metrics | {"complete": False, "stages": metrics["stages"][:2]})
+    started = write_sequence_run(tmp_path / "regime", "nbsp", 2, 2, curves, sr, {"method": "nbsp"})
+    os.remove(os.path.join(started, "metrics.json"))  # before its first stage ended
+    out = tmp_path / "report.md"
+    assert mini_report.main(["--preset", "regime", "--runs", str(tmp_path / "regime"), "--out", str(out)]) == 0
+    doc = out.read_text()
+    assert ("**Status: the grid is still running.** 3 complete runs, the seeds of each setting: sac: 1, 2; nbsp: 1. "
+            "No complete run yet: only-replay, only-mask, hard-mask, goal-balanced, identify-random-balanced, "
+            "identify-activation-balanced. Unfinished in the folder: nbsp seed 2 (0 of 4 stages done); only-replay "
+            "seed 1 (2 of 4 stages done). Every table and figure below counts the complete runs only.") in doc
+    assert "| vanilla SAC | 2 |" in doc and "only-replay seed" not in doc.split("## Command")[1]
+
+
+def test_a_finished_grid_has_no_status_line():
+    runs = [type("Run", (), {"complete": True, "args": {"exp_name": name, "seed": seed}, "metrics": {}, "stage_tasks": []})
+            for name in ("sac", "nbsp") for seed in (1, 2)]
+    assert mini_report.grid_status(runs, ["sac", "nbsp"]) == []
+    assert mini_report.grid_status(runs[:3], ["sac", "nbsp"])[0].startswith("**Status: the grid is still running.** 3 ")
