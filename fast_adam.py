@@ -96,8 +96,9 @@ def adam_step_(optimizer: torch.optim.Adam) -> None:
 
 class StepMask:
     """The per-parameter masks of one optimizer's step: `before_step` keeps the masked parameters
-    (target "update") or masks their gradients (target "grad"), `scale_step` then turns Adam's step
-    p_adam - p_old of those parameters into mask * (p_adam - p_old). Without masks both do nothing."""
+    (target "update") or masks their gradients (target "grad"); for target "update", `scale_step`
+    then turns Adam's step p_adam - p_old of those parameters into mask * (p_adam - p_old).
+    Without masks both do nothing."""
 
     def __init__(self, target: str):
         self.target = target

@@ -7,7 +7,9 @@ the paper's baselines under the same protocol instead.
 Example: python nbsp_sac_atari.py --games Pong Bowling --seed 1
 """
 # Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
-# identification, the main loop (`# ALGO LOGIC` marks the algorithm).
+# identification, evaluation and videos, the main loop (`# ALGO LOGIC` marks the algorithm).
+# Eq. 7: skill_neurons.neuron_mask / SkillNeuronMasks build the masks; SACLearner.masked_step
+# (fast_adam.StepMask) scales Adam's step with them.
 import math
 import os
 import sys
@@ -170,7 +172,7 @@ class NBSPArgs:
     replay_interval: int = 10
     """every this-many-th gradient step samples its batch from Dpre"""
     dpre_per_task: int = 100_000
-    """last transitions of D that join Dpre after each stage"""
+    """most transitions of D that join Dpre after each stage but the last: its newest ones played by the policy"""
     identify_episodes: int = 10
     """full games of the identification window: the stage's last policy games (widened while their return is constant), or post-stage rollouts"""
     identify_max_steps: int = 100_000
@@ -564,7 +566,9 @@ class SoftQNetwork(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
-# Replay buffers D and Dpre: every frame stored once, as uint8, preallocated on the training device
+# Replay buffers D and Dpre: every frame stored once, as uint8, preallocated on the training device.
+# Dpre is a second ReplayBuffer (main): filled from D's newest rows at each stage end, sampled by
+# every --replay-interval-th update.
 # ------------------------------------------------------------------------------------------
 class ReplayBuffer:
     """Each observation is stored once, as its newest 84x84 frame (a *slot*); its stack is rebuilt
@@ -750,7 +754,8 @@ class SACLearner:
         q_params = list(self.qf1.parameters()) + list(self.qf2.parameters())
         self.q_optimizer = torch.optim.Adam(q_params, lr=args.q_lr, **self.adam)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam)
-        self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)  # masks of their steps
+        # Eq. 7 masks of their Adam steps: no-ops until SkillNeuronMasks.install after stage 1's identification
+        self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)
         self.target_entropy = -args.target_entropy_scale * float(np.log(1.0 / num_actions))
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
@@ -823,7 +828,8 @@ class SACLearner:
     def masked_step(optimizer, step_mask: StepMask):
         """Adam's step with the step of masked rows scaled (Alg. 2, lines 13-14): p <- p_old + mask *
         (p_adam - p_old), the mask 1 for a free neuron and Eq. 7's alpha * (1 - score) for a skill
-        neuron (--mask-target grad masks the gradient before Adam instead)."""
+        neuron (--mask-target grad masks the gradient before Adam instead). The masks come from
+        masks.install() in identify_skill_neurons."""
         p_old = step_mask.before_step()
         fast_adam.adam_step_(optimizer)
         step_mask.scale_step(p_old)
@@ -1004,7 +1010,7 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, games, identify_
               "skill-neuron scores carry no goal information", file=sys.stderr)
 
     # ALGO LOGIC: goal scores -> top skill_ratio -> Eq. 7 masks
-    generator = torch.Generator().manual_seed(stage_seed)
+    generator = torch.Generator().manual_seed(stage_seed)  # drawn from by --identify random only
     found = {name: sn.identify_network(masks.networks[name], args.identify, activations[name], goal, args.skill_ratio,
                                        args.goal_score, generator) for name in masks.masked}
     record |= masks.update(found, activations)
@@ -1115,7 +1121,7 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
-    dpre_capacity = args.dpre_per_task * max(H - 1, 1)
+    dpre_capacity = args.dpre_per_task * max(H - 1, 1)  # a share after every stage but the last: Dpre never overwrites
     protocol.check_memory(ReplayBuffer.nbytes(args.buffer_size) + ReplayBuffer.nbytes(dpre_capacity), device,
                           f"D (--buffer-size {args.buffer_size}) and Dpre (--dpre-per-task {args.dpre_per_task} x {max(H - 1, 1)})")
     if run.all_stages_done():  # killed between the last checkpoint and metrics.json?
@@ -1204,6 +1210,7 @@ def main(args: Args) -> dict:
 
             # ALGO LOGIC: one SAC update on a batch of D, or of Dpre every replay_interval-th gradient step
             if step >= args.learning_starts and (step - args.learning_starts) % args.update_frequency == 0:
+                # this stage's updates so far: the Dpre and target schedules restart each stage
                 update_index = (step - args.learning_starts) // args.update_frequency
                 from_dpre = use_replay and dpre.size > 0 and update_index % args.replay_interval == 0
                 data = (dpre if from_dpre else rb).sample(args.batch_size)
@@ -1242,11 +1249,12 @@ def main(args: Args) -> dict:
             label = f"stage {stage + 1} ({game})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_games, identify_envs[game], args, label,
                                                           stage_seed, device)
-            sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, global_step)
-            run.writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], global_step)
+            sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, run.global_step)
+            run.writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], run.global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
         if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
+            # at most --dpre-per-task, only steps after --learning-starts (policy actions), no more than D holds
             record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:

@@ -6,7 +6,9 @@ replay buffer Dpre; --method runs one of the paper's baselines under the same pr
 Example: python nbsp_sac_metaworld.py --tasks window-open window-close --seed 1
 """
 # Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
-# identification, the main loop (`# ALGO LOGIC` marks the algorithm).
+# identification, evaluation and videos, the main loop (`# ALGO LOGIC` marks the algorithm).
+# Eq. 7: skill_neurons.neuron_mask / SkillNeuronMasks build the masks; SACLearner.masked_step
+# (fast_adam.StepMask) scales Adam's step with them.
 import atexit
 import contextlib
 import gc
@@ -163,7 +165,7 @@ class NBSPArgs:
     replay_interval: int = 10
     """every this-many-th gradient step samples its batch from Dpre"""
     dpre_per_task: int = 100_000
-    """last transitions of D that join Dpre after each stage"""
+    """most transitions of D that join Dpre after each stage but the last: its newest ones played by the policy"""
     identify_episodes: int = 20
     """episodes of the identification window: the stage's last policy episodes (widened while the goal metric is constant), or post-stage rollouts"""
     identify_max_steps: int = 100_000
@@ -185,7 +187,7 @@ class Args(MethodArgs, NBSPArgs, SACArgs, ProtocolArgs, VideoArgs, RunArgs):
 
 
 TASK_NAMES = sorted(name.removesuffix("-v3") for name in metaworld.ALL_V3_ENVIRONMENTS)
-EARLY_STOP_WINDOW = 10  # "average environment steps of success rate" in Table 6
+EARLY_STOP_WINDOW = 10  # policy-played training episodes whose mean success decides the early stop (Table 6)
 GOAL_METRICS = ("success", "return")  # the paper's goal metric; the return when a stage has one outcome
 PLASTICITY_PROBE = 512  # observations of the fixed batch the plasticity diagnostics are measured on
 MAX_ROLLOUT_ENVS = 20  # env copies per task for evaluation and rollouts (about 23 MB each); more episodes run in waves
@@ -217,7 +219,8 @@ def validate(args: Args) -> None:
 # ------------------------------------------------------------------------------------------
 def make_env(task: str, seed: int, video_size: int | None = None) -> gym.Env:
     """One Meta-World v3 task (MT1): 500-step episodes, random goal positions, info['success'];
-    with `video_size`, rendering video_size x video_size frames from the `corner` camera."""
+    Meta-World's registration already adds TimeLimit and RecordEpisodeStatistics (info['episode']).
+    With `video_size`, rendering video_size x video_size frames from the `corner` camera."""
     render = dict(render_mode="rgb_array", camera_name="corner", width=video_size, height=video_size) if video_size else {}
     return gym.make("Meta-World/MT1", env_name=f"{task.removesuffix('-v3')}-v3", seed=seed, disable_env_checker=True,
                     **render)
@@ -382,10 +385,13 @@ class Actor(nn.Module):
         return action, log_prob, mean
 
     def hidden_layers(self) -> list[sn.HiddenLayer]:
+        """Skill-neuron candidates: each ReLU's output, with the weight rows and bias of the Linear that
+        feeds it (what Eq. 7 masks)."""
         pairs = zip(self.trunk[0::2], self.trunk[1::2])
         return [sn.HiddenLayer(act, lin.weight, lin.bias, neuron_dim=0) for lin, act in pairs]
 
     def neuron_layers(self) -> list[NeuronLayer]:
+        """The same layers with the layers that read them, for the baselines (CBP, CoTASP, NPC); NBSP uses hidden_layers."""
         consumers = linear_consumers(list(self.trunk[0::2]), [self.fc_mean, self.fc_logstd])
         return [NeuronLayer(h, tuple(c)) for h, c in zip(self.hidden_layers(), consumers)]
 
@@ -428,16 +434,20 @@ class TwinQNetwork(nn.Module):
         return self.head(self.trunk(x)).squeeze(-1)
 
     def hidden_layers(self, member: int) -> list[sn.HiddenLayer]:
+        """Critic `member`'s skill-neuron candidates, as Actor.hidden_layers."""
         pairs = zip(self.trunk[0::2], self.trunk[1::2])
         return [sn.HiddenLayer(act, lin.weight, lin.bias, neuron_dim=2, member=member) for lin, act in pairs]
 
     def neuron_layers(self, member: int) -> list[NeuronLayer]:
+        """Critic `member`'s layers with their readers, as Actor.neuron_layers."""
         consumers = linear_consumers(list(self.trunk[0::2]), [self.head], member)
         return [NeuronLayer(h, tuple(c)) for h, c in zip(self.hidden_layers(member), consumers)]
 
 
 # ------------------------------------------------------------------------------------------
-# Replay buffers D and Dpre: one preallocated tensor on the training device, a row per transition
+# Replay buffers D and Dpre: one preallocated tensor on the training device, a row per transition.
+# Dpre is a second ReplayBuffer (main): filled from D's newest rows at each stage end, sampled by
+# every --replay-interval-th update.
 # ------------------------------------------------------------------------------------------
 class ReplayBuffer:
     """Each transition is tagged on the host with its episode (the global step of the episode's
@@ -539,7 +549,8 @@ class SACLearner:
         self.adam = dict(capturable=cudagraphs, foreach=True)
         self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam)
-        self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)  # masks of their steps
+        # Eq. 7 masks of their Adam steps: no-ops until SkillNeuronMasks.install after stage 1's identification
+        self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
@@ -603,7 +614,8 @@ class SACLearner:
     def masked_step(optimizer, step_mask: StepMask):
         """Adam's step with the step of masked rows scaled (Alg. 2, lines 13-14): p <- p_old + mask *
         (p_adam - p_old), the mask 1 for a free neuron and Eq. 7's alpha * (1 - score) for a skill
-        neuron (--mask-target grad masks the gradient before Adam instead)."""
+        neuron (--mask-target grad masks the gradient before Adam instead). The masks come from
+        masks.install() in identify_skill_neurons."""
         p_old = step_mask.before_step()
         fast_adam.adam_step_(optimizer)
         step_mask.scale_step(p_old)
@@ -766,10 +778,10 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, episodes, envs, 
         for chunk in range(0, len(obs), 8192):
             if "actor" in masks.masked:
                 sac.actor(obs[chunk : chunk + 8192])
-            if "qf1" in masks.masked:  # critics probed at the executed actions
+            if "qf1" in masks.masked:  # critics probed at the executed actions; one pass records qf1 and qf2
                 sac.qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
     activations = sn.split_recorded([a.cpu() for a in recorder.activations()], masks.networks, masks.masked)
-    generator = torch.Generator().manual_seed(stage_seed)
+    generator = torch.Generator().manual_seed(stage_seed)  # drawn from by --identify random only
     found = {name: sn.identify_network(masks.networks[name], args.identify, activations[name], goal, args.skill_ratio,
                                        args.goal_score, generator) for name in masks.masked}
     record |= masks.update(found, activations)
@@ -926,7 +938,7 @@ def main(args: Args) -> dict:
     probe_env = rollout_envs[unique_tasks[0]][0]
     obs_dim = int(np.prod(probe_env.observation_space.shape))
     act_dim = int(np.prod(probe_env.action_space.shape))
-    dpre_capacity = args.dpre_per_task * max(H - 1, 1)
+    dpre_capacity = args.dpre_per_task * max(H - 1, 1)  # a share after every stage but the last: Dpre never overwrites
     protocol.check_memory((args.buffer_size + dpre_capacity) * ReplayBuffer.row_bytes(obs_dim, act_dim), device,
                           f"D (--buffer-size {args.buffer_size}) and Dpre (--dpre-per-task {args.dpre_per_task} x {max(H - 1, 1)})")
 
@@ -1010,16 +1022,19 @@ def main(args: Args) -> dict:
 
             # ALGO LOGIC: one SAC update on a batch of D, or of Dpre every replay_interval-th gradient step
             if step >= args.learning_starts:
+                # this stage's gradient steps so far: the Dpre, policy-delay and target schedules restart each stage
                 update_index = step - args.learning_starts
-                replay = use_replay and dpre.size > 0
+                replay = use_replay and dpre.size > 0  # Dpre in use: replay on and an earlier stage filled it
                 from_dpre = replay and update_index % args.replay_interval == 0
                 data = (dpre if from_dpre else rb).sample(args.batch_size)
                 update_policy = update_index % args.policy_frequency == 0
                 update_target = update_index % args.target_network_frequency == 0
                 actor_obs = None
                 if update_policy and replay:  # the actor's steps follow Dpre's schedule of their own
-                    actor_steps = range(update_index, update_index + args.policy_frequency)  # actor steps so far: update_index
+                    # the actor has done update_index steps this stage (policy_frequency per policy update): its next ones
+                    actor_steps = range(update_index, update_index + args.policy_frequency)
                     actor_dpre = [k % args.replay_interval == 0 for k in actor_steps]
+                    # a step whose source (D or Dpre) is the critic's reuses its batch, as CleanRL's does; others sample
                     actor_obs = [data[0] if a == from_dpre else (dpre if a else rb).sample(args.batch_size)[0] for a in actor_dpre]
                     counts["actor_dpre_updates"] += sum(actor_dpre)
                 counts["critic_updates"] += 1
@@ -1060,17 +1075,18 @@ def main(args: Args) -> dict:
             label = f"stage {stage + 1} ({task})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_episodes, rollout_envs[task], args, label,
                                                           stage_seed, device)
-            sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, global_step)
-            run.writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], global_step)
-            run.writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), global_step)
+            sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, run.global_step)
+            run.writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], run.global_step)
+            run.writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), run.global_step)
             scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
         if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
+            # at most --dpre-per-task, only steps after --learning-starts (policy actions), no more than D holds
             record["dpre_added"] = min(args.dpre_per_task, max(0, stage_steps - args.learning_starts), rb.size)
             dpre.extend(rb.latest(record["dpre_added"]))
         if stage < H - 1:
             method.end_stage(stage, task, rb)  # a task switch follows
-        run.writer.add_scalar("charts/env_warnings", record["env_warnings"], global_step)
+        run.writer.add_scalar("charts/env_warnings", record["env_warnings"], run.global_step)
         run.end_stage(record, rates, simulation_note(record, mujoco_warnings.last))
         metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, scores)
     return run.close(metrics)

@@ -77,7 +77,7 @@ class Consumer:
 
 @dataclass(frozen=True)
 class NeuronLayer:
-    """A hidden layer with the layers that consume its output (what CBP and NPC need)."""
+    """A hidden layer with the layers that consume its output (CBP and CoTASP read the consumers, NPC only `hidden`)."""
 
     hidden: HiddenLayer
     consumers: tuple[Consumer, ...]
@@ -131,7 +131,7 @@ def goal_scores(activations: Tensor, goal: Tensor, score: str = "paper") -> Tens
 
     Both use the indicators a_t > mean a (per neuron) and q_t > mean q, strict, with both means
     over the same T steps.
-    - "paper" (Eq. 1-4): R = mean_t 1[(a_t > mean a) == (q_t > mean q)].
+    - "paper" (Eq. 3-4): R = mean_t 1[(a_t > mean a) == (q_t > mean q)].
     - "balanced": R = 1/2 [P(a > mean a | q > mean q) + P(a <= mean a | q <= mean q)], the
       balanced accuracy of the same indicator. It equals "paper" on a window with as many steps
       above the goal mean as below, and gives 0.5 to a neuron that is constant, or independent

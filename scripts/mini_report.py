@@ -12,6 +12,7 @@ examples:
 import argparse
 import os
 import platform
+import re
 import shlex
 import sys
 
@@ -248,6 +249,40 @@ def grid_status(folder_runs, preset_settings: list[str]) -> list[str]:
             + "Every table and figure below counts the complete runs only.", ""]
 
 
+STAGE_ONE_TAGS = re.compile(r"(eval/.+/success_rate|losses/(?:qf_loss|actor_loss|alpha))")
+
+
+def stage_one_agreement(runs) -> list[str]:
+    """Whether stage 1 was the same computation in every setting of a seed (the ablations' masks
+    and Dpre act from stage 2 on): its length, evaluation curves and logged losses (critic, actor,
+    temperature) compared value for value between the settings of each seed."""
+    by_seed = {}
+    for run in runs:
+        by_seed.setdefault(run.args["seed"], []).append(run)
+    equal, differ = [], []
+    for seed, group in sorted(by_seed.items()):
+        if len(group) < 2:
+            continue
+        signatures = {}
+        for run in group:
+            end = run.metrics["stages"][0]["env_steps"]
+            curves = figures.read_eval_curves(run.path, STAGE_ONE_TAGS)
+            signature = (end, tuple((tag, tuple(steps[steps <= end]), tuple(values[steps <= end]))
+                                    for tag, (steps, values) in sorted(curves.items())))
+            signatures.setdefault(signature, []).append(run.args["exp_name"])
+        if len(signatures) == 1:
+            equal.append(str(seed))
+        else:
+            differ.append(f"seed {seed} ({' | '.join(', '.join(sorted(names)) for names in signatures.values())})")
+    if not (equal or differ):
+        return []
+    return ["Stage 1 comes before any setting's masks or Dpre act. Its length, evaluation curves and logged losses "
+            "(critic, actor, temperature) compared between the settings of each seed: "
+            + (f"the same in every setting for seeds {', '.join(equal)}" if equal else "")
+            + ("; " if equal and differ else "")
+            + (f"different for {'; '.join(differ)} (groups of equal settings)" if differ else "") + ".", ""]
+
+
 def wall_time(runs) -> float:
     return sum(stage["wall_seconds"] for run in runs for stage in run.metrics["stages"])
 
@@ -400,6 +435,7 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
             paper_tables.iqm_table(runs, "markdown"), ""]
     early = first.get("early_stop_success", 0.9)
     doc += [f"Every run (`*`: the stage stopped early at {early} training success):", ""] + per_run_table(counted) + [""]
+    doc += stage_one_agreement(counted)
     identification = identification_table(counted, paper_tables.setting_label)
     if len(identification) > 2:
         windows = sum("selection" in stage for run in counted for stage in run.metrics["stages"])

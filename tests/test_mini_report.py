@@ -285,3 +285,22 @@ def test_a_finished_grid_has_no_status_line():
             for name in ("sac", "nbsp") for seed in (1, 2)]
     assert mini_report.grid_status(runs, ["sac", "nbsp"]) == []
     assert mini_report.grid_status(runs[:3], ["sac", "nbsp"])[0].startswith("**Status: the grid is still running.** 3 ")
+
+
+def test_stage_one_is_compared_between_the_settings_of_each_seed(tmp_path):
+    sr = [[1.0, None], [0.2, 1.0], [1.0, 0.4], [0.0, 1.0]]
+    curves = {"window-open": [1.0] * 16, "window-close": [0.0] * 16}
+    for seed, nbsp_loss in ((1, 0.5), (2, 0.25)):
+        for name, first_loss in (("sac", 0.5), ("nbsp", nbsp_loss)):
+            run_dir = write_sequence_run(tmp_path, name, seed, 2, curves, sr, {"method": "nbsp"})
+            writer = SummaryWriter(run_dir)
+            writer.add_scalar("losses/qf_loss", first_loss, STAGE_STEPS)  # the last step of stage 1
+            writer.add_scalar("losses/qf_loss", 1.0 if name == "sac" else 2.0, STAGE_STEPS + 1)  # stage 2 differs
+            writer.close()
+    write_sequence_run(tmp_path, "sac", 3, 2, curves, sr)  # a seed with one setting: nothing to compare
+    runs = mini_report.complete_runs([tmp_path])
+    assert mini_report.stage_one_agreement(runs) == [
+        "Stage 1 comes before any setting's masks or Dpre act. Its length, evaluation curves and logged losses "
+        "(critic, actor, temperature) compared between the settings of each seed: the same in every setting for "
+        "seeds 1; different for seed 2 (nbsp | sac) (groups of equal settings).", ""]
+    assert mini_report.stage_one_agreement(runs[-1:]) == []
