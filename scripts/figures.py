@@ -148,23 +148,40 @@ def save(fig, out: str) -> list[str]:
 # ------------------------------------------------------------------------------------------
 # Training curves (paper Fig. 3, 9-12)
 # ------------------------------------------------------------------------------------------
+SCALARS_FILE = "scalars.json"  # an exported run's scalars (scripts/export_results.py), read when it has no events
+
+
+def read_scalars(run_dir: str, keep: re.Pattern | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tag: (steps, values)} of the run's TensorBoard scalars (those matching `keep`), one value per
+    step (the last logged: a periodic evaluation that falls on a stage end repeats the same
+    evaluation); from its scalars.json when the folder has no events (an exported run)."""
+    if not any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir)) and \
+            os.path.isfile(os.path.join(run_dir, SCALARS_FILE)):
+        with open(os.path.join(run_dir, SCALARS_FILE)) as f:
+            logged = {tag: [tuple(point) for point in points] for tag, points in json.load(f).items()}
+    else:
+        from tensorboard.backend.event_processing import event_accumulator as ea
+
+        guidance = {ea.SCALARS: 0, ea.HISTOGRAMS: 1, ea.COMPRESSED_HISTOGRAMS: 1, ea.TENSORS: 1, ea.IMAGES: 1, ea.AUDIO: 1}
+        accumulator = ea.EventAccumulator(run_dir, size_guidance=guidance)
+        accumulator.Reload()
+        logged = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    scalars = {}
+    for tag, points in logged.items():
+        if keep is None or keep.fullmatch(tag):
+            by_step = dict(points)
+            steps = sorted(by_step)
+            scalars[tag] = (np.array(steps, dtype=float), np.array([by_step[s] for s in steps], dtype=float))
+    return scalars
+
+
 def read_eval_curves(run_dir: str, pattern: re.Pattern = EVAL_TAG) -> dict:
     """{task: (steps, success rates)} of `eval/{task}/success_rate` (or {match groups: curve} of
-    the scalar tags matching `pattern`); one value per step (the last logged: a periodic
-    evaluation that falls on a stage end repeats the same evaluation)."""
-    from tensorboard.backend.event_processing import event_accumulator as ea
-
-    guidance = {ea.SCALARS: 0, ea.HISTOGRAMS: 1, ea.COMPRESSED_HISTOGRAMS: 1, ea.TENSORS: 1, ea.IMAGES: 1, ea.AUDIO: 1}
-    accumulator = ea.EventAccumulator(run_dir, size_guidance=guidance)
-    accumulator.Reload()
+    the scalar tags matching `pattern`), as read_scalars reads them."""
     curves = {}
-    for tag in accumulator.Tags()["scalars"]:
+    for tag, curve in read_scalars(run_dir, pattern).items():
         match = pattern.fullmatch(tag)
-        if match:
-            by_step = {e.step: e.value for e in accumulator.Scalars(tag)}
-            steps = np.array(sorted(by_step), dtype=float)
-            key = match.group(1) if len(match.groups()) == 1 else match.groups()
-            curves[key] = (steps, np.array([by_step[s] for s in sorted(by_step)], dtype=float))
+        curves[match.group(1) if len(match.groups()) == 1 else match.groups()] = curve
     return curves
 
 

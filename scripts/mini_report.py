@@ -11,8 +11,8 @@ examples:
 
 import argparse
 import os
+import json
 import platform
-import re
 import shlex
 import sys
 
@@ -41,9 +41,9 @@ def steps_to(curve, threshold: float):
     return int(steps[hits[0]]) if len(hits) else None
 
 
-def pilot_section(pilot_dir: str, pilot_preset: str, threshold: float, out_dir: str, stem: str) -> tuple[list[str], list[str]]:
+def pilot_section(pilot_dirs: list[str], pilot_preset: str, threshold: float, out_dir: str, stem: str) -> tuple[list[str], list[str]]:
     """The pilot's table and figures: single-task runs, or vanilla SAC on candidate pairs, as its preset runs."""
-    runs = find([pilot_dir])
+    runs = find(pilot_dirs)
     if any("," in sequence for sequence in PRESETS[pilot_preset]["sequences"]):
         complete = [run for run in runs if run.metrics and run.metrics.get("complete")]
         lines, figure_paths = pair_pilot(complete, threshold, out_dir, stem)
@@ -249,13 +249,12 @@ def grid_status(folder_runs, preset_settings: list[str]) -> list[str]:
             + "Every table and figure below counts the complete runs only.", ""]
 
 
-STAGE_ONE_TAGS = re.compile(r"(eval/.+/success_rate|losses/(?:qf_loss|actor_loss|alpha))")
-
-
 def stage_one_agreement(runs) -> list[str]:
     """Whether stage 1 was the same computation in every setting of a seed (the ablations' masks
-    and Dpre act from stage 2 on): its length, evaluation curves and logged losses (critic, actor,
-    temperature) compared value for value between the settings of each seed."""
+    and Dpre act from stage 2 on): its length, the success of every task after it and the
+    plasticity diagnostics at its end (each network's weight magnitude, dormant share and feature
+    rank, measured before identification), compared value for value between the settings of each
+    seed. Equal weight magnitudes to the last digit mean equal networks in practice."""
     by_seed = {}
     for run in runs:
         by_seed.setdefault(run.args["seed"], []).append(run)
@@ -265,10 +264,8 @@ def stage_one_agreement(runs) -> list[str]:
             continue
         signatures = {}
         for run in group:
-            end = run.metrics["stages"][0]["env_steps"]
-            curves = figures.read_eval_curves(run.path, STAGE_ONE_TAGS)
-            signature = (end, tuple((tag, tuple(steps[steps <= end]), tuple(values[steps <= end]))
-                                    for tag, (steps, values) in sorted(curves.items())))
+            first = run.metrics["stages"][0]
+            signature = json.dumps([first["env_steps"], run.metrics["sr"][:1], first["plasticity"]], sort_keys=True)
             signatures.setdefault(signature, []).append(run.args["exp_name"])
         if len(signatures) == 1:
             equal.append(str(seed))
@@ -276,8 +273,9 @@ def stage_one_agreement(runs) -> list[str]:
             differ.append(f"seed {seed} ({' | '.join(', '.join(sorted(names)) for names in signatures.values())})")
     if not (equal or differ):
         return []
-    return ["Stage 1 comes before any setting's masks or Dpre act. Its length, evaluation curves and logged losses "
-            "(critic, actor, temperature) compared between the settings of each seed: "
+    return ["Stage 1 comes before any setting's masks or Dpre act. Its length, the success after it and the "
+            "plasticity diagnostics at its end (every network's weight magnitude, dormant share and feature rank) "
+            "compared between the settings of each seed: "
             + (f"the same in every setting for seeds {', '.join(equal)}" if equal else "")
             + ("; " if equal and differ else "")
             + (f"different for {'; '.join(differ)} (groups of equal settings)" if differ else "") + ".", ""]
@@ -298,13 +296,14 @@ class Parser(cli.Parser):
 
 def input_problem(args) -> str | None:
     """What is wrong with the command line before anything is read, or None."""
-    for flag, path in (("--runs", args.runs), ("--pilot", args.pilot), ("--sweep-log", args.sweep_log),
+    for flag, path in (("--runs", args.runs), *(("--pilot", path) for path in args.pilot or []), ("--sweep-log", args.sweep_log),
                        ("--notes", args.notes), ("--supplement", args.supplement), ("--more-seeds", args.more_seeds)):
         if path is not None and not os.path.exists(path):
             return f"{flag} {path!r} does not exist"
         if path is not None and flag not in ("--sweep-log", "--notes") and not os.path.isdir(path):
             return f"{flag} {path!r} is a file; give the folder of the runs"
-    for command, folder in (("runs_command", "runs"), ("supplement_command", "supplement"), ("more_seeds_command", "more_seeds")):
+    for command, folder in (("runs_command", "runs"), ("pilot_command", "pilot"), ("supplement_command", "supplement"),
+                            ("more_seeds_command", "more_seeds")):
         if getattr(args, command) is not None and getattr(args, folder) is None:
             return f"--{command.replace('_', '-')} describes the runs of --{folder.replace('_', '-')}, which is not given"
     if args.pilot_only and (args.pilot is None or args.runs or args.supplement or args.more_seeds):
@@ -327,9 +326,9 @@ def main(argv=None) -> int:
         if problem:
             raise ReportError(problem)
         check_output("--out", args.out)
-        for folder in (args.pilot, args.supplement, args.more_seeds):  # read before a file is written, as --runs is
-            if folder is not None:
-                find([folder])
+        for folders in (args.pilot, [args.supplement], [args.more_seeds]):  # read before a file is written, as --runs is
+            if folders and None not in folders:
+                find(folders)
         return write_report(args, argv)
     except (ReportError, paper_tables.TablesError, figures.FigureError, RunFolderError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -343,7 +342,11 @@ def make_parser() -> argparse.ArgumentParser:
     runs.add_argument("--runs", default=None, help="folder of the preset's runs (default: runs/PRESET)")
     runs.add_argument("--runs-command", default=None,
                       help="the command that made the --runs runs (default: python scripts/sweep.py --preset PRESET --jobs 2)")
-    runs.add_argument("--pilot", default=None, help="folder of the pilot runs that chose the task pair (default: no pilot section)")
+    runs.add_argument("--pilot", nargs="+", default=None,
+                      help="folders of the pilot runs that chose the task pair (default: no pilot section)")
+    runs.add_argument("--pilot-command", action="append", default=None,
+                      help="a command that made the --pilot runs (repeat for several; default: python scripts/sweep.py "
+                           "--preset PILOT_PRESET)")
     runs.add_argument("--threshold", type=float, default=None,
                       help="success that counts as learned in the pilot (default: mini 0.8, regime 0.9)")
     runs.add_argument("--supplement", default=None,
@@ -381,11 +384,12 @@ def write_report(args, argv) -> int:
     if args.pilot:
         pilot_preset = REPORTS[args.preset]["pilot"]
         lines, pilot_figures = pilot_section(args.pilot, pilot_preset, args.threshold, out_dir, stem)
-        pilot_seeds = ", ".join(map(str, sorted({run.args["seed"] for run in find([args.pilot])
+        pilot_seeds = ", ".join(map(str, sorted({run.args["seed"] for run in find(args.pilot)
                                                    if run.metrics and run.metrics.get("complete")})))
-        doc += ["## How the task pair was chosen", "",
-                f"Pilot runs (`python scripts/sweep.py --preset {pilot_preset}`, seeds {pilot_seeds}): the pair had to be "
-                "learned within the stage budget by SAC alone.", ""] + lines + [""]
+        commands = args.pilot_command or [f"python scripts/sweep.py --preset {pilot_preset}"]
+        doc += ["## How the task pair was chosen", "", f"Pilot runs (seeds {pilot_seeds}; each pair's below), made by:", "",
+                "```bash", *commands, "```", "", "The pair had to be learned within the stage budget by SAC alone.", ""]
+        doc += lines + [""]
         doc += [f"![pilot]({os.path.basename(path)})" for path in pilot_figures] + ([""] if pilot_figures else [])
     with open(args.out, "w") as f:
         f.write("\n".join(doc))

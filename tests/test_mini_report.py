@@ -99,6 +99,8 @@ def test_plasticity_table_by_hand():
     (["--runs", "{tmp}", "--supplement-command", "python wide.py"], "--supplement-command describes the runs of --supplement"),
     (["--preset", "regime", "--pilot-only", "--pilot", "{tmp}", "--runs-command", "python sweep.py"],
      "--runs-command describes the runs of --runs, which is not given"),
+    (["--runs", "{tmp}", "--pilot-command", "python pilot.py"], "--pilot-command describes the runs of --pilot, which is not given"),
+    (["--preset", "regime", "--pilot-only", "--pilot", "{tmp}", "{tmp}/nowhere"], "--pilot '{tmp}/nowhere' does not exist"),
     (["--runs", "{tmp}", "--threshold", "1.5"], "--threshold must be in (0, 1], got 1.5"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--runs", "{tmp}"], "no metrics.json under '{tmp}'"),
@@ -199,7 +201,7 @@ def test_regime_report_with_a_pair_pilot(tmp_path):
     assert "| NBSP (identify=random, goal_score=balanced) | 160 | 0.30 | 0.214 |" in doc  # 8 windows, each as in the test above
     assert "| vanilla SAC | 2 | 0.50 / 7.0 | 0.50 / 7.0 | 0.50 / 7.0 | 0.50 / 7.0 |" in doc
     assert "Findings from the numbers." in doc and "## How the task pair was chosen" in doc
-    assert "`python scripts/sweep.py --preset regime-pilot`, seeds 1, 2" in doc
+    assert "Pilot runs (seeds 1, 2; each pair's below), made by:\n\n```bash\npython scripts/sweep.py --preset regime-pilot\n```" in doc
     assert "evaluation success at least 0.9 within the task's own stage" in doc  # the regime's threshold
     # A learned in 1 of 2, B in 2 of 2; A after A (1.0 + 0.8) / 2, after B (0.0 + 0.4) / 2, FM (1.0 + 0.4) / 2
     assert "| window-open -> window-close | 1 | 2 | 1 of 2 | 2 of 2 | 0.90 | 0.20 | 0.70 | 0.90 |" in doc
@@ -216,15 +218,16 @@ def test_pilot_only_report_before_the_grid(tmp_path):
     write_sequence_run(tmp_path / "pilot", "sac", 1, 1, {"window-open": [0.2, 0.5, 0.9, 1.0, 0.6, 0.3, 0.1, 0.0],
                                                          "window-close": [0, 0, 0, 0, 0.3, 0.95, 1.0, 1.0]},
                        [[1.0, None], [0.0, 1.0]])
-    write_sequence_run(tmp_path / "pilot", "sac", 2, 1, {"window-open": [0.1] * 8, "window-close": [0.0] * 8},
+    write_sequence_run(tmp_path / "more", "sac", 2, 1, {"window-open": [0.1] * 8, "window-close": [0.0] * 8},
                        [[0.1, None], [0.1, 0.0]])
-    unfinished = next(p for p in (tmp_path / "pilot").iterdir() if "__sac__2" in p.name)
+    unfinished = next(p for p in (tmp_path / "more").iterdir() if "__sac__2" in p.name)
     os.remove(unfinished / "metrics.json")
     out = tmp_path / "docs" / "results-regime.md"
-    assert mini_report.main(["--preset", "regime", "--pilot-only", "--pilot", str(tmp_path / "pilot"), "--out", str(out)]) == 0
+    assert mini_report.main(["--preset", "regime", "--pilot-only", "--pilot", str(tmp_path / "pilot"), str(tmp_path / "more"),
+                             "--pilot-command", "python a.py", "--pilot-command", "python b.py", "--out", str(out)]) == 0
     doc = out.read_text()
     assert "Status: only the pilot has run; the grid (`python scripts/sweep.py --preset regime`) has not." in doc
-    assert "## Results" not in doc and "`python scripts/sweep.py --preset regime-pilot`, seeds 1)" in doc
+    assert "## Results" not in doc and "Pilot runs (seeds 1; each pair's below), made by:\n\n```bash\npython a.py\npython b.py\n```" in doc
     assert "| window-open -> window-close | 1 | 1 | 1 of 1 | 1 of 1 | 1.00 | 0.00 | 1.00 |" in doc
     assert "(1 unfinished pilot run(s) left out.)" in doc
 
@@ -290,17 +293,19 @@ def test_a_finished_grid_has_no_status_line():
 def test_stage_one_is_compared_between_the_settings_of_each_seed(tmp_path):
     sr = [[1.0, None], [0.2, 1.0], [1.0, 0.4], [0.0, 1.0]]
     curves = {"window-open": [1.0] * 16, "window-close": [0.0] * 16}
-    for seed, nbsp_loss in ((1, 0.5), (2, 0.25)):
-        for name, first_loss in (("sac", 0.5), ("nbsp", nbsp_loss)):
+    for seed, nbsp_magnitude in ((1, 0.1), (2, 0.10000001)):
+        for name, magnitude in (("sac", 0.1), ("nbsp", nbsp_magnitude)):
             run_dir = write_sequence_run(tmp_path, name, seed, 2, curves, sr, {"method": "nbsp"})
-            writer = SummaryWriter(run_dir)
-            writer.add_scalar("losses/qf_loss", first_loss, STAGE_STEPS)  # the last step of stage 1
-            writer.add_scalar("losses/qf_loss", 1.0 if name == "sac" else 2.0, STAGE_STEPS + 1)  # stage 2 differs
-            writer.close()
+            with open(os.path.join(run_dir, "metrics.json")) as f:
+                metrics = json.load(f)
+            metrics["stages"][0]["plasticity"]["qf2"]["weight_magnitude"] = magnitude
+            metrics["stages"][1]["plasticity"]["qf2"]["weight_magnitude"] = 0.5 if name == "sac" else 0.7  # stage 2 differs
+            write_json(os.path.join(run_dir, "metrics.json"), metrics)
     write_sequence_run(tmp_path, "sac", 3, 2, curves, sr)  # a seed with one setting: nothing to compare
     runs = mini_report.complete_runs([tmp_path])
     assert mini_report.stage_one_agreement(runs) == [
-        "Stage 1 comes before any setting's masks or Dpre act. Its length, evaluation curves and logged losses "
-        "(critic, actor, temperature) compared between the settings of each seed: the same in every setting for "
-        "seeds 1; different for seed 2 (nbsp | sac) (groups of equal settings).", ""]
+        "Stage 1 comes before any setting's masks or Dpre act. Its length, the success after it and the plasticity "
+        "diagnostics at its end (every network's weight magnitude, dormant share and feature rank) compared between "
+        "the settings of each seed: the same in every setting for seeds 1; different for seed 2 (nbsp | sac) "
+        "(groups of equal settings).", ""]
     assert mini_report.stage_one_agreement(runs[-1:]) == []

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import export_results
 import figures
 import mini_report
 import neuron_analysis
@@ -157,7 +158,7 @@ def parsers(parser):
                 yield from parsers(action.choices[sub])
 
 
-@pytest.mark.parametrize("module", [paper_tables, figures, mini_report, sweep, neuron_analysis, record_video],
+@pytest.mark.parametrize("module", [paper_tables, figures, mini_report, sweep, neuron_analysis, record_video, export_results],
                          ids=lambda m: m.__name__)
 def test_help_reads_by_topic(module, capsys):
     top = module.make_parser()
