@@ -728,8 +728,11 @@ class Run:
         """Every stage restarts its randomness (resume is exact); returns the stage's seed."""
         stage_seed = self.args.seed + 1000 * (stage + 1)
         seed_everything(stage_seed, self.args.torch_deterministic)
-        self.stage, self.stage_start_time = stage, time.time()
-        self.first_step = (self.mid_stage(stage) or {}).get("step", 0)  # a resumed stage's first step in this process
+        resumed = self.mid_stage(stage) or {}
+        # a resumed stage's wall time goes on from its time before the stop (checkpoints older than
+        # this record have none: their stage's time counts from the resume)
+        self.stage, self.stage_start_time = stage, time.time() - resumed.get("stage_seconds", 0.0)
+        self.first_step = resumed.get("step", 0)  # a resumed stage's first step in this process
         self.sps_window = None  # TensorBoard's SPS: (time, stage step) since which it is measured, once measured
         self.progress.begin_stage(f"stage {stage + 1}/{len(self.stage_tasks)} {self.stage_tasks[stage]}")
         return stage_seed
@@ -886,7 +889,8 @@ class Run:
         self.writer.flush()  # TensorBoard's values up to this step are on disk before the checkpoint names it
         model = {"run_name": self.run_name, "stage": self.stage, "task": self.stage_tasks[self.stage],
                  "neuron_masks": masks.neuron_masks, "scores": {}, "selected": dict(masks.last_selected)}
-        mid_stage = {"step": step + 1, "rng": rng_state(self.device), **stage_state()}
+        mid_stage = {"step": step + 1, "stage_seconds": time.time() - self.stage_start_time, "rng": rng_state(self.device),
+                     **stage_state()}
         atomic_torch_save(os.path.join(self.run_dir, "checkpoint.pt"), self.resume_state(model, mid_stage))
         self.next_checkpoint = time.time() + 60 * self.args.checkpoint_every
         if stopping:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -106,6 +107,32 @@ def test_stopped_run_resumes_exactly(case, tmp_path, monkeypatch, capsys):
     got, want = (tensors(torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)) for d in (run_dir, twin_dir))
     assert got.keys() == want.keys() and [k for k in want if not torch.equal(got[k], want[k])] == []
     assert scalars(run_dir) == scalars(twin_dir)
+
+
+@pytest.mark.e2e
+def test_a_resumed_stage_counts_its_time_before_the_stop(tmp_path, monkeypatch):
+    """A stage's wall_seconds: the time before the stop (in the checkpoint) plus the resumed part,
+    not the time between the stop and the resume."""
+    with monkeypatch.context() as patch:
+        stop_at(patch, 450)  # stage 2, step 150
+        original = protocol.Run.end_step
+
+        def slow_step(self, step, stage_state):  # the stage's part before the stop takes 5 s more
+            if self.global_step == 449:
+                time.sleep(5.0)
+            return original(self, step, stage_state)
+
+        patch.setattr(protocol.Run, "end_step", slow_step)
+        with pytest.raises(SystemExit):
+            nbsp_sac_metaworld.main(nbsp_sac_metaworld.Args(runs_dir=str(tmp_path), **MW))
+    [run_dir] = glob.glob(str(tmp_path / "*"))
+    before = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["mid_stage"]["stage_seconds"]
+    assert before > 5.0
+    time.sleep(2.0)
+    start = time.time()
+    metrics = nbsp_sac_metaworld.main(nbsp_sac_metaworld.Args(resume=run_dir))
+    took = time.time() - start
+    assert 0 < before <= metrics["stages"][1]["wall_seconds"] <= before + took + 0.01
 
 
 @pytest.mark.e2e
