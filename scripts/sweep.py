@@ -490,7 +490,7 @@ def run_local(plans: list[Plan], jobs: int, threads: int, runs_dir: str) -> int:
         if reason:
             print(f"         {reason}")
     if failed:
-        print("run the same sweep command again to retry them (killed runs resume from their last finished stage)")
+        print("run the same sweep command again to retry them (killed runs resume from their last checkpoint, inside a stage too)")
     return len(failed)
 
 
