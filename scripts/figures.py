@@ -35,6 +35,7 @@
 #   skill neuron of the actor.
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -164,7 +165,13 @@ def read_scalars(run_dir: str, keep: re.Pattern | None = None) -> dict[str, tupl
 
         guidance = {ea.SCALARS: 0, ea.HISTOGRAMS: 1, ea.COMPRESSED_HISTOGRAMS: 1, ea.TENSORS: 1, ea.IMAGES: 1, ea.AUDIO: 1}
         accumulator = ea.EventAccumulator(run_dir, size_guidance=guidance)
-        accumulator.Reload()
+        tensorboard_log = logging.getLogger("tensorboard")
+        level = tensorboard_log.level
+        tensorboard_log.setLevel(logging.ERROR)  # a resumed run's events restart at its checkpoint (purge_step):
+        try:  # TensorBoard's warning "Detected out of order event.step ... Purging" is the expected purge
+            accumulator.Reload()
+        finally:
+            tensorboard_log.setLevel(level)
         logged = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
     scalars = {}
     for tag, points in logged.items():

@@ -317,3 +317,20 @@ def test_histogram_from_tiny_run(tiny_run, tmp_path, monkeypatch):
     # a chosen critic neuron on the other task
     assert_figures(figures.plot_histogram(tiny_run, str(tmp_path / "hist"), stage=2, network="qf1", neuron=3, task="reach"))
     assert drawn[0]["overlapping_ticks"] == []
+
+
+def test_a_resumed_runs_events_read_without_the_purge_warning(tmp_path, caplog):
+    """A resumed run's writer restarts at its checkpoint's step (purge_step): the values logged after
+    it by the stopped process are dropped, and TensorBoard's purge warning is not shown."""
+    first = SummaryWriter(str(tmp_path))
+    for step in range(1, 11):
+        first.add_scalar("eval/reach/success_rate", 0.0, step)
+    first.close()
+    resumed = SummaryWriter(str(tmp_path), purge_step=6)
+    for step in range(6, 9):
+        resumed.add_scalar("eval/reach/success_rate", 1.0, step)
+    resumed.close()
+    with caplog.at_level("WARNING"):
+        steps, values = figures.read_eval_curves(str(tmp_path))["reach"]
+    assert list(steps) == [1, 2, 3, 4, 5, 6, 7, 8] and list(values) == [0.0] * 5 + [1.0] * 3
+    assert not [r for r in caplog.records if "out of order" in r.getMessage()]
