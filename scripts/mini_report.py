@@ -194,6 +194,32 @@ def protection_table(runs, label) -> list[str]:
     return lines
 
 
+def retention_table(runs, label) -> list[str]:
+    """Per setting and stage from the second on, the success of the tasks the stage does not train,
+    averaged over the stage's evaluations (steps after its start up to its end) and those tasks,
+    then mean ± standard error over runs: how much of the other tasks a setting held through the
+    whole stage, which one end-of-stage evaluation (the success matrix) samples from curves that can
+    swing widely."""
+    stages = max(len(run.metrics["stages"]) for run in runs)
+    stage_tasks = runs[0].metrics["stage_tasks"]
+    lines = ["| setting | runs | " + " | ".join(f"during stage {k + 1} ({stage_tasks[k]})" for k in range(1, stages)) + " |",
+             "|---|---:|" + "---:|" * (stages - 1)]
+    for name, group in by_setting(runs, label):
+        cells = []
+        for k in range(1, stages):
+            held = []
+            for run in group:
+                ends = np.cumsum([stage["env_steps"] for stage in run.metrics["stages"]])
+                curves = figures.read_eval_curves(run.path)
+                means = [values[(steps > ends[k - 1]) & (steps <= ends[k])].mean()
+                         for task, (steps, values) in curves.items() if task != run.metrics["stage_tasks"][k]]
+                held.append(np.mean(means))
+            se = f" ± {np.std(held, ddof=1) / np.sqrt(len(held)):.2f}" if len(held) > 1 else ""
+            cells.append(f"{np.mean(held):.2f}{se}")
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plasticity_table(runs, label) -> list[str]:
     """Per setting and stage, the means over runs of the actor's dormant share and the first critic's
     feature rank, as each run measured them at the end of the stage."""
@@ -276,7 +302,7 @@ def stage_one_agreement(runs) -> list[str]:
     return ["Stage 1 comes before any setting's masks or Dpre act. Its length, the success after it and the "
             "plasticity diagnostics at its end (every network's weight magnitude, dormant share and feature rank) "
             "compared between the settings of each seed: "
-            + (f"the same in every setting for seeds {', '.join(equal)}" if equal else "")
+            + (f"the same in every setting for seed{'s' if len(equal) > 1 else ''} {', '.join(equal)}" if equal else "")
             + ("; " if equal and differ else "")
             + (f"different for {'; '.join(differ)} (groups of equal settings)" if differ else "") + ".", ""]
 
@@ -438,7 +464,12 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
             paper_tables.settings_table(runs, "markdown", title=None), "",
             paper_tables.iqm_table(runs, "markdown"), ""]
     early = first.get("early_stop_success", 0.9)
-    doc += [f"Every run (`*`: the stage stopped early at {early} training success):", ""] + per_run_table(counted) + [""]
+    if len(counted[0].metrics["stages"]) > 1:
+        doc += ["What each setting held of the tasks a stage does not train, through the stage: their evaluation success "
+                "averaged over the stage's evaluations, mean ± standard error over runs (the success matrix samples "
+                "the same curves once, at the stage's end):", ""] + retention_table(counted, paper_tables.setting_label) + [""]
+    stops = f"`*`: the stage stopped early at {early} training success" if early else "no early stop: every stage to its budget"
+    doc += [f"Every run ({stops}):", ""] + per_run_table(counted) + [""]
     doc += stage_one_agreement(counted)
     identification = identification_table(counted, paper_tables.setting_label)
     if len(identification) > 2:

@@ -265,8 +265,8 @@ def test_a_grid_still_running_says_what_is_complete(tmp_path):
     sr = [[1.0, None], [0.2, 1.0], [1.0, 0.4], [0.0, 1.0]]
     curves = {"window-open": [1.0] * 16, "window-close": [0.0] * 16}
     for seed in (2, 1):
-        write_sequence_run(tmp_path / "regime", "sac", seed, 2, curves, sr)
-    write_sequence_run(tmp_path / "regime", "nbsp", 1, 2, curves, sr, {"method": "nbsp"})
+        write_sequence_run(tmp_path / "regime", "sac", seed, 2, curves, sr, {"early_stop_success": 0.0})
+    write_sequence_run(tmp_path / "regime", "nbsp", 1, 2, curves, sr, {"method": "nbsp", "early_stop_success": 0.0})
     halfway = write_sequence_run(tmp_path / "regime", "only-replay", 1, 2, curves, sr, {"method": "nbsp"})
     with open(os.path.join(halfway, "metrics.json")) as f:
         metrics = json.load(f)
@@ -281,6 +281,7 @@ def test_a_grid_still_running_says_what_is_complete(tmp_path):
             "identify-activation-balanced. Unfinished in the folder: nbsp seed 2 (0 of 4 stages done); only-replay "
             "seed 1 (2 of 4 stages done). Every table and figure below counts the complete runs only.") in doc
     assert "| vanilla SAC | 2 |" in doc and "only-replay seed" not in doc.split("## Command")[1]
+    assert "Every run (no early stop: every stage to its budget):" in doc
 
 
 def test_a_finished_grid_has_no_status_line():
@@ -306,6 +307,21 @@ def test_stage_one_is_compared_between_the_settings_of_each_seed(tmp_path):
     assert mini_report.stage_one_agreement(runs) == [
         "Stage 1 comes before any setting's masks or Dpre act. Its length, the success after it and the plasticity "
         "diagnostics at its end (every network's weight magnitude, dormant share and feature rank) compared between "
-        "the settings of each seed: the same in every setting for seeds 1; different for seed 2 (nbsp | sac) "
+        "the settings of each seed: the same in every setting for seed 1; different for seed 2 (nbsp | sac) "
         "(groups of equal settings).", ""]
     assert mini_report.stage_one_agreement(runs[-1:]) == []
+
+
+def test_retention_table_by_hand(tmp_path):
+    """The tasks a stage does not train, averaged over its evaluations, then over runs."""
+    sr = [[1.0, None], [0.2, 1.0], [1.0, 0.4], [0.0, 1.0]]
+    # 4 evaluations per stage; window-open is off in stages 2 and 4, window-close in stage 3
+    open_by_seed = {1: [1, 1, 1, 1] + [1, 0.5, 0.5, 0] + [1] * 4 + [0.2] * 4,
+                    2: [1, 1, 1, 1] + [1, 1, 1, 1] + [1] * 4 + [0.0] * 4}
+    close = [0] * 4 + [1] * 4 + [0.9, 0.5, 0.3, 0.1] + [1] * 4
+    for seed in (1, 2):
+        write_sequence_run(tmp_path, "sac", seed, 2, {"window-open": open_by_seed[seed], "window-close": close}, sr)
+    lines = mini_report.retention_table(mini_report.complete_runs([tmp_path]), lambda args: args["exp_name"])
+    assert lines[0] == "| setting | runs | during stage 2 (window-close) | during stage 3 (window-open) | during stage 4 (window-close) |"
+    # stage 2: seeds 0.5 and 1.0 -> 0.75 ± 0.25; stage 3: 0.45 both -> 0.45 ± 0.00; stage 4: 0.2 and 0.0 -> 0.10 ± 0.10
+    assert lines[2:] == ["| sac | 2 | 0.75 ± 0.25 | 0.45 ± 0.00 | 0.10 ± 0.10 |"]
