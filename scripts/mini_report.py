@@ -254,9 +254,9 @@ def more_seeds_section(grid_runs, more_dir: str, command: str | None) -> list[st
 
 
 def grid_status(folder_runs, preset_settings: list[str]) -> list[str]:
-    """For a grid still running (a setting of the preset without a complete run, settings with
-    unequal seeds, or an unfinished run in the folder): which seeds of each setting are complete
-    and how far the unfinished runs are; nothing for a finished grid."""
+    """For a folder that does not hold the whole grid (a setting of the preset without a complete
+    run, settings with unequal seeds, or an unfinished run): which seeds of each setting are
+    complete and how far the unfinished runs are; nothing for a finished grid."""
     complete, unfinished = {}, []
     for run in folder_runs:
         if run.complete:
@@ -269,7 +269,7 @@ def grid_status(folder_runs, preset_settings: list[str]) -> list[str]:
         return []
     counts = "; ".join(f"{name}: {', '.join(map(str, sorted(seeds)))}" for name, seeds in
                        sorted(complete.items(), key=lambda item: (preset_settings + sorted(complete)).index(item[0])))
-    return [f"**Status: the grid is still running.** {sum(map(len, complete.values()))} complete runs, the seeds of each "
+    return [f"**Not the whole grid.** {sum(map(len, complete.values()))} complete runs, the seeds of each "
             f"setting: {counts}. " + (f"No complete run yet: {', '.join(missing)}. " if missing else "")
             + (f"Unfinished in the folder: {'; '.join(sorted(unfinished))}. " if unfinished else "")
             + "Every table and figure below counts the complete runs only.", ""]

@@ -276,7 +276,7 @@ def test_a_grid_still_running_says_what_is_complete(tmp_path):
     out = tmp_path / "report.md"
     assert mini_report.main(["--preset", "regime", "--runs", str(tmp_path / "regime"), "--out", str(out)]) == 0
     doc = out.read_text()
-    assert ("**Status: the grid is still running.** 3 complete runs, the seeds of each setting: sac: 1, 2; nbsp: 1. "
+    assert ("**Not the whole grid.** 3 complete runs, the seeds of each setting: sac: 1, 2; nbsp: 1. "
             "No complete run yet: only-replay, only-mask, hard-mask, goal-balanced, identify-random-balanced, "
             "identify-activation-balanced. Unfinished in the folder: nbsp seed 2 (0 of 4 stages done); only-replay "
             "seed 1 (2 of 4 stages done). Every table and figure below counts the complete runs only.") in doc
@@ -288,7 +288,7 @@ def test_a_finished_grid_has_no_status_line():
     runs = [type("Run", (), {"complete": True, "args": {"exp_name": name, "seed": seed}, "metrics": {}, "stage_tasks": []})
             for name in ("sac", "nbsp") for seed in (1, 2)]
     assert mini_report.grid_status(runs, ["sac", "nbsp"]) == []
-    assert mini_report.grid_status(runs[:3], ["sac", "nbsp"])[0].startswith("**Status: the grid is still running.** 3 ")
+    assert mini_report.grid_status(runs[:3], ["sac", "nbsp"])[0].startswith("**Not the whole grid.** 3 ")
 
 
 def test_stage_one_is_compared_between_the_settings_of_each_seed(tmp_path):
