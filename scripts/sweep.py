@@ -36,7 +36,7 @@ from protocol import RESUME_FLAGS, resume_flags
 from run_folders import ROOT, SCRIPTS
 
 SEQUENCE_FLAG = {"metaworld": "--tasks", "atari": "--games"}
-DEFAULT_SEEDS = [1, 2, 3]  # the paper repeats every experiment with 3 seeds
+DEFAULT_SEEDS = [1, 2, 3]  # the paper repeats every experiment with 3 seeds; a preset may ask for more
 
 # ---------------------------------------------------------------------------------------------
 # Settings: a name (it becomes the run's --exp-name) and the training-script flags it adds.
@@ -139,6 +139,7 @@ PRESETS = {
         # every stage to its budget: the early stop ended stages on evaluation dips (results/regime-pilot),
         # without it SAC learned both tasks and forgot the first in 4 of 5 seeds (results/regime-pilot-full)
         flags=["--cycles", "2", *REGIME_FLAGS, "--early-stop-success", "0", "--compile"],
+        seeds=[1, 2, 3, 4, 5],  # the regime's evidence asks for at least 5 seeds per setting
     ),
     "mini-pilot": dict(  # single-task SAC learning curves of the tasks considered for `mini`
         script="metaworld",
@@ -280,7 +281,7 @@ def build_runs(args, extra: list[str]) -> list[Run]:
         for field in ("script", "sequences", "settings"):
             if getattr(args, field):
                 spec[field] = getattr(args, field)
-        for run in expand(spec, args.seeds, sets, extra, args.tag):
+        for run in expand(spec, args.seeds or spec.get("seeds", DEFAULT_SEEDS), sets, extra, args.tag):
             if run.key in runs and runs[run.key].flags != run.flags:  # same name must mean same run
                 raise SweepError(f"two settings named {run.label} have different flags: "
                                  f"{shlex.join(runs[run.key].flags)} vs {shlex.join(run.flags)}")
@@ -650,7 +651,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", "--grid", action="append", default=[], metavar="FLAG=V1,V2",
                    help="also sweep a training flag over values (repeatable; grids multiply); true/false toggle "
                         "a boolean flag; the values join the exp_name, e.g. nbsp_ratio0.1")
-    g.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="seeds of every cell (the paper has 3)")
+    g.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help=f"seeds of every cell (default: the preset's, else {' '.join(map(str, DEFAULT_SEEDS))}; the paper has 3)")
     g.add_argument("--tag", default="", help="appended to every exp_name (a variant of a grid, e.g. with other extras)")
     r = p.add_argument_group("running")
     r.add_argument("--runs-dir", default="runs", help="passed to every run; complete runs there are skipped")
@@ -680,9 +682,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def list_presets() -> None:
-    print(f"{'preset':<9} {'script':<10} {'runs':>5}  sequences x settings x {len(DEFAULT_SEEDS)} seeds")
+    print(f"{'preset':<9} {'script':<10} {'runs':>5}  sequences x settings x seeds ({len(DEFAULT_SEEDS)} unless the preset says)")
     for name, spec in PRESETS.items():
-        n = len(spec["sequences"]) * len(spec["settings"]) * len(DEFAULT_SEEDS)
+        n = len(spec["sequences"]) * len(spec["settings"]) * len(spec.get("seeds", DEFAULT_SEEDS))
         print(f"{name:<9} {spec['script']:<10} {n:>5}  {' | '.join(spec['sequences'])}  x  {' '.join(spec['settings'])}")
 
 
