@@ -213,9 +213,10 @@ def retention_table(runs, label) -> list[str]:
                 curves = figures.read_eval_curves(run.path)
                 means = [values[(steps > ends[k - 1]) & (steps <= ends[k])].mean()
                          for task, (steps, values) in curves.items() if task != run.metrics["stage_tasks"][k]]
-                held.append(np.mean(means))
+                if means:  # a sequence of one task has none untrained
+                    held.append(np.mean(means))
             se = f" ± {np.std(held, ddof=1) / np.sqrt(len(held)):.2f}" if len(held) > 1 else ""
-            cells.append(f"{np.mean(held):.2f}{se}")
+            cells.append(f"{np.mean(held):.2f}{se}" if held else "n/a")
         lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
     return lines
 
