@@ -205,14 +205,14 @@ def retention_table(runs, label) -> list[str]:
     lines = ["| setting | runs | " + " | ".join(f"during stage {k + 1} ({stage_tasks[k]})" for k in range(1, stages)) + " |",
              "|---|---:|" + "---:|" * (stages - 1)]
     for name, group in by_setting(runs, label):
+        curves = {run.path: figures.read_eval_curves(run.path) for run in group}  # each run's events read once
         cells = []
         for k in range(1, stages):
             held = []
             for run in group:
                 ends = np.cumsum([stage["env_steps"] for stage in run.metrics["stages"]])
-                curves = figures.read_eval_curves(run.path)
                 means = [values[(steps > ends[k - 1]) & (steps <= ends[k])].mean()
-                         for task, (steps, values) in curves.items() if task != run.metrics["stage_tasks"][k]]
+                         for task, (steps, values) in curves[run.path].items() if task != run.metrics["stage_tasks"][k]]
                 if means:  # a sequence of one task has none untrained
                     held.append(np.mean(means))
             se = f" ± {np.std(held, ddof=1) / np.sqrt(len(held)):.2f}" if len(held) > 1 else ""
