@@ -85,3 +85,13 @@ def test_bad_input_stops_with_one_line(runs, argv, expected, capsys):
     assert export_results.main(argv) == 2
     err = capsys.readouterr().err
     assert err.endswith(expected) and err.count("\n") == 1
+
+
+def test_log_dir_names_where_the_sweep_logs_are(runs, tmp_path):
+    logs = tmp_path / "elsewhere"
+    (runs / "sweep_logs").rename(logs)
+    out = tmp_path / "results" / "grid"
+    assert export_results.main([str(runs), str(out)]) == 0
+    assert "console.log" not in os.listdir(out / "reach+drawer-close__sac_r0.2__1")  # not in RUNS_DIR/sweep_logs
+    assert export_results.main([str(runs), str(out), "--log-dir", str(logs)]) == 0
+    assert (out / "reach+drawer-close__sac_r0.2__1" / "console.log").read_text().startswith("python nbsp_sac_metaworld.py")
