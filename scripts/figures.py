@@ -141,7 +141,10 @@ def save(fig, out: str) -> list[str]:
     paths = out_paths(out)
     os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
     for path in paths:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+        # no creation date in the PDF: the same runs give the same bytes, so a regenerated report changes
+        # in git only where its numbers do
+        metadata = {"CreationDate": None} if path.endswith(".pdf") else None
+        fig.savefig(path, dpi=150, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return paths
 

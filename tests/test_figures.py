@@ -334,3 +334,14 @@ def test_a_resumed_runs_events_read_without_the_purge_warning(tmp_path, caplog):
         steps, values = figures.read_eval_curves(str(tmp_path))["reach"]
     assert list(steps) == [1, 2, 3, 4, 5, 6, 7, 8] and list(values) == [0.0] * 5 + [1.0] * 3
     assert not [r for r in caplog.records if "out of order" in r.getMessage()]
+
+
+def test_a_saved_pdf_carries_no_creation_date(tmp_path):
+    """A regenerated report's figures change in git only where the runs do."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    png, pdf = figures.save(fig, str(tmp_path / "curve.png"))
+    assert os.path.getsize(png) > 0
+    with open(pdf, "rb") as f:
+        assert b"/CreationDate" not in f.read()
