@@ -363,8 +363,9 @@ def plan_runs(runs: list[Run], args) -> list[Plan]:
                       f"it is {'skipped' if done else 'resumed with its own'} (use --tag or --runs-dir for a new set)",
                       file=sys.stderr)
         if not done and not resumable and folders:
-            print(f"note: {', '.join(f[0] for f in folders)} never finished a stage (no checkpoint.pt); "
-                  f"{run.label} starts a new run", file=sys.stderr)
+            print(f"note: {', '.join(f[0] for f in folders)} stopped before its first checkpoint (no checkpoint.pt); "
+                  f"{run.label} starts a new run in a new folder (delete the old one to keep it out of "
+                  f"TensorBoard)", file=sys.stderr)
         if done:
             plans.append(Plan(run, "skip", done[-1][0], [], log))
         elif resumable:  # the newest killed run that finished a stage; the run name ends in its start time

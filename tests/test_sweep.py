@@ -261,7 +261,7 @@ def test_killed_run_is_resumed(finished_sweep, tmp_path):
     dry = run_sweep(*grid, "--settings", "nbsp", "sac", "--dry-run", "--", *TINY)
     resume, new = [line for line in dry.stdout.splitlines() if not line.startswith("#")]
     assert resume.endswith(f"--resume {tmp_path / folder} --no-cuda")  # only flags --resume accepts
-    assert "--exp-name sac" in new and "never finished a stage" in dry.stderr
+    assert "--exp-name sac" in new and "stopped before its first checkpoint" in dry.stderr
     res = run_sweep(*grid, "--settings", "nbsp", "--", *TINY)  # the real resume (no work left: seconds)
     assert res.returncode == 0, res.stdout + res.stderr
     assert json.load(open(metrics_path))["complete"] is True
