@@ -8,8 +8,16 @@ Example: python nbsp_sac_atari.py --games Pong Bowling --seed 1
 """
 # Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
 # identification, evaluation and videos, the main loop (`# ALGO LOGIC` marks the algorithm).
-# Eq. 7: skill_neurons.neuron_mask / SkillNeuronMasks build the masks; SACLearner.masked_step
-# (fast_adam.StepMask) scales Adam's step with them.
+# Where the paper is:
+# - discrete SAC (Alg. 2 lines 12-16): SACLearner.critic_step and actor_step
+# - skill neurons (Alg. 1, Alg. 2 line 19): identify_skill_neurons -> skill_neurons.identify_network;
+#   the Eq. 3-4 score is skill_neurons.goal_scores (q(t): the raw return of the step's whole game; a
+#   conv channel's activation: its spatial mean); Eq. 5's top 20% per network is select_top
+# - the Eq. 7 mask (Alg. 2 line 20): skill_neurons.neuron_mask, kept over stages by
+#   SkillNeuronMasks; it scales Adam's step in SACLearner.masked_step (fast_adam.StepMask)
+# - Dpre (Eq. 8, Alg. 2 lines 9-10 and 21): `dpre` in main gives every --replay-interval-th
+#   update's batch and gets D's newest policy transitions at each stage's end but the last
+# - the stages: main's `for stage in range(run.start_stage, H)`
 import math
 import os
 import sys
@@ -199,8 +207,8 @@ GAME_NAMES = sorted(env_id[len("ALE/") : -len("-v5")] for env_id in gym.registry
 # random score reads 227.5 there). Other games need --game-scores.
 PAPER_SCORES = {"Alien": (227.5, 6875.0), "BankHeist": (14.2, 734.4), "Bowling": (23.1, 154.8), "Pong": (-20.7, 9.3)}
 FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
-MAX_EVAL_ENVS = 64
-PLASTICITY_PROBE = 512  # observations of the fixed batch the plasticity diagnostics are measured on  # env copies per game played side by side in evaluation
+MAX_EVAL_ENVS = 64  # env copies per game played side by side in evaluation (built up front)
+PLASTICITY_PROBE = 512  # observations of the fixed batch the plasticity diagnostics are measured on
 CONV_OUT = 7  # spatial size after the convolutions: 84 -> 20 -> 9 -> 7
 
 
@@ -243,7 +251,7 @@ def validate(args: Args) -> None:
     if len(games) * args.cycles > protocol.MAX_STAGES:
         fail(f"--games x --cycles must be at most {protocol.MAX_STAGES} stages, got {len(games)} x {args.cycles}")
     scores = parse_game_scores(args.game_scores)
-    for game in map(canonical_game, args.games):
+    for game in games:
         if game not in scores:
             fail(f"no random/human scores to normalize {game!r}: the paper's Table 7 has {' '.join(PAPER_SCORES)}; "
                  f"give them with --game-scores {game}=RANDOM,HUMAN (e.g. from Mnih et al. 2015, Extended Data Table 2)")
@@ -390,7 +398,8 @@ def wrap_atari(env: gym.Env, train: bool) -> gym.Env:
 
 def make_env(game: str, seed: int, train: bool, sticky_actions: bool = False, render: bool = False) -> gym.Env:
     """One ALE v5 game with the full 18-action space, so one network plays every game; with
-    `render`, env.render() gives the RGB screen."""
+    `render`, env.render() gives the RGB screen. `seed` seeds the action space (the random actions
+    before --learning-starts); the emulator is seeded by the caller's env.reset(seed=...)."""
     env = gym.make(f"ALE/{game}-v5", obs_type="grayscale", frameskip=1, full_action_space=True,
                    repeat_action_probability=0.25 if sticky_actions else 0.0, disable_env_checker=True,
                    render_mode="rgb_array" if render else None)
@@ -583,7 +592,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity, device, frame_shape=(FRAME_SIZE, FRAME_SIZE), stack=FRAME_STACK):
         self.capacity, self.stack, self.device = capacity, stack, device
-        self.num_slots = capacity + capacity // 16 + stack
+        self.num_slots = self.slots(capacity, stack)
         self.frames = torch.zeros((self.num_slots, *frame_shape), dtype=torch.uint8, device=device)
         self.history = torch.zeros(self.num_slots, dtype=torch.uint8, device=device)
         self.obs_slot = torch.zeros(capacity, dtype=torch.long, device=device)
@@ -596,10 +605,15 @@ class ReplayBuffer:
         self.clear()
 
     @staticmethod
-    def nbytes(capacity, frame_shape=(FRAME_SIZE, FRAME_SIZE), stack=FRAME_STACK):
+    def slots(capacity, stack=FRAME_STACK):
+        """Frame slots for `capacity` transitions: one per transition, one extra per episode (up to
+        one per 16 transitions), and the first stack's padding."""
+        return capacity + capacity // 16 + stack
+
+    @classmethod
+    def nbytes(cls, capacity, frame_shape=(FRAME_SIZE, FRAME_SIZE), stack=FRAME_STACK):
         """Memory of a buffer of `capacity` transitions: its frame slots and per-transition arrays."""
-        slots = capacity + capacity // 16 + stack
-        return slots * (int(np.prod(frame_shape)) + 1) + capacity * (8 + 8 + 4 + 4 + 8 + 8)
+        return cls.slots(capacity, stack) * (int(np.prod(frame_shape)) + 1) + capacity * (8 + 8 + 4 + 4 + 8 + 8)
 
     def clear(self):
         self.slots_written = 0  # absolute slot index = write order; ring position = index % num_slots
@@ -788,7 +802,7 @@ class SACLearner:
         self.method.after_backward("critic")
         self.masked_step(self.q_optimizer, self.q_mask)
         self.method.after_step("critic")
-        if update_target:  # tau = 1: a hard copy
+        if update_target:  # a hard copy at tau = 1 (paper Table 6), else Polyak averaging
             # parameter lists built here: a method may have grown the critics (PI)
             q_params = [p for net in self.critics for p in net.parameters()]
             q_target_params = [p for net in self.critic_targets for p in net.parameters()]
@@ -1117,21 +1131,24 @@ def main(args: Args) -> dict:
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and args.mask, is_nbsp and args.replay and H > 1
-    run = protocol.Run(args, __file__, "+".join(args.games), stage_tasks, "AR", ("task_success", "task_return"), checkpoint)
+    run = protocol.Run(args, __file__, "+".join(unique_games), stage_tasks, "AR", ("task_success", "task_return"), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
-    dpre_capacity = args.dpre_per_task * max(H - 1, 1)  # a share after every stage but the last: Dpre never overwrites
+    # a share after every stage but the last, so Dpre never overwrites; no replay, no Dpre memory
+    dpre_capacity = args.dpre_per_task * (H - 1) if use_replay else 0
     protocol.check_memory(ReplayBuffer.nbytes(args.buffer_size) + ReplayBuffer.nbytes(dpre_capacity), device,
-                          f"D (--buffer-size {args.buffer_size}) and Dpre (--dpre-per-task {args.dpre_per_task} x {max(H - 1, 1)})")
+                          f"D (--buffer-size {args.buffer_size})" + (f" and Dpre (--dpre-per-task {args.dpre_per_task} x "
+                                                                     f"{H - 1})" if use_replay else ""))
     if run.all_stages_done():  # killed between the last checkpoint and metrics.json?
         return run.write_metrics()
 
-    # one fixed pool of env copies per game: evaluation (full games, raw rewards) and
-    # identification (training wrappers, so the states are those the agent trains on)
-    eval_envs = {game: [make_env(game, args.seed + protocol.EVAL_SEED_OFFSET + i, False, args.sticky_actions) for i in range(args.eval_envs)]
-                 for game in unique_games}
-    identify_envs = {game: [make_env(game, args.seed + 20_000 + i, True, args.sticky_actions)
+    # fixed pools of env copies per game: eval_envs (full games, raw rewards) and, with the mask,
+    # identify_envs for rollout identification windows (training wrappers: the states the agent trains on).
+    # Their seeds reach only the action spaces, which nothing samples: `rollout` seeds each game's reset.
+    eval_envs = {game: [make_env(game, args.seed + protocol.EVAL_SEED_OFFSET + i, False, args.sticky_actions)
+                        for i in range(args.eval_envs)] for game in unique_games}
+    identify_envs = {game: [make_env(game, args.seed + protocol.EVAL_SEED_OFFSET + i, True, args.sticky_actions)
                             for i in range(min(args.eval_envs, args.identify_episodes) if use_mask else 0)]
                      for game in unique_games}
     num_actions = int(eval_envs[unique_games[0]][0].action_space.n)

@@ -7,8 +7,16 @@ Example: python nbsp_sac_metaworld.py --tasks window-open window-close --seed 1
 """
 # Read top to bottom: Args, environments, networks, the replay buffers D and Dpre, SAC, NBSP's
 # identification, evaluation and videos, the main loop (`# ALGO LOGIC` marks the algorithm).
-# Eq. 7: skill_neurons.neuron_mask / SkillNeuronMasks build the masks; SACLearner.masked_step
-# (fast_adam.StepMask) scales Adam's step with them.
+# Where the paper is:
+# - SAC (Alg. 2 lines 12-16): SACLearner.critic_step and actor_step
+# - skill neurons (Alg. 1, Alg. 2 line 19): identify_skill_neurons -> skill_neurons.identify_network;
+#   the Eq. 3-4 score is skill_neurons.goal_scores (q(t): the step's episode succeeded; its return
+#   where the window has one outcome); Eq. 5's top 20% per network is select_top
+# - the Eq. 7 mask (Alg. 2 line 20): skill_neurons.neuron_mask, kept over stages by
+#   SkillNeuronMasks; it scales Adam's step in SACLearner.masked_step (fast_adam.StepMask)
+# - Dpre (Eq. 8, Alg. 2 lines 9-10 and 21): `dpre` in main gives every --replay-interval-th
+#   update's batch and gets D's newest policy transitions at each stage's end but the last
+# - the stages: main's `for stage in range(run.start_stage, H)`
 import atexit
 import contextlib
 import gc
@@ -518,7 +526,7 @@ class ReplayBuffer:
         self.storage[: len(rows)] = rows.to(self.storage.device)
         self.episode[: len(rows)] = state["episode"].numpy()
         self.size = len(rows)
-        self.pos = state.get("pos", len(rows) % self.capacity)  # checkpoints before "pos": rows oldest first
+        self.pos = state["pos"] if "pos" in state else len(rows) % self.capacity  # checkpoints before "pos": oldest first
 
 
 # ------------------------------------------------------------------------------------------
@@ -924,7 +932,7 @@ def main(args: Args) -> dict:
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and args.mask, is_nbsp and args.replay and H > 1
-    run = protocol.Run(args, __file__, "+".join(args.tasks), stage_tasks, "ASR", ("task_success",), checkpoint)
+    run = protocol.Run(args, __file__, "+".join(unique_tasks), stage_tasks, "ASR", ("task_success",), checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
@@ -938,9 +946,11 @@ def main(args: Args) -> dict:
     probe_env = rollout_envs[unique_tasks[0]][0]
     obs_dim = int(np.prod(probe_env.observation_space.shape))
     act_dim = int(np.prod(probe_env.action_space.shape))
-    dpre_capacity = args.dpre_per_task * max(H - 1, 1)  # a share after every stage but the last: Dpre never overwrites
+    # a share after every stage but the last, so Dpre never overwrites; no replay, no Dpre memory
+    dpre_capacity = args.dpre_per_task * (H - 1) if use_replay else 0
     protocol.check_memory((args.buffer_size + dpre_capacity) * ReplayBuffer.row_bytes(obs_dim, act_dim), device,
-                          f"D (--buffer-size {args.buffer_size}) and Dpre (--dpre-per-task {args.dpre_per_task} x {max(H - 1, 1)})")
+                          f"D (--buffer-size {args.buffer_size})" + (f" and Dpre (--dpre-per-task {args.dpre_per_task} x "
+                                                                     f"{H - 1})" if use_replay else ""))
 
     protocol.seed_everything(args.seed, args.torch_deterministic)
     method = baselines.make_method(args)

@@ -53,7 +53,10 @@ def resume_flags(tokens: list[str]) -> list[str]:
     return kept
 
 
-EVAL_SEED_OFFSET = 10_000  # evaluation env copy i of a run seeded s is seeded s + EVAL_SEED_OFFSET + i
+# evaluation env copy i of a run seeded s is built with seed s + EVAL_SEED_OFFSET + i (Meta-World: its
+# MT1 benchmark; Atari: its action space); evaluation episode i resets with seed s + i (Atari: copy
+# i's first game; its later games continue that generator)
+EVAL_SEED_OFFSET = 10_000
 MAX_SEED = 2**31 - 1  # numpy and gymnasium take seeds below 2**32, the stage and evaluation offsets included
 MAX_INT = 2**31 - 1  # every integer flag (counts, sizes, widths, frequencies) stays below this
 MAX_STAGES = 10_000  # tasks x cycles

@@ -136,7 +136,8 @@ def goal_scores(activations: Tensor, goal: Tensor, score: str = "paper") -> Tens
       balanced accuracy of the same indicator. It equals "paper" on a window with as many steps
       above the goal mean as below, and gives 0.5 to a neuron that is constant, or independent
       of the goal, whatever the balance. Eq. 3 is ruled by the balance instead: with 19 of 20
-      episodes successful a constant neuron scores 0.95 there. A constant goal metric leaves one
+      window steps above the goal mean (e.g. in successful episodes) a constant neuron scores
+      0.95 there. A constant goal metric leaves one
       class empty: every neuron scores 0.5 (no information).
     score = max(R, 1 - R) for both.
     """

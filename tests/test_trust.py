@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
 import nbsp_sac_atari as atari
 import nbsp_sac_metaworld as mw
 import protocol
@@ -369,3 +370,42 @@ def test_deleting_run_lock_does_not_free_the_folder(killed, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+class MemoryChecked(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script,tiny,row_bytes", [
+    (mw, MW_TINY, lambda: mw.ReplayBuffer.row_bytes(39, 4)),
+    (atari, ATARI_TINY, None)])
+def test_dpre_takes_memory_only_where_replay_runs(script, tiny, row_bytes, tmp_path, monkeypatch):
+    """D and Dpre are preallocated and checked against the device's memory: a run without replay
+    (another --method, --no-replay) holds no Dpre (paper-size Atari: 2.1 GiB of GPU memory)."""
+    needed = {}
+
+    def record(nbytes, device, what):
+        needed[setting] = (nbytes, what)
+        raise MemoryChecked
+
+    monkeypatch.setattr(protocol, "check_memory", record)
+    args = {**{k: v for k, v in tiny.items() if k not in baselines.NBSP.flag_names}, "buffer_size": 1000,
+            "runs_dir": str(tmp_path)}  # NBSP's flags at their defaults: other methods refuse them
+    nbsp = {k: v for k, v in tiny.items() if k in baselines.NBSP.flag_names}
+    settings = {"nbsp": {**nbsp, "dpre_per_task": 300}, "no-replay": {**nbsp, "replay": False}, "sac": {"method": "sac"}}
+    for setting, flags in settings.items():
+        with pytest.raises(MemoryChecked):
+            script.main(script.Args(**args, **flags))
+    if row_bytes:  # Meta-World: one row per transition; 2 stages, so Dpre holds one stage's share
+        assert needed["nbsp"][0] == (1000 + 300) * row_bytes()
+        assert needed["sac"][0] == needed["no-replay"][0] == 1000 * row_bytes()
+    else:
+        assert needed["nbsp"][0] == atari.ReplayBuffer.nbytes(1000) + atari.ReplayBuffer.nbytes(300)
+        assert needed["sac"][0] == needed["no-replay"][0] == atari.ReplayBuffer.nbytes(1000) + atari.ReplayBuffer.nbytes(0)
+    assert "Dpre (--dpre-per-task 300 x 1)" in needed["nbsp"][1] and "Dpre" not in needed["sac"][1]
+
+
+def test_an_ale_game_id_names_the_run_folder_by_its_game(tmp_path):
+    """--games ALE/Pong-v5 is accepted as Pong: the run folder is runs/Pong__..., not a folder ALE/."""
+    metrics = atari.main(atari.Args(**dict(ATARI_TINY, games=["ALE/Pong-v5"], runs_dir=str(tmp_path))))
+    assert os.listdir(tmp_path) == [metrics["run_name"]] and metrics["run_name"].startswith("Pong__")
