@@ -136,7 +136,7 @@ class SACArgs:
     q_lr: float = 1e-4
     """the learning rate of the Q network optimizer (and of the temperature)"""
     update_frequency: int = 4
-    """environment steps between gradient updates"""
+    """environment steps between gradient updates (CleanRL's sac_atari: Table 6's "updates per environment step (replay ratio) 4" read as CleanRL's update_frequency, whose code the paper runs)"""
     target_network_frequency: int = 8000
     """environment steps between target network updates"""
     alpha: float = 0.2
@@ -961,8 +961,9 @@ def probe_networks(sac, masked, obs, actor=True):
 def training_window(sac, masked, rb, games, args, device):
     """The stage's own last `identify_episodes` policy games, taken from D (Alg. 1 runs over
     training steps), widened backwards while their return is constant, over the games D still
-    holds whole only (D keeps far fewer steps than a stage); the networks are run on the stored
-    observations as they go. None if no policy game of the stage is whole in D."""
+    holds whole only (D keeps far fewer steps than a stage). The end-of-stage networks are run on
+    the window's stored observations (their activations, not those the networks had while the
+    games were played). None if no policy game of the stage is whole in D."""
     stored = set(rb.whole_episodes([g["id"] for g in games if g["policy"]]))
     policy = [g for g in games if g["id"] in stored]
     if not policy:
@@ -1023,7 +1024,8 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, games, identify_
         print(f"warning: {label}: the goal metric is constant ({goal[0]:g}) over the identification window, so "
               "skill-neuron scores carry no goal information", file=sys.stderr)
 
-    # ALGO LOGIC: goal scores -> top skill_ratio -> Eq. 7 masks
+    # ALGO LOGIC: Eq. 3-4 scores -> Eq. 5's top skill_ratio per network -> Eq. 7 masks, combined with
+    # the earlier stages' (masks.update; installed on Adam's steps by masks.install)
     generator = torch.Generator().manual_seed(stage_seed)  # drawn from by --identify random only
     found = {name: sn.identify_network(masks.networks[name], args.identify, activations[name], goal, args.skill_ratio,
                                        args.goal_score, generator) for name in masks.masked}

@@ -789,6 +789,9 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, episodes, envs, 
             if "qf1" in masks.masked:  # critics probed at the executed actions; one pass records qf1 and qf2
                 sac.qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
     activations = sn.split_recorded([a.cpu() for a in recorder.activations()], masks.networks, masks.masked)
+
+    # ALGO LOGIC: Eq. 3-4 scores -> Eq. 5's top skill_ratio per network -> Eq. 7 masks, combined with
+    # the earlier stages' (masks.update; installed on Adam's steps by masks.install)
     generator = torch.Generator().manual_seed(stage_seed)  # drawn from by --identify random only
     found = {name: sn.identify_network(masks.networks[name], args.identify, activations[name], goal, args.skill_ratio,
                                        args.goal_score, generator) for name in masks.masked}
