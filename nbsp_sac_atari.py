@@ -167,7 +167,7 @@ class NBSPArgs:
     """identification window: the stage's own last policy games, taken from D (no extra env steps), or post-stage rollouts"""
     goal_score: Literal[sn.GOAL_SCORES] = "paper"
     """goal score: Eq. 3-4 as written, or balanced (balanced accuracy of the same indicator: 0.5 for a dead neuron whatever the balance)"""
-    apply_to: Literal["actor", "critic", "both"] = "both"
+    apply_to: Literal[tuple(sn.APPLY_TO)] = "both"
     """networks whose skill neurons are identified and masked (paper Table 4)"""
     skill_ratio: float = 0.2
     """fraction of each network's hidden neurons selected as skill neurons, in (0, 1]"""
@@ -1161,7 +1161,7 @@ def main(args: Args) -> dict:
     method.setup(sac)
     masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()},
-        masked={"actor": ["actor"], "critic": ["qf1", "qf2"], "both": ["actor", "qf1", "qf2"]}[args.apply_to],
+        masked=list(sn.APPLY_TO[args.apply_to]),
         step_masks=[(sac.actor_mask, ["actor"]), (sac.q_mask, ["qf1", "qf2"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, device)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 IDENTIFY_RULES = ("goal", "activation", "weight", "random")
 GOAL_SCORES = ("paper", "balanced")
 IDENTIFY_WINDOWS = ("training", "rollout")
+APPLY_TO = {"actor": ("actor",), "critic": ("qf1", "qf2"), "both": ("actor", "qf1", "qf2")}  # --apply-to: masked networks
 
 
 @dataclass(frozen=True)
