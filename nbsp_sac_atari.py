@@ -268,7 +268,8 @@ def validate(args: Args) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Environments: CleanRL's Atari wrappers (stable-baselines3 atari_wrappers), written out here
+# Environments: CleanRL's Atari wrappers (stable-baselines3 atari_wrappers), written out here, and
+# `rollout`, which plays full games for evaluation and the rollout identification window
 # ------------------------------------------------------------------------------------------
 class NoopReset(gym.Wrapper):
     """After a reset, 1 to `noop_max` no-op actions (random start states)."""
@@ -932,12 +933,6 @@ class SACLearner:
         self.a_optimizer.load_state_dict(state["a_optimizer"])
 
 
-def normalized_score(raw_return: float, scores: tuple[float, float]) -> float:
-    """Paper Eq. 12: R = (r - r_random) / (r_human - r_random)."""
-    random_score, human_score = scores
-    return (raw_return - random_score) / (human_score - random_score)
-
-
 # ------------------------------------------------------------------------------------------
 # NBSP pieces: the identification window and skill-neuron identification (Alg. 1)
 # ------------------------------------------------------------------------------------------
@@ -1037,6 +1032,12 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, games, identify_
 # ------------------------------------------------------------------------------------------
 # Evaluation and the main loop
 # ------------------------------------------------------------------------------------------
+def normalized_score(raw_return: float, scores: tuple[float, float]) -> float:
+    """Paper Eq. 12: R = (r - r_random) / (r_human - r_random)."""
+    random_score, human_score = scores
+    return (raw_return - random_score) / (human_score - random_score)
+
+
 @torch.no_grad()
 def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
     """Plasticity diagnostics of the actor and both critics on the probe batch: dormant ratio,
