@@ -1230,7 +1230,7 @@ def main(args: Args) -> dict:
 
             # ALGO LOGIC: one SAC update on a batch of D, or of Dpre every replay_interval-th gradient step
             if step >= args.learning_starts and (step - args.learning_starts) % args.update_frequency == 0:
-                # this stage's updates so far: the Dpre and target schedules restart each stage
+                # this update's index in the stage (0-based): the Dpre and target schedules restart each stage
                 update_index = (step - args.learning_starts) // args.update_frequency
                 from_dpre = use_replay and dpre.size > 0 and update_index % args.replay_interval == 0
                 data = (dpre if from_dpre else rb).sample(args.batch_size)
