@@ -780,7 +780,7 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, episodes, envs, 
         print(f"warning: {label}: the goal metric is constant ({goal[0]:g}) over the identification window, so "
               "skill-neuron scores carry no goal information", file=sys.stderr)
 
-    # ALGO LOGIC: activations over the window -> goal scores -> top skill_ratio -> Eq. 7 masks
+    # the masked networks' activations over the window (the critics at the executed actions)
     layers = [layer for name in masks.masked for layer in masks.networks[name]]
     with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
         for chunk in range(0, len(obs), 8192):
