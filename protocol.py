@@ -192,7 +192,7 @@ def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed_bytes > total:
-        fail(f"{what} need {needed_bytes / 2**30:.1f} GiB on {device.type}, more than its {total / 2**30:.1f} GiB")
+        fail(f"{what}: {needed_bytes / 2**30:.1f} GiB needed on {device.type}, more than its {total / 2**30:.1f} GiB")
 
 
 def load_resume(args, validate) -> tuple[object, dict | None]:
