@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -393,7 +394,7 @@ def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device,
     """From here on the run writes: lock its folder, say where it is and how to watch it, start
     tracking (--track), open TensorBoard (dropping what a killed run logged after its last
     checkpoint; the stage-boundary step itself is kept) and, for a new run, write config.json
-    (`run_name`, every flag, then `config`) and its fingerprint. A new run that fails here (a full disk, --track without a login) leaves no folder behind. Returns the
+    (`run_name`, every flag, then `config` and the machine) and its fingerprint. A new run that fails here (a full disk, --track without a login) leaves no folder behind. Returns the
     SummaryWriter."""
     runs_dir_existed, writer = os.path.isdir(args.runs_dir), None
     try:
@@ -406,7 +407,8 @@ def open_run(args, run_dir: str, run_name: str, checkpoint: dict | None, device,
         if checkpoint is None:
             writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
             _manifests[run_dir]["fingerprint"] = fingerprint(args)
-            atomic_write_json(os.path.join(run_dir, "config.json"), {"run_name": run_name, "args": asdict(args), **config})
+            atomic_write_json(os.path.join(run_dir, "config.json"),
+                              {"run_name": run_name, "args": asdict(args), **config, "machine": machine(device)})
     except BaseException:
         if writer is not None:  # its thread writes into the folder: closed first, or it races the removal
             writer.close()
@@ -432,9 +434,22 @@ def start_tracking(args, run_name: str) -> None:
              f"(or set WANDB_API_KEY), or run without --track")
 
 
-def record_resume(args, run_dir: str, checkpoint: dict) -> None:
-    """config.json's `resumes`: when, at which stage and step, and each flag changed from the value
-    the run last ran with (from -> to); the changes are announced on the console."""
+def machine(device) -> dict:
+    """What runs the run, for its report: the CPU's model and cores, torch's threads, the GPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:  # not Linux
+        cpu = None
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "os": platform.platform()}
+
+
+def record_resume(args, run_dir: str, checkpoint: dict, device) -> None:
+    """config.json's `resumes`: when, at which stage and step, on which machine, and each flag
+    changed from the value the run last ran with (from -> to); the changes are announced on the
+    console."""
     config_path = os.path.join(run_dir, "config.json")
     with open(config_path) as f:
         config = json.load(f)
@@ -444,7 +459,7 @@ def record_resume(args, run_dir: str, checkpoint: dict) -> None:
                if name in RESUME_OVERRIDABLE and name != "resume" and ran_with.get(name) != value]
     config.setdefault("resumes", []).append({
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": checkpoint["stage"] + 1,
-        "step": (checkpoint.get("mid_stage") or {}).get("step", 0), "changed": changed})
+        "step": (checkpoint.get("mid_stage") or {}).get("step", 0), "machine": machine(device), "changed": changed})
     atomic_write_json(config_path, config)
     if changed:
         print("resumed with " + ", ".join(f"{flag(c['flag'])} {json.dumps(c['to'])} (was {json.dumps(c['from'])})"
@@ -709,7 +724,7 @@ class Run:
         self.device = device
         self.watched, self.evaluation = watched, evaluation
         if self.checkpoint is not None:
-            record_resume(self.args, self.run_dir, self.checkpoint)
+            record_resume(self.args, self.run_dir, self.checkpoint, device)
         self.progress = Progress(len(self.stage_tasks) * self.args.steps_per_task,
                                  sum(r["budget_steps"] for r in self.stages) + self.resume_step(),
                                  self.args.progress_every, upper_bound)

@@ -28,9 +28,14 @@ from sweep import PRESETS
 # per preset: the document's title, the preset of its pilot runs, and the success that counts as learned there
 REPORTS = {
     "mini": dict(title="Laptop-scale benchmark: does SAC forget, and does NBSP keep what it learned?",
-                 pilot="mini-pilot", threshold=0.8),
+                 pilot="mini-pilot", threshold=0.8, bar="The pair had to be learned within the stage budget by SAC alone.",
+                 comparisons=[("nbsp", "sac"), ("nbsp", "only-replay"), ("nbsp", "identify-random")]),
     "regime": dict(title="In the paper's regime (SAC learns each task and forgets it): what do NBSP and its parts keep?",
-                   pilot="regime-pilot", threshold=0.9),
+                   pilot="regime-pilot", threshold=0.9,
+                   bar="The pair had to be like the paper's vanilla SAC: each task learned (evaluation success at least "
+                       "0.9) within its stage in at least 4 of 5 seeds, FWT at least 0.9 and FM at least 0.5.",
+                   comparisons=[("nbsp", "sac"), ("nbsp", "only-replay"), ("goal-balanced", "identify-random-balanced"),
+                                ("goal-balanced", "identify-activation-balanced")]),
 }
 
 
@@ -171,27 +176,72 @@ def identification_table(runs, label) -> list[str]:
     return lines
 
 
+def mean_se(values, digits: int = 2) -> str:
+    """Mean ± standard error (sample std / sqrt(n)); the mean alone for one value."""
+    se = f" ± {np.std(values, ddof=1) / np.sqrt(len(values)):.{digits}f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.{digits}f}{se}"
+
+
 def protection_table(runs, label) -> list[str]:
-    """Per setting, how strongly its selection protected, apart from which units it chose: the share
-    of the selected skill neurons dead over the window (a dead unit gets no gradient: a mask on it
-    protects nothing) and the mean mask over the live ones (the stages' masks combined, as the
-    optimizer applies them: 1 leaves a unit free, 0 freezes it), over every stage and network."""
-    lines = ["| setting | selected units | dead share | mean mask on the live selected units |", "|---|---:|---:|---:|"]
+    """Per setting, how strongly its selection protected, apart from which units it chose, over the
+    selections whose masks acted (every stage's but the last, which no stage follows) and every
+    network: the share of the selected skill neurons dead over the window (a dead unit gets no
+    gradient: a mask on it protects nothing) and the mean mask over the live ones (the stages' masks
+    combined, as the optimizer applies them: 1 leaves a unit free, 0 freezes it); each per run, then
+    mean ± standard error over runs."""
+    lines = ["| setting | runs | selected units | dead share | mean mask on the live selected units |",
+             "|---|---:|---:|---:|---:|"]
     for name, group in by_setting(runs, label):
-        records = [(stage["skill_neurons"][net], sel) for run in group for stage in run.metrics["stages"]
-                   if "selection" in stage for net, sel in stage["selection"].items()]
-        if not records:
-            continue
-        selected = sum(n for n, _ in records)
-        live = [(n - sel["selected_dead"], sel.get("selected_live_mask_mean")) for n, sel in records]
-        if any(count and mean is None for count, mean in live):  # runs from before the statistic was recorded
-            mask = "n/a"
-        else:
+        selected_total, dead_shares, live_masks = 0, [], []
+        for run in group:
+            applied = run.metrics["stages"][:len(run.metrics["stage_tasks"]) - 1]
+            records = [(stage["skill_neurons"][net], sel) for stage in applied if "selection" in stage
+                       for net, sel in stage["selection"].items()]
+            if not records:
+                continue
+            selected = sum(n for n, _ in records)
+            selected_total += selected
+            dead_shares.append(sum(sel["selected_dead"] for _, sel in records) / selected)
+            live = [(n - sel["selected_dead"], sel.get("selected_live_mask_mean")) for n, sel in records]
             counted = sum(count for count, _ in live)
-            mask = f"{sum(count * mean for count, mean in live if count) / counted:.3f}" if counted else "n/a"
-        dead = sum(sel["selected_dead"] for _, sel in records)
-        lines.append(f"| {name} | {selected} | {dead / selected:.2f} | {mask} |")
+            if counted and all(mean is not None for count, mean in live if count):  # older runs lack the statistic
+                live_masks.append(sum(count * mean for count, mean in live if count) / counted)
+        if not dead_shares:
+            continue
+        mask = mean_se(live_masks, 3) if len(live_masks) == len(dead_shares) else "n/a"
+        lines.append(f"| {name} | {len(dead_shares)} | {selected_total} | {mean_se(dead_shares)} | {mask} |")
     return lines
+
+
+DIFFERENCE_REPS = 10_000  # bootstrap resamples of each difference between settings
+
+
+def difference_table(runs, comparisons, metrics, reps: int = DIFFERENCE_REPS, seed: int = 0) -> list[str]:
+    """For each pair of settings (A, B) that both ran: A's mean minus B's of each metric, with a 95%
+    percentile-bootstrap interval (each setting's runs resampled on their own, `reps` times, the
+    same seed for every cell); an interval that holds 0 means these runs do not tell A from B."""
+    by_name, labels = {}, {}
+    for run in runs:
+        by_name.setdefault(run.args["exp_name"], []).append(run.metrics)
+        labels[run.args["exp_name"]] = paper_tables.setting_label(run.args)
+    lines = ["| A − B | runs of A / B | " + " | ".join(f"{m} difference [95% CI]" for m in metrics) + " |",
+             "|---|---:|" + "---:|" * len(metrics)]
+    for a, b in comparisons:
+        if a not in by_name or b not in by_name:
+            continue
+        cells = []
+        for metric in metrics:
+            x, y = (np.array([m[metric] for m in by_name[name] if m.get(metric) is not None]) for name in (a, b))
+            cell = f"{x.mean() - y.mean():+.2f}"
+            if min(len(x), len(y)) >= paper_tables.MIN_BOOTSTRAP_RUNS:
+                rng = np.random.default_rng(seed)
+                resampled = (x[rng.integers(0, len(x), (reps, len(x)))].mean(1)
+                             - y[rng.integers(0, len(y), (reps, len(y)))].mean(1))
+                low, high = np.percentile(resampled, [2.5, 97.5])
+                cell += f" [{low:+.2f}, {high:+.2f}]"
+            cells.append(cell)
+        lines.append(f"| {labels[a]} − {labels[b]} | {len(by_name[a])} / {len(by_name[b])} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
 
 
 def retention_table(runs, label) -> list[str]:
@@ -215,8 +265,7 @@ def retention_table(runs, label) -> list[str]:
                          for task, (steps, values) in curves[run.path].items() if task != run.metrics["stage_tasks"][k]]
                 if means:  # a sequence of one task has none untrained
                     held.append(np.mean(means))
-            se = f" ± {np.std(held, ddof=1) / np.sqrt(len(held)):.2f}" if len(held) > 1 else ""
-            cells.append(f"{np.mean(held):.2f}{se}" if held else "n/a")
+            cells.append(mean_se(held) if held else "n/a")
         lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -244,7 +293,7 @@ def more_seeds_section(grid_runs, more_dir: str, command: str | None) -> list[st
     settings = {run.label for run in extra}
     pooled = [run for run in grid_runs if run.label in settings] + extra
     seeds = sorted({run.seed for run in pooled if run.ok})
-    extra_counted = complete_runs([more_dir])
+    extra_counted = counted_runs(more_dir)
     return ["## More seeds for some settings", "", "```bash", command or f"(runs in {more_dir})", "```", "",
             f"The same pair and flags as the grid; each of these settings pooled over the grid's runs and these "
             f"(seeds {', '.join(map(str, seeds))}):", "",
@@ -306,6 +355,37 @@ def stage_one_agreement(runs) -> list[str]:
             + (f"the same in every setting for seed{'s' if len(equal) > 1 else ''} {', '.join(equal)}" if equal else "")
             + ("; " if equal and differ else "")
             + (f"different for {'; '.join(differ)} (groups of equal settings)" if differ else "") + ".", ""]
+
+
+def counted_runs(folder: str):
+    """The complete runs in `folder` that the tables count: of one config and seed run twice, the
+    later only (paper_tables.load_runs)."""
+    counted = {os.path.realpath(run.path) for run in paper_tables.load_runs([folder]) if run.ok}
+    return [run for run in complete_runs([folder]) if os.path.realpath(run.path) in counted]
+
+
+def describe_machine(record: dict) -> str:
+    gpu = record["gpu"] or "no GPU"
+    return f"{record['cpu']}, {record['cores']} cores, {record['threads']} torch thread(s), {gpu}"
+
+
+def machine_lines(runs) -> list[str]:
+    """What ran the runs, from their config.json: each machine (at the start and at every resume)
+    and each set of package versions, with the number of runs that used it."""
+    machines, versions, unrecorded = {}, {}, 0
+    for run in runs:
+        records = [run.config.get("machine"), *(resume.get("machine") for resume in run.config.get("resumes", []))]
+        for text in {describe_machine(record) for record in records if record}:
+            machines[text] = machines.get(text, 0) + 1
+        unrecorded += not any(records)
+        text = ", ".join(f"{name} {v}" for name, v in run.config.get("versions", {}).items()) or "not recorded"
+        versions[text] = versions.get(text, 0) + 1
+    lines = [f"- Machine: {text} ({count} run{'s' if count > 1 else ''})" for text, count in sorted(machines.items())]
+    if unrecorded:
+        lines.append(f"- Machine of {unrecorded} run(s): not recorded (config.json kept no machine before "
+                     f"2026-12-06); this report was written on {platform.machine()}, {os.cpu_count()} cores, "
+                     f"Python {platform.python_version()}.")
+    return lines + [f"- Versions: {text} ({count} run{'s' if count > 1 else ''})" for text, count in sorted(versions.items())]
 
 
 def wall_time(runs) -> float:
@@ -415,7 +495,7 @@ def write_report(args, argv) -> int:
                                                    if run.metrics and run.metrics.get("complete")})))
         commands = args.pilot_command or [f"python scripts/sweep.py --preset {pilot_preset}"]
         doc += ["## How the task pair was chosen", "", f"Pilot runs (seeds {pilot_seeds}; each pair's below), made by:", "",
-                "```bash", *commands, "```", "", "The pair had to be learned within the stage budget by SAC alone.", ""]
+                "```bash", *commands, "```", "", REPORTS[args.preset]["bar"], ""]
         doc += lines + [""]
         doc += [f"![pilot]({os.path.basename(path)})" for path in pilot_figures] + ([""] if pilot_figures else [])
     with open(args.out, "w") as f:
@@ -428,7 +508,7 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
     """The grid's sections: command, machine and time, results, every run, identification,
     plasticity, curves and the further runs."""
     runs = paper_tables.load_runs([args.runs])
-    counted = complete_runs([args.runs])
+    counted = counted_runs(args.runs)
     if not counted:
         raise ReportError(f"no complete run in --runs {args.runs!r} (metrics.json with \"complete\": true)")
     preset = PRESETS[args.preset]
@@ -448,9 +528,8 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
             f"Sequence: {sequence}, {first['cycles']} cycles ({stages} stages). Settings: "
             + ", ".join(settings) + ". Flags of every run: `" + " ".join(preset["flags"]) + "` (NBSP-only "
             f"flags go to the settings that use them). Seeds {seeds}.", ""]
-    gpu = "GPU" if any(run.args.get("cuda") for run in counted) else "no GPU"
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {gpu}"
-    doc += ["## Machine and time", "", f"- Machine: {machine}; runs at a time and threads as in the command above.",
+    doc += ["## Machine and time", "", *machine_lines(counted),
+            "- Runs at a time and threads per run: as in the command above.",
             f"- Training wall time summed over runs (stages, evaluation and identification included): "
             f"{wall_time(counted) / 60:.1f} min for {len(counted)} complete runs."]
     if args.sweep_log:
@@ -464,6 +543,14 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
     doc += ["## Results (layout of paper Table 2; mean ± standard error over seeds)", "",
             paper_tables.settings_table(runs, "markdown", title=None), "",
             paper_tables.iqm_table(runs, "markdown"), ""]
+    metrics = paper_tables.METRICS[preset["script"]]
+    differences = difference_table(counted, REPORTS[args.preset]["comparisons"], metrics)
+    if differences:
+        doc += ["Differences between settings: A's mean minus B's, with a 95% percentile-bootstrap interval (each "
+                f"setting's runs resampled on their own, {DIFFERENCE_REPS:,} times, seed 0; no interval from fewer than "
+                f"{paper_tables.MIN_BOOTSTRAP_RUNS} runs a side). An interval that holds 0 does not tell the two apart; "
+                "with 5 runs a side such intervals run narrow, so one that barely clears 0 is weak evidence.", ""] \
+            + differences + [""]
     early = first.get("early_stop_success", 0.9)
     if len(counted[0].metrics["stages"]) > 1:
         doc += ["What each setting held of the tasks a stage does not train, through the stage: their evaluation success "
@@ -482,7 +569,8 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
         doc += ["What each setting's selection protected: the share of its skill neurons that were dead (constant) "
                 "over the window, which a mask cannot protect since they get no gradient, and the mean mask on the "
                 "live ones (1 leaves a unit free, 0 freezes it), so that the strength of the protection and the "
-                "choice of units are not confused:", ""] + protection_table(counted, paper_tables.setting_label) + [""]
+                "choice of units are not confused. Only the selections whose masks acted count (not the last "
+                "stage's, which no stage follows); each run's share and mean, then mean ± standard error over runs:", ""] + protection_table(counted, paper_tables.setting_label) + [""]
     doc += ["## Plasticity", "", "Actor's dormant share / first critic's feature rank at the end of each stage, mean over "
             "runs: a neuron is dormant when its mean |activation| is at most "
             f"{first['dormant_threshold']} of its layer's mean (ReDo); the rank is srank (delta 0.01) of the last "
@@ -494,7 +582,7 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
             "differ between seeds); shaded spans are the stages that train the panel's task.", "",
             f"![curves]({os.path.basename(curves[0])})", ""]
     if args.supplement:
-        extra = complete_runs([args.supplement])
+        extra = counted_runs(args.supplement)
         wide = figures.plot_curves([r.path for r in extra], os.path.join(out_dir, f"{stem}-supplement-curves"),
                                    align="stage", label=paper_tables.setting_label, title="further try")
         doc += ["## A further try", "", "```bash", args.supplement_command or f"(runs in {args.supplement})", "```", "",

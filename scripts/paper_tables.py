@@ -115,6 +115,7 @@ TABLE_GROUPS = {"ablation": ["2", "9", "10", "3", "4"], "paper": TABLE_IDS}
 TABLE_CHOICES = [*TABLE_IDS, "ablation", "paper", "all"]
 FORMATS = {"markdown": "markdown", "md": "markdown", "latex": "latex", "tex": "latex"}
 MISSING = object()
+MIN_BOOTSTRAP_RUNS = 3  # a bootstrap interval from fewer runs only repeats them
 
 
 class TablesError(Exception):
@@ -710,6 +711,9 @@ def iqm_table_object(runs, reps: int = 2000, seed: int = 0, env: str | None = No
                 if v.size == 0:
                     cells.append("–")
                     continue
+                if v.size < MIN_BOOTSTRAP_RUNS:  # resampling one or two runs only repeats them
+                    cells.append(f"{_num(float(np.mean(v)))} [–]{dagger}")
+                    continue
                 # rliable 1.2.0 resamples with NumPy's global generator (its random_state only reaches
                 # arch): seed that one for this call, and put its state back afterwards
                 state = np.random.get_state()
@@ -726,6 +730,8 @@ def iqm_table_object(runs, reps: int = 2000, seed: int = 0, env: str | None = No
                     f"seed {seed}."), *seed_notes]
         if any(g.n < 4 for g in gs):
             t.notes.append("With fewer than 4 runs the IQM trims nothing and equals the mean.")
+        if any(g.n < MIN_BOOTSTRAP_RUNS for g in gs):
+            t.notes.append(f"[–]: no interval from fewer than {MIN_BOOTSTRAP_RUNS} runs.")
         used = {k for g in gs for k, _ in sum(flags[id(g)], ())}
         note = nondefault_note(gs, used)
         if note:

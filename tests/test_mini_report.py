@@ -151,19 +151,61 @@ def write_sequence_run(runs_dir, exp_name, seed, cycles, curves, sr, args=None, 
 
 
 def test_protection_table_by_hand():
-    """Dead share of the selected units and their live units' mean mask, weighted by live units."""
+    """Per run, the dead share of the selected units and their live units' mean mask (weighted by
+    live units) over the selections whose masks acted, not the last stage's; then mean ± s.e."""
     class Run:
         def __init__(self, name, stages):
-            self.args, self.metrics = {"exp_name": name}, {"stages": stages}
+            self.args, self.metrics = {"exp_name": name}, {"stages": stages, "stage_tasks": ["a", "b"][:len(stages)]}
 
     stage = {"skill_neurons": {"actor": 10, "qf1": 10},
              "selection": {"actor": {"selected_dead": 4, "selected_live_mask_mean": 0.1},
                            "qf1": {"selected_dead": 2, "selected_live_mask_mean": 0.3}}}
+    half_dead = {"skill_neurons": {"actor": 10, "qf1": 10},
+                 "selection": {"actor": {"selected_dead": 0, "selected_live_mask_mean": 0.5},
+                               "qf1": {"selected_dead": 10, "selected_live_mask_mean": None}}}
+    last = {"skill_neurons": {"actor": 10}, "selection": {"actor": {"selected_dead": 10, "selected_live_mask_mean": None}}}
     old = {"skill_neurons": {"actor": 10}, "selection": {"actor": {"selected_dead": 1}}}  # before the statistic
-    runs = [Run("random", [stage]), Run("goal", [old]), Run("sac", [{"env_steps": 5}])]
+    runs = [Run("random", [stage, last]), Run("random", [half_dead, last]), Run("goal", [old, last]),
+            Run("sac", [{"env_steps": 5}, {"env_steps": 5}])]
     lines = mini_report.protection_table(runs, lambda args: args["exp_name"])
-    # random: 6 of 20 dead; live: 6 x 0.1 + 8 x 0.3 over 14 units = 0.2143
-    assert lines[2:] == ["| goal | 10 | 0.10 | n/a |", "| random | 20 | 0.30 | 0.214 |"]
+    # random: 6 of 20 dead, live 6 x 0.1 + 8 x 0.3 over 14 = 0.2143; 10 of 20 dead, live 0.5; the last
+    # stage's selection not counted. Dead share (0.3 + 0.5) / 2 = 0.40, s.e. 0.1414 / sqrt(2) = 0.10;
+    # mask (0.2143 + 0.5) / 2 = 0.357, s.e. 0.2020 / sqrt(2) = 0.143
+    assert lines[2:] == ["| goal | 1 | 10 | 0.10 | n/a |", "| random | 2 | 40 | 0.40 ± 0.10 | 0.357 ± 0.143 |"]
+
+
+def test_difference_table_by_hand():
+    """A's mean minus B's with a percentile-bootstrap interval: with A's runs 0.2, 0.4, 0.6 and B's
+    all 0.1, a resampled mean of A is 0.2 (three 0.2s) or 0.6 with probability 1/27 = 3.7% each, more
+    than 2.5%: the interval is [0.2 - 0.1, 0.6 - 0.1]. Fewer than 3 runs a side: no interval; a pair
+    with a setting that did not run: no row."""
+    class Run:
+        def __init__(self, name, value):
+            self.args, self.metrics = {"exp_name": name, "method": "nbsp"}, {"FM": value, "FWT": 1.0}
+
+    runs = [Run("a", 0.2), Run("a", 0.4), Run("a", 0.6), *(Run("b", 0.1) for _ in range(3)), Run("c", 0.5), Run("c", 0.7)]
+    lines = mini_report.difference_table(runs, [("a", "b"), ("c", "b"), ("a", "missing")], ["FM", "FWT"])
+    assert lines[0] == "| A − B | runs of A / B | FM difference [95% CI] | FWT difference [95% CI] |"
+    assert lines[2:] == ["| NBSP − NBSP | 3 / 3 | +0.30 [+0.10, +0.50] | +0.00 [+0.00, +0.00] |",
+                         "| NBSP − NBSP | 2 / 3 | +0.50 | +0.00 |"]
+    assert mini_report.difference_table(runs, [("a", "missing")], ["FM"]) == []
+
+
+def test_machine_lines_count_the_runs_of_each_machine():
+    class Run:
+        def __init__(self, config):
+            self.config = config
+
+    cpu = {"cpu": "AMD EPYC", "cores": 2, "threads": 1, "gpu": None, "os": "Linux"}
+    gpu = cpu | {"cores": 16, "gpu": "NVIDIA H200"}
+    versions = {"torch": "2.13.0"}
+    runs = [Run({"machine": cpu, "versions": versions}), Run({"machine": cpu, "versions": versions}),
+            Run({"machine": cpu, "resumes": [{"machine": gpu}], "versions": versions}), Run({"versions": versions})]
+    lines = mini_report.machine_lines(runs)
+    assert lines[0] == "- Machine: AMD EPYC, 16 cores, 1 torch thread(s), NVIDIA H200 (1 run)"  # a resume's machine
+    assert lines[1] == "- Machine: AMD EPYC, 2 cores, 1 torch thread(s), no GPU (3 runs)"
+    assert lines[2].startswith("- Machine of 1 run(s): not recorded")
+    assert lines[3] == "- Versions: torch 2.13.0 (4 runs)"
 
 
 def test_regime_report_with_a_pair_pilot(tmp_path):
@@ -198,11 +240,13 @@ def test_regime_report_with_a_pair_pilot(tmp_path):
     assert "(`*`: the stage stopped early at 1.0 training success)" in doc
     assert "(4 identification windows per run)" in doc
     assert "| NBSP (identify=random, goal_score=balanced) | 2 | 0 of 8 | 48 of 160 | 0.50 |" in doc
-    assert "| NBSP (identify=random, goal_score=balanced) | 160 | 0.30 | 0.214 |" in doc  # 8 windows, each as in the test above
+    # 3 windows whose masks acted per run (the 4th is the last stage's), each as in the first run of the test above
+    assert "| NBSP (identify=random, goal_score=balanced) | 2 | 120 | 0.30 ± 0.00 | 0.214 ± 0.000 |" in doc
     assert "| vanilla SAC | 2 | 0.50 / 7.0 | 0.50 / 7.0 | 0.50 / 7.0 | 0.50 / 7.0 |" in doc
     assert "Findings from the numbers." in doc and "## How the task pair was chosen" in doc
     assert "Pilot runs (seeds 1, 2; each pair's below), made by:\n\n```bash\npython scripts/sweep.py --preset regime-pilot\n```" in doc
     assert "evaluation success at least 0.9 within the task's own stage" in doc  # the regime's threshold
+    assert "in at least 4 of 5 seeds, FWT at least 0.9 and FM at least 0.5" in doc  # and its bar
     # A learned in 1 of 2, B in 2 of 2; A after A (1.0 + 0.8) / 2, after B (0.0 + 0.4) / 2, FM (1.0 + 0.4) / 2
     assert "| window-open -> window-close | 1 | 2 | 1 of 2 | 2 of 2 | 0.90 | 0.20 | 0.70 | 0.90 |" in doc
     assert "| window-open -> window-close | 1 | 1 | 750 | 500 | 0.25k: 0.20, 0.5k: 0.50, 0.75k: 0.90, 1k: 1.00, 1.25k: 0.60," in doc

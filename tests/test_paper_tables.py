@@ -225,6 +225,12 @@ def test_iqm_table(runs_dir):
     lo, hi = (float(x) for x in row.split("| 0.60 [")[1].split("]")[0].split(", "))
     assert 0.5 <= lo <= 0.6 <= hi <= 0.7
     assert out == paper_tables.iqm_table(paper_tables.load_runs([runs_dir]), reps=200, seed=0)  # fixed seed: reproducible
+    two = runs_dir.parent / "two"
+    for seed in (1, 2):
+        write_run(two, seed, (0.6 + 0.2 * seed, 0.2, 0.9))
+    out = paper_tables.iqm_table(paper_tables.load_runs([two]), reps=200, seed=0)
+    assert lines_with(out, "| NBSP | 2 | 0.90 [–] | 0.20 [–] | 0.90 [–] |")  # two runs: the mean, no interval
+    assert "[–]: no interval from fewer than 3 runs." in out
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -148,6 +148,9 @@ def test_resume_records_and_announces_its_overrides(killed, capsys):
     config = json.load(open(os.path.join(killed, "config.json")))
     [resume] = config["resumes"]
     assert resume["stage"] == 2 and resume["step"] == 0 and "T" in resume["time"]
+    for machine in (config["machine"], resume["machine"]):  # what ran the run, and what resumed it
+        assert machine["cores"] == os.cpu_count() and machine["threads"] == torch.get_num_threads()
+        assert machine["gpu"] is None and machine["cpu"]
     assert resume["changed"] == [{"flag": "progress_every", "from": 60.0, "to": 5.0},
                                  {"flag": "checkpoint_every", "from": 10.0, "to": 0.0}]
     assert config["args"]["checkpoint_every"] == 10.0  # what the run was started with stays
