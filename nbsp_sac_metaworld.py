@@ -55,7 +55,7 @@ class RunArgs:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """set `torch.backends.cudnn.deterministic` (on GPU, deterministic convolutions)"""
+    """set `torch.backends.cudnn.deterministic` (CleanRL's flag): deterministic cuDNN convolutions on GPU; these MLPs have none, so it changes nothing here"""
     cuda: bool = True
     """train on CUDA when a GPU is available (--no-cuda: the CPU)"""
     track: bool = False
