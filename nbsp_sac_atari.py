@@ -138,7 +138,7 @@ class SACArgs:
     update_frequency: int = 4
     """environment steps between gradient updates (CleanRL's sac_atari: Table 6's "updates per environment step (replay ratio) 4" read as CleanRL's update_frequency, whose code the paper runs)"""
     target_network_frequency: int = 8000
-    """environment steps between target network updates"""
+    """environment steps (not gradient updates) between target network updates, counted from the stage's first update"""
     alpha: float = 0.2
     """entropy regularization coefficient (initial value when autotuned)"""
     autotune: bool = True

@@ -133,7 +133,7 @@ class SACArgs:
     policy_frequency: int = 2
     """critic updates between policy updates; each time, this many policy updates (delayed, TD3 style)"""
     target_network_frequency: int = 1
-    """the frequency of updates for the target networks"""
+    """gradient updates between target network updates, counted from the stage's first update (1: every update)"""
     alpha: float = 0.2
     """entropy regularization coefficient (initial value when autotuned)"""
     autotune: bool = True
