@@ -1037,13 +1037,13 @@ def main(args: Args) -> dict:
             if step >= args.learning_starts:
                 # this stage's gradient steps so far: the Dpre, policy-delay and target schedules restart each stage
                 update_index = step - args.learning_starts
-                replay = use_replay and dpre.size > 0  # Dpre in use: replay on and an earlier stage filled it
-                from_dpre = replay and update_index % args.replay_interval == 0
+                dpre_ready = use_replay and dpre.size > 0  # replay on and an earlier stage filled Dpre
+                from_dpre = dpre_ready and update_index % args.replay_interval == 0
                 data = (dpre if from_dpre else rb).sample(args.batch_size)
                 update_policy = update_index % args.policy_frequency == 0
                 update_target = update_index % args.target_network_frequency == 0
                 actor_obs = None
-                if update_policy and replay:  # the actor's steps follow Dpre's schedule of their own
+                if update_policy and dpre_ready:  # the actor's steps follow Dpre's schedule of their own
                     # the actor has done update_index steps this stage (policy_frequency per policy update): its next ones
                     actor_steps = range(update_index, update_index + args.policy_frequency)
                     actor_dpre = [k % args.replay_interval == 0 for k in actor_steps]
