@@ -1057,15 +1057,18 @@ def main(args: Args) -> dict:
                 method.after_update(data, update_policy, update_target)
                 # log every 100 updates (the only host synchronisations of the update path); the critic's
                 # values from the first update since then that trains on D, as Dpre's batches (the 0th,
-                # 10th, ...) would show only the old tasks' values
-                log_rest = update_index % 100 == 0
-                critic_log_due |= log_rest
+                # 10th, ...) would show only the old tasks' values. The actor's and temperature's are not
+                # delayed: only a policy update has them (the next update has none with --policy-frequency
+                # above 1), and they come from its last actor step, which follows Dpre's schedule of its own
+                # (on D with the defaults)
+                log_actor_and_alpha = update_index % 100 == 0  # the method's logs and SPS too
+                critic_log_due |= log_actor_and_alpha
                 log_critic = critic_log_due and (not from_dpre or args.replay_interval == 1)
-                if log_rest or log_critic:
+                if log_actor_and_alpha or log_critic:
                     critic_log_due &= not log_critic
                     run.log_losses({name: value.item() for name, value in logs.items()
-                                    if (log_critic if name in SACLearner.critic_logs else log_rest)})
-                if log_rest:
+                                    if (log_critic if name in SACLearner.critic_logs else log_actor_and_alpha)})
+                if log_actor_and_alpha:
                     run.log_method_and_sps(method, step)
             run.advance(step, args.learning_starts,
                         lambda: {"success": f"{np.mean(recent_success):.2f}" if recent_success else "n/a"})
