@@ -277,13 +277,13 @@ def reset_to_configuration(env: gym.Env, index: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def rollout(envs, num_episodes, policy, seed, device, record=False, until_success=False, warnings=None):
+def rollout(envs, num_episodes, policy, seed, device, record=False, until_success=False, mujoco_warnings=None):
     """Run `num_episodes` episodes, in waves over the vector of `envs`, with one batched policy
     call per step. Returns per-episode success and return, and with `record` the visited
     observations, executed actions and, per step, the episode it belongs to (`episode`).
     `until_success` ends an episode at its first success, which already decides its success (the
     return is then the return so far): evaluations only need the success, and a task the policy
-    solves in a few dozen steps no longer costs 500 per episode. With `warnings` (MujocoWarnings),
+    solves in a few dozen steps no longer costs 500 per episode. With `mujoco_warnings` (MujocoWarnings),
     an episode whose simulation became unstable (a non-finite action or observation, a MuJoCo
     warning during its step: MuJoCo then resets the simulation, which can look like a success)
     ends there as a failure, marked in `unstable`."""
@@ -302,9 +302,10 @@ def rollout(envs, num_episodes, policy, seed, device, record=False, until_succes
                 wave_act.append(act)
                 wave_owner.append(live)
             for a, i in zip(act, live):
-                warned = warnings.count if warnings else 0
+                warned = mujoco_warnings.count if mujoco_warnings else 0
                 obs[i], r, terminated, truncated, info = wave[i].step(a)
-                if warnings and (warnings.count > warned or not (np.isfinite(a).all() and np.isfinite(obs[i]).all())):
+                if mujoco_warnings and (mujoco_warnings.count > warned
+                                        or not (np.isfinite(a).all() and np.isfinite(obs[i]).all())):
                     unstable[i], success[i], alive[i] = True, False, False
                     continue
                 success[i] |= bool(info["success"])
@@ -816,26 +817,27 @@ def measure_plasticity(sac, networks, probe, dormant_threshold):
     return {name: plasticity.plasticity_stats(measured[name], activations[name], dormant_threshold) for name in names}
 
 
-def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device, warnings, unstable):
+def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device, mujoco_warnings, unstable):
     """Deterministic success rate of every task of the run, on its fixed goal configurations; an
     episode whose simulation became unstable is a failure, and `unstable` gets each task's count."""
     rates = {}
     for task, envs in rollout_envs.items():
         with method.acting(task):
             result = rollout(envs, num_episodes, actor.deterministic_action, eval_seed, device, until_success=True,
-                             warnings=warnings)
+                             mujoco_warnings=mujoco_warnings)
             rates[task] = float(result["success"].mean())
             unstable[task] = int(result["unstable"].sum())
     return rates
 
 
-def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, warnings, unstable) -> protocol.Evaluation:
+def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, mujoco_warnings, unstable) -> protocol.Evaluation:
     """Every task's success rate (`unstable`: each task's unstable episodes in the last evaluation),
     the plasticity diagnostics on a fixed batch (the newest transitions of D at the run's first
     evaluation) and, with --capture-video, the recorded episodes."""
 
     def score(step):
-        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device, warnings, unstable)
+        rates = evaluate_all(rollout_envs, sac.actor, method, args.eval_episodes, args.seed, device, mujoco_warnings,
+                             unstable)
         for task, rate in rates.items():
             run.writer.add_scalar(f"eval/{task}/success_rate", rate, step)
         return rates
@@ -848,7 +850,7 @@ def evaluation(run, sac, method, rb, masks, rollout_envs, args, device, warnings
         score, brief=lambda rates: "/".join(f"{r:.2f}" for r in rates.values()),
         text=lambda rates: "success " + " ".join(f"{t}={r:.2f}" for t, r in rates.items()), probe=probe,
         plasticity=lambda batch: measure_plasticity(sac, masks.networks, batch, args.dormant_threshold),
-        record=video_recorder(video_envs(list(rollout_envs), args), sac, method, args, device, warnings)
+        record=video_recorder(video_envs(list(rollout_envs), args), sac, method, args, device, mujoco_warnings)
         if args.capture_video else None)
 
 

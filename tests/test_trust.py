@@ -258,7 +258,7 @@ def test_an_unstable_evaluation_episode_is_a_failure(reach_envs, monkeypatch):
 def test_a_non_finite_action_ends_the_episode_as_a_failure(reach_envs):
     warnings = mw.MujocoWarnings()
     result = mw.rollout(reach_envs, 2, lambda obs: torch.full((len(obs), 4), float("nan")), 0, torch.device("cpu"),
-                        warnings=warnings)
+                        mujoco_warnings=warnings)
     assert result["unstable"].tolist() == [True, True] and result["success"].tolist() == [0.0, 0.0]
 
 
