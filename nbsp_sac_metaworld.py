@@ -550,7 +550,7 @@ class SACLearner:
                  method: Method | None = None):
         self.args, self.device = args, device
         self.method = method or Method(args)
-        self.shape = (obs_dim, act_dim, action_low, action_high)
+        self.dims_and_bounds = (obs_dim, act_dim, action_low, action_high)  # what new networks and copies are built from
         self.actor = self.new_actor()
         self.qf = self.new_critic()
         self.qf_target = self.new_critic()
@@ -663,11 +663,11 @@ class SACLearner:
 
     # What baseline methods use (see baselines/__init__.py)
     def new_actor(self):
-        obs_dim, act_dim, action_low, action_high = self.shape
+        obs_dim, act_dim, action_low, action_high = self.dims_and_bounds
         return Actor(obs_dim, act_dim, self.args.hidden, action_low, action_high, self.method.hidden_activation).to(self.device)
 
     def new_critic(self):
-        obs_dim, act_dim, _, _ = self.shape
+        obs_dim, act_dim, _, _ = self.dims_and_bounds
         return TwinQNetwork(obs_dim, act_dim, self.args.hidden, hidden_activation=self.method.hidden_activation).to(self.device)
 
     @property
@@ -698,7 +698,7 @@ class SACLearner:
         self.a_optimizer.state.clear()
 
     def plain_copy(self) -> "SACLearner":
-        copy = SACLearner(*self.shape, self.args, self.device)
+        copy = SACLearner(*self.dims_and_bounds, self.args, self.device)
         copy.load_state_dict(self.state_dict())
         return copy
 
