@@ -481,6 +481,7 @@ def layer_init(layer):
 
 
 def relu_layer(width: int) -> tuple[int, nn.Module, int]:
+    """The default hidden_activation: (the Linear's output width, the activation, the activation's output width)."""
     return width, nn.ReLU(), width
 
 

@@ -333,15 +333,18 @@ LOG_STD_MIN = -5
 
 
 def relu_layer(width: int) -> tuple[int, nn.Module, int]:
+    """The default hidden_activation: (the Linear's output width, the activation, the activation's output width)."""
     return width, nn.ReLU(), width
 
 
-def mlp_trunk(in_dim: int, hidden: list[int], hidden_activation=relu_layer) -> tuple[nn.Sequential, int]:
-    """Linear + activation per hidden width; `hidden_activation` (a method hook) may change both widths."""
+def mlp_trunk(in_dim: int, hidden: list[int], hidden_activation=relu_layer,
+              linear=nn.Linear) -> tuple[nn.Sequential, int]:
+    """Linear + activation per hidden width; `hidden_activation` (a method hook) may change both widths.
+    `linear(in_features, out_features)` makes each linear layer. Returns the trunk and its output width."""
     layers = []
     for width in hidden:
         linear_width, activation, in_next = hidden_activation(width)
-        layers += [nn.Linear(in_dim, linear_width), activation]
+        layers += [linear(in_dim, linear_width), activation]
         in_dim = in_next
     return nn.Sequential(*layers), in_dim
 
@@ -430,13 +433,9 @@ class TwinQNetwork(nn.Module):
     def __init__(self, obs_dim, act_dim, hidden, num_critics=2, hidden_activation=relu_layer):
         super().__init__()
         self.num_critics = num_critics
-        layers, in_dim = [], obs_dim + act_dim
-        for width in hidden:
-            linear_width, activation, in_next = hidden_activation(width)
-            layers += [EnsembleLinear(num_critics, in_dim, linear_width), activation]
-            in_dim = in_next
-        self.trunk = nn.Sequential(*layers)
-        self.head = EnsembleLinear(num_critics, in_dim, 1)
+        self.trunk, trunk_width = mlp_trunk(obs_dim + act_dim, hidden, hidden_activation,
+                                            linear=lambda i, o: EnsembleLinear(num_critics, i, o))
+        self.head = EnsembleLinear(num_critics, trunk_width, 1)
 
     def forward(self, obs, act):
         x = torch.cat([obs, act], 1).expand(self.num_critics, -1, -1)
