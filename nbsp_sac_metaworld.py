@@ -947,9 +947,9 @@ def main(args: Args) -> dict:
     pool_size = min(MAX_ROLLOUT_ENVS, max(args.eval_episodes, args.identify_episodes if use_mask else 0))
     rollout_envs = {task: [make_env(task, args.seed + protocol.EVAL_SEED_OFFSET + i) for i in range(pool_size)]
                     for task in unique_tasks}
-    probe_env = rollout_envs[unique_tasks[0]][0]
-    obs_dim = int(np.prod(probe_env.observation_space.shape))
-    act_dim = int(np.prod(probe_env.action_space.shape))
+    first_env = rollout_envs[unique_tasks[0]][0]  # read for its spaces only: every task has the same
+    obs_dim = int(np.prod(first_env.observation_space.shape))
+    act_dim = int(np.prod(first_env.action_space.shape))
     # a share after every stage but the last, so Dpre never overwrites; no replay, no Dpre memory
     dpre_capacity = args.dpre_per_task * (H - 1) if use_replay else 0
     protocol.check_memory((args.buffer_size + dpre_capacity) * ReplayBuffer.row_bytes(obs_dim, act_dim), device,
@@ -958,7 +958,7 @@ def main(args: Args) -> dict:
 
     protocol.seed_everything(args.seed, args.torch_deterministic)
     method = baselines.make_method(args)
-    sac = SACLearner(obs_dim, act_dim, probe_env.action_space.low, probe_env.action_space.high, args, device,
+    sac = SACLearner(obs_dim, act_dim, first_env.action_space.low, first_env.action_space.high, args, device,
                      compile=args.compile, cudagraphs=args.cudagraphs, method=method)
     method.setup(sac)
     masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
