@@ -1265,14 +1265,14 @@ def main(args: Args) -> dict:
                   "actor_dpre_updates": dpre_updates, "plasticity": plasticity,
                   "eval_unscored": [g for g, r in returns.items() if r is None],  # no game finished: no score
                   "wall_seconds": None}
-        scores = {}
+        neuron_scores = {}  # each network's skill-neuron scores, saved with the stage's checkpoint
         if use_mask:  # ALGO LOGIC: identify the stage's skill neurons (Alg. 1), combine their Eq. 7 masks
             label = f"stage {stage + 1} ({game})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_games, identify_envs[game], args, label,
                                                           stage_seed, device)
             sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, run.global_step)
             run.writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], run.global_step)
-            scores = {name: identified.scores for name, identified in found.items()}
+            neuron_scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
         if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
             # at most --dpre-per-task, only steps after --learning-starts (policy actions), no more than D holds
@@ -1282,7 +1282,7 @@ def main(args: Args) -> dict:
             method.end_stage(stage, game, rb)  # a task switch follows
         run.end_stage(record, (returns, normalized))
         metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf1": sac.qf1.state_dict(),
-                                       "qf2": sac.qf2.state_dict()}, scores)
+                                       "qf2": sac.qf2.state_dict()}, neuron_scores)
     for envs in [*eval_envs.values(), *identify_envs.values()]:
         for e in envs:
             e.close()

@@ -1087,7 +1087,7 @@ def main(args: Args) -> dict:
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "early_stopped": early_stopped, **counts, "env_warnings": mujoco_warnings.take(),
                   "eval_unstable_episodes": dict(unstable_episodes), "plasticity": plasticity, "wall_seconds": None}
-        scores = {}
+        neuron_scores = {}  # each network's skill-neuron scores, saved with the stage's checkpoint
         if use_mask:  # ALGO LOGIC: identify the stage's skill neurons (Alg. 1), combine their Eq. 7 masks
             label = f"stage {stage + 1} ({task})"
             neuron_record, found = identify_skill_neurons(sac, masks, rb, stage_episodes, rollout_envs[task], args, label,
@@ -1095,7 +1095,7 @@ def main(args: Args) -> dict:
             sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, run.global_step)
             run.writer.add_scalar("neurons/identify_success_share", neuron_record["identify_success_share"], run.global_step)
             run.writer.add_scalar("neurons/goal_metric_is_return", float(neuron_record["goal_metric"] == "return"), run.global_step)
-            scores = {name: identified.scores for name, identified in found.items()}
+            neuron_scores = {name: identified.scores for name, identified in found.items()}
             record |= neuron_record
         if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
             # at most --dpre-per-task, only steps after --learning-starts (policy actions), no more than D holds
@@ -1105,7 +1105,7 @@ def main(args: Args) -> dict:
             method.end_stage(stage, task, rb)  # a task switch follows
         run.writer.add_scalar("charts/env_warnings", record["env_warnings"], run.global_step)
         run.end_stage(record, rates, simulation_note(record, mujoco_warnings.last))
-        metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, scores)
+        metrics = run.save_checkpoint({"actor": sac.actor.state_dict(), "qf": sac.qf.state_dict()}, neuron_scores)
     return run.close(metrics)
 
 
