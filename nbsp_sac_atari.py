@@ -1135,7 +1135,8 @@ def main(args: Args) -> dict:
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and args.mask, is_nbsp and args.replay and H > 1
-    run = protocol.Run(args, __file__, "+".join(unique_games), stage_tasks, "AR", ("task_success", "task_return"), checkpoint)
+    run = protocol.Run(args, __file__, "+".join(unique_games), stage_tasks, average="AR",
+                       rows=("task_success", "task_return"), checkpoint=checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
@@ -1255,7 +1256,9 @@ def main(args: Args) -> dict:
         env.close()
         stage_steps = step + 1
 
-        # end of stage: evaluate every game (row of sr), identify skill neurons, fill Dpre
+        # end of stage: evaluate every game (row of sr), identify skill neurons, fill Dpre; the normalized
+        # returns are sr's row and the "task_success" row, the raw returns the "task_return" row (the rows
+        # declared in protocol.Run(rows=...))
         (returns, normalized, _), plasticity = run.evaluate_stage(
             stage_steps, row=lambda scores: scores[1], task_success=lambda scores: scores[1],
             task_return=lambda scores: scores[0])

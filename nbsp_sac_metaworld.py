@@ -936,7 +936,8 @@ def main(args: Args) -> dict:
     H = len(stage_tasks)
     is_nbsp = args.method == "nbsp"  # every other method runs without NBSP's mask and Dpre
     use_mask, use_replay = is_nbsp and args.mask, is_nbsp and args.replay and H > 1
-    run = protocol.Run(args, __file__, "+".join(unique_tasks), stage_tasks, "ASR", ("task_success",), checkpoint)
+    run = protocol.Run(args, __file__, "+".join(unique_tasks), stage_tasks, average="ASR", rows=("task_success",),
+                       checkpoint=checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (and --cuda); use --compile on CPU")
@@ -1082,7 +1083,8 @@ def main(args: Args) -> dict:
         env.close()
         stage_steps = step + 1
 
-        # end of stage: evaluate every task (row of sr), identify skill neurons, fill Dpre
+        # end of stage: evaluate every task (row of sr), identify skill neurons, fill Dpre;
+        # the success rates are sr's row and the "task_success" row declared in protocol.Run(rows=...)
         rates, plasticity = run.evaluate_stage(stage_steps, row=lambda rates: rates, task_success=lambda rates: rates)
         record = {"stage": stage + 1, "task": task, "env_steps": stage_steps, "budget_steps": args.steps_per_task,
                   "early_stopped": early_stopped, **counts, "env_warnings": mujoco_warnings.take(),
