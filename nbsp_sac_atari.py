@@ -857,7 +857,11 @@ class SACLearner:
 
     def update(self, data, update_policy: bool, update_target: bool) -> dict:
         """One critic step (and the target update with `update_target`); with `update_policy`,
-        one actor (and alpha) step. CleanRL's sac_atari updates the actor at every update."""
+        one actor (and alpha) step. This script always passes update_policy=True: CleanRL's
+        sac_atari updates the actor at every update. The parameter keeps the signature of the
+        Meta-World learner (delayed policy updates) for code shared by both scripts: the methods'
+        after_update(data, update_policy, update_target) hook passes it on, as ANCL does to its
+        auxiliary learner (baselines/ancl.py)."""
         if self.compiled:  # gradients and Adam's lazily created state, made before the graph reads them
             for optimizer in (self.q_optimizer, self.actor_optimizer, self.a_optimizer):
                 fast_adam.prepare_graph_optimizer_(optimizer)
