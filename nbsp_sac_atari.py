@@ -875,13 +875,13 @@ class SACLearner:
         logs["alpha"] = self.log_alpha.detach().exp()[0]
         return logs
 
-    # What baseline methods use (see baselines/__init__.py)
     def watched_tensors(self) -> dict:
         """What must stay finite: the temperature and every parameter of the actor and the critics."""
         return {"log_alpha": self.log_alpha, **{f"actor.{n}": p for n, p in self.actor.named_parameters()},
                 **{f"qf1.{n}": p for n, p in self.qf1.named_parameters()},
                 **{f"qf2.{n}": p for n, p in self.qf2.named_parameters()}}
 
+    # What baseline methods use (see baselines/__init__.py)
     def new_actor(self):
         return Actor(self.num_actions, self.args.conv_channels, self.args.hidden, self.method.hidden_activation).to(self.device)
 
