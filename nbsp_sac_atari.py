@@ -766,15 +766,15 @@ class SACLearner:
         self.qf1, self.qf2, self.qf1_target, self.qf2_target = (self.new_critic() for _ in range(4))
         self.qf1_target.load_state_dict(self.qf1.state_dict())
         self.qf2_target.load_state_dict(self.qf2.state_dict())
-        self.adam = dict(eps=1e-4, capturable=cudagraphs, foreach=True)  # eps=1e-4 increases numerical stability (CleanRL)
+        adam = dict(eps=1e-4, capturable=cudagraphs, foreach=True)  # eps=1e-4 increases numerical stability (CleanRL)
         q_params = list(self.qf1.parameters()) + list(self.qf2.parameters())
-        self.q_optimizer = torch.optim.Adam(q_params, lr=args.q_lr, **self.adam)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam)
+        self.q_optimizer = torch.optim.Adam(q_params, lr=args.q_lr, **adam)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **adam)
         # Eq. 7 masks of their Adam steps: no-ops until SkillNeuronMasks.install after stage 1's identification
         self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)
         self.target_entropy = -args.target_entropy_scale * float(np.log(1.0 / num_actions))
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
-        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **adam)
         self.compiled = compile or cudagraphs
         if self.compiled:
             from torch._inductor import config as inductor_config  # here only: it loads the compiler stack (seconds)

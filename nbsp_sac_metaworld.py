@@ -199,6 +199,7 @@ EARLY_STOP_WINDOW = 10  # policy-played training episodes whose mean success dec
 GOAL_METRICS = ("success", "return")  # the paper's goal metric; the return when a stage has one outcome
 PLASTICITY_PROBE = 512  # observations of the fixed batch the plasticity diagnostics are measured on
 MAX_ROLLOUT_ENVS = 20  # env copies per task for evaluation and rollouts (about 23 MB each); more episodes run in waves
+RECORD_CHUNK = 8192  # window rows per forward pass when identification records activations: bounds a pass's memory
 
 
 def validate(args: Args) -> None:
@@ -554,14 +555,14 @@ class SACLearner:
         self.qf = self.new_critic()
         self.qf_target = self.new_critic()
         self.qf_target.load_state_dict(self.qf.state_dict())
-        self.adam = dict(capturable=cudagraphs, foreach=True)
-        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **self.adam)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **self.adam)
+        adam = dict(capturable=cudagraphs, foreach=True)
+        self.q_optimizer = torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, **adam)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **adam)
         # Eq. 7 masks of their Adam steps: no-ops until SkillNeuronMasks.install after stage 1's identification
         self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
-        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **self.adam)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **adam)
         self.compiled = compile or cudagraphs
         if self.compiled:
             from torch._inductor import config as inductor_config  # here only: it loads the compiler stack (seconds)
@@ -783,11 +784,12 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, episodes, envs, 
     # the masked networks' activations over the window (the critics at the executed actions)
     layers = [layer for name in masks.masked for layer in masks.networks[name]]
     with sn.ActivationRecorder(layers) as recorder, torch.no_grad():
-        for chunk in range(0, len(obs), 8192):
+        for start in range(0, len(obs), RECORD_CHUNK):
+            chunk = slice(start, start + RECORD_CHUNK)
             if "actor" in masks.masked:
-                sac.actor(obs[chunk : chunk + 8192])
-            if "qf1" in masks.masked:  # critics probed at the executed actions; one pass records qf1 and qf2
-                sac.qf(obs[chunk : chunk + 8192], actions[chunk : chunk + 8192])
+                sac.actor(obs[chunk])
+            if "qf1" in masks.masked:  # one pass records qf1 and qf2
+                sac.qf(obs[chunk], actions[chunk])
     activations = sn.split_recorded([a.cpu() for a in recorder.activations()], masks.networks, masks.masked)
 
     # ALGO LOGIC: Eq. 3-4 scores -> Eq. 5's top skill_ratio per network -> Eq. 7 masks, combined with
