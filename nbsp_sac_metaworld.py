@@ -237,7 +237,11 @@ def make_env(task: str, seed: int, video_size: int | None = None) -> gym.Env:
 
 class MujocoWarnings:
     """Counts MuJoCo's warnings instead of printing each: a diverging policy can make the simulation
-    unstable thousands of times a stage. Each stage reports its count and the last message."""
+    unstable thousands of times a stage. The hook is process-wide: it counts the warnings of the
+    training steps and of the evaluation and identification rollouts alike (video recording puts the
+    count back). Each stage's record takes the count since the previous stage's record, with the
+    last message: its training steps and evaluations, and the previous stage's identification
+    rollouts, which run after that record."""
 
     def __init__(self):
         self.count, self.last = 0, None
@@ -903,7 +907,7 @@ def quiet_finalizers():
 def video_recorder(envs, sac, method, args, device, mujoco_warnings):
     """Evaluation.record: the task's first evaluation configuration played by the deterministic
     policy, as in the evaluation, but to the episode's end (at most --video-steps steps, not cut at
-    the first success) on the task's rendering copy; its MuJoCo warnings are not the stage's."""
+    the first success) on the task's rendering copy; its MuJoCo warnings are left out of the count."""
 
     @torch.no_grad()
     def record(task):
@@ -923,8 +927,9 @@ def video_recorder(envs, sac, method, args, device, mujoco_warnings):
 
 
 def simulation_note(record: dict, last_warning: str | None) -> str:
-    """The stage line's note on the simulation: the stage's MuJoCo warnings and the evaluation
-    episodes that became unstable (counted as failures)."""
+    """The stage line's note on the simulation: the MuJoCo warnings counted since the previous stage's
+    record (MujocoWarnings: training and evaluation alike) and the evaluation episodes that became
+    unstable (counted as failures)."""
     unstable = sum(record["eval_unstable_episodes"].values())
     return ((f"; {record['env_warnings']} MuJoCo warnings (last: {last_warning})" if record["env_warnings"] else "")
             + (f"; {unstable} unstable evaluation episodes counted as failures" if unstable else ""))
