@@ -209,6 +209,7 @@ PAPER_SCORES = {"Alien": (227.5, 6875.0), "BankHeist": (14.2, 734.4), "Bowling":
 FRAME_SIZE, FRAME_STACK, NOOP_MAX, FRAME_SKIP = 84, 4, 30, 4
 MAX_EVAL_ENVS = 64  # env copies per game played side by side in evaluation (built up front)
 PLASTICITY_PROBE = 512  # observations of the fixed batch the plasticity diagnostics are measured on
+RECORD_CHUNK = 1024  # window frames per forward pass when identification records activations: bounds a pass's memory
 CONV_OUT = 7  # spatial size after the convolutions: 84 -> 20 -> 9 -> 7
 
 
@@ -975,8 +976,8 @@ def training_window(sac, masked, rb, games, args, device):
         rows = np.linspace(0, len(rows) - 1, args.identify_max_steps).astype(np.int64)
     index, tags = index[torch.from_numpy(rows).to(device)], tags[rows]
     with torch.no_grad():
-        for chunk in range(0, len(index), 1024):
-            probe_networks(sac, masked, rb.observations(index[chunk : chunk + 1024]))
+        for start in range(0, len(index), RECORD_CHUNK):
+            probe_networks(sac, masked, rb.observations(index[start : start + RECORD_CHUNK]))
     by_id = {g["id"]: g["return"] for g in window}
     return {"goal": torch.tensor([by_id[tag] for tag in tags], dtype=torch.float32), "episodes": len(window),
             "widened": widened, "mean_return": float(np.mean(list(by_id.values())))}
