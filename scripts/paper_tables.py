@@ -726,7 +726,7 @@ def iqm_table_object(runs, reps: int = 2000, seed: int = 0, env: str | None = No
                 lo, hi = interval["x"][:, 0]
                 cells.append(f"{_num(point['x'][0])} [{_num(lo)}, {_num(hi)}]{dagger}")
             t.rows.append(cells)
-        t.notes = [(f"rliable: IQM (25% trimmed mean) over runs, percentile bootstrap with {reps} repetitions, "
+        t.notes = [(f"rliable: IQM (25% trimmed mean: int(n / 4) runs off each end, so the middle 3 of 5) over runs, percentile bootstrap with {reps} repetitions, "
                     f"seed {seed}."), *seed_notes]
         if any(g.n < 4 for g in gs):
             t.notes.append("With fewer than 4 runs the IQM trims nothing and equals the mean.")
