@@ -954,7 +954,7 @@ def probe_networks(sac, masked, obs, actor=True):
     hidden activations depend on the observation only: the Q head gives every action's value."""
     if actor and "actor" in masked:
         sac.actor(obs)
-    for name in ("qf1", "qf2"):
+    for name in sn.APPLY_TO["critic"]:
         if name in masked:
             getattr(sac, name)(obs)
 
@@ -1048,13 +1048,12 @@ def normalized_score(raw_return: float, scores: tuple[float, float]) -> float:
 def measure_plasticity(sac, networks, probe_obs, dormant_threshold):
     """Plasticity diagnostics of the actor and both critics on the probe batch: dormant ratio,
     feature rank of the last hidden layer, mean absolute weight."""
-    names = ["actor", "qf1", "qf2"]
-    measured = {name: [sac.method.feature_layer(layer) for layer in networks[name]] for name in names}
-    with sn.ActivationRecorder([layer for name in names for layer in measured[name]]) as recorder:
+    measured = {name: [sac.method.feature_layer(layer) for layer in networks[name]] for name in sn.NETWORKS}
+    with sn.ActivationRecorder([layer for name in sn.NETWORKS for layer in measured[name]]) as recorder:
         for net in (sac.actor, sac.qf1, sac.qf2):
             net(probe_obs.to(sac.device))
-    activations = sn.split_recorded(recorder.activations(), measured, names)
-    return {name: plasticity.plasticity_stats(measured[name], activations[name], dormant_threshold) for name in names}
+    activations = sn.split_recorded(recorder.activations(), measured, sn.NETWORKS)
+    return {name: plasticity.plasticity_stats(measured[name], activations[name], dormant_threshold) for name in sn.NETWORKS}
 
 
 def evaluate_all(eval_envs, actor, method, normalization, args, device):
@@ -1170,7 +1169,7 @@ def main(args: Args) -> dict:
     masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()},
         masked=list(sn.APPLY_TO[args.apply_to]),
-        step_masks=[(sac.actor_mask, ["actor"]), (sac.q_mask, ["qf1", "qf2"])],
+        step_masks=[(sac.actor_mask, sn.APPLY_TO["actor"]), (sac.q_mask, sn.APPLY_TO["critic"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, device)
     dpre = ReplayBuffer(dpre_capacity, device)

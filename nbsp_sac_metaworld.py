@@ -813,13 +813,12 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, episodes, envs, 
 def measure_plasticity(sac, networks, probe, dormant_threshold):
     """Plasticity diagnostics of the actor and both critics on the probe batch (critics at its
     stored actions): dormant ratio, feature rank of the last hidden layer, mean absolute weight."""
-    names = ["actor", "qf1", "qf2"]
-    measured = {name: [sac.method.feature_layer(layer) for layer in networks[name]] for name in names}
-    with sn.ActivationRecorder([layer for name in names for layer in measured[name]]) as recorder:
+    measured = {name: [sac.method.feature_layer(layer) for layer in networks[name]] for name in sn.NETWORKS}
+    with sn.ActivationRecorder([layer for name in sn.NETWORKS for layer in measured[name]]) as recorder:
         sac.actor(probe["obs"])
         sac.qf(probe["obs"], probe["actions"])
-    activations = sn.split_recorded(recorder.activations(), measured, names)
-    return {name: plasticity.plasticity_stats(measured[name], activations[name], dormant_threshold) for name in names}
+    activations = sn.split_recorded(recorder.activations(), measured, sn.NETWORKS)
+    return {name: plasticity.plasticity_stats(measured[name], activations[name], dormant_threshold) for name in sn.NETWORKS}
 
 
 def evaluate_all(rollout_envs, actor, method, num_episodes, eval_seed, device, mujoco_warnings, unstable):
@@ -972,7 +971,7 @@ def main(args: Args) -> dict:
     masks = sn.SkillNeuronMasks(  # NBSP's skill-neuron masks of the networks it protects (--apply-to)
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf.hidden_layers(0), "qf2": sac.qf.hidden_layers(1)},
         masked=list(sn.APPLY_TO[args.apply_to]),
-        step_masks=[(sac.actor_mask, ["actor"]), (sac.q_mask, ["qf1", "qf2"])],
+        step_masks=[(sac.actor_mask, sn.APPLY_TO["actor"]), (sac.q_mask, sn.APPLY_TO["critic"])],
         alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     dpre = ReplayBuffer(dpre_capacity, obs_dim, act_dim, device)

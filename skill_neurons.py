@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 IDENTIFY_RULES = ("goal", "activation", "weight", "random")
 GOAL_SCORES = ("paper", "balanced")
 IDENTIFY_WINDOWS = ("training", "rollout")
-APPLY_TO = {"actor": ("actor",), "critic": ("qf1", "qf2"), "both": ("actor", "qf1", "qf2")}  # --apply-to: masked networks
+NETWORKS = ("actor", "qf1", "qf2")  # the networks whose hidden neurons NBSP scores and masks
+APPLY_TO = {"actor": NETWORKS[:1], "critic": NETWORKS[1:], "both": NETWORKS}  # --apply-to: masked networks
 
 
 @dataclass(frozen=True)

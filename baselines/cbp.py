@@ -81,9 +81,10 @@ import torch
 from torch import Tensor, nn
 
 from baselines.method import DECAY, NON_NEGATIVE_INT, UNIT_INTERVAL, Flag, Method
+import skill_neurons as sn
 from skill_neurons import Consumer, NeuronLayer
 
-NETWORKS_OF_STEP = {"actor": ("actor",), "critic": ("qf1", "qf2")}
+NETWORKS_OF_STEP = {step: sn.APPLY_TO[step] for step in ("actor", "critic")}
 
 
 def neuron_slices(weight: Tensor, member: int | None, dim: int) -> Tensor:

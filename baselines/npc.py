@@ -62,7 +62,7 @@ from torch import Tensor, nn
 import skill_neurons as sn
 from baselines.method import DECAY, NON_NEGATIVE, Flag, Method
 
-NETWORKS_OF_LOSS = {"actor": ("actor",), "critic": ("qf1", "qf2")}
+NETWORKS_OF_LOSS = {loss: sn.APPLY_TO[loss] for loss in ("actor", "critic")}
 
 
 def taylor_importance(activation: Tensor, grad: Tensor, member: int | None = None) -> Tensor:

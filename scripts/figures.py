@@ -56,9 +56,10 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 from cli import Parser, UsageError, check_device, check_output  # noqa: E402
 from protocol import BOOKKEEPING  # noqa: E402
 from run_folders import RunFolder, RunFolderError, find  # noqa: E402
+from skill_neurons import NETWORKS  # noqa: E402
 
 EVAL_TAG = re.compile(r"eval/(.+)/success_rate")
-PLASTICITY_TAG = re.compile(r"plasticity/(actor|qf1|qf2)/(dormant_ratio|feature_rank|weight_magnitude)")
+PLASTICITY_TAG = re.compile(rf"plasticity/({'|'.join(NETWORKS)})/(dormant_ratio|feature_rank|weight_magnitude)")
 PLASTICITY_NAMES = {"dormant_ratio": "dormant neurons (ReDo)", "feature_rank": "feature rank (srank, last hidden layer)",
                     "weight_magnitude": "mean |weight|"}
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -346,7 +347,7 @@ def plasticity_figure(runs: list[RunFolder], out_path: str, sequence: str, title
     if not any(curves.values()):
         raise FigureError("no plasticity/{network}/{metric} scalars in the TensorBoard events of "
                           + ", ".join(r.path for r in runs) + " (runs from before the diagnostics existed)")
-    networks = ["actor", "qf1", "qf2"]
+    networks = NETWORKS
     fig, axes = plt.subplots(len(PLASTICITY_NAMES), len(networks), figsize=(4.4 * len(networks), 2.6 * len(PLASTICITY_NAMES) + 0.6),
                              squeeze=False, layout="constrained", sharex=True)
     for row, metric in enumerate(PLASTICITY_NAMES):
@@ -478,8 +479,8 @@ def neuron_activations(run_dir: str, stage: int = 1, network: str = "actor", neu
         checkpoint = na.load_stage(run_dir, stage)
     except na.AnalysisError as e:
         raise FigureError(str(e)) from e
-    if network not in ("actor", "qf1", "qf2"):
-        raise FigureError(f"--network must be actor, qf1 or qf2, got {network!r}")
+    if network not in NETWORKS:
+        raise FigureError(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
     task = task or config["stage_tasks"][stage - 1]
     if task not in config["stage_tasks"]:
         raise FigureError(f"task {task!r} is not a task of the run; its tasks: {', '.join(dict.fromkeys(config['stage_tasks']))}")
@@ -609,7 +610,7 @@ def make_parser() -> argparse.ArgumentParser:
     which.add_argument("--stage", type=int, default=None,
                        help="stage checkpoint (default: the first stage whose episodes hold a success and a "
                             "failure, those whose identification window did tried first)")
-    which.add_argument("--network", choices=("actor", "qf1", "qf2"), default="actor", help="network of the neuron")
+    which.add_argument("--network", choices=NETWORKS, default="actor", help="network of the neuron")
     which.add_argument("--neuron", type=int, default=None,
                        help="index over the network's hidden neurons, layers concatenated (default: the top score)")
     episodes = hist.add_argument_group("episodes")
