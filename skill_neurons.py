@@ -308,7 +308,13 @@ def parameter_masks(
 ) -> dict[nn.Parameter, Tensor]:
     """Per-neuron masks -> one mask tensor per parameter, broadcastable to it.
 
-    Each neuron's multiplier applies to its row of the incoming weight and to its bias.
+    Each neuron's multiplier applies to its incoming weights and to its bias: the paper's column
+    W[:, j] of neuron j (Eq. 6), which is row j of an `nn.Linear` or `nn.Conv2d` weight
+    `[out, in, ...]` (`neuron_dim=0`) and the last dimension of an `EnsembleLinear` weight
+    `[E, in, out]` (`neuron_dim=2`). fast_adam.StepMask applies the masks: by default to the
+    optimizer's step, as Alg. 2 lines 13-14 write the masked update; `--mask-target grad` to the
+    gradient, Eq. 6 as written. Under plain SGD the two are the same update; under Adam they are
+    not, since Adam divides the gradient by its running RMS and so undoes a constant factor on it.
     Ensemble members share parameters, so their slices are filled into one tensor.
     """
     masks: dict[nn.Parameter, Tensor] = {}
