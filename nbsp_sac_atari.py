@@ -1279,7 +1279,7 @@ def main(args: Args) -> dict:
                                                           stage_seed, device)
             sn.report_selection(run.writer, neuron_record, found, label, args.goal_score, run.global_step)
             run.writer.add_scalar("neurons/identify_mean_return", neuron_record["identify_mean_return"], run.global_step)
-            neuron_scores = {name: identified.scores for name, identified in found.items()}
+            neuron_scores = {name: identified.mask_scores for name, identified in found.items()}
             record |= neuron_record
         if use_replay and stage < H - 1:  # ALGO LOGIC: Dpre gets the stage's last transitions played by the policy
             # at most --dpre-per-task, only steps after --learning-starts (policy actions), no more than D holds

@@ -208,12 +208,18 @@ def neuron_mask(scores: Tensor, selected: Tensor, alpha: float, hard: bool = Fal
 
 @dataclass(frozen=True)
 class Identification:
-    """One network's identification: `selected` neurons (Eq. 5), the `scores` that give their
-    Eq. 7 masks, and the window's goal scores (`goal`; equal to `scores` for the goal rule)."""
+    """One network's identification, one value per neuron `[N]`:
+    selected: the skill neurons (Eq. 5);
+    mask_scores: the scores that give the Eq. 7 masks (checkpoints save them as "scores");
+    goal_scores: the window's goal scores (Eq. 3-4) of every neuron, which the statistics and
+        TensorBoard's `neurons/{net}/scores` report.
+    Under the goal rule both scores are the same; under --identify activation|weight|random the
+    rule picks the neurons and `mask_scores` gives them the goal scores matched by rank
+    (`rank_matched`), so they differ from `goal_scores`."""
 
     selected: Tensor
-    scores: Tensor
-    goal: Tensor
+    mask_scores: Tensor
+    goal_scores: Tensor
 
 
 def identify_network(
@@ -240,8 +246,8 @@ def identify_network(
         ranking = random_scores(sum(layer.num_neurons for layer in layers), generator)
     else:
         raise ValueError(f"unknown identification rule {rule!r}; valid: {', '.join(IDENTIFY_RULES)}")
-    scores = goal_values if rule == "goal" else rank_matched(ranking, goal_values)
-    return Identification(select_top(ranking, ratio), scores, goal_values)
+    mask_scores = goal_values if rule == "goal" else rank_matched(ranking, goal_values)
+    return Identification(select_top(ranking, ratio), mask_scores, goal_values)
 
 
 def selection_stats(activations: Sequence[Tensor], found: Identification, combined_mask: Tensor) -> dict:
@@ -259,7 +265,8 @@ def selection_stats(activations: Sequence[Tensor], found: Identification, combin
         return float(values.mean()) if values.numel() else None
 
     return {"selected_dead": int((dead & found.selected).sum()), "dead": int(dead.sum()),
-            "selected_score_mean": mean(found.goal[found.selected]), "other_score_mean": mean(found.goal[others]),
+            "selected_score_mean": mean(found.goal_scores[found.selected]),
+            "other_score_mean": mean(found.goal_scores[others]),
             "protected": int(protected.sum()), "protected_mask_mean": mean(combined_mask[protected]),
             "selected_dead_share": mean(dead[found.selected].float()),
             "selected_live_mask_mean": mean(combined_mask[live_selected])}
@@ -362,7 +369,7 @@ class SkillNeuronMasks:
         the stage's record: skill neurons, selection statistics, overlap with the previous selection."""
         record = {"skill_neurons": {}, "overlap_with_previous": {}, "selection": {}}
         for name, identified in found.items():
-            new_mask = neuron_mask(identified.scores, identified.selected, self.alpha, self.hard)
+            new_mask = neuron_mask(identified.mask_scores, identified.selected, self.alpha, self.hard)
             self.neuron_masks[name] = combine_masks(self.neuron_masks.get(name),
                                                     split_by_layer(new_mask, self.networks[name]), self.combine)
             record["skill_neurons"][name] = int(identified.selected.sum())
@@ -410,8 +417,8 @@ def report_selection(writer, record: dict, found: dict, label: str, goal_score: 
     """TensorBoard `neurons/...` of a stage's identification (per network: the goal scores, the
     skill neurons' mask scores, the selection statistics), and a warning on selected dead units."""
     for name, identified in found.items():
-        writer.add_histogram(f"neurons/{name}/scores", identified.goal, step)
-        writer.add_histogram(f"neurons/{name}/skill_scores", identified.scores[identified.selected], step)
+        writer.add_histogram(f"neurons/{name}/scores", identified.goal_scores, step)
+        writer.add_histogram(f"neurons/{name}/skill_scores", identified.mask_scores[identified.selected], step)
         for key, value in record["selection"][name].items():
             if value is not None:
                 writer.add_scalar(f"neurons/{name}/{key}", value, step)

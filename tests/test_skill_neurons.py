@@ -251,16 +251,16 @@ def test_identify_network_each_rule():
 
     # ratio 0.4 of 3 neurons: round(1.2) = 1 selected
     found = sn.identify_network(layers, "goal", activations, goal, 0.4)
-    torch.testing.assert_close(found.scores, goal_scores)
-    torch.testing.assert_close(found.goal, goal_scores)
+    torch.testing.assert_close(found.mask_scores, goal_scores)
+    torch.testing.assert_close(found.goal_scores, goal_scores)
     assert found.selected.tolist() == [True, False, False]  # tie of c0 and c2 at 1.0: the earlier one
 
     # activation: mean |a| = [2, 1, 3] picks c2; the neuron picked first gets the best goal score, 1.0,
     # the others the rest in order of their activation: c0 (2) gets 1.0, c1 (1) gets 2/3
     found = sn.identify_network(layers, "activation", activations, goal, 0.4)
     assert found.selected.tolist() == [False, False, True]
-    torch.testing.assert_close(found.scores, t([1.0, 2.0 / 3.0, 1.0]))
-    torch.testing.assert_close(found.goal, goal_scores)
+    torch.testing.assert_close(found.mask_scores, t([1.0, 2.0 / 3.0, 1.0]))
+    torch.testing.assert_close(found.goal_scores, goal_scores)
 
     # weight: mean |w| per row = [(1+2+3)/3, (4+0+2)/3 | (3+3)/2] = [2, 2, 3] -> c2 first, then c0, c1
     with torch.no_grad():
@@ -268,13 +268,13 @@ def test_identify_network_each_rule():
         model[2].weight.copy_(t([[-3.0, 3.0]]))
     found = sn.identify_network(layers, "weight", activations, goal, 2 / 3)  # round(2.0) = 2 selected
     assert found.selected.tolist() == [True, False, True]
-    torch.testing.assert_close(found.scores, t([1.0, 2.0 / 3.0, 1.0]))
+    torch.testing.assert_close(found.mask_scores, t([1.0, 2.0 / 3.0, 1.0]))
 
     # random: the generator's uniform ranking
     ranking = torch.rand(3, generator=torch.Generator().manual_seed(7))
     found = sn.identify_network(layers, "random", activations, goal, 0.4, generator=torch.Generator().manual_seed(7))
     assert found.selected.tolist() == sn.select_top(ranking, 0.4).tolist()
-    torch.testing.assert_close(found.scores, sn.rank_matched(ranking, goal_scores))
+    torch.testing.assert_close(found.mask_scores, sn.rank_matched(ranking, goal_scores))
 
     with pytest.raises(ValueError, match="valid: goal, activation, weight, random"):
         sn.identify_network(layers, "magic", activations, goal, 0.4)
@@ -288,10 +288,10 @@ def test_rank_matched_masks_of_other_rules_equal_the_goal_rules_mask_values():
     goal = (torch.arange(40) % 3 == 0).float()
     layers = [sn.HiddenLayer(nn.ReLU(), nn.Parameter(torch.randn(n, 4, generator=generator)), None, 0) for n in (12, 8)]
     goal_rule = sn.identify_network(layers, "goal", activations, goal, 0.25)
-    goal_masks = sn.neuron_mask(goal_rule.scores, goal_rule.selected, 0.2)
+    goal_masks = sn.neuron_mask(goal_rule.mask_scores, goal_rule.selected, 0.2)
     for rule in ("activation", "weight", "random"):
         found = sn.identify_network(layers, rule, activations, goal, 0.25, generator=torch.Generator().manual_seed(3))
-        masks = sn.neuron_mask(found.scores, found.selected, 0.2)
+        masks = sn.neuron_mask(found.mask_scores, found.selected, 0.2)
         assert int(found.selected.sum()) == 5
         torch.testing.assert_close(masks[found.selected].sort().values, goal_masks[goal_rule.selected].sort().values)
         assert not torch.equal(found.selected, goal_rule.selected), rule  # they pick other neurons
@@ -300,8 +300,8 @@ def test_rank_matched_masks_of_other_rules_equal_the_goal_rules_mask_values():
 def test_selection_stats_hand_computed():
     # 4 steps, 4 neurons: n0 dead (constant 2), n1 informative, n2 dead (0), n3 noise
     activations = [t([[2.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, 3.0], [2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 1.0]])]
-    found = sn.Identification(selected=torch.tensor([True, True, False, False]), scores=t([0.9, 0.7, 0.6, 0.5]),
-                              goal=t([0.8, 1.0, 0.5, 0.6]))
+    found = sn.Identification(selected=torch.tensor([True, True, False, False]), mask_scores=t([0.9, 0.7, 0.6, 0.5]),
+                              goal_scores=t([0.8, 1.0, 0.5, 0.6]))
     combined = t([0.02, 0.06, 0.1, 1.0])  # n2 protected by an earlier stage
     stats = sn.selection_stats(activations, found, combined)
     assert stats["selected_dead"] == 1 and stats["dead"] == 2  # n0 selected and dead; n2 dead
