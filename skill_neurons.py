@@ -131,17 +131,25 @@ class ActivationRecorder:
 def goal_scores(activations: Tensor, goal: Tensor, score: str = "paper") -> Tensor:
     """Goal-oriented score of one window: activations `[T, N]`, goal metric `[T]` -> `[N]`.
 
-    Both use the indicators a_t > mean a (per neuron) and q_t > mean q, strict, with both means
-    over the same T steps.
+    Two scores, `score`:
     - "paper" (Eq. 3-4): R = mean_t 1[(a_t > mean a) == (q_t > mean q)].
     - "balanced": R = 1/2 [P(a > mean a | q > mean q) + P(a <= mean a | q <= mean q)], the
       balanced accuracy of the same indicator. It equals "paper" on a window with as many steps
       above the goal mean as below, and gives 0.5 to a neuron that is constant, or independent
       of the goal, whatever the balance. Eq. 3 is ruled by the balance instead: with 19 of 20
       window steps above the goal mean (e.g. in successful episodes) a constant neuron scores
-      0.95 there. A constant goal metric leaves one
-      class empty: every neuron scores 0.5 (no information).
-    score = max(R, 1 - R) for both.
+      0.95 there.
+    Both use the same indicators, a_t > mean a (per neuron) and q_t > mean q, strict, and
+    score = max(R, 1 - R). Eq. 4 takes the maximum so that a neuron firing against the goal
+    counts too; it also makes the score of a constant unit (or goal) independent of float
+    rounding, whose mean can come out a hair above or below the constant, making its indicator
+    all-False or all-True: either way gives the same score. One window serves both for the
+    means (Alg. 1's T_avg) and for the counts (its T), a choice: Alg. 1 takes them as two inputs.
+    A constant goal metric (the same goal indicator at every step):
+    - "paper" still applies Eq. 3: score = share of steps with a_t <= mean a (or its
+      complement, whichever is larger), so a dead unit
+      scores 1.0 (and a unit firing once in T steps 1 - 1/T);
+    - "balanced" leaves one class empty: every neuron scores 0.5 (no information).
     """
     if activations.dim() != 2 or goal.shape != activations.shape[:1]:
         raise ValueError(f"expected activations [T, N] and goal [T], got {tuple(activations.shape)} and {tuple(goal.shape)}")
