@@ -1023,7 +1023,7 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, games, identify_
           f"mean return {record['identify_mean_return']:g}")
     if record["goal_constant"]:
         print(f"warning: {label}: the goal metric is constant ({goal[0]:g}) over the identification window, so "
-              "skill-neuron scores carry no goal information", file=sys.stderr)
+              + sn.constant_goal_warning(args.goal_score, args.identify), file=sys.stderr)
 
     # ALGO LOGIC: Eq. 3-4 scores -> Eq. 5's top skill_ratio per network -> Eq. 7 masks, combined with
     # the earlier stages' (masks.update; installed on Adam's steps by masks.install)

@@ -783,7 +783,7 @@ def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, episodes, envs, 
           f"{record['goal_metric']}, {record['identify_success_share']:.0%} of the steps in successful episodes")
     if record["goal_constant"]:
         print(f"warning: {label}: the goal metric is constant ({goal[0]:g}) over the identification window, so "
-              "skill-neuron scores carry no goal information", file=sys.stderr)
+              + sn.constant_goal_warning(args.goal_score, args.identify), file=sys.stderr)
 
     # the masked networks' activations over the window (the critics at the executed actions)
     layers = [layer for name in masks.masked for layer in masks.networks[name]]

@@ -197,8 +197,14 @@ def rank_matched(ranking: Tensor, values: Tensor) -> Tensor:
 # Selection and masks
 # --------------------------------------------------------------------------------------------
 def select_top(scores: Tensor, ratio: float) -> Tensor:
-    """Global top-m selection (Eq. 5): a bool mask of the round(ratio * N) best scores (at
-    least one). Ties are broken by position, earlier neurons first."""
+    """Global top-m selection (Eq. 5): a bool mask of the round(ratio * N) best scores, Python's
+    round (half to even: round(2.5) = 2), at least one. Ties are broken by position, earlier
+    neurons first.
+
+    A constant goal metric still gives a selection, and the scripts still install its masks, on
+    neurons picked without goal information: under "balanced" every goal score is 0.5, so the
+    ties go to the earliest neurons, the first hidden layer's first units (masks alpha * 0.5);
+    under "paper" every dead unit scores 1.0, so dead units come first (mask 0)."""
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"skill ratio must be in (0, 1], got {ratio}")
     count = max(1, round(ratio * scores.numel()))
@@ -287,6 +293,20 @@ def split_by_layer(values: Tensor, layers: Sequence[HiddenLayer]) -> list[Tensor
 def goal_is_constant(goal: Tensor) -> bool:
     """True when the goal metric carries no information over the window (Eq. 3 degenerates)."""
     return bool((goal == goal[0]).all())
+
+
+def constant_goal_warning(goal_score: str, rule: str) -> str:
+    """The console's note on a constant goal metric: the masks are still installed, and on which
+    neurons (see `select_top`)."""
+    if goal_score == "balanced":
+        picked = "the first units of the first hidden layer (every neuron scores 0.5, ties go to the earliest)"
+        values = "each skill neuron's mask is alpha * 0.5"
+    else:
+        picked = "dead units first"
+        values = "Eq. 3 scores every dead unit 1.0, mask 0 (a hard freeze)"
+    if rule != "goal":
+        picked = f"the neurons --identify {rule} picks"
+    return f"skill-neuron scores carry no goal information; the masks are still applied, on {picked}: {values}"
 
 
 def widen_window(episode_goals: Sequence[float], num_episodes: int) -> int:
@@ -411,7 +431,9 @@ def split_recorded(recorded: Sequence[Tensor], networks: dict[str, list[HiddenLa
 
 def dead_selection_warning(record: dict, goal_score: str) -> str | None:
     """A warning when selected skill neurons were constant over the window: such a unit carries no
-    goal information, it was picked by the window's class balance."""
+    goal information. Under "paper" Eq. 3 scores it by the window's class balance (the larger
+    share of steps on one side of the goal mean), under "balanced" 0.5, so it is selected only
+    through ties broken by position; another --identify rule picks it its own way."""
     dead = {name: stats["selected_dead"] for name, stats in record["selection"].items() if stats["selected_dead"]}
     if not dead:
         return None
