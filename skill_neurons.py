@@ -445,7 +445,16 @@ def dead_selection_warning(record: dict, goal_score: str) -> str | None:
 
 def report_selection(writer, record: dict, found: dict, label: str, goal_score: str, step: int) -> None:
     """TensorBoard `neurons/...` of a stage's identification (per network: the goal scores, the
-    skill neurons' mask scores, the selection statistics), and a warning on selected dead units."""
+    skill neurons' mask scores, the selection statistics), and a warning on selected dead units.
+
+    `record` is the stage's record that the scripts' identify_skill_neurons returns; it needs
+    "goal_constant", "identify_episodes", "identify_steps" (the window) and, from
+    `SkillNeuronMasks.update`, "selection" and "skill_neurons". `found`: each network's
+    Identification. Tags: `neurons/{net}/scores` (goal scores), `neurons/{net}/skill_scores`,
+    `neurons/{net}/{statistic}` (`selection_stats`), `neurons/goal_constant`,
+    `neurons/identify_episodes`, `neurons/identify_steps`. The scripts add their own goal
+    metric's tags: Meta-World `neurons/identify_success_share` and `neurons/goal_metric_is_return`,
+    Atari `neurons/identify_mean_return`."""
     for name, identified in found.items():
         writer.add_histogram(f"neurons/{name}/scores", identified.goal_scores, step)
         writer.add_histogram(f"neurons/{name}/skill_scores", identified.mask_scores[identified.selected], step)
