@@ -1170,7 +1170,7 @@ def main(args: Args) -> dict:
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf1.hidden_layers(), "qf2": sac.qf2.hidden_layers()},
         masked=list(sn.APPLY_TO[args.apply_to]),
         step_masks=[(sac.actor_mask, sn.APPLY_TO["actor"]), (sac.q_mask, sn.APPLY_TO["critic"])],
-        alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
+        mask_alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, device)
     dpre = ReplayBuffer(dpre_capacity, device)
     run.restore(method, sac, masks, dpre, rb, install_masks=use_mask)

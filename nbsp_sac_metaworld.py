@@ -972,7 +972,7 @@ def main(args: Args) -> dict:
         {"actor": sac.actor.hidden_layers(), "qf1": sac.qf.hidden_layers(0), "qf2": sac.qf.hidden_layers(1)},
         masked=list(sn.APPLY_TO[args.apply_to]),
         step_masks=[(sac.actor_mask, sn.APPLY_TO["actor"]), (sac.q_mask, sn.APPLY_TO["critic"])],
-        alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
+        mask_alpha=args.mask_alpha, hard=args.hard_mask, combine=args.mask_combine)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     dpre = ReplayBuffer(dpre_capacity, obs_dim, act_dim, device)
     run.restore(method, sac, masks, dpre, rb, install_masks=use_mask)

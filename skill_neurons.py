@@ -382,22 +382,27 @@ class SkillNeuronMasks:
     combined over the stages so far and the latest selection; `install` turns them into the
     parameter masks of the optimizer steps of those networks.
 
-    networks: every network's hidden layers; masked: the networks NBSP masks (--apply-to);
-    step_masks: each optimizer's fast_adam.StepMask with the networks whose parameters it steps."""
+    networks: every network's hidden layers; masked: the networks NBSP masks (--apply-to), which
+    are the ones the scripts identify skill neurons in (and record activations of);
+    step_masks: each optimizer's fast_adam.StepMask with the networks whose parameters it steps;
+    mask_alpha, hard, combine: --mask-alpha, --hard-mask, --mask-combine. The state saved with a
+    checkpoint is `state_dict`'s: the combined masks and the latest selection."""
 
     def __init__(self, networks: dict[str, list[HiddenLayer]], masked: Sequence[str],
-                 step_masks: Sequence[tuple[StepMask, Sequence[str]]], alpha: float, hard: bool, combine: str):
+                 step_masks: Sequence[tuple[StepMask, Sequence[str]]], mask_alpha: float, hard: bool, combine: str):
         self.networks, self.masked, self.step_masks = networks, list(masked), step_masks
-        self.alpha, self.hard, self.combine = alpha, hard, combine
+        self.mask_alpha, self.hard, self.combine = mask_alpha, hard, combine
         self.neuron_masks: dict[str, list[Tensor]] = {}
         self.last_selected: dict[str, Tensor] = {}
 
     def update(self, found: dict[str, Identification], activations: dict[str, Sequence[Tensor]]) -> dict:
         """New Eq. 7 masks from each network's selection, combined with the earlier stages'; returns
-        the stage's record: skill neurons, selection statistics, overlap with the previous selection."""
+        the stage's record: skill neurons, selection statistics, overlap with the previous selection.
+        `found` and `activations` are keyed by network; their keys are trusted, unchecked: the
+        scripts pass exactly `masked`."""
         record = {"skill_neurons": {}, "overlap_with_previous": {}, "selection": {}}
         for name, identified in found.items():
-            new_mask = neuron_mask(identified.mask_scores, identified.selected, self.alpha, self.hard)
+            new_mask = neuron_mask(identified.mask_scores, identified.selected, self.mask_alpha, self.hard)
             self.neuron_masks[name] = combine_masks(self.neuron_masks.get(name),
                                                     split_by_layer(new_mask, self.networks[name]), self.combine)
             record["skill_neurons"][name] = int(identified.selected.sum())
