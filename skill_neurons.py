@@ -265,12 +265,17 @@ def identify_network(
 
 
 def selection_stats(activations: Sequence[Tensor], found: Identification, combined_mask: Tensor) -> dict:
-    """What was selected, for metrics.json and TensorBoard: selected neurons that were dead
-    (constant) over the window (and all dead ones), the mean goal score of the window for the
-    selected and for the other neurons, and the mean combined mask of every protected neuron.
-    How strongly the selection protects, apart from which units it chose: the share of selected
-    units that were dead (a dead unit gets no gradient, a mask on it protects nothing) and the
-    mean combined mask over the live selected ones."""
+    """What was selected, for metrics.json and TensorBoard. "Dead" means constant over the window
+    (the activations of `found`'s window); only a ReLU stuck at 0 on the window's inputs also
+    gets no gradient from them, so a mask on it protects nothing there.
+    - selected_dead, dead: selected neurons that were dead, and all dead neurons;
+    - selected_score_mean, other_score_mean: mean goal score of the selected and of the other neurons;
+    - protected, protected_mask_mean: neurons whose combined mask is below 1 and their mean mask;
+      under --mask-combine min they include earlier stages' selections, not only this one;
+    - selected_dead_share, selected_live_mask_mean: how strongly the selection protects, apart
+      from which units it chose: the share of selected units that were dead and the mean combined
+      mask over the live selected ones.
+    A mean over no neuron is None."""
     window = torch.cat(list(activations), 1)
     dead = window.amax(0) == window.amin(0)
     others, protected, live_selected = ~found.selected, combined_mask < 1, found.selected & ~dead
