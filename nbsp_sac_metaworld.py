@@ -168,7 +168,7 @@ class NBSPArgs:
     """alpha of Eq. 7, in [0, 1]: a skill neuron's mask is alpha * (1 - score)"""
     mask_target: Literal["update", "grad"] = "update"
     """scale the optimizer's parameter update (Alg. 2) or the gradient before Adam"""
-    mask_combine: Literal["min", "latest"] = "min"
+    mask_combine: Literal[sn.MASK_COMBINES] = "min"
     """combine masks across stages by element-wise minimum, or keep only the latest"""
     replay_interval: int = 10
     """every this-many-th gradient step samples its batch from Dpre"""

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 IDENTIFY_RULES = ("goal", "activation", "weight", "random")
 GOAL_SCORES = ("paper", "balanced")
 IDENTIFY_WINDOWS = ("training", "rollout")
+MASK_COMBINES = ("min", "latest")  # --mask-combine: masks across stages
 NETWORKS = ("actor", "qf1", "qf2")  # the networks whose hidden neurons NBSP scores and masks
 APPLY_TO = {"actor": NETWORKS[:1], "critic": NETWORKS[1:], "both": NETWORKS}  # --apply-to: masked networks
 
@@ -375,11 +376,11 @@ def parameter_masks(
 
 def combine_masks(previous: Iterable[Tensor] | None, new: Sequence[Tensor], rule: str) -> list[Tensor]:
     """Across stages: element-wise minimum (protection accumulates) or only the latest."""
+    if rule not in MASK_COMBINES:
+        raise ValueError(f"unknown mask combination {rule!r}; valid: {', '.join(MASK_COMBINES)}")
     if previous is None or rule == "latest":
         return list(new)
-    if rule == "min":
-        return [torch.minimum(p, n) for p, n in zip(previous, new, strict=True)]
-    raise ValueError(f"unknown mask combination {rule!r}; valid: min, latest")
+    return [torch.minimum(p, n) for p, n in zip(previous, new, strict=True)]
 
 
 class SkillNeuronMasks:

@@ -177,8 +177,14 @@ def test_combine_masks():
     torch.testing.assert_close(latest[1], new[1])
     first = sn.combine_masks(None, new, "min")
     torch.testing.assert_close(first[0], new[0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="valid: min, latest"):
         sn.combine_masks(previous, new, "max")
+
+
+@pytest.mark.parametrize("previous", [None, [t([0.5])]])
+def test_combine_masks_rejects_a_bad_rule_even_on_the_first_stage(previous):
+    with pytest.raises(ValueError, match="unknown mask combination 'max'"):
+        sn.combine_masks(previous, [t([0.7])], "max")
 
 
 # --------------------------------------------------------------------------------------------
