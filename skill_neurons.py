@@ -248,7 +248,10 @@ def identify_network(
 ) -> Identification:
     """Alg. 1 for one network, its hidden layers concatenated: rank the neurons by `rule`, select
     the top `ratio` globally, and give the i-th selected neuron the i-th best goal score of the
-    window (for the goal rule, simply its own)."""
+    window (for the goal rule, simply its own). `generator` draws the random rule's ranking and
+    is required for it, so that the run's global random state stays untouched."""
+    if rule == "random" and generator is None:
+        raise ValueError("identification rule 'random' needs a generator")
     window = torch.cat(list(activations), 1)
     goal_values = goal_scores(window, goal, score)
     if rule == "goal":

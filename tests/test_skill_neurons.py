@@ -284,6 +284,8 @@ def test_identify_network_each_rule():
 
     with pytest.raises(ValueError, match="valid: goal, activation, weight, random"):
         sn.identify_network(layers, "magic", activations, goal, 0.4)
+    with pytest.raises(ValueError, match="'random' needs a generator"):  # never torch's global RNG
+        sn.identify_network(layers, "random", activations, goal, 0.4)
 
 
 def test_rank_matched_masks_of_other_rules_equal_the_goal_rules_mask_values():
