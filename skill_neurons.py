@@ -216,7 +216,10 @@ def select_top(scores: Tensor, ratio: float) -> Tensor:
 
 
 def neuron_mask(scores: Tensor, selected: Tensor, alpha: float, hard: bool = False) -> Tensor:
-    """Eq. 7: alpha * (1 - score) for skill neurons (0 with `hard`), 1 for the others."""
+    """Eq. 7: alpha * (1 - score) for skill neurons (0 with `hard`), 1 for the others.
+
+    The masks are strong: every score is max(R, 1 - R) >= 0.5, so a skill neuron's mask lies in
+    [0, alpha / 2], [0, 0.1] at the paper's alpha 0.2, and a score of 1.0 acts as a hard mask."""
     protected = torch.zeros_like(scores) if hard else alpha * (1.0 - scores)
     return torch.where(selected, protected, torch.ones_like(scores))
 
