@@ -1,4 +1,7 @@
-"""RL skill neurons: recording, scoring (NBSP Alg. 1, Eq. 1-5), selection and masks (Eq. 7).
+"""RL skill neurons (NBSP Alg. 1, Eq. 1-7), in sections: the layers of neurons; the
+identification window; recording activations; the scores (Eq. 1-4 and Table 3's other rules);
+selection (Eq. 5) and identification; the masks (Eq. 7, combined across stages, as parameter
+masks, `SkillNeuronMasks`); reporting (selection statistics, warnings, TensorBoard).
 
 A *neuron* is one output unit of a hidden layer after its activation function; for a
 convolutional layer it is one channel, its activation being the spatial mean. A
@@ -29,6 +32,9 @@ NETWORKS = ("actor", "qf1", "qf2")  # the networks whose hidden neurons NBSP sco
 APPLY_TO = {"actor": NETWORKS[:1], "critic": NETWORKS[1:], "both": NETWORKS}  # --apply-to: masked networks
 
 
+# --------------------------------------------------------------------------------------------
+# Layers of neurons: what feeds a hidden layer's neurons, and what reads them
+# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HiddenLayer:
     """One hidden layer of candidate neurons.
@@ -62,9 +68,6 @@ class HiddenLayer:
         return w.movedim(dim, 0).reshape(w.shape[dim], -1)
 
 
-# --------------------------------------------------------------------------------------------
-# Recording activations
-# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Consumer:
     """A layer reading a hidden layer's output: the slices of `weight` along `in_dim` (a dimension
@@ -86,6 +89,43 @@ class NeuronLayer:
     consumers: tuple[Consumer, ...]
 
 
+# --------------------------------------------------------------------------------------------
+# Identification window: the episodes and the goal metric a stage's identification scores over
+# --------------------------------------------------------------------------------------------
+def goal_is_constant(goal: Tensor) -> bool:
+    """True when the goal metric carries no information over the window (Eq. 3 degenerates)."""
+    return bool((goal == goal[0]).all())
+
+
+def widen_window(episode_goals: Sequence[float], num_episodes: int) -> int:
+    """First episode of the identification window over a stage's finished policy episodes
+    (oldest first): the last `num_episodes`, widened backwards one episode at a time while the
+    goal metric is constant over it. Returns 0 when the whole stage has one outcome."""
+    start = max(0, len(episode_goals) - num_episodes)
+    while start > 0 and len(set(episode_goals[start:])) < 2:
+        start -= 1
+    return start
+
+
+def identification_window(episodes: Sequence[dict], num_episodes: int, metrics: Sequence[str]) -> tuple[list, str, bool]:
+    """The episodes (oldest first, each a dict holding every goal metric) that an identification
+    scores over, the goal metric it uses and whether the window was widened.
+
+    The first metric of `metrics` that is not constant over all `episodes` is used, over the
+    last `num_episodes` widened backwards until it is not constant over the window (Meta-World:
+    success, else the episode return; Atari: the return). If every metric is constant, the last
+    `num_episodes` with the last metric: the caller warns that the scores carry no information."""
+    for metric in metrics:
+        values = [episode[metric] for episode in episodes]
+        start = widen_window(values, num_episodes)
+        if len(set(values[start:])) > 1:
+            return list(episodes[start:]), metric, start < len(episodes) - num_episodes
+    return list(episodes[-num_episodes:]), metrics[-1], False
+
+
+# --------------------------------------------------------------------------------------------
+# Recording activations
+# --------------------------------------------------------------------------------------------
 class ActivationRecorder:
     """Records the activations of hidden layers with forward hooks, as `[T, N]` per layer.
 
@@ -124,6 +164,14 @@ class ActivationRecorder:
 
     def activations(self) -> list[Tensor]:
         return [torch.cat(chunks) for chunks in self._chunks]
+
+
+def split_recorded(recorded: Sequence[Tensor], networks: dict[str, list[HiddenLayer]], names: Sequence[str]) -> dict:
+    """An ActivationRecorder's activations of the layers of `names`, in that order, per network."""
+    out, start = {}, 0
+    for name in names:
+        out[name], start = list(recorded[start : start + len(networks[name])]), start + len(networks[name])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +243,7 @@ def rank_matched(ranking: Tensor, values: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Selection and masks
+# Selection (Eq. 5) and identification (Alg. 1)
 # --------------------------------------------------------------------------------------------
 def select_top(scores: Tensor, ratio: float) -> Tensor:
     """Global top-m selection (Eq. 5): a bool mask of the round(ratio * N) best scores, Python's
@@ -213,15 +261,6 @@ def select_top(scores: Tensor, ratio: float) -> Tensor:
     selected = torch.zeros_like(scores, dtype=torch.bool)
     selected[order[:count]] = True
     return selected
-
-
-def neuron_mask(scores: Tensor, selected: Tensor, alpha: float, hard: bool = False) -> Tensor:
-    """Eq. 7: alpha * (1 - score) for skill neurons (0 with `hard`), 1 for the others.
-
-    The masks are strong: every score is max(R, 1 - R) >= 0.5, so a skill neuron's mask lies in
-    [0, alpha / 2], [0, 0.1] at the paper's alpha 0.2, and a score of 1.0 acts as a hard mask."""
-    protected = torch.zeros_like(scores) if hard else alpha * (1.0 - scores)
-    return torch.where(selected, protected, torch.ones_like(scores))
 
 
 @dataclass(frozen=True)
@@ -271,85 +310,31 @@ def identify_network(
     return Identification(select_top(ranking, ratio), mask_scores, goal_values)
 
 
-def selection_stats(activations: Sequence[Tensor], found: Identification, combined_mask: Tensor) -> dict:
-    """What was selected, for metrics.json and TensorBoard. "Dead" means constant over the window
-    (the activations of `found`'s window); only a ReLU stuck at 0 on the window's inputs also
-    gets no gradient from them, so a mask on it protects nothing there.
-    - selected_dead, dead: selected neurons that were dead, and all dead neurons;
-    - selected_score_mean, other_score_mean: mean goal score of the selected and of the other neurons;
-    - protected, protected_mask_mean: neurons whose combined mask is below 1 and their mean mask;
-      under --mask-combine min they include earlier stages' selections, not only this one;
-    - selected_dead_share, selected_live_mask_mean: how strongly the selection protects, apart
-      from which units it chose: the share of selected units that were dead and the mean combined
-      mask over the live selected ones.
-    A mean over no neuron is None."""
-    window = torch.cat(list(activations), 1)
-    dead = window.amax(0) == window.amin(0)
-    others, protected, live_selected = ~found.selected, combined_mask < 1, found.selected & ~dead
+# --------------------------------------------------------------------------------------------
+# Masks: Eq. 7 per neuron, combined across stages, as parameter masks (fast_adam.StepMask applies them)
+# --------------------------------------------------------------------------------------------
+def neuron_mask(scores: Tensor, selected: Tensor, alpha: float, hard: bool = False) -> Tensor:
+    """Eq. 7: alpha * (1 - score) for skill neurons (0 with `hard`), 1 for the others.
 
-    def mean(values):
-        return float(values.mean()) if values.numel() else None
-
-    return {"selected_dead": int((dead & found.selected).sum()), "dead": int(dead.sum()),
-            "selected_score_mean": mean(found.goal_scores[found.selected]),
-            "other_score_mean": mean(found.goal_scores[others]),
-            "protected": int(protected.sum()), "protected_mask_mean": mean(combined_mask[protected]),
-            "selected_dead_share": mean(dead[found.selected].float()),
-            "selected_live_mask_mean": mean(combined_mask[live_selected])}
+    The masks are strong: every score is max(R, 1 - R) >= 0.5, so a skill neuron's mask lies in
+    [0, alpha / 2], [0, 0.1] at the paper's alpha 0.2, and a score of 1.0 acts as a hard mask."""
+    protected = torch.zeros_like(scores) if hard else alpha * (1.0 - scores)
+    return torch.where(selected, protected, torch.ones_like(scores))
 
 
 def split_by_layer(values: Tensor, layers: Sequence[HiddenLayer]) -> list[Tensor]:
     return list(values.split([layer.num_neurons for layer in layers]))
 
 
-def goal_is_constant(goal: Tensor) -> bool:
-    """True when the goal metric carries no information over the window (Eq. 3 degenerates)."""
-    return bool((goal == goal[0]).all())
+def combine_masks(previous: Iterable[Tensor] | None, new: Sequence[Tensor], rule: str) -> list[Tensor]:
+    """Across stages: element-wise minimum (protection accumulates) or only the latest."""
+    if rule not in MASK_COMBINES:
+        raise ValueError(f"unknown mask combination {rule!r}; valid: {', '.join(MASK_COMBINES)}")
+    if previous is None or rule == "latest":
+        return list(new)
+    return [torch.minimum(p, n) for p, n in zip(previous, new, strict=True)]
 
 
-def constant_goal_warning(goal_score: str, rule: str) -> str:
-    """The console's note on a constant goal metric: the masks are still installed, and on which
-    neurons (see `select_top`)."""
-    if goal_score == "balanced":
-        picked = "the first units of the first hidden layer (every neuron scores 0.5, ties go to the earliest)"
-        values = "each skill neuron's mask is alpha * 0.5"
-    else:
-        picked = "dead units first"
-        values = "Eq. 3 scores every dead unit 1.0, mask 0 (a hard freeze)"
-    if rule != "goal":
-        picked = f"the neurons --identify {rule} picks"
-    return f"skill-neuron scores carry no goal information; the masks are still applied, on {picked}: {values}"
-
-
-def widen_window(episode_goals: Sequence[float], num_episodes: int) -> int:
-    """First episode of the identification window over a stage's finished policy episodes
-    (oldest first): the last `num_episodes`, widened backwards one episode at a time while the
-    goal metric is constant over it. Returns 0 when the whole stage has one outcome."""
-    start = max(0, len(episode_goals) - num_episodes)
-    while start > 0 and len(set(episode_goals[start:])) < 2:
-        start -= 1
-    return start
-
-
-def identification_window(episodes: Sequence[dict], num_episodes: int, metrics: Sequence[str]) -> tuple[list, str, bool]:
-    """The episodes (oldest first, each a dict holding every goal metric) that an identification
-    scores over, the goal metric it uses and whether the window was widened.
-
-    The first metric of `metrics` that is not constant over all `episodes` is used, over the
-    last `num_episodes` widened backwards until it is not constant over the window (Meta-World:
-    success, else the episode return; Atari: the return). If every metric is constant, the last
-    `num_episodes` with the last metric: the caller warns that the scores carry no information."""
-    for metric in metrics:
-        values = [episode[metric] for episode in episodes]
-        start = widen_window(values, num_episodes)
-        if len(set(values[start:])) > 1:
-            return list(episodes[start:]), metric, start < len(episodes) - num_episodes
-    return list(episodes[-num_episodes:]), metrics[-1], False
-
-
-# --------------------------------------------------------------------------------------------
-# Masks of parameters (applied to the optimizers' steps by fast_adam.StepMask)
-# --------------------------------------------------------------------------------------------
 def parameter_masks(
     layers: Sequence[HiddenLayer], neuron_masks: Sequence[Tensor]
 ) -> dict[nn.Parameter, Tensor]:
@@ -378,15 +363,6 @@ def parameter_masks(
                 shape = shape[1:]
             view.copy_(values.to(param.device).view(shape).expand_as(view))
     return masks
-
-
-def combine_masks(previous: Iterable[Tensor] | None, new: Sequence[Tensor], rule: str) -> list[Tensor]:
-    """Across stages: element-wise minimum (protection accumulates) or only the latest."""
-    if rule not in MASK_COMBINES:
-        raise ValueError(f"unknown mask combination {rule!r}; valid: {', '.join(MASK_COMBINES)}")
-    if previous is None or rule == "latest":
-        return list(new)
-    return [torch.minimum(p, n) for p, n in zip(previous, new, strict=True)]
 
 
 class SkillNeuronMasks:
@@ -438,12 +414,48 @@ class SkillNeuronMasks:
         self.last_selected = dict(state["last_selected"])
 
 
-def split_recorded(recorded: Sequence[Tensor], networks: dict[str, list[HiddenLayer]], names: Sequence[str]) -> dict:
-    """An ActivationRecorder's activations of the layers of `names`, in that order, per network."""
-    out, start = {}, 0
-    for name in names:
-        out[name], start = list(recorded[start : start + len(networks[name])]), start + len(networks[name])
-    return out
+# --------------------------------------------------------------------------------------------
+# Reporting: selection statistics, console warnings, TensorBoard
+# --------------------------------------------------------------------------------------------
+def selection_stats(activations: Sequence[Tensor], found: Identification, combined_mask: Tensor) -> dict:
+    """What was selected, for metrics.json and TensorBoard. "Dead" means constant over the window
+    (the activations of `found`'s window); only a ReLU stuck at 0 on the window's inputs also
+    gets no gradient from them, so a mask on it protects nothing there.
+    - selected_dead, dead: selected neurons that were dead, and all dead neurons;
+    - selected_score_mean, other_score_mean: mean goal score of the selected and of the other neurons;
+    - protected, protected_mask_mean: neurons whose combined mask is below 1 and their mean mask;
+      under --mask-combine min they include earlier stages' selections, not only this one;
+    - selected_dead_share, selected_live_mask_mean: how strongly the selection protects, apart
+      from which units it chose: the share of selected units that were dead and the mean combined
+      mask over the live selected ones.
+    A mean over no neuron is None."""
+    window = torch.cat(list(activations), 1)
+    dead = window.amax(0) == window.amin(0)
+    others, protected, live_selected = ~found.selected, combined_mask < 1, found.selected & ~dead
+
+    def mean(values):
+        return float(values.mean()) if values.numel() else None
+
+    return {"selected_dead": int((dead & found.selected).sum()), "dead": int(dead.sum()),
+            "selected_score_mean": mean(found.goal_scores[found.selected]),
+            "other_score_mean": mean(found.goal_scores[others]),
+            "protected": int(protected.sum()), "protected_mask_mean": mean(combined_mask[protected]),
+            "selected_dead_share": mean(dead[found.selected].float()),
+            "selected_live_mask_mean": mean(combined_mask[live_selected])}
+
+
+def constant_goal_warning(goal_score: str, rule: str) -> str:
+    """The console's note on a constant goal metric: the masks are still installed, and on which
+    neurons (see `select_top`)."""
+    if goal_score == "balanced":
+        picked = "the first units of the first hidden layer (every neuron scores 0.5, ties go to the earliest)"
+        values = "each skill neuron's mask is alpha * 0.5"
+    else:
+        picked = "dead units first"
+        values = "Eq. 3 scores every dead unit 1.0, mask 0 (a hard freeze)"
+    if rule != "goal":
+        picked = f"the neurons --identify {rule} picks"
+    return f"skill-neuron scores carry no goal information; the masks are still applied, on {picked}: {values}"
 
 
 def dead_selection_warning(record: dict, goal_score: str) -> str | None:
