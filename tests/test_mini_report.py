@@ -5,6 +5,7 @@ has its pair pilot and what each selection protected, by hand."""
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -369,3 +370,20 @@ def test_retention_table_by_hand(tmp_path):
     assert lines[0] == "| setting | runs | during stage 2 (window-close) | during stage 3 (window-open) | during stage 4 (window-close) |"
     # stage 2: seeds 0.5 and 1.0 -> 0.75 ± 0.25; stage 3: 0.45 both -> 0.45 ± 0.00; stage 4: 0.2 and 0.0 -> 0.10 ± 0.10
     assert lines[2:] == ["| sac | 2 | 0.75 ± 0.25 | 0.45 ± 0.00 | 0.10 ± 0.10 |"]
+
+
+def test_a_rerun_of_a_config_and_seed_counts_once_in_every_table(tmp_path):
+    """Two complete runs of one config and seed (a rerun): the settings table keeps the later
+    (paper_tables.load_runs), and so does every other table of the report."""
+    first = write_run(tmp_path / "runs", "sac", 1)
+    os.rename(first, first + "__1000")
+    shutil.copytree(first + "__1000", first + "__2000")
+    write_run(tmp_path / "runs", "nbsp", 1)
+    assert [os.path.basename(run.path) for run in mini_report.counted_runs(str(tmp_path / "runs"))] == [
+        "reach+drawer-close__nbsp_r0.2__1", "reach+drawer-close__sac_r0.2__1__2000"]
+    out = tmp_path / "report.md"
+    assert mini_report.main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    doc = out.read_text()
+    assert doc.count("| sac_r0.2 seed 1 |") == 1  # the per-run table
+    assert "| vanilla SAC | 1 | 0.25 / 3.0 |" in doc  # the plasticity table counts one run
+    assert "for 2 complete runs" in doc  # the wall time
