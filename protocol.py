@@ -1,8 +1,8 @@
 """The bookkeeping of the cycling protocol that both training scripts share and that is not the
 algorithm: the command line and its checks, resuming a killed run, the run's lifecycle (`Run`:
 logging, progress, the divergence stop, evaluations, stage records, checkpoints), the paper's
-continual metrics (Eq. 9-11) and the run's files. SAC, the scorer, the mask and Dpre stay in each
-script."""
+continual metrics (Eq. 9-11) and the run's files. SAC and Dpre stay in each script; the
+skill-neuron scores and Eq. 7 masks are in skill_neurons.py."""
 
 from __future__ import annotations
 
