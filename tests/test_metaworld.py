@@ -676,12 +676,12 @@ def window_run(tmp_path_factory):
         mp.setattr(ReplayBuffer, "episode_rows", episode_rows)
         metrics = main(Args(**WINDOW_ARGS, runs_dir=str(runs_dir)))
     run_dir = only_run_dir(runs_dir)
-    return metrics, windows, load(os.path.join(run_dir, "checkpoint.pt")), scalars(run_dir)
+    return metrics, windows, load(os.path.join(run_dir, "checkpoint.pt")), scalars(run_dir), run_dir
 
 
 @pytest.mark.e2e
 def test_training_window_from_the_stages_own_episodes(window_run):
-    metrics, windows, _, _ = window_run
+    metrics, windows, *_ = window_run
     stages = metrics["stages"]
     # 600 steps = 12 episodes of 50; episodes 3-12 start at or after step 100: the policy's
     for stage in stages:
@@ -707,15 +707,31 @@ def test_training_window_from_the_stages_own_episodes(window_run):
 
 @pytest.mark.e2e
 def test_training_window_selection_is_recorded(window_run):
-    metrics, _, _, tags = window_run
+    metrics, windows, _, tags, run_dir = window_run
     for stage in metrics["stages"]:
         for name in NETWORKS:
             stats = stage["selection"][name]
             assert set(stats) == {"selected_dead", "dead", "selected_score_mean", "other_score_mean", "protected",
                                   "protected_mask_mean", "selected_dead_share", "selected_live_mask_mean"}
             assert 0 <= stats["selected_dead"] <= min(stats["dead"], SKILL)
-            assert stats["selected_score_mean"] >= stats["other_score_mean"]  # the goal rule picks the best
             assert 0.0 <= stats["protected_mask_mean"] <= 0.2 * 0.5  # Eq. 7 with alpha 0.2, scores >= 0.5
+    # stage 1's saved scores are Eq. 3-4 of the stage-end networks' activations over the window against
+    # its goal: episodes 10 and 12 (ids 451 and 551) succeeded, 9 and 11 (401 and 501) did not
+    stage_1 = load(os.path.join(run_dir, "checkpoints", "stage_1.pt"))
+    obs, actions, window_tags = windows[0]
+    assert window_tags.tolist() == [401] * 50 + [451] * 50 + [501] * 50 + [551] * 50
+    goal = t([0.0] * 50 + [1.0] * 50 + [0.0] * 50 + [1.0] * 50)
+    actor = mw.Actor(OBS_DIM, ACT_DIM, [16, 16], -np.ones(ACT_DIM), np.ones(ACT_DIM))
+    qf = mw.TwinQNetwork(OBS_DIM, ACT_DIM, [16, 16])
+    actor.load_state_dict(stage_1["actor"])
+    qf.load_state_dict(stage_1["qf"])
+    networks = {"actor": actor.hidden_layers(), "qf1": qf.hidden_layers(0), "qf2": qf.hidden_layers(1)}
+    with sn.ActivationRecorder([layer for name in NETWORKS for layer in networks[name]]) as recorder, torch.no_grad():
+        actor(obs)
+        qf(obs, actions)  # the critics at the window's actions
+    activations = sn.split_recorded(recorder.activations(), networks, NETWORKS)
+    for name in NETWORKS:  # --goal-score paper, --identify goal: the saved scores are the goal scores
+        torch.testing.assert_close(stage_1["scores"][name], sn.goal_scores(torch.cat(activations[name], 1), goal))
     steps = [600, 1200, 1800]
     assert [step for step, _ in tags["neurons/identify_success_share"]] == steps
     assert [value for _, value in tags["neurons/goal_metric_is_return"]] == [0.0, 0.0, 1.0]
@@ -725,7 +741,7 @@ def test_training_window_selection_is_recorded(window_run):
 
 @pytest.mark.e2e
 def test_dpre_receives_only_policy_transitions(window_run):
-    metrics, _, checkpoint, _ = window_run
+    metrics, _, checkpoint, *_ = window_run
     # 600 steps, the first 100 random: 500 policy transitions join Dpre (dpre_per_task 1000 would take more)
     assert [stage.get("dpre_added") for stage in metrics["stages"]] == [500, 500, None]
     assert checkpoint["dpre"]["rows"].shape == (1000, ROW)
