@@ -778,17 +778,21 @@ def test_training_window_resume_is_exact(tmp_path, monkeypatch):
 def test_dpre_rate_of_critic_and_actor(tmp_path):
     """Every replay_interval-th critic step and, counted on their own, every replay_interval-th
     actor step take their batch from Dpre: 100 and 100 of 1000 at interval 10 (policy frequency 2)."""
-    samples, actor_obs = [], []
-    real_sample, real_actor_step = ReplayBuffer.sample, SACLearner.actor_step
+    samples, actor_obs, critic_batches = [], [], []
+    real_sample, real_actor_step, real_update = ReplayBuffer.sample, SACLearner.actor_step, SACLearner.update
 
     def sample(self, batch_size):
         batch = real_sample(self, batch_size)
-        samples.append((self.capacity == 1000, batch[0]))  # Dpre's capacity: dpre_per_task * (H - 1)
+        samples.append((self.capacity == 1000, batch))  # Dpre's capacity: dpre_per_task * (H - 1)
         return batch
 
     def actor_step(self, obs):
         actor_obs.append(obs)
         return real_actor_step(self, obs)
+
+    def update(self, data, *rest, **kwargs):
+        critic_batches.append(data)
+        return real_update(self, data, *rest, **kwargs)
 
     args = Args(tasks=["reach"], cycles=2, hidden=[16, 16], batch_size=16, steps_per_task=1050, learning_starts=50,
                 eval_episodes=1, identify_episodes=1, eval_every=0, dpre_per_task=1000, replay_interval=10,
@@ -796,12 +800,18 @@ def test_dpre_rate_of_critic_and_actor(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ReplayBuffer, "sample", sample)
         mp.setattr(SACLearner, "actor_step", actor_step)
+        mp.setattr(SACLearner, "update", update)
         metrics = main(args)
     second = metrics["stages"][1]
     assert second["critic_updates"] == 1000 and second["actor_updates"] == 1000
     assert second["critic_dpre_updates"] == 100 and second["actor_dpre_updates"] == 100
+    # the critic's batch of each update, by the buffer that sampled it: stage 1 (Dpre empty) always D;
+    # stage 2 Dpre exactly on its updates 0, 10, 20, ...
+    source = {id(batch): from_dpre for from_dpre, batch in samples}
+    assert len(critic_batches) == 2000
+    assert [source[id(data)] for data in critic_batches] == [False] * 1000 + [k % 10 == 0 for k in range(1000)]
     # what the updates really consumed in stage 2 (the last 1000 actor steps)
-    dpre_batches = [obs for from_dpre, obs in samples if from_dpre]
+    dpre_batches = [batch[0] for from_dpre, batch in samples if from_dpre]
     assert len(actor_obs) == 2000
     # by value: the learner stacks an update's actor batches into one tensor
     assert sum(any(torch.equal(obs, batch) for batch in dpre_batches) for obs in actor_obs[1000:]) == 100
