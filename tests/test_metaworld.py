@@ -543,13 +543,16 @@ def trunk_rows(state, key, layer):
 
 @pytest.mark.e2e
 def test_ablation_no_mask(tmp_path):
-    metrics, spies, run_dir, checkpoint, _ = small_run(tmp_path, mask=False)
+    # --keep-buffer: D's rows stay in the checkpoint, for the check of Dpre's rows below
+    metrics, spies, run_dir, checkpoint, _ = small_run(tmp_path, mask=False, keep_buffer=True)
     assert all(not stage.get("skill_neurons") for stage in metrics["stages"])
     assert all(torch.all(m == 1) for masks in checkpoint["neuron_masks"].values() for m in masks)
     assert not checkpoint["scores"]
     assert spies["update"].nonempty == 0 and spies["grad"].nonempty == 0
     assert not [tag for tag in scalars(run_dir) if tag.startswith("neurons/")]
-    assert checkpoint["dpre"]["rows"].shape == (20, ROW)  # replay stays on
+    # replay stays on: Dpre holds stage 1's last 20 transitions (of its 150 in D, the first 50 random), whole rows
+    assert checkpoint["rb"]["rows"].shape == (300, ROW)
+    assert torch.equal(checkpoint["dpre"]["rows"], checkpoint["rb"]["rows"][130:150])
 
 
 @pytest.mark.e2e
