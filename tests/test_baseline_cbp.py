@@ -66,7 +66,7 @@ X = torch.tensor([[1.0, 2.0], [3.0, -1.0]])  # hidden activations [[1, 2, 3], [3
 # --------------------------------------------------------------------------------------------
 # Utility, bias correction, maturity and selection by hand
 # --------------------------------------------------------------------------------------------
-def test_utility_and_its_bias_correction_by_hand():
+def test_utility_by_hand():
     learner = tiny(decay=0.9)
     set_tiny_weights(learner)
     units = learner.method.units["actor"][0]
@@ -76,8 +76,26 @@ def test_utility_and_its_bias_correction_by_hand():
     torch.testing.assert_close(units.mean_activation, 0.1 * torch.tensor([[2.0], [1.0], [2.5]]))
     learner.train_step(X)
     torch.testing.assert_close(units.utility, 0.19 * contribution)  # 0.9 * 0.1 c + 0.1 c
-    torch.testing.assert_close(units.utility / (1 - 0.9**2), contribution)  # bias-corrected
     assert learner.method.steps["actor"] == 2 and learner.method.replaced["actor"] == 0
+
+
+def test_replacement_ranks_by_bias_corrected_utility():
+    # ages 2, 30, 30 with raw utilities (1 - 0.9^age) * [1, 0.5, 2]: corrected [1, 0.5, 2] picks unit 1;
+    # the raw ones [0.19, 0.48, 1.92] would pick unit 0
+    learner = tiny(mt=1, decay=0.9)
+    set_tiny_weights(learner)
+    learner.train_step(X)  # lr 0: Adam's moments exist, the weights stay as set
+    first, _, head = learner.actor
+    units = learner.method.units["actor"][0]
+    learner.method.steps["actor"] = 30
+    units.created.copy_(torch.tensor([28, 0, 0]))
+    units.created_host = [0, 0, 28]
+    units.utility.copy_(torch.tensor([(1 - 0.9**2) * 1.0, (1 - 0.9**30) * 0.5, (1 - 0.9**30) * 2.0]))
+    learner.method._replace("actor", units, 1)
+    assert torch.equal(head.weight, torch.tensor([[0.5, 0.0, 0.1]]))  # unit 1's outgoing weight zeroed, the others kept
+    assert torch.equal(first.weight[[0, 2]], torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    assert not torch.equal(first.weight[1], torch.tensor([0.0, 1.0]))  # fresh incoming weights
+    assert units.created.tolist() == [28, 30, 0] and units.utility[1] == 0
 
 
 def test_mature_unit_of_lowest_utility_is_replaced():
