@@ -92,7 +92,14 @@ def test_neuron_sets():
 # On a real run
 # --------------------------------------------------------------------------------------------
 @pytest.mark.e2e
-def test_analysis_of_tiny_run(tiny_run, tmp_path, capsys):
+def test_analysis_of_tiny_run(tiny_run, tmp_path, capsys, monkeypatch):
+    zeroed, real_zero_neurons = [], na.zero_neurons
+
+    def zero_neurons(layers, indices):
+        zeroed.append((sum(layer.num_neurons for layer in layers), indices.tolist()))
+        return real_zero_neurons(layers, indices)
+
+    monkeypatch.setattr(na, "zero_neurons", zero_neurons)
     result = na.main([tiny_run, "--json", str(tmp_path / "table8.json")])
     with open(tmp_path / "table8.json") as f:
         assert json.load(f) == json.loads(json.dumps(result))
@@ -107,6 +114,9 @@ def test_analysis_of_tiny_run(tiny_run, tmp_path, capsys):
     for task in ("reach", "drawer-close"):
         assert set(result["success"][task]) == {"intersection", "A_minus_B", "B_minus_A", "none"}
         assert all(0.0 <= v <= 1.0 for v in result["success"][task].values())
+    # each task's success under each condition zeroed exactly that set of the actor's 16 neurons
+    neurons = result["neurons"] | {"none": []}
+    assert zeroed == [(16, neurons[condition]) for _ in ("reach", "drawer-close") for condition in na.CONDITIONS]
     # nothing zeroed is the training script's own final evaluation, reproduced
     with open(os.path.join(tiny_run, "metrics.json")) as f:
         assert {t: result["success"][t]["none"] for t in ("reach", "drawer-close")} == json.load(f)["task_success"][-1]
