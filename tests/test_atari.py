@@ -325,9 +325,10 @@ def cleanrl_update(nets, optimizers, log_alpha, masks, data, args, update_target
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
-def test_update_equals_cleanrl_sac_atari_with_masks_and_dpre(compile):
-    """Also under --compile: the whole update one graph without graph breaks (one graph with the
-    target copy, one without), equal to float32 rounding."""
+def test_update_equals_cleanrl_sac_atari_with_masks_and_two_buffers(compile):
+    """Every third batch from a second buffer, as Dpre's would be. Also under --compile: the whole
+    update one graph without graph breaks (one graph with the target copy, one without), equal to
+    float32 rounding."""
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)

@@ -1,9 +1,11 @@
-"""The project's fast SAC update equals CleanRL's eager update, with NBSP's masks and Dpre on.
+"""The project's fast SAC update equals CleanRL's eager update, with NBSP's masks on and batches
+from two buffers.
 
-Both paths start from the same weights, see the same batches (every 10th from Dpre) and the
-same random draws; the reference applies the masks to each parameter in a plain loop. Over 60
-updates losses and parameters agree to float32 rounding (rtol 1e-4, atol 1e-5). The same holds
-for --compile, whose update is one graph (Adam's bias corrections in float32 tensors there).
+Both paths start from the same weights, see the same batches (every 10th from a second buffer,
+as Dpre's would be) and the same random draws; the reference applies the masks to each parameter
+in a plain loop. Over 60 updates losses and parameters agree to float32 rounding (rtol 1e-4,
+atol 1e-5). The same holds for --compile, whose update is one graph (Adam's bias corrections in
+float32 tensors there).
 """
 
 import numpy as np
@@ -120,7 +122,7 @@ def assert_same_learning(fast, ref, history):
     assert fast.log_alpha.item() == pytest.approx(ref.log_alpha.item(), rel=RTOL, abs=ATOL)
 
 
-def test_fast_update_equals_cleanrl_with_masks_and_dpre():
+def test_fast_update_equals_cleanrl_with_masks_and_two_buffers():
     fast, ref, (actor_masks, _) = build_pair()
     start = {p: p.detach().clone() for p in actor_masks}
     history = run_side_by_side(fast, ref)
