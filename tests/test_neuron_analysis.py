@@ -48,7 +48,7 @@ def test_zero_hook_hand_computed():
     with na.zero_neurons(layers, []):
         assert net(x).item() == 321.0
     assert net(x).item() == 321.0  # hooks removed on exit
-    with pytest.raises(ValueError), na.zero_neurons(layers, [3]):
+    with pytest.raises(ValueError, match=r"must be in \[0, 3\), got \[3\]"), na.zero_neurons(layers, [3]):
         pass
 
 

@@ -119,7 +119,7 @@ def test_goal_scores_balanced_constant_goal_carries_no_information():
 
 @pytest.mark.parametrize("act_shape, goal_shape", [((6,), (6,)), ((6, 3), (5,)), ((6, 3), (6, 1)), ((2, 6, 3), (6,))])
 def test_goal_scores_wrong_shapes_raise(act_shape, goal_shape):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected activations \[T, N\] and goal \[T\], got "):
         sn.goal_scores(torch.zeros(act_shape), torch.zeros(goal_shape))
 
 
@@ -151,7 +151,7 @@ def test_select_top_count_and_ties():
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
 def test_select_top_bad_ratio_raises(ratio):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"skill ratio must be in \(0, 1\], got {ratio}$"):
         sn.select_top(t([0.5, 0.6]), ratio)
 
 
