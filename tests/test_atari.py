@@ -562,9 +562,19 @@ NEURONS = 8 + 16 + 16 + 32 + 32
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The run, its folder, and every transition stored in D: action, reward, done, game and the
+    newest frame of the next observation (Dpre only takes chunks of D, never `add`s)."""
     runs_dir = str(tmp_path_factory.mktemp("runs"))
-    metrics = atari.main(atari.Args(runs_dir=runs_dir, **TINY))
-    return metrics, os.path.join(runs_dir, metrics["run_name"])
+    stored, real_add = [], atari.ReplayBuffer.add
+
+    def add(self, obs, action, reward, next_obs, terminated, episode=-1):
+        stored.append((int(action), float(reward), float(terminated), episode, torch.from_numpy(np.array(next_obs[-1]))))
+        return real_add(self, obs, action, reward, next_obs, terminated, episode)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atari.ReplayBuffer, "add", add)
+        metrics = atari.main(atari.Args(runs_dir=runs_dir, **TINY))
+    return metrics, os.path.join(runs_dir, metrics["run_name"]), stored
 
 
 @pytest.mark.e2e
@@ -585,7 +595,7 @@ def test_compile_run_has_no_graph_breaks_with_masks_and_dpre(tmp_path):
 def test_end_to_end_metrics_without_a_finished_evaluation_game(tiny_run):
     """--eval-steps 120 over 2 envs finishes no Pong or Bowling game: no score is made up from
     the partial returns; every entry and metric is missing, and the stages say which games."""
-    metrics, run_dir = tiny_run
+    metrics, run_dir, _ = tiny_run
     assert metrics == json.load(open(os.path.join(run_dir, "metrics.json")))
     assert set(metrics) >= {"run_name", "stage_tasks", "complete", "sr", "AR", "FM", "FWT", "task_success", "stages"}
     assert metrics["complete"] and metrics["stage_tasks"] == ["Pong", "Bowling", "Pong", "Bowling"]
@@ -630,7 +640,7 @@ def test_end_to_end_scores_only_finished_games(tmp_path, capsys):
 
 @pytest.mark.e2e
 def test_end_to_end_updates_identification_and_dpre(tiny_run):
-    metrics, run_dir = tiny_run
+    metrics, run_dir, stored = tiny_run
     stages = metrics["stages"]
     assert [s["task"] for s in stages] == ["Pong", "Bowling", "Pong", "Bowling"]
     for s in stages:
@@ -648,12 +658,21 @@ def test_end_to_end_updates_identification_and_dpre(tiny_run):
         assert set(s["overlap_with_previous"]) == {"actor", "qf1", "qf2"}
     assert [s.get("dpre_added") for s in stages] == [150, 150, 150, None]  # of the 200 policy steps, the last 150
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    assert len(checkpoint["dpre"]["obs_slot"]) == 3 * 150  # the last 150 transitions of stages 1-3
+    dpre = checkpoint["dpre"]
+    assert len(dpre["obs_slot"]) == 3 * 150  # the last 150 transitions of stages 1-3
+    # exactly those: D got 300 transitions a stage, Dpre holds transitions 150-299 of stages 1-3, in order
+    assert len(stored) == 4 * 300
+    last = [stored[300 * stage + k] for stage in range(3) for k in range(150, 300)]
+    assert dpre["actions"].tolist() == [action for action, *_ in last]
+    assert torch.equal(dpre["rewards"], torch.tensor([reward for _, reward, *_ in last]))
+    assert dpre["dones"].tolist() == [done for _, _, done, *_ in last]
+    assert dpre["episode"].tolist() == [game for *_, game, _ in last]
+    assert torch.equal(dpre["frames"][dpre["obs_slot"] + 1], torch.stack([frame for *_, frame in last]))
 
 
 @pytest.mark.e2e
 def test_end_to_end_masks_protect_conv_and_fc_neurons(tiny_run):
-    _, run_dir = tiny_run
+    _, run_dir, _ = tiny_run
     protected = []
     for stage in range(1, 5):
         model = torch.load(os.path.join(run_dir, "checkpoints", f"stage_{stage}.pt"), weights_only=True)
@@ -678,7 +697,7 @@ def test_end_to_end_masks_protect_conv_and_fc_neurons(tiny_run):
 def test_end_to_end_tensorboard_has_eval_and_losses(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, run_dir = tiny_run
+    _, run_dir, _ = tiny_run
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -699,7 +718,7 @@ def test_end_to_end_tensorboard_has_eval_and_losses(tiny_run):
 def test_resume_continues_exactly(tiny_run, tmp_path, monkeypatch):
     """Killed after stage 2 and resumed: the same metrics and final weights as the uninterrupted
     run (CPU, same seed), with Dpre, masks and optimizer state restored from the checkpoint."""
-    reference, reference_dir = tiny_run
+    reference, reference_dir, _ = tiny_run
     writes = []
     original = protocol.atomic_write_json
 
