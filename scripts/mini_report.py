@@ -140,13 +140,15 @@ def pair_pilot(runs, threshold: float, out_dir: str, stem: str) -> tuple[list[st
 
 
 def per_run_table(runs) -> list[str]:
-    lines = ["| run | sr (rows = after each stage) | ASR | FM | FWT | stage steps |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| run | sr (rows = after each stage) | ASR | FM | FWT | held during stages 2, 3, ... | stage steps |",
+             "|---|---|---:|---:|---:|---|---|"]
     for run in sorted(runs, key=lambda r: (r.args["exp_name"], r.args["seed"])):
         m = run.metrics
         sr = "; ".join(" ".join(f"{v:.2f}" for v in row if v is not None) for row in m["sr"])
+        held = " ".join("n/a" if value is None else f"{value:.2f}" for value in held_through_stages(run))
         steps = " ".join(str(s["env_steps"]) + ("*" if s["early_stopped"] else "") for s in m["stages"])
         lines.append(f"| {run.args['exp_name']} seed {run.args['seed']} | {sr} | {m['ASR']:.3f} | "
-                     f"{m['FM']:.3f} | {m['FWT']:.3f} | {steps} |")
+                     f"{m['FM']:.3f} | {m['FWT']:.3f} | {held or 'n/a'} | {steps} |")
     return lines
 
 
@@ -244,28 +246,35 @@ def difference_table(runs, comparisons, metrics, reps: int = DIFFERENCE_REPS, se
     return lines if len(lines) > 2 else []
 
 
+def held_through_stages(run) -> list[float | None]:
+    """For each stage from the second on, the success of the tasks the stage does not train,
+    averaged over the stage's evaluations (steps after its start up to its end) and those tasks
+    (None for a sequence of one task, which has none untrained): how much of the other tasks the run
+    held through the whole stage, which one end-of-stage evaluation (the success matrix) samples
+    from curves that can swing widely."""
+    curves = figures.read_eval_curves(run.path)
+    ends = np.cumsum([stage["env_steps"] for stage in run.metrics["stages"]])
+    held = []
+    for k in range(1, len(ends)):
+        means = [values[(steps > ends[k - 1]) & (steps <= ends[k])].mean()
+                 for task, (steps, values) in curves.items() if task != run.metrics["stage_tasks"][k]]
+        held.append(float(np.mean(means)) if means else None)
+    return held
+
+
 def retention_table(runs, label) -> list[str]:
-    """Per setting and stage from the second on, the success of the tasks the stage does not train,
-    averaged over the stage's evaluations (steps after its start up to its end) and those tasks,
-    then mean ± standard error over runs: how much of the other tasks a setting held through the
-    whole stage, which one end-of-stage evaluation (the success matrix) samples from curves that can
-    swing widely."""
+    """Per setting and stage from the second on, what its runs held of the tasks the stage does not
+    train (held_through_stages), mean ± standard error over runs."""
     stages = max(len(run.metrics["stages"]) for run in runs)
     stage_tasks = runs[0].metrics["stage_tasks"]
     lines = ["| setting | runs | " + " | ".join(f"during stage {k + 1} ({stage_tasks[k]})" for k in range(1, stages)) + " |",
              "|---|---:|" + "---:|" * (stages - 1)]
     for name, group in by_setting(runs, label):
-        curves = {run.path: figures.read_eval_curves(run.path) for run in group}  # each run's events read once
+        held = [held_through_stages(run) for run in group]
         cells = []
-        for k in range(1, stages):
-            held = []
-            for run in group:
-                ends = np.cumsum([stage["env_steps"] for stage in run.metrics["stages"]])
-                means = [values[(steps > ends[k - 1]) & (steps <= ends[k])].mean()
-                         for task, (steps, values) in curves[run.path].items() if task != run.metrics["stage_tasks"][k]]
-                if means:  # a sequence of one task has none untrained
-                    held.append(np.mean(means))
-            cells.append(mean_se(held) if held else "n/a")
+        for k in range(stages - 1):
+            values = [run_held[k] for run_held in held if len(run_held) > k and run_held[k] is not None]
+            cells.append(mean_se(values) if values else "n/a")
         lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -557,7 +566,8 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
                 "averaged over the stage's evaluations, mean ± standard error over runs (the success matrix samples "
                 "the same curves once, at the stage's end):", ""] + retention_table(counted, paper_tables.setting_label) + [""]
     stops = f"`*`: the stage stopped early at {early} training success" if early else "no early stop: every stage to its budget"
-    doc += [f"Every run ({stops}):", ""] + per_run_table(counted) + [""]
+    doc += [f"Every run ({stops}; held: the tasks a stage does not train, their success averaged over the "
+            "stage's evaluations, as above):", ""] + per_run_table(counted) + [""]
     doc += stage_one_agreement(counted)
     identification = identification_table(counted, paper_tables.setting_label)
     if len(identification) > 2:

@@ -238,7 +238,7 @@ def test_regime_report_with_a_pair_pilot(tmp_path):
     assert "| vanilla SAC | 2 | 0.50 ± 0.00 |" in doc and "| NBSP (identify=random, goal_score=balanced) | 2 |" in doc
     assert "Interquartile mean with 95% stratified-bootstrap CIs" in doc
     assert "| sac seed 1 | 1.00; 0.20 1.00; 1.00 0.40; 0.00 1.00 | 0.500 | 0.800 |" in doc  # the success matrix
-    assert "(`*`: the stage stopped early at 1.0 training success)" in doc
+    assert "(`*`: the stage stopped early at 1.0 training success; held: " in doc
     assert "(4 identification windows per run)" in doc
     assert "| NBSP (identify=random, goal_score=balanced) | 2 | 0 of 8 | 48 of 160 | 0.50 |" in doc
     # 3 windows whose masks acted per run (the 4th is the last stage's), each as in the first run of the test above
@@ -326,7 +326,7 @@ def test_a_grid_still_running_says_what_is_complete(tmp_path):
             "identify-activation-balanced. Unfinished in the folder: nbsp seed 2 (0 of 4 stages done); only-replay "
             "seed 1 (2 of 4 stages done). Every table and figure below counts the complete runs only.") in doc
     assert "| vanilla SAC | 2 |" in doc and "only-replay seed" not in doc.split("## Command")[1]
-    assert "Every run (no early stop: every stage to its budget):" in doc
+    assert "Every run (no early stop: every stage to its budget; held: " in doc
 
 
 def test_a_finished_grid_has_no_status_line():
@@ -370,6 +370,9 @@ def test_retention_table_by_hand(tmp_path):
     assert lines[0] == "| setting | runs | during stage 2 (window-close) | during stage 3 (window-open) | during stage 4 (window-close) |"
     # stage 2: seeds 0.5 and 1.0 -> 0.75 ± 0.25; stage 3: 0.45 both -> 0.45 ± 0.00; stage 4: 0.2 and 0.0 -> 0.10 ± 0.10
     assert lines[2:] == ["| sac | 2 | 0.75 ± 0.25 | 0.45 ± 0.00 | 0.10 ± 0.10 |"]
+    # each run's own values, in the per-run table
+    rows = mini_report.per_run_table(mini_report.complete_runs([tmp_path]))
+    assert [row.split(" | ")[5] for row in rows[2:]] == ["0.50 0.45 0.20", "1.00 0.45 0.00"]
 
 
 def test_a_rerun_of_a_config_and_seed_counts_once_in_every_table(tmp_path):
