@@ -34,7 +34,10 @@ REPORTS = {
                    pilot="regime-pilot", threshold=0.9,
                    bar="The pair had to be like the paper's vanilla SAC: each task learned (evaluation success at least "
                        "0.9) within its stage in at least 4 of 5 seeds, FWT at least 0.9 and FM at least 0.5.",
-                   comparisons=[("nbsp", "sac"), ("nbsp", "only-replay"), ("goal-balanced", "identify-random-balanced"),
+                   # NBSP against no protection and against Dpre alone; the balanced score's masks (on live units)
+                   # against Dpre alone and the paper's score; goal-oriented selection against other rules, both balanced
+                   comparisons=[("nbsp", "sac"), ("nbsp", "only-replay"), ("goal-balanced", "only-replay"),
+                                ("goal-balanced", "nbsp"), ("goal-balanced", "identify-random-balanced"),
                                 ("goal-balanced", "identify-activation-balanced")]),
 }
 
