@@ -182,9 +182,9 @@ def identification_table(runs, label) -> list[str]:
 
 
 def mean_se(values, digits: int = 2) -> str:
-    """Mean ± standard error (sample std / sqrt(n)); the mean alone for one value."""
-    se = f" ± {np.std(values, ddof=1) / np.sqrt(len(values)):.{digits}f}" if len(values) > 1 else ""
-    return f"{np.mean(values):.{digits}f}{se}"
+    """Mean ± standard error (paper_tables.mean_and_se); the mean alone for one value."""
+    mean, se = paper_tables.mean_and_se(values)
+    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
 
 def protection_table(runs, label) -> list[str]:

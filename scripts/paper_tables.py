@@ -278,10 +278,12 @@ class Group:
     def stat(self, metric):
         """(mean, standard error or None for one seed) over seeds; None when the metric is undefined."""
         v = self.values(metric)
-        if not v:
-            return None
-        mean = float(np.mean(v))
-        return mean, (float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None)
+        return mean_and_se(v) if v else None
+
+
+def mean_and_se(values) -> tuple[float, float | None]:
+    """The mean and the standard error (sample std, ddof=1, / sqrt(n); None for one value)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None)
 
 
 def group_runs(runs) -> list[Group]:
