@@ -476,6 +476,7 @@ def rollout(envs, policy, seed, device, max_steps, max_games=None, probe=None):
 # critics give Q for every action), with fully connected 768 768 (paper C.3)
 # ------------------------------------------------------------------------------------------
 def layer_init(layer):
+    """CleanRL's sac_atari initialisation: Kaiming normal weights, zero bias."""
     nn.init.kaiming_normal_(layer.weight)
     nn.init.constant_(layer.bias, 0.0)
     return layer
@@ -501,33 +502,44 @@ def conv_trunk(channels: list[int], hidden: list[int], hidden_activation=relu_la
     return nn.Sequential(*layers), in_dim
 
 
-def trunk_neuron_layers(trunk: nn.Sequential, heads: list[nn.Module]) -> list[NeuronLayer]:
-    """The hidden layers with the layers reading them; the last conv feeds the first linear
-    layer through the flatten, CONV_OUT**2 inputs per channel."""
-    weighted = [m for m in trunk if isinstance(m, (nn.Conv2d, nn.Linear))]
-    readers = [[m] for m in weighted[1:]] + [heads]
-    layers = []
-    for layer, hidden, group in zip(weighted, trunk_hidden_layers(trunk), readers):
-        block = CONV_OUT * CONV_OUT if isinstance(layer, nn.Conv2d) and isinstance(group[0], nn.Linear) else 1
-        layers.append(NeuronLayer(hidden, tuple(Consumer(m.weight, m.bias, 1, None, block) for m in group)))
-    return layers
-
-
 def trunk_hidden_layers(trunk: nn.Sequential) -> list[sn.HiddenLayer]:
-    """Every conv and linear layer of the trunk with the ReLU after it: a conv channel is one
-    neuron (its activation is the spatial mean; rows of weight [C_out, C_in, k, k] and bias)."""
+    """Skill-neuron candidates: every conv and linear layer of the trunk with the ReLU after it (what
+    Eq. 7 masks: its weight rows and bias); a conv channel is one neuron, its activation the spatial
+    mean (rows of weight [C_out, C_in, k, k])."""
     modules = list(trunk)
     return [sn.HiddenLayer(act, layer.weight, layer.bias, neuron_dim=0)
             for layer, act in zip(modules, modules[1:]) if isinstance(layer, (nn.Conv2d, nn.Linear))]
 
 
+def trunk_neuron_layers(trunk: nn.Sequential, heads: list[nn.Module]) -> list[NeuronLayer]:
+    """The same layers with the layers that read them, for the baselines (CBP, CoTASP, NPC): the next
+    layer, or the heads after the last; the last conv feeds the first linear layer through the
+    flatten, CONV_OUT**2 inputs per channel."""
+    weighted = [m for m in trunk if isinstance(m, (nn.Conv2d, nn.Linear))]
+    readers = [[m] for m in weighted[1:]] + [heads]
+    layers = []
+    for layer, hidden, group in zip(weighted, trunk_hidden_layers(trunk), readers):
+        block = CONV_OUT * CONV_OUT if isinstance(layer, nn.Conv2d) and isinstance(group[0], nn.Linear) else 1
+        # inputs are dimension 1 of both nn.Conv2d's [out, in, k, k] and nn.Linear's [out, in] weights
+        layers.append(NeuronLayer(hidden, tuple(Consumer(m.weight, m.bias, in_dim=1, block=block) for m in group)))
+    return layers
+
+
+def fc_start(trunk: nn.Sequential) -> int:
+    """Where the fully connected layers begin in `trunk` (after the flatten): a network's head for
+    plasticity injection (baselines/pi.py) is these layers and its output layer; the conv layers
+    before are the encoder."""
+    return [isinstance(m, nn.Flatten) for m in trunk].index(True) + 1
+
+
 class Actor(nn.Module):
+    """The policy: a categorical distribution over the actions, from its logits."""
+
     head_names = ("fc_logits",)  # the output layer
 
     def head_start(self) -> int:
-        """Where the head begins in `trunk` (plasticity injection, baselines/pi.py): the fully
-        connected layers after the flatten and the output layer; the conv layers are the encoder."""
-        return [isinstance(m, nn.Flatten) for m in self.trunk].index(True) + 1
+        """Where the head begins in `trunk` (plasticity injection, baselines/pi.py): fc_start."""
+        return fc_start(self.trunk)
 
     def __init__(self, num_actions, channels, hidden, hidden_activation=relu_layer):
         super().__init__()
@@ -556,11 +568,13 @@ class Actor(nn.Module):
 
 
 class SoftQNetwork(nn.Module):
+    """A critic: Q of every action from the observation alone (discrete SAC needs no action input)."""
+
     head_names = ("fc_q",)  # the output layer
 
     def head_start(self) -> int:
-        """Where the head begins in `trunk` (baselines/pi.py): the fully connected layers and `fc_q`."""
-        return [isinstance(m, nn.Flatten) for m in self.trunk].index(True) + 1
+        """Where the head begins in `trunk` (baselines/pi.py): fc_start."""
+        return fc_start(self.trunk)
 
     def __init__(self, num_actions, channels, hidden, hidden_activation=relu_layer):
         super().__init__()
