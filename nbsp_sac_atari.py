@@ -716,40 +716,46 @@ class ReplayBuffer:
         start = int(self.oldest[(self.end - n) % self.capacity]) if n else self.slots_written
         count = self.slots_written - start
         position = (start + torch.arange(count, device=self.device)) % self.num_slots
-        within_chunk = torch.arange(count, device=self.device).clamp(max=self.stack - 1)
-        return {"frames": self.frames[position],
-                "history": torch.minimum(self.history[position].long(), within_chunk).to(torch.uint8),
+        return {"frames": self.frames[position], "history": self._history_within_chunk(self.history[position]),
                 "obs_slot": (self.obs_slot[index] - start) % self.num_slots,
                 "actions": self.actions[index], "rewards": self.rewards[index], "dones": self.dones[index],
                 "episode": torch.from_numpy(self.episode[index.cpu().numpy()])}
 
     def extend(self, chunk):
+        """Append a chunk made by `latest` (D's newest transitions joining Dpre, or a saved buffer);
+        where the whole chunk does not fit, its oldest transitions are dropped."""
         obs_slot, history = chunk["obs_slot"].to(self.device), chunk["history"].to(self.device)
         oldest = (obs_slot - history[obs_slot].long()).cpu().numpy()  # stage boundaries only: a host sync is fine
-        n, count = len(obs_slot), len(history)
-        # keep what fits: at most `capacity` transitions whose slots fit in the ring
-        keep = min(n, max(n - self.capacity, int(np.searchsorted(oldest, count - self.num_slots))))
-        if keep == n:
+        n, count = len(obs_slot), len(history)  # the chunk's transitions and slots
+        # drop the oldest transitions that do not fit: keep at most `capacity`, whose slots fit in the ring
+        dropped = min(n, max(n - self.capacity, int(np.searchsorted(oldest, count - self.num_slots))))
+        if dropped == n:
             return
-        start = int(oldest[keep])
+        start = int(oldest[dropped])  # the chunk's first slot that a kept transition uses
         count -= start
         base = self.slots_written
         position = (base + torch.arange(count, device=self.device)) % self.num_slots
         self.frames[position] = chunk["frames"][start:].to(self.device)
-        self.history[position] = torch.minimum(
-            history[start:].long(), torch.arange(count, device=self.device).clamp(max=self.stack - 1)).to(torch.uint8)
+        self.history[position] = self._history_within_chunk(history[start:])
         self.slots_written += count
-        n -= keep
+        n -= dropped
         index = (self.end + torch.arange(n, device=self.device)) % self.capacity
-        self.obs_slot[index] = (base + obs_slot[keep:] - start) % self.num_slots
+        self.obs_slot[index] = (base + obs_slot[dropped:] - start) % self.num_slots
         for name in ("actions", "rewards", "dones"):
-            getattr(self, name)[index] = chunk[name][keep:].to(self.device)
-        self.oldest[(self.end + np.arange(n)) % self.capacity] = base + oldest[keep:] - start
-        self.episode[(self.end + np.arange(n)) % self.capacity] = chunk["episode"][keep:].numpy() if "episode" in chunk else -1
+            getattr(self, name)[index] = chunk[name][dropped:].to(self.device)
+        host_index = (self.end + np.arange(n)) % self.capacity
+        self.oldest[host_index] = base + oldest[dropped:] - start
+        self.episode[host_index] = chunk["episode"][dropped:].numpy() if "episode" in chunk else -1
         self.end += n
         self.first = max(self.first, self.end - self.capacity)
         self._evict()
         self.last_next_obs = None
+
+    def _history_within_chunk(self, history):
+        """The `history` of consecutive slots, capped by each slot's place among them: a chunk
+        (`latest`, `extend`) holds no frame from before its first slot."""
+        within_chunk = torch.arange(len(history), device=self.device).clamp(max=self.stack - 1)
+        return torch.minimum(history.long(), within_chunk).to(torch.uint8)
 
     def state_dict(self):
         return {k: v.cpu() for k, v in self.latest(self.size).items()}
