@@ -431,14 +431,15 @@ def rollout(envs, policy, seed, device, max_steps, max_games=None, probe=None):
     """Play full games on the vector of `envs`, with one batched policy call per step, until
     `max_games` games have finished (an env starts a new game while fewer have started) or
     `max_steps` steps, summed over the envs, are spent. A life loss (training wrappers) resets the
-    env, which continues the same game. Returns per game started: its raw full-game return
-    (`return`; for a game cut off by the budget, its return so far) and whether it finished; and
-    per policy row, in call order, the game it belongs to (`game`). `probe(obs)` runs on every batch."""
-    obs, game = [None] * len(envs), [-1] * len(envs)
+    env, which continues the same game. Returns per game started, in start order: its raw
+    full-game return (`return`; for a game cut off by the budget, its return so far) and whether it
+    finished (`finished`); per policy row, in call order, the game it belongs to (`game`); and the
+    steps spent (`steps`). `probe(obs)` runs on every batch."""
+    obs, playing = [None] * len(envs), [-1] * len(envs)  # playing[i]: the game env i plays; -1: none (no game left to start)
     returns, finished, game_of_row, steps = [], [], [], 0
 
     def start(i, reset_seed=None):
-        obs[i], game[i] = envs[i].reset(seed=reset_seed)[0], len(returns)
+        obs[i], playing[i] = envs[i].reset(seed=reset_seed)[0], len(returns)
         returns.append(0.0)
         finished.append(False)
 
@@ -446,27 +447,27 @@ def rollout(envs, policy, seed, device, max_steps, max_games=None, probe=None):
         if max_games is None or len(returns) < max_games:
             start(i, seed + i)
     while steps < max_steps:
-        live = [i for i in range(len(envs)) if game[i] >= 0]
+        live = [i for i in range(len(envs)) if playing[i] >= 0]
         if not live:
             break
         batch = torch.as_tensor(np.stack([obs[i] for i in live]), device=device)
         actions = policy(batch).cpu().numpy()
         if probe is not None:
             probe(batch)
-        game_of_row.append(np.array([game[i] for i in live]))
-        for a, i in zip(actions, live):
-            obs[i], _, terminated, truncated, info = envs[i].step(a)
+        game_of_row.append(np.array([playing[i] for i in live]))
+        for action, i in zip(actions, live):
+            obs[i], _, terminated, truncated, info = envs[i].step(action)
             steps += 1
             if "episode" in info:  # the game is over (its raw return, whatever wrappers sit above)
-                returns[game[i]], finished[game[i]] = float(info["episode"]["r"]), True
-                game[i] = -1
+                returns[playing[i]], finished[playing[i]] = float(info["episode"]["r"]), True
+                playing[i] = -1
                 if max_games is None or len(returns) < max_games:
                     start(i)
             elif terminated or truncated:  # a life lost: the game goes on
                 obs[i] = envs[i].reset()[0]
     for i in range(len(envs)):
-        if game[i] >= 0:  # cut off by the step budget: its return so far
-            returns[game[i]] = float(envs[i].get_wrapper_attr("episode_returns"))
+        if playing[i] >= 0:  # cut off by the step budget: its return so far
+            returns[playing[i]] = float(envs[i].get_wrapper_attr("episode_returns"))
     return {"return": np.array(returns), "finished": np.array(finished, bool), "steps": steps,
             "game": np.concatenate(game_of_row) if game_of_row else np.zeros(0, int)}
 
