@@ -980,17 +980,17 @@ def probe_networks(sac, masked, obs, actor=True):
             getattr(sac, name)(obs)
 
 
-def training_window(sac, masked, rb, games, args, device):
+def training_window(sac, masked, rb, stage_games, args, device):
     """The stage's own last `identify_episodes` policy games, taken from D (Alg. 1 runs over
     training steps), widened backwards while their return is constant, over the games D still
     holds whole only (D keeps far fewer steps than a stage). The end-of-stage networks are run on
     the window's stored observations (their activations, not those the networks had while the
     games were played). None if no policy game of the stage is whole in D."""
-    stored = set(rb.whole_episodes([g["id"] for g in games if g["policy"]]))
-    policy = [g for g in games if g["id"] in stored]
-    if not policy:
+    stored = set(rb.whole_episodes([g["id"] for g in stage_games if g["policy"]]))
+    whole_policy_games = [g for g in stage_games if g["id"] in stored]
+    if not whole_policy_games:
         return None
-    window, _, widened = sn.identification_window(policy, args.identify_episodes, ("return",))
+    window, _, widened = sn.identification_window(whole_policy_games, args.identify_episodes, ("return",))
     index, tags = rb.episode_index([g["id"] for g in window])
     rows = np.arange(len(tags))
     if len(rows) > args.identify_max_steps:  # evenly spaced rows keep every game of a wide window
@@ -1015,20 +1015,21 @@ def rollout_window(sac, masked, envs, args, stage_seed, device):
             "unfinished": int((~window["finished"]).sum())}
 
 
-def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, games, identify_envs, args, label, stage_seed, device):
+def identify_skill_neurons(sac, masks: sn.SkillNeuronMasks, rb, stage_games, identify_envs, args, label, stage_seed, device):
     """Alg. 1 after a stage: record the masked networks' hidden activations over the window (the
     goal metric of a step: the raw return of the full game it belongs to), score the neurons
     against it, select the top skill_ratio of each network, and turn the selection into Eq. 7
     masks combined with the earlier stages' (`masks.update`), which the optimizers then apply
     (`masks.install`). Returns the stage's record and the selections."""
     window_kind, fallback = args.identify_window, None
+    # the masked networks' hidden activations are recorded as the window's observations pass through them
     layers = [layer for name in masks.masked for layer in masks.networks[name]]
     with sn.ActivationRecorder(layers) as recorder:
-        window = training_window(sac, masks.masked, rb, games, args, device) if window_kind == "training" else None
+        window = training_window(sac, masks.masked, rb, stage_games, args, device) if window_kind == "training" else None
         if window is None:
             if window_kind == "training":
-                finished = any(g["policy"] for g in games)
-                window_kind, fallback = "rollout", ("no policy game of the stage is whole in D" if finished
+                policy_game_finished = any(g["policy"] for g in stage_games)
+                window_kind, fallback = "rollout", ("no policy game of the stage is whole in D" if policy_game_finished
                                                     else "no policy game finished in the stage")
                 print(f"{label}: {fallback}; "
                       f"identifying on {args.identify_episodes} post-stage games instead", file=sys.stderr)
