@@ -18,6 +18,7 @@ Example: python nbsp_sac_atari.py --games Pong Bowling --seed 1
 # - Dpre (Eq. 8, Alg. 2 lines 9-10 and 21): `dpre` in main gives every --replay-interval-th
 #   update's batch and gets D's newest policy transitions at each stage's end but the last
 # - the stages: main's `for stage in range(run.start_stage, H)`
+# - the score (Eq. 12, Table 7's random and human scores): normalized_score, PAPER_SCORES
 import math
 import os
 import sys
@@ -710,10 +711,15 @@ class ReplayBuffer:
         """The stacked observations of the transitions at ring positions `index`."""
         return self._stacks(self.obs_slot[index])
 
+    def latest_index(self, n):
+        """Ring positions of the newest n transitions (all of them when fewer are stored), oldest first."""
+        n = min(n, self.size)
+        return (self.end - n + torch.arange(n, device=self.device)) % self.capacity
+
     def latest(self, n):
         """The last n transitions and the slots they use, as a chunk for `extend` (Dpre) or a checkpoint."""
         n = min(n, self.size)
-        index = (self.end - n + torch.arange(n, device=self.device)) % self.capacity
+        index = self.latest_index(n)
         start = int(self.oldest[(self.end - n) % self.capacity]) if n else self.slots_written
         count = self.slots_written - start
         position = (start + torch.arange(count, device=self.device)) % self.num_slots
@@ -1142,8 +1148,7 @@ def evaluation(run, sac, method, rb, masks, eval_envs, normalization, args, devi
         return returns, normalized, finished
 
     def probe():
-        n = min(rb.size, PLASTICITY_PROBE)
-        return rb.observations((rb.end - n + torch.arange(n, device=device)) % rb.capacity).clone()
+        return rb.observations(rb.latest_index(PLASTICITY_PROBE)).clone()
 
     return protocol.Evaluation(
         score, brief=lambda scores: "/".join(protocol.format_score(v) for v in scores[1].values()),
@@ -1213,6 +1218,7 @@ def main(args: Args) -> dict:
         obs, _ = env.reset(seed=stage_seed)
         game_start, game_id = 0, run.global_step + 1  # a game's id: its first global step
         stage_games = []  # finished games: id, raw return, played by the policy
+        # the stage's updates, those on a batch of Dpre, and whether a loss log waits for an update on D
         updates, dpre_updates, log_due = 0, 0, False
         stage_actions = []  # the env's actions since the stage's reset, which replay it exactly
         if resumed:
