@@ -777,7 +777,8 @@ class ReplayBuffer:
 # ------------------------------------------------------------------------------------------
 class SACLearner:
     """Discrete SAC (CleanRL's sac_atari.py: critics give Q for every action, the losses take
-    expectations over actions; Adam eps 1e-4) with NBSP's masked optimizer steps.
+    expectations over actions; Adam eps 1e-4) with NBSP's masked optimizer steps and the hooks of
+    a baseline `method` (baselines/__init__.py lists them and what they may use).
 
     Fast where it is exact: no sampling in the losses, no critic gradients in the actor loss,
     foreach Adam and target copy, no host synchronisation (losses stay tensors). `compile` turns
@@ -800,6 +801,7 @@ class SACLearner:
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, **adam)
         # Eq. 7 masks of their Adam steps: no-ops until SkillNeuronMasks.install after stage 1's identification
         self.q_mask, self.actor_mask = StepMask(args.mask_target), StepMask(args.mask_target)
+        # a share of the uniform policy's entropy, log(num_actions) (CleanRL's sac_atari)
         self.target_entropy = -args.target_entropy_scale * float(np.log(1.0 / num_actions))
         self.log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=args.autotune)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=args.q_lr, **adam)
