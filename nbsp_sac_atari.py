@@ -980,7 +980,8 @@ def stochastic_policy(actor, seed, device):
 
 def probe_networks(sac, masked, obs, actor=True):
     """Forward the masked networks on `obs` (their activations are being recorded); the critics'
-    hidden activations depend on the observation only: the Q head gives every action's value."""
+    hidden activations depend on the observation only: the Q head gives every action's value.
+    actor=False leaves the actor out where its own policy call on `obs` records it (rollouts)."""
     if actor and "actor" in masked:
         sac.actor(obs)
     for name in sn.APPLY_TO["critic"]:
