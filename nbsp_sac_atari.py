@@ -1254,14 +1254,14 @@ def main(args: Args) -> dict:
             # done = life lost or game over (CleanRL); a truncated game bootstraps from its true final frame
             rb.add(obs, action, reward, next_obs, terminated, game_id)
             obs = next_obs
-            if terminated or truncated:
+            if terminated or truncated:  # a life lost (EpisodicLife: the reset continues the game) or the game over
                 if "episode" in info:  # the full game is over: its raw return, all lives, unclipped
-                    run.writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                    game_return = info["episode"]["r"]
+                    run.writer.add_scalar("charts/episodic_return", game_return, global_step)
                     run.writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                    run.writer.add_scalar("charts/normalized_return", normalized_score(info["episode"]["r"], normalization[game]), global_step)
-                    # random-action games say nothing of the policy
-                    stage_games.append({"id": game_id, "return": float(info["episode"]["r"]),
-                                        "policy": game_start >= args.learning_starts})
+                    run.writer.add_scalar("charts/normalized_return", normalized_score(game_return, normalization[game]), global_step)
+                    played_by_policy = game_start >= args.learning_starts  # random-action games say nothing of the policy
+                    stage_games.append({"id": game_id, "return": float(game_return), "policy": played_by_policy})
                     game_start, game_id = step + 1, global_step + 1
                 obs, _ = env.reset()
 
