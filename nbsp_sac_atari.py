@@ -558,6 +558,8 @@ class Actor(nn.Module):
         return log_prob, log_prob.exp()
 
     def get_action(self, x, generator=None):
+        """An action drawn from the policy, with every action's log-probability and probability;
+        `generator`: a random stream of its own (stochastic_policy), else torch's global one."""
         log_prob, action_probs = self.policy(x)
         action = torch.multinomial(action_probs, 1, generator=generator).squeeze(1)
         return action, log_prob, action_probs
