@@ -611,30 +611,31 @@ class ReplayBuffer:
     episodes shorter than 16 steps the oldest transitions leave early. No host synchronisation
     when sampling: one index tensor, gathers on the device."""
 
-    def __init__(self, capacity, device, frame_shape=(FRAME_SIZE, FRAME_SIZE), stack=FRAME_STACK):
-        self.capacity, self.stack, self.device = capacity, stack, device
-        self.num_slots = self.slots(capacity, stack)
-        self.frames = torch.zeros((self.num_slots, *frame_shape), dtype=torch.uint8, device=device)
+    def __init__(self, capacity, device):
+        self.capacity, self.device = capacity, device
+        self.num_slots = self.slots(capacity)
+        self.frames = torch.zeros((self.num_slots, FRAME_SIZE, FRAME_SIZE), dtype=torch.uint8, device=device)
         self.history = torch.zeros(self.num_slots, dtype=torch.uint8, device=device)
         self.obs_slot = torch.zeros(capacity, dtype=torch.long, device=device)
         self.actions = torch.zeros(capacity, dtype=torch.long, device=device)
         self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.dones = torch.zeros(capacity, dtype=torch.float32, device=device)
-        self.back = torch.arange(stack - 1, -1, -1, device=device)  # how far back each stack position lies
+        self.back = torch.arange(FRAME_STACK - 1, -1, -1, device=device)  # how far back each stack position lies
         self.oldest = np.zeros(capacity, np.int64)  # host: first slot (absolute) a transition's stacks use
         self.episode = np.full(capacity, -1, np.int64)  # host: the transition's game (its first global step; -1 unknown)
         self.clear()
 
     @staticmethod
-    def slots(capacity, stack=FRAME_STACK):
+    def slots(capacity):
         """Frame slots for `capacity` transitions: one per transition, one extra per episode (up to
         one per 16 transitions), and the first stack's padding."""
-        return capacity + capacity // 16 + stack
+        return capacity + capacity // 16 + FRAME_STACK
 
     @classmethod
-    def nbytes(cls, capacity, frame_shape=(FRAME_SIZE, FRAME_SIZE), stack=FRAME_STACK):
-        """Memory of a buffer of `capacity` transitions: its frame slots and per-transition arrays."""
-        return cls.slots(capacity, stack) * (int(np.prod(frame_shape)) + 1) + capacity * (8 + 8 + 4 + 4 + 8 + 8)
+    def nbytes(cls, capacity):
+        """Memory of a buffer of `capacity` transitions: its frame slots (a frame and its history) and
+        per-transition arrays (obs_slot, actions, rewards, dones, and the host's oldest and episode)."""
+        return cls.slots(capacity) * (FRAME_SIZE * FRAME_SIZE + 1) + capacity * (8 + 8 + 4 + 4 + 8 + 8)
 
     def clear(self):
         self.slots_written = 0  # absolute slot index = write order; ring position = index % num_slots
@@ -662,12 +663,12 @@ class ReplayBuffer:
         """obs and next_obs: [stack, 84, 84] uint8 from FrameStackObservation (next_obs[:-1] == obs[1:])."""
         if self.last_next_obs is None or not np.array_equal(obs, self.last_next_obs):
             first = 0  # a new episode: store obs's frames, its leading repeated frame once
-            while first < self.stack - 1 and np.array_equal(obs[first + 1], obs[0]):
+            while first < FRAME_STACK - 1 and np.array_equal(obs[first + 1], obs[0]):
                 first += 1
-            for k in range(first, self.stack):
+            for k in range(first, FRAME_STACK):
                 self._write_slot(obs[k], k - first)
         obs_slot, history = self.slots_written - 1, self.last_history
-        self._write_slot(next_obs[-1], min(history + 1, self.stack - 1))
+        self._write_slot(next_obs[-1], min(history + 1, FRAME_STACK - 1))
         position = self.end % self.capacity
         self.obs_slot[position] = obs_slot % self.num_slots
         self.actions[position] = int(action)
@@ -763,7 +764,7 @@ class ReplayBuffer:
     def _history_within_chunk(self, history):
         """The `history` of consecutive slots, capped by each slot's place among them: a chunk
         (`latest`, `extend`) holds no frame from before its first slot."""
-        within_chunk = torch.arange(len(history), device=self.device).clamp(max=self.stack - 1)
+        within_chunk = torch.arange(len(history), device=self.device).clamp(max=FRAME_STACK - 1)
         return torch.minimum(history.long(), within_chunk).to(torch.uint8)
 
     def state_dict(self):
