@@ -394,9 +394,9 @@ def machine_lines(runs) -> list[str]:
         versions[text] = versions.get(text, 0) + 1
     lines = [f"- Machine: {text} ({count} run{'s' if count > 1 else ''})" for text, count in sorted(machines.items())]
     if unrecorded:
-        lines.append(f"- Machine of {unrecorded} run(s): not recorded (config.json kept no machine before "
-                     f"2026-12-06); this report was written on {platform.machine()}, {os.cpu_count()} cores, "
-                     f"Python {platform.python_version()}.")
+        lines.append(f"- Machine of {unrecorded} run(s): not recorded (their scripts predate config.json's "
+                     f"`machine`, added on 2026-12-06); this report was written on {platform.machine()}, "
+                     f"{os.cpu_count()} cores, Python {platform.python_version()}.")
     return lines + [f"- Versions: {text} ({count} run{'s' if count > 1 else ''})" for text, count in sorted(versions.items())]
 
 
