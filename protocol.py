@@ -435,21 +435,29 @@ def start_tracking(args, run_name: str) -> None:
 
 
 def machine(device) -> dict:
-    """What runs the run, for its report: the CPU's model and cores, torch's threads, the GPU."""
+    """What runs the run, for its report: the CPU's model and cores, the instruction set torch's CPU
+    kernels use (`cpu_capability`: AVX2, AVX512...; one seed's CPU runs differed between two machines
+    of one CPU model name, docs/reliability.md), torch's threads, the GPU."""
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:  # not Linux
         cpu = None
     return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "os": platform.platform()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "os": platform.platform()}
+
+
+def processor(record: dict) -> dict:
+    """What of a `machine` record decides a run's rounding: the CPU kernels' instruction set and the GPU."""
+    return {key: record.get(key) for key in ("cpu_capability", "gpu")}
 
 
 def record_resume(args, run_dir: str, checkpoint: dict, device) -> None:
     """config.json's `resumes`: when, at which stage and step, on which machine, and each flag
     changed from the value the run last ran with (from -> to); the changes are announced on the
-    console."""
+    console, and so is a processor (CPU kernels' instruction set, GPU) other than the one the run last
+    ran on: the run goes on, but its numbers may no longer match an uninterrupted run's bit for bit."""
     config_path = os.path.join(run_dir, "config.json")
     with open(config_path) as f:
         config = json.load(f)
@@ -457,10 +465,15 @@ def record_resume(args, run_dir: str, checkpoint: dict, device) -> None:
                                  for change in resume["changed"]}
     changed = [{"flag": name, "from": ran_with.get(name), "to": value} for name, value in asdict(args).items()
                if name in RESUME_OVERRIDABLE and name != "resume" and ran_with.get(name) != value]
+    ran_on = ([config.get("machine")] + [resume.get("machine") for resume in config.get("resumes", [])])[-1]
+    now_on = machine(device)
     config.setdefault("resumes", []).append({
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": checkpoint["stage"] + 1,
-        "step": (checkpoint.get("mid_stage") or {}).get("step", 0), "machine": machine(device), "changed": changed})
+        "step": (checkpoint.get("mid_stage") or {}).get("step", 0), "machine": now_on, "changed": changed})
     atomic_write_json(config_path, config)
+    if ran_on and "cpu_capability" in ran_on and processor(ran_on) != processor(now_on):
+        print(f"warning: resumed on another processor ({processor(now_on)}, the run last ran on {processor(ran_on)}): "
+              f"from here its numbers may differ from an uninterrupted run's; recorded in {config_path}", flush=True)
     if changed:
         print("resumed with " + ", ".join(f"{flag(c['flag'])} {json.dumps(c['to'])} (was {json.dumps(c['from'])})"
                                           for c in changed) + f"; recorded in {config_path}", flush=True)

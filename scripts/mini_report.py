@@ -378,7 +378,8 @@ def counted_runs(folder: str):
 
 def describe_machine(record: dict) -> str:
     gpu = record["gpu"] or "no GPU"
-    return f"{record['cpu']}, {record['cores']} cores, {record['threads']} torch thread(s), {gpu}"
+    capability = f" ({record['cpu_capability']})" if record.get("cpu_capability") else ""  # recorded since 2026-12-07
+    return f"{record['cpu']}{capability}, {record['cores']} cores, {record['threads']} torch thread(s), {gpu}"
 
 
 def machine_lines(runs) -> list[str]:

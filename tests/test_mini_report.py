@@ -197,14 +197,15 @@ def test_machine_lines_count_the_runs_of_each_machine():
         def __init__(self, config):
             self.config = config
 
-    cpu = {"cpu": "AMD EPYC", "cores": 2, "threads": 1, "gpu": None, "os": "Linux"}
-    gpu = cpu | {"cores": 16, "gpu": "NVIDIA H200"}
+    cpu = {"cpu": "AMD EPYC", "cores": 2, "cpu_capability": "AVX2", "threads": 1, "gpu": None, "os": "Linux"}
+    gpu = {key: value for key, value in cpu.items() if key != "cpu_capability"} | {"cores": 16, "gpu": "NVIDIA H200"}
     versions = {"torch": "2.13.0"}
     runs = [Run({"machine": cpu, "versions": versions}), Run({"machine": cpu, "versions": versions}),
             Run({"machine": cpu, "resumes": [{"machine": gpu}], "versions": versions}), Run({"versions": versions})]
     lines = mini_report.machine_lines(runs)
-    assert lines[0] == "- Machine: AMD EPYC, 16 cores, 1 torch thread(s), NVIDIA H200 (1 run)"  # a resume's machine
-    assert lines[1] == "- Machine: AMD EPYC, 2 cores, 1 torch thread(s), no GPU (3 runs)"
+    # a resume's machine, recorded before config.json had `cpu_capability`
+    assert lines[0] == "- Machine: AMD EPYC (AVX2), 2 cores, 1 torch thread(s), no GPU (3 runs)"
+    assert lines[1] == "- Machine: AMD EPYC, 16 cores, 1 torch thread(s), NVIDIA H200 (1 run)"
     assert lines[2].startswith("- Machine of 1 run(s): not recorded")
     assert lines[3] == "- Versions: torch 2.13.0 (4 runs)"
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -139,6 +140,28 @@ def test_resume_refuses_compile_of_a_run_started_without_it(killed, capsys):
     assert "--resume continues with the run's own config.json; drop --compile" in line
 
 
+@pytest.mark.parametrize("last_ran_on, warned", [
+    ({"cpu_capability": "AVX512", "gpu": None}, True),  # another instruction set: other CPU kernels
+    ({"cpu_capability": "here", "gpu": "NVIDIA H100"}, True),  # another device
+    ({"cpu_capability": "here", "gpu": None}, False),  # the same processor
+    ({"gpu": None}, False),  # a record from before `cpu_capability`: nothing to compare
+])
+def test_resume_on_another_processor_is_announced_and_recorded(tmp_path, capsys, last_ran_on, warned):
+    """One seed's CPU runs differed between two machines with one CPU model name (docs/reliability.md):
+    a resume on another processor goes on, says so, and records where it ran."""
+    here = torch.backends.cpu.get_cpu_capability()
+    last_ran_on = {key: here if value == "here" else value for key, value in last_ran_on.items()}
+    args = mw.Args(cuda=False)
+    config = {"args": asdict(args), "machine": {"cpu_capability": here, "gpu": None},
+              "resumes": [{"machine": last_ran_on, "changed": []}]}  # the latest resume is where it last ran
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    protocol.record_resume(args, str(tmp_path), {"stage": 1}, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert ("warning: resumed on another processor" in out) == warned, out
+    recorded = json.loads((tmp_path / "config.json").read_text())["resumes"][-1]["machine"]
+    assert recorded["cpu_capability"] == here and recorded["gpu"] is None
+
+
 @pytest.mark.e2e
 def test_resume_records_and_announces_its_overrides(killed, capsys):
     metrics = mw.main(mw.Args(resume=killed, cuda=False, checkpoint_every=0.0, progress_every=5.0))
@@ -151,6 +174,8 @@ def test_resume_records_and_announces_its_overrides(killed, capsys):
     for machine in (config["machine"], resume["machine"]):  # what ran the run, and what resumed it
         assert machine["cores"] == os.cpu_count() and machine["threads"] == torch.get_num_threads()
         assert machine["gpu"] is None and machine["cpu"]
+        assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", ...
+    assert "resumed on another processor" not in out  # the same machine
     assert resume["changed"] == [{"flag": "progress_every", "from": 60.0, "to": 5.0},
                                  {"flag": "checkpoint_every", "from": 10.0, "to": 0.0}]
     assert config["args"]["checkpoint_every"] == 10.0  # what the run was started with stays
