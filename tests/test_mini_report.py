@@ -203,8 +203,8 @@ def test_machine_lines_count_the_runs_of_each_machine():
     runs = [Run({"machine": cpu, "versions": versions}), Run({"machine": cpu, "versions": versions}),
             Run({"machine": cpu, "resumes": [{"machine": gpu}], "versions": versions}), Run({"versions": versions})]
     lines = mini_report.machine_lines(runs)
-    # a resume's machine, recorded before config.json had `cpu_capability`
     assert lines[0] == "- Machine: AMD EPYC (AVX2), 2 cores, 1 torch thread(s), no GPU (3 runs)"
+    # a resume's machine, recorded before config.json had `cpu_capability`
     assert lines[1] == "- Machine: AMD EPYC, 16 cores, 1 torch thread(s), NVIDIA H200 (1 run)"
     assert lines[2].startswith("- Machine of 1 run(s): not recorded")
     assert lines[3] == "- Versions: torch 2.13.0 (4 runs)"
