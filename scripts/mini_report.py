@@ -317,10 +317,10 @@ def more_seeds_section(grid_runs, more_dir: str, command: str | None) -> list[st
         + per_run_table(extra_counted) + [""]
 
 
-def grid_status(folder_runs, preset_settings: list[str]) -> list[str]:
+def grid_status(folder_runs, preset_settings: list[str], seeds: list[int] | None = None) -> list[str]:
     """For a folder that does not hold the whole grid (a setting of the preset without a complete
-    run, settings with unequal seeds, or an unfinished run): which seeds of each setting are
-    complete and how far the unfinished runs are; nothing for a finished grid."""
+    run, settings with unequal seeds, a seed of `seeds` missing, or an unfinished run): which seeds
+    of each setting are complete and how far the unfinished runs are; nothing for a finished grid."""
     complete, unfinished = {}, []
     for run in folder_runs:
         if run.complete:
@@ -329,12 +329,19 @@ def grid_status(folder_runs, preset_settings: list[str]) -> list[str]:
             done = len((run.metrics or {}).get("stages") or [])
             unfinished.append(f"{run.args['exp_name']} seed {run.args['seed']} ({done} of {len(run.stage_tasks)} stages done)")
     missing = [name for name in preset_settings if name not in complete]
-    if not (missing or unfinished or len({len(seeds) for seeds in complete.values()}) > 1):
+    seeds_lacking = bool(seeds) and any(set(seeds) - set(complete.get(name, [])) for name in preset_settings)
+    if not (missing or unfinished or seeds_lacking or len({len(done) for done in complete.values()}) > 1):
         return []
-    counts = "; ".join(f"{name}: {', '.join(map(str, sorted(seeds)))}" for name, seeds in
+    counts = "; ".join(f"{name}: {', '.join(map(str, sorted(done)))}" for name, done in
                        sorted(complete.items(), key=lambda item: (preset_settings + sorted(complete)).index(item[0])))
-    return [f"**Not the whole grid.** {sum(map(len, complete.values()))} complete runs, the seeds of each "
-            f"setting: {counts}. " + (f"No complete run yet: {', '.join(missing)}. " if missing else "")
+    if seeds:
+        in_grid = sum(len(set(seeds) & set(complete.get(name, []))) for name in preset_settings)
+        size = (f"{in_grid} of its {len(preset_settings) * len(set(seeds))} runs complete ({len(preset_settings)} "
+                f"settings x seeds {', '.join(map(str, sorted(set(seeds))))})")
+    else:
+        size = f"{sum(map(len, complete.values()))} complete runs"
+    return [f"**Not the whole grid.** {size}, the seeds of each setting: {counts}. "
+            + (f"No complete run yet: {', '.join(missing)}. " if missing else "")
             + (f"Unfinished in the folder: {'; '.join(sorted(unfinished))}. " if unfinished else "")
             + "Every table and figure below counts the complete runs only.", ""]
 
@@ -428,8 +435,8 @@ def input_problem(args) -> str | None:
                             ("more_seeds_command", "more_seeds")):
         if getattr(args, command) is not None and getattr(args, folder) is None:
             return f"--{command.replace('_', '-')} describes the runs of --{folder.replace('_', '-')}, which is not given"
-    if args.pilot_only and (args.pilot is None or args.runs or args.supplement or args.more_seeds):
-        return "--pilot-only reports the --pilot runs alone: give --pilot, and no --runs, --supplement or --more-seeds"
+    if args.pilot_only and (args.pilot is None or args.runs or args.seeds or args.supplement or args.more_seeds):
+        return "--pilot-only reports the --pilot runs alone: give --pilot, and no --runs, --seeds, --supplement or --more-seeds"
     if not 0 < args.threshold <= 1:
         return f"--threshold must be in (0, 1], got {args.threshold}"
     return None
@@ -464,6 +471,9 @@ def make_parser() -> argparse.ArgumentParser:
     runs.add_argument("--runs", default=None, help="folder of the preset's runs (default: runs/PRESET)")
     runs.add_argument("--runs-command", default=None,
                       help="the command that made the --runs runs (default: python scripts/sweep.py --preset PRESET --jobs 2)")
+    runs.add_argument("--seeds", nargs="+", type=int, default=None,
+                      help="the seeds the grid is meant to have (the sweep's --seeds): a setting without a complete run "
+                           "of any of them is reported as not the whole grid (default: no seeds expected)")
     runs.add_argument("--pilot", nargs="+", default=None,
                       help="folders of the pilot runs that chose the task pair (default: no pilot section)")
     runs.add_argument("--pilot-command", action="append", default=None,
@@ -538,7 +548,7 @@ def grid_sections(args, out_dir: str, stem: str, report_command: str) -> list[st
                                  align="stage", label=paper_tables.setting_label,
                                  title=f"{args.preset}: {sequence} x {first['cycles']} cycles")
 
-    doc = grid_status(find([args.runs]), preset["settings"])
+    doc = grid_status(find([args.runs]), preset["settings"], args.seeds)
     doc += ["## Command", "", "```bash", command, report_command, "```", "",
             f"Sequence: {sequence}, {first['cycles']} cycles ({stages} stages). Settings: "
             + ", ".join(settings) + ". Flags of every run: `" + " ".join(preset["flags"]) + "` (NBSP-only "

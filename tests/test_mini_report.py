@@ -294,7 +294,7 @@ def test_pilot_runs_with_and_without_the_early_stop_are_told_apart(tmp_path):
         assert f"results-regime-pilot-window-open-window-close-early-stop-{stop}.png" in doc
 
 
-@pytest.mark.parametrize("extra", [[], ["--runs", "RUNS"]])
+@pytest.mark.parametrize("extra", [[], ["--runs", "RUNS"], ["--seeds", "1", "2"]])
 def test_pilot_only_needs_the_pilot_alone(tmp_path, capsys, extra):
     (tmp_path / "RUNS").mkdir()
     argv = ["--preset", "regime", "--pilot-only", "--out", str(tmp_path / "r.md")]
@@ -335,6 +335,11 @@ def test_a_finished_grid_has_no_status_line():
             for name in ("sac", "nbsp") for seed in (1, 2)]
     assert mini_report.grid_status(runs, ["sac", "nbsp"]) == []
     assert mini_report.grid_status(runs[:3], ["sac", "nbsp"])[0].startswith("**Not the whole grid.** 3 ")
+    assert mini_report.grid_status(runs, ["sac", "nbsp"], [1, 2]) == []
+    # equal seeds in every setting, but not the seeds the grid is meant to have
+    assert mini_report.grid_status(runs, ["sac", "nbsp"], [1, 2, 3])[0].startswith(
+        "**Not the whole grid.** 4 of its 6 runs complete (2 settings x seeds 1, 2, 3), the seeds of each "
+        "setting: sac: 1, 2; nbsp: 1, 2. Every table")
 
 
 def test_stage_one_is_compared_between_the_settings_of_each_seed(tmp_path):
