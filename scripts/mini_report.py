@@ -329,15 +329,16 @@ def grid_status(folder_runs, preset_settings: list[str], seeds: list[int] | None
             done = len((run.metrics or {}).get("stages") or [])
             unfinished.append(f"{run.args['exp_name']} seed {run.args['seed']} ({done} of {len(run.stage_tasks)} stages done)")
     missing = [name for name in preset_settings if name not in complete]
-    seeds_lacking = bool(seeds) and any(set(seeds) - set(complete.get(name, [])) for name in preset_settings)
+    expected = set(seeds or [])
+    seeds_lacking = any(expected - set(complete.get(name, [])) for name in preset_settings)
     if not (missing or unfinished or seeds_lacking or len({len(done) for done in complete.values()}) > 1):
         return []
     counts = "; ".join(f"{name}: {', '.join(map(str, sorted(done)))}" for name, done in
                        sorted(complete.items(), key=lambda item: (preset_settings + sorted(complete)).index(item[0])))
-    if seeds:
-        in_grid = sum(len(set(seeds) & set(complete.get(name, []))) for name in preset_settings)
-        size = (f"{in_grid} of its {len(preset_settings) * len(set(seeds))} runs complete ({len(preset_settings)} "
-                f"settings x seeds {', '.join(map(str, sorted(set(seeds))))})")
+    if expected:
+        in_grid = sum(len(expected & set(complete.get(name, []))) for name in preset_settings)
+        size = (f"{in_grid} of its {len(preset_settings) * len(expected)} runs complete ({len(preset_settings)} "
+                f"settings x seeds {', '.join(map(str, sorted(expected)))})")
     else:
         size = f"{sum(map(len, complete.values()))} complete runs"
     return [f"**Not the whole grid.** {size}, the seeds of each setting: {counts}. "
