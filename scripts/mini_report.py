@@ -473,8 +473,9 @@ def make_parser() -> argparse.ArgumentParser:
     runs.add_argument("--runs-command", default=None,
                       help="the command that made the --runs runs (default: python scripts/sweep.py --preset PRESET --jobs 2)")
     runs.add_argument("--seeds", nargs="+", type=int, default=None,
-                      help="the seeds the grid is meant to have (the sweep's --seeds): a setting without a complete run "
-                           "of any of them is reported as not the whole grid (default: no seeds expected)")
+                      help="the seeds the grid is meant to have (the sweep's --seeds): while any setting lacks a complete run "
+                           "of one of them, the report's top says how many of the grid's runs are complete "
+                           "(default: no seeds expected)")
     runs.add_argument("--pilot", nargs="+", default=None,
                       help="folders of the pilot runs that chose the task pair (default: no pilot section)")
     runs.add_argument("--pilot-command", action="append", default=None,

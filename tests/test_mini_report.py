@@ -328,6 +328,10 @@ def test_a_grid_still_running_says_what_is_complete(tmp_path):
             "seed 1 (2 of 4 stages done). Every table and figure below counts the complete runs only.") in doc
     assert "| vanilla SAC | 2 |" in doc and "only-replay seed" not in doc.split("## Command")[1]
     assert "Every run (no early stop: every stage to its budget; held: " in doc
+    # the sweep's seeds reach the status line through the command line
+    assert mini_report.main(["--preset", "regime", "--runs", str(tmp_path / "regime"), "--seeds", "1", "2",
+                             "--out", str(out)]) == 0
+    assert "**Not the whole grid.** 3 of its 16 runs complete (8 settings x seeds 1, 2), the seeds of each " in out.read_text()
 
 
 def test_a_finished_grid_has_no_status_line():
