@@ -35,10 +35,11 @@ REPORTS = {
                    bar="The pair had to be like the paper's vanilla SAC: each task learned (evaluation success at least "
                        "0.9) within its stage in at least 4 of 5 seeds, FWT at least 0.9 and FM at least 0.5.",
                    # NBSP against no protection and against Dpre alone; Table 2's parts: the mask alone against no
-                   # protection, Eq. 7's soft mask against a freeze; the balanced score's masks (on live units) against
-                   # Dpre alone and the paper's score; goal-oriented selection against other rules, both balanced
+                   # protection, Eq. 7's soft mask against a freeze, the freeze against Dpre alone; the balanced
+                   # score's masks (on live units) against Dpre alone and the paper's score; goal-oriented selection
+                   # against other rules, both balanced
                    comparisons=[("nbsp", "sac"), ("nbsp", "only-replay"), ("only-mask", "sac"), ("nbsp", "hard-mask"),
-                                ("goal-balanced", "only-replay"),
+                                ("hard-mask", "only-replay"), ("goal-balanced", "only-replay"),
                                 ("goal-balanced", "nbsp"), ("goal-balanced", "identify-random-balanced"),
                                 ("goal-balanced", "identify-activation-balanced")]),
 }
