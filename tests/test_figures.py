@@ -326,6 +326,13 @@ def test_a_resumed_runs_events_read_without_the_purge_warning(tmp_path, caplog):
     for step in range(1, 11):
         first.add_scalar("eval/reach/success_rate", 0.0, step)
     first.close()
+    # TensorBoard reads a folder's event files in name order, and a name starts with the writer's start
+    # time in seconds: a resumed run, a later process, sorts after the stopped one. Two writers of one
+    # process in one second sort by a counter compared as text (".10" before ".9"), so the stopped
+    # run's file is dated a minute back, as a real stop would have it.
+    (stopped,) = os.listdir(tmp_path)
+    started = stopped.split(".")[3]
+    os.rename(tmp_path / stopped, tmp_path / stopped.replace(f".{started}.", f".{int(started) - 60:010d}.", 1))
     resumed = SummaryWriter(str(tmp_path), purge_step=6)
     for step in range(6, 9):
         resumed.add_scalar("eval/reach/success_rate", 1.0, step)
