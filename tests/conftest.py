@@ -2,10 +2,12 @@
 killed after a stage, and the end-to-end runs of every method (made once per session)."""
 
 import dataclasses
+import functools
 import io
 import json
 import os
 
+import metaworld
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n N`: N test processes share the cores, one thread each
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # and the training runs they start
+
+# Meta-World's MT1(task, seed) draws a task's 50 goal configurations by resetting a fresh env 50
+# times, about half a second of CPU at every make_env; it depends on (task, seed) alone and leaves
+# NumPy's global RNG as it found it (test_metaworld checks both), so a test process draws each once.
+metaworld.MT1 = functools.lru_cache(maxsize=None)(metaworld.MT1)
 
 # Two-stage runs of a few seconds; a test overrides what it needs ({**MW_TINY, "cycles": 2}).
 MW_TINY = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=150,

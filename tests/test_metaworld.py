@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 
 import gymnasium as gym
+import metaworld
 import numpy as np
 import pytest
 import torch
@@ -154,6 +155,21 @@ def add_transition(rb, k):
 
 def firsts(rows):
     return rows[:, 0].tolist()
+
+
+def test_goal_lists_depend_on_task_and_seed_alone():
+    """What conftest's memo of Meta-World's MT1 rests on: a task's goal configurations are a
+    function of (task, seed) alone, and drawing them leaves NumPy's global RNG as it was."""
+    draw = metaworld.MT1.__wrapped__  # the unmemoized class
+    np.random.seed(0)
+    before = np.random.get_state()
+    first = draw("reach-v3", seed=5).train_tasks
+    after = np.random.get_state()
+    assert np.array_equal(after[1], before[1]) and after[2] == before[2]  # the key and the position in it
+    np.random.rand(7)  # another global state
+    again, other = draw("reach-v3", seed=5).train_tasks, draw("reach-v3", seed=6).train_tasks
+    assert len(first) == 50 and [task.data for task in again] == [task.data for task in first]
+    assert [task.data for task in other] != [task.data for task in first]
 
 
 def test_replay_buffer_add_sample_columns():
