@@ -41,6 +41,16 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def checkpoint_tensors(run_dir) -> dict:
+    """Every tensor of a run's checkpoint.pt, by its path in the checkpoint."""
+    def tensors(value, prefix):
+        if isinstance(value, torch.Tensor):
+            return {prefix: value}
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else []
+        return {k: v for key, item in items for k, v in tensors(item, f"{prefix}/{key}").items()}
+    return tensors(load(os.path.join(run_dir, "checkpoint.pt")), "")
+
+
 def evaluated(metrics: dict, stage: int) -> bool:
     """Whether the evaluation after `stage` (0-based) scored every task seen so far, counting an
     Atari game that finished no evaluation game (listed in the stage's `eval_unscored`) as scored."""

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(ROOT, "scripts", "sweep.py")
 
 import slurm  # noqa: E402
+from conftest import checkpoint_tensors  # noqa: E402
 
 
 # one short Meta-World stage per task (gradient updates, identification, evaluation)
@@ -354,14 +355,6 @@ def metrics(runs_dir, name):
         return json.load(f)
 
 
-def tensors(value, prefix=""):
-    """Every tensor of a checkpoint, by its path."""
-    if isinstance(value, torch.Tensor):
-        return {prefix: value}
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else []
-    return {k: v for key, item in items for k, v in tensors(item, f"{prefix}/{key}").items()}
-
-
 def stage_1_written(runs_dir):
     """The one run in `runs_dir` has written its first stage (metrics.json follows checkpoint.pt)."""
     names = folders(runs_dir) if os.path.isdir(runs_dir) else []
@@ -404,8 +397,7 @@ def test_requeued_task_resumes_its_folder(cluster, tmp_path):
     assert "stopped at stage 2, step" in first and f"resuming {os.path.join(requeued, name)} at stage 2, step" in resumed
     done, expected = metrics(requeued, name), metrics(twin, twin_name)
     assert done["complete"] and done["sr"] == expected["sr"]
-    got, want = (tensors(torch.load(os.path.join(folder, n, "checkpoint.pt"), weights_only=True))
-                 for folder, n in ((requeued, name), (twin, twin_name)))
+    got, want = checkpoint_tensors(os.path.join(requeued, name)), checkpoint_tensors(os.path.join(twin, twin_name))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -469,6 +461,5 @@ def test_warned_run_requeues_itself_and_resumes(cluster, tmp_path):
     assert f"slurm: job {job_id} requeued (restart 1 of at most 1)" in first
     assert "stopped at stage 2, step" in first and f"resuming {os.path.join(stopped, name)} at stage 2, step" in resumed
     assert metrics(stopped, name)["sr"] == metrics(twin, twin_name)["sr"]
-    got, want = (tensors(torch.load(os.path.join(folder, n, "checkpoint.pt"), weights_only=True))
-                 for folder, n in ((stopped, name), (twin, twin_name)))
+    got, want = checkpoint_tensors(os.path.join(stopped, name)), checkpoint_tensors(os.path.join(twin, twin_name))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

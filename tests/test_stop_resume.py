@@ -16,7 +16,7 @@ import baselines
 import nbsp_sac_atari
 import nbsp_sac_metaworld
 import protocol
-from conftest import ANCL_AUX_FISHER_INTERVAL
+from conftest import ANCL_AUX_FISHER_INTERVAL, checkpoint_tensors
 
 MW = dict(tasks=["reach", "drawer-close"], cycles=1, hidden=[8, 8], batch_size=8, steps_per_task=300,
           learning_starts=100, eval_every=200, eval_episodes=1, identify_episodes=1, buffer_size=1000,
@@ -39,14 +39,6 @@ CASES = {  # name: script, flags, global step at whose end SIGTERM arrives
                                                               cotasp_prompt_steps=10), 545),
     "atari-stage-2": (nbsp_sac_atari, ATARI, 300),
 }
-
-
-def tensors(value, prefix=""):
-    """Every tensor of a checkpoint, by its path."""
-    if isinstance(value, torch.Tensor):
-        return {prefix: value}
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else []
-    return {k: v for key, item in items for k, v in tensors(item, f"{prefix}/{key}").items()}
 
 
 def scalars(run_dir):
@@ -104,7 +96,7 @@ def test_stopped_run_resumes_exactly(case, tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("run folder ") and lines[1] == f"resuming {run_dir} at stage {stage + 1}, step {step}"
     assert resumed["sr"] == twin["sr"]
-    got, want = (tensors(torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)) for d in (run_dir, twin_dir))
+    got, want = (checkpoint_tensors(d) for d in (run_dir, twin_dir))
     assert got.keys() == want.keys() and [k for k in want if not torch.equal(got[k], want[k])] == []
     assert scalars(run_dir) == scalars(twin_dir)
 
@@ -206,6 +198,6 @@ def test_compiled_run_stopped_in_stage_2_resumes_exactly(tmp_path):
     resumed = run("nbsp_sac_metaworld.py", "--resume", run_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.splitlines()[1] == f"resuming {run_dir} at stage 2, step 150"
-    got, want = (tensors(torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)) for d in (run_dir, twin_dir))
+    got, want = (checkpoint_tensors(d) for d in (run_dir, twin_dir))
     assert got.keys() == want.keys() and [k for k in want if not torch.equal(got[k], want[k])] == []
     assert scalars(run_dir) == scalars(twin_dir)
