@@ -117,6 +117,18 @@ def saved_and_loaded(state):
     return torch.load(buffer, weights_only=True)
 
 
+def assert_penalty_restored(make_learner, learner, method) -> dict:
+    """A fresh learner and method, loaded from `learner` and `method`'s checkpointed state, give the
+    same penalty on both networks (EWC's and ANCL's `extra_loss`); returns the saved method state."""
+    state = saved_and_loaded(method.state_dict())
+    fresh_learner, fresh = make_learner()
+    fresh.load_state_dict(state)
+    fresh_learner.load_state_dict(learner.state_dict())
+    for network in ("actor", "critic"):
+        assert torch.equal(fresh.extra_loss(network), method.extra_loss(network))
+    return state
+
+
 # --------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------

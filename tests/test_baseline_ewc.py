@@ -16,7 +16,7 @@ from torch import nn
 import nbsp_sac_metaworld as mw
 import conftest
 from baselines.ewc import ACTOR_FISHER_FLOOR, estimate_fisher, fisher_targets, snapshot
-from conftest import SCRIPTS, FixedBuffer, atari_batch, load, saved_and_loaded
+from conftest import SCRIPTS, FixedBuffer, atari_batch, load
 
 CPU = torch.device("cpu")
 LAMBDA = 1e4
@@ -223,13 +223,7 @@ def test_state_round_trip_restores_the_penalty(make_learner, make_batch):
     with torch.no_grad():
         for p in learner.actor.parameters():
             p.add_(0.01)
-    state = saved_and_loaded(method.state_dict())
-
-    fresh_learner, fresh = make_learner()
-    fresh.load_state_dict(state)
-    fresh_learner.load_state_dict(learner.state_dict())
-    for network in ("actor", "critic"):
-        assert torch.equal(fresh.extra_loss(network), method.extra_loss(network))
+    conftest.assert_penalty_restored(make_learner, learner, method)
 
 
 # --------------------------------------------------------------------------------------------
