@@ -196,11 +196,12 @@ def protection_table(runs, label) -> list[str]:
     network: the share of the selected skill neurons dead over the window (a dead unit gets no
     gradient: a mask on it protects nothing) and the mean mask over the live ones (the stages' masks
     combined, as the optimizer applies them: 1 leaves a unit free, 0 freezes it); each per run, then
-    mean ± standard error over runs."""
+    mean ± standard error over runs. A run whose acting selections were all dead has no live mean:
+    the cell says over how many runs the mean is; runs older than the statistic make it n/a."""
     lines = ["| setting | runs | selected units | dead share | mean mask on the live selected units |",
              "|---|---:|---:|---:|---:|"]
     for name, group in by_setting(runs, label):
-        selected_total, dead_shares, live_masks = 0, [], []
+        selected_total, dead_shares, live_masks, lacks_statistic = 0, [], [], False
         for run in group:
             applied = run.metrics["stages"][:len(run.metrics["stage_tasks"]) - 1]
             records = [(stage["skill_neurons"][net], sel) for stage in applied if "selection" in stage
@@ -210,13 +211,21 @@ def protection_table(runs, label) -> list[str]:
             selected = sum(n for n, _ in records)
             selected_total += selected
             dead_shares.append(sum(sel["selected_dead"] for _, sel in records) / selected)
-            live = [(n - sel["selected_dead"], sel.get("selected_live_mask_mean")) for n, sel in records]
-            counted = sum(count for count, _ in live)
-            if counted and all(mean is not None for count, mean in live if count):  # older runs lack the statistic
-                live_masks.append(sum(count * mean for count, mean in live if count) / counted)
+            live = [(n - sel["selected_dead"], sel.get("selected_live_mask_mean")) for n, sel in records if n > sel["selected_dead"]]
+            if any(mean is None for _, mean in live):  # older runs lack the statistic
+                lacks_statistic = True
+            elif live:
+                live_masks.append(sum(count * mean for count, mean in live) / sum(count for count, _ in live))
         if not dead_shares:
             continue
-        mask = mean_se(live_masks, 3) if len(live_masks) == len(dead_shares) else "n/a"
+        if lacks_statistic:
+            mask = "n/a"
+        elif not live_masks:
+            mask = "no live pick"
+        elif len(live_masks) < len(dead_shares):
+            mask = f"{mean_se(live_masks, 3)} (over {len(live_masks)} runs; the others' acting picks were all dead)"
+        else:
+            mask = mean_se(live_masks, 3)
         lines.append(f"| {name} | {len(dead_shares)} | {selected_total} | {mean_se(dead_shares)} | {mask} |")
     return lines
 

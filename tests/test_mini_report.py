@@ -173,6 +173,12 @@ def test_protection_table_by_hand():
     # stage's selection not counted. Dead share (0.3 + 0.5) / 2 = 0.40, s.e. 0.1414 / sqrt(2) = 0.10;
     # mask (0.2143 + 0.5) / 2 = 0.357, s.e. 0.2020 / sqrt(2) = 0.143
     assert lines[2:] == ["| goal | 1 | 10 | 0.10 | n/a |", "| random | 2 | 40 | 0.40 ± 0.10 | 0.357 ± 0.143 |"]
+    # a run whose acting picks were all dead counts in the dead share (0.3, 0.5, 1.0: 0.60, s.d. sqrt(0.13),
+    # s.e. 0.21) but has no live mean: the mask's mean stays over the other two, and says so
+    runs += [Run("random", [last, last]), Run("hard", [last, last])]
+    lines = mini_report.protection_table(runs, lambda args: args["exp_name"])
+    assert lines[2:] == ["| goal | 1 | 10 | 0.10 | n/a |", "| hard | 1 | 10 | 1.00 | no live pick |",
+                         "| random | 3 | 50 | 0.60 ± 0.21 | 0.357 ± 0.143 (over 2 runs; the others' acting picks were all dead) |"]
 
 
 def test_difference_table_by_hand():
